@@ -1,0 +1,10 @@
+"""coconut_kernels: fused kernels, PyTorch ops and a thin model layer for continuous latent reasoning.
+
+Importing the package loads the compiled op library, which registers `torch.ops.coconut.*`.
+"""
+from . import _C  # noqa: F401  (registers torch.ops.coconut.*)
+from .backend import get_backend, set_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["get_backend", "set_backend", "__version__"]

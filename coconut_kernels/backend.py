@@ -1,0 +1,55 @@
+"""Which implementation runs an op on CUDA tensors, and the debug switch.
+
+CPU tensors always run the C++ CPU kernels. For CUDA tensors the choice is `set_backend(...)` or the
+environment variable COCONUT_BACKEND: "cuda" (the compiled CUDA C++ kernels), "triton", or "torch"
+(the plain-PyTorch reference, for debugging). COCONUT_DEBUG=1 validates device-side values (indices,
+lengths) of CUDA tensors as well, at the price of a host sync; CPU tensors are always validated.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+_backend: str | None = None
+
+
+def set_backend(name: str | None) -> None:
+    """Select the implementation used for CUDA tensors; None restores the default."""
+    global _backend
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    _backend = name
+
+
+def has_cuda_kernels(op: str = "latent_feedback_") -> bool:
+    """Whether the compiled extension registered CUDA kernels (it is built without them on machines with
+    no CUDA toolkit)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"coconut::{op}", "CUDA")
+
+
+def get_backend(device: torch.device | str) -> str:
+    """The backend that runs on `device`: "cpu" for CPU tensors, else the selected GPU backend.
+
+    Default on CUDA: the CUDA C++ kernels when they were compiled in, else Triton. This default has
+    not been chosen by measurement yet (see benchmarks/RESULTS.md)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    name = _backend or os.environ.get("COCONUT_BACKEND") or None
+    if name is None:
+        return "cuda" if has_cuda_kernels() else "triton"
+    if name not in BACKENDS:
+        raise ValueError(f"COCONUT_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def debug_checks() -> bool:
+    """True when COCONUT_DEBUG is set to a non-empty value other than 0."""
+    return os.environ.get("COCONUT_DEBUG", "0") not in ("", "0")
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1), as in CI."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

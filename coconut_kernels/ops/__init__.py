@@ -1,0 +1,1 @@
+"""One module per op: the Python entry point, fake kernel, autograd and backend choice."""

@@ -1,0 +1,70 @@
+// Every schema of the `coconut` op library, in one place. Backends register their kernels with
+// TORCH_LIBRARY_IMPL in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake kernels and autograd are
+// registered from Python (coconut_kernels/ops/<op>.py).
+#include <torch/library.h>
+
+#ifdef COCONUT_PYTHON_MODULE
+#include <Python.h>
+// Importing coconut_kernels._C only runs the registrations below; the ops are reached through
+// torch.ops.coconut.*. The same sources build a plain shared library with CMake (no Python needed).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif
+
+TORCH_LIBRARY(coconut, m) {
+  // ---- latent_feedback ------------------------------------------------------------------------
+  // embeds[batch_idx[i], dst_pos[i]] = f(hidden[batch_idx[i], src_pos[i]]) for every i, in place.
+  // batch_idx None: embeds and hidden are packed (rows, d) and the positions index rows.
+  // norm: "none" | "layernorm" (weight, bias, eps) | "rmsnorm" (weight, eps).
+  m.def(
+      "latent_feedback_(Tensor(a!) embeds, Tensor hidden, Tensor? batch_idx, Tensor dst_pos, "
+      "Tensor src_pos, str norm='none', Tensor? weight=None, Tensor? bias=None, float eps=1e-05) -> ()");
+  // Out-of-place twin: a copy of embeds with the rows written.
+  m.def(
+      "latent_feedback(Tensor embeds, Tensor hidden, Tensor? batch_idx, Tensor dst_pos, "
+      "Tensor src_pos, str norm='none', Tensor? weight=None, Tensor? bias=None, float eps=1e-05) -> Tensor");
+  // Gradient of the written rows: grad_hidden (hidden's shape, fp32 accumulation, hidden's dtype),
+  // grad_weight / grad_bias (fp32, 0-element when the norm has no such parameter).
+  m.def(
+      "latent_feedback_backward(Tensor grad_embeds, Tensor hidden, Tensor? batch_idx, Tensor dst_pos, "
+      "Tensor src_pos, str norm, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- latent_attention -----------------------------------------------------------------------
+  // Layout as flash-attention: q (B, Sq, Hq, D); k_new, v_new (B, Sq, Hkv, D);
+  // k_cache, v_cache (B, Tmax, Hkv, D); cache_seqlens, cache_leftpad, new_seqlens (B,) int32.
+  // Rotary: cos/sin (seqlen_ro, rotary_dim / 2); the position of cache row r is r - cache_leftpad[b].
+  //
+  // Append (rotated) k_new/v_new rows t < new_seqlens[b] at cache rows cache_seqlens[b] + t.
+  m.def(
+      "kv_cache_append_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
+      "Tensor cache_seqlens, Tensor? cache_leftpad, Tensor? new_seqlens, Tensor? rotary_cos, "
+      "Tensor? rotary_sin, bool rotary_interleaved) -> ()");
+  // Attention of q (at rows cache_seqlens[b] + t) to cache rows [cache_leftpad[b], cache_seqlens[b] + n_new),
+  // causal aligned bottom-right. Rows t >= new_seqlens[b] give out = 0 and lse = -inf.
+  // out has q's dtype, lse is fp32 (B, Hq, Sq).
+  m.def(
+      "latent_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
+      "Tensor? cache_leftpad, Tensor? new_seqlens, Tensor? rotary_cos, Tensor? rotary_sin, "
+      "bool rotary_interleaved, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+  // Backward of latent_attention_fwd. Returns dq with respect to the un-rotated q; ADDS the gradients
+  // of the cache rows (rotated keys, values) into grad_k_cache / grad_v_cache (fp32, cache's shape).
+  m.def(
+      "latent_attention_bwd(Tensor grad_out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor out, "
+      "Tensor lse, Tensor cache_seqlens, Tensor? cache_leftpad, Tensor? new_seqlens, Tensor? rotary_cos, "
+      "Tensor? rotary_sin, bool rotary_interleaved, float softmax_scale, bool causal, "
+      "Tensor(a!) grad_k_cache, Tensor(b!) grad_v_cache) -> Tensor");
+  // Append + attend in one call (the decode path).
+  m.def(
+      "latent_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor cache_seqlens, Tensor? cache_leftpad=None, Tensor? new_seqlens=None, "
+      "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=False, "
+      "float? softmax_scale=None, bool causal=True) -> (Tensor out, Tensor lse)");
+
+  // ---- soft_embedding -------------------------------------------------------------------------
+  // (schemas added by the soft_embedding op)
+}

@@ -2,6 +2,8 @@
 
 Importing the package loads the compiled op library, which registers `torch.ops.coconut.*`.
 """
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, before _C)
+
 from . import _C  # noqa: F401  (registers torch.ops.coconut.*)
 from .backend import get_backend, set_backend
 

@@ -1,0 +1,32 @@
+"""`coconut-data`: command line for the data package (``python -m coconut_kernels.data.cli``).
+
+``coconut-data prosqa --n N --seed S --out FILE`` writes N ProsQA-style records in the official JSON
+format; the same seed always writes the same file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .prosqa import generate_dataset
+from .records import save_records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="coconut-data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prosqa", help="generate ProsQA-style problems (official JSON format)")
+    p.add_argument("--n", type=int, required=True, help="number of problems")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", required=True, help="output JSON file")
+    args = parser.parse_args(argv)
+    if args.n < 0:
+        parser.error("--n must be >= 0")
+    records = generate_dataset(args.n, seed=args.seed)
+    save_records(records, args.out)
+    print(f"wrote {len(records)} problems to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""ProsQA-style problem generator (training data for the curriculum; the published split is for evaluation).
+
+Follows the paper's recipe: a random DAG of fictional "-pus" concepts whose roots are people; the question
+lists every edge as a sentence, shuffled, and asks whether the root person is one of two leaf concepts, of
+which exactly one is reachable from that person; the steps walk one shortest path to it. The size knobs
+are tuned so the means match the validation split (≈23 nodes, ≈36 edges, 3.75 steps, ≈180 words).
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+
+__all__ = ["concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable"]
+
+# Nouns are onset + vowel + (m|r|l) + "pus", the pattern of the split's vocabulary; the onsets cover every
+# noun the split uses, so a word tokenizer built from generated data also covers the split.
+_ONSETS = ("", "b", "br", "ch", "d", "f", "g", "gr", "gw", "h", "j", "k", "l", "n", "qu", "r", "scr",
+           "sh", "st", "t", "v", "w", "y", "z", "zh")
+_VOWELS = ("e", "i", "o", "oo", "u")
+_CODAS = ("m", "r", "l")
+_NAMES = ("Alex", "Amy", "Ben", "Bob", "Carol", "Dan", "Davis", "Eli", "Emma", "Eva", "Fae", "Finn",
+          "Gabriel", "Grace", "Hank", "Ivy", "Jack", "Jane", "Kate", "Leo", "Lily", "Max", "Mia", "Nina",
+          "Oliver", "Owen", "Polly", "Quinn", "Rex", "Rose", "Sally", "Sam", "Stella", "Ted", "Tom",
+          "Uma", "Vera", "Wren", "Zoe")
+
+# Distributions measured on the validation split (weights, not probabilities).
+_STEPS = {3: 124, 4: 133, 5: 36, 6: 7}  # reasoning steps = root-to-target distance
+_EXTRA_PERSONS = {0: 180, 1: 93, 2: 21, 3: 5, 4: 1}  # people beyond the root and one distractor
+_EXTRA_PARENTS = {0: 40, 1: 34, 2: 17, 3: 6, 4: 3}  # in-degree of a concept minus one
+_NEG_LEVEL = {1: 64, 2: 160, 3: 71, 4: 5}  # distance of the wrong candidate from the other people
+# Concepts per distance from the root (root side) / from the other people (other side).
+_ROOT_SIDE_SIZES = ((2, 4), (3, 6), (2, 4), (1, 3), (1, 2), (1, 1))
+_OTHER_SIDE_SIZES = ((2, 4), (2, 5), (0, 3), (0, 1))
+_CROSS_EDGE_P = 0.2  # chance that an extra parent of a root-side concept comes from the other side
+
+
+def concept_nouns() -> list[str]:
+    """The fictional concept vocabulary (375 nouns, fixed order)."""
+    return [o + v + c + "pus" for o, v, c in itertools.product(_ONSETS, _VOWELS, _CODAS)]
+
+
+def person_names() -> list[str]:
+    return list(_NAMES)
+
+
+def _draw(rng: random.Random, weights: dict[int, int]) -> int:
+    return rng.choices(list(weights), weights=list(weights.values()))[0]
+
+
+def reachable(n_nodes: int, edges, source: int) -> dict[int, int]:
+    """Breadth-first distances from ``source`` over directed ``edges`` ([src, dst] pairs)."""
+    adj: list[list[int]] = [[] for _ in range(n_nodes)]
+    for a, b in edges:
+        adj[a].append(b)
+    dist = {source: 0}
+    queue = deque([source])
+    while queue:
+        x = queue.popleft()
+        for y in adj[x]:
+            if y not in dist:
+                dist[y] = dist[x] + 1
+                queue.append(y)
+    return dist
+
+
+def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: list[str] | None = None) -> dict:
+    """One ProsQA-style record: question, steps, answer, idx_to_symbol, edges, root, target, neg_target.
+
+    Construction: people are level 0; concepts are added level by level on two sides. A root-side concept
+    at level j has a parent at level j-1 and extra parents from level j-1, earlier concepts of level j or
+    (rarely) the other side, so its distance from the root is exactly j. Other-side concepts take parents
+    from the other side only, so none is reachable from the root. The target is a root-side leaf at the
+    deepest level, the wrong candidate an other-side leaf.
+    """
+    nouns = concept_nouns() if nouns is None else nouns
+    names = person_names() if names is None else names
+    n_steps = _draw(rng, _STEPS)
+    n_people = 2 + _draw(rng, _EXTRA_PERSONS)
+    neg_level = min(_draw(rng, _NEG_LEVEL), len(_OTHER_SIDE_SIZES))
+
+    root = rng.randrange(2)
+    nodes_side = ["r" if p == root else "o" for p in range(n_people)]  # person indices come first
+    level = [0] * n_people
+    parents: list[list[int]] = [[] for _ in range(n_people)]
+    closed: set[int] = set()  # the two candidates stay leaves
+
+    sizes_r = [rng.randint(*_ROOT_SIDE_SIZES[j]) for j in range(n_steps)]
+    sizes_o = [rng.randint(*_OTHER_SIDE_SIZES[j]) for j in range(len(_OTHER_SIDE_SIZES))]
+    for j in range(neg_level):  # the wrong candidate needs a chain of other-side levels above it
+        sizes_o[j] = max(sizes_o[j], 1)
+    sizes_r += [0] * (len(sizes_o) - len(sizes_r))
+    sizes_o += [0] * (len(sizes_r) - len(sizes_o))
+    target = neg_target = -1
+    for j in range(1, len(sizes_r) + 1):
+        order = ["r"] * sizes_r[j - 1] + ["o"] * sizes_o[j - 1]
+        rng.shuffle(order)
+        for side in order:
+            node = len(level)
+            same = [v for v in range(node) if nodes_side[v] == side and v not in closed]
+            prev = [v for v in same if level[v] == j - 1]
+            if not prev:  # nothing left to hang this concept on at this level
+                continue
+            # the other people each get a child early, so none of them is isolated
+            orphans = [v for v in prev if level[v] == 0 and not any(v in p for p in parents)]
+            first = rng.choice(orphans or prev)
+            pool = [v for v in same if level[v] in (j - 1, j) and v != first]
+            cross = [v for v in range(node) if nodes_side[v] == "o" and v not in closed] if side == "r" else []
+            extra: list[int] = []
+            for _ in range(_draw(rng, _EXTRA_PARENTS)):
+                src = cross if cross and rng.random() < _CROSS_EDGE_P else pool
+                src = [v for v in src if v not in extra and v != first]
+                if src:
+                    extra.append(rng.choice(src))
+            nodes_side.append(side)
+            level.append(j)
+            parents.append([first, *extra])
+            if side == "r" and j == n_steps and target < 0:
+                target = node
+                closed.add(node)
+            if side == "o" and j == neg_level and neg_target < 0:
+                neg_target = node
+                closed.add(node)
+    # a person left without a child points at some other-side concept
+    for p in range(n_people):
+        if p != root and not any(p in ps for ps in parents):
+            cands = [v for v in range(n_people, len(level)) if nodes_side[v] == "o" and v != neg_target]
+            parents[rng.choice(cands)].append(p)
+
+    n = len(level)
+    edges = sorted(([a, b] for b in range(n) for a in parents[b]), key=lambda e: (e[1], e[0]))
+    symbols = rng.sample(names, n_people) + rng.sample(nouns, n - n_people)
+
+    # one shortest path, walked back from the target through parents one level up
+    path = [target]
+    while path[-1] != root:
+        v = path[-1]
+        path.append(rng.choice([u for u in parents[v] if nodes_side[u] == "r" and level[u] == level[v] - 1]))
+    path.reverse()
+
+    def sentence(a: int, b: int) -> str:
+        return f"{symbols[a]} is a {symbols[b]}." if a < n_people else f"Every {symbols[a]} is a {symbols[b]}."
+
+    statements = [sentence(a, b) for a, b in edges]
+    rng.shuffle(statements)
+    a, b = (target, neg_target) if rng.random() < 0.5 else (neg_target, target)
+    question = " ".join(statements) + f" Is {symbols[root]} a {symbols[a]} or {symbols[b]}?"
+    return {
+        "question": question,
+        "steps": [sentence(a, b) for a, b in zip(path, path[1:])],
+        "answer": f"{symbols[root]} is a {symbols[target]}.",
+        "idx_to_symbol": symbols,
+        "edges": edges,
+        "root": root,
+        "target": target,
+        "neg_target": neg_target,
+    }
+
+
+def generate_dataset(n: int, seed: int = 0) -> list[dict]:
+    """``n`` records, the same for the same seed."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n: expected an int >= 0, got {n!r}")
+    rng = random.Random(seed)
+    return [generate_problem(rng) for _ in range(n)]

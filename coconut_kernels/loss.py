@@ -1,0 +1,89 @@
+"""Cross-entropy of the LM head over the labelled positions only, in chunks (DESIGN §4.3).
+
+The caller gathers the hidden states whose label is not -100 (M rows, M << B*T); this computes
+logits = hidden @ weight.T (+ bias) chunk by chunk and never holds more than one (chunk, V) block. The
+gradients of hidden, weight and bias are computed during the forward, chunk by chunk (as Liger's fused
+linear cross-entropy does), so backward only scales them: no logits are kept and none are recomputed.
+"""
+from __future__ import annotations
+
+import torch
+
+# Elements of one (chunk, V) logits block in fp32: 32M -> 128 MiB.
+_BLOCK_ELEMENTS = 1 << 25
+
+
+def _chunk_rows(vocab: int, chunk_size: int | None) -> int:
+    return chunk_size if chunk_size else max(1, _BLOCK_ELEMENTS // max(vocab, 1))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, reduction):
+        M = hidden.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        n_valid = (targets != -100).sum()
+        # "mean" divides by the number of labelled rows, as F.cross_entropy(ignore_index=-100) does.
+        scale = 1.0 / n_valid.clamp(min=1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc, device=hidden.device)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        step = _chunk_rows(weight.shape[0], chunk_size)
+        for start in range(0, M, step):
+            h = hidden[start:start + step]
+            t = targets[start:start + step]
+            logits = (h @ weight.T).to(acc)
+            if bias is not None:
+                logits += bias.to(acc)
+            valid = t != -100
+            safe_t = torch.where(valid, t, torch.zeros_like(t))
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            total += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+            if need_h or need_w or need_b:
+                # d loss / d logits = softmax - onehot, on labelled rows only; reuse the logits block.
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(g.shape[0], device=g.device), safe_t] -= 1.0
+                g *= (valid.to(g.dtype) * scale)[:, None]
+                if need_h:
+                    grad_h[start:start + step] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += g.T @ h.to(acc)
+                if need_b:
+                    grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
+        return gh, gw, gb, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, *, reduction: str = "mean",
+                         chunk_size: int | None = None) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, chunked over rows.
+
+    hidden (M, d), weight (V, d), bias (V,) or None, targets (M,) int64 with -100 for ignored rows.
+    reduction "mean" (over rows whose target is not -100, 0 when there are none) or "sum". Logits are
+    formed in the weight's dtype and reduced in fp32 (fp64 for fp64 inputs). Never materialises more than one (chunk, V) block;
+    chunk_size defaults to 32M / V rows. Differentiable w.r.t. hidden, weight and bias (the gradients are
+    computed in the forward, so call backward at most once).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be (M, d) and weight (V, d) with the same d, got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, reduction)

@@ -1,0 +1,205 @@
+"""The benchmark suite's runner: `python -m benchmarks` (console script `coconut-bench`).
+
+Runs every registered scenario (or --scenario NAME) at its embedded default (CPU: a small GPT-2-shaped
+model and ProsQA-shaped batches, a few minutes on 2 cores; the GPU when there is one), prints a table per
+scenario with each provider's median time (p20/p80), memory and the ratios that matter, and writes a CSV
+(one row per measurement), a JSON of the machine and PNG plots to --out (default benchmarks/out/).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from . import harness
+from .harness import SCENARIOS
+
+CSV_FIELDS = ["scenario", "provider", "role", "x_name", "x_value", "metric", "unit", "p20", "p50", "p80",
+              "device", "torch", "triton", "coconut_kernels", "date"]
+
+
+def _load_scenarios() -> None:
+    # Importing a bench module registers its scenario.
+    from . import bench_latent_feedback, bench_latent_attention, bench_train_step, bench_generate  # noqa: F401
+
+
+def machine_info(device: torch.device) -> dict:
+    import coconut_kernels
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}",
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "triton": triton_version, "coconut_kernels": coconut_kernels.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "backend": coconut_kernels.get_backend(device),
+    }
+
+
+def run_scenario(scn, settings: dict, info: dict, progress) -> list[dict]:
+    device = settings["device"]
+    rows = []
+    for case in scn.cases(settings):
+        progress(f"{scn.name}: {case.provider} {case.x_name}={case.x_value} ...")
+        step = case.setup()
+        times = harness.time_step(step, case.reps, case.warmup, device)
+        mem, mem_kind = harness.peak_memory(step, device) if case.extra.get("memory", True) else (None, "")
+        del step
+        base = {"scenario": scn.name, "provider": case.provider, "role": case.role, "x_name": case.x_name,
+                "x_value": case.x_value, "device": info["device"], "torch": info["torch"], "triton": info["triton"],
+                "coconut_kernels": info["coconut_kernels"], "date": info["date"]}
+        p20, p50, p80 = harness.quantiles(times)
+        rows.append({**base, "metric": "time", "unit": "s", "p20": p20, "p50": p50, "p80": p80})
+        if mem is not None:
+            rows.append({**base, "metric": f"memory ({mem_kind})", "unit": "MiB", "p20": mem / 2**20,
+                         "p50": mem / 2**20, "p80": mem / 2**20})
+        for key, value in case.extra.items():
+            if key.startswith("metric:"):  # a derived per-case figure (e.g. tokens per step)
+                rows.append({**base, "metric": key[7:], "unit": value[1], "p20": value[0] / p80,
+                             "p50": value[0] / p50, "p80": value[0] / p20})
+        progress(f"{scn.name}: {case.provider} {case.x_name}={case.x_value}: {p50 * 1e3:.2f} ms")
+    return rows
+
+
+def ratio_table(rows: list[dict]) -> list[list[str]]:
+    """One line per (provider, x): median time, p20-p80, memory, and time ratios vs the reference and vs
+    the floor at the same x, computed from these rows."""
+    times = {(r["provider"], str(r["x_value"])): r for r in rows if r["metric"] == "time"}
+    mems = {(r["provider"], str(r["x_value"])): r for r in rows if r["metric"].startswith("memory")}
+    roles = {r["provider"]: r["role"] for r in rows}
+    out = [["provider", "x", "median", "p20-p80", "memory MiB", "x vs reference", "x vs floor"]]
+    for (prov, x), r in times.items():
+        ref = [times[(p, x)]["p50"] for p in roles if roles[p] == "reference" and (p, x) in times]
+        flo = [times[(p, x)]["p50"] for p in roles if roles[p] == "floor" and (p, x) in times]
+        mem = mems.get((prov, x))
+        out.append([prov, f"{r['x_name']}={x}", _fmt_t(r["p50"]), f"{_fmt_t(r['p20'])}-{_fmt_t(r['p80'])}",
+                    f"{mem['p50']:.1f}" if mem else "-",
+                    f"{r['p50'] / ref[0]:.3g}" if ref else "-", f"{r['p50'] / flo[0]:.3g}" if flo else "-"])
+    return out
+
+
+def _fmt_t(s: float) -> str:
+    return f"{s:.3g} s" if s >= 1 else f"{s * 1e3:.3g} ms"
+
+
+def format_table(table: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], info: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
+    (out / "machine.json").write_text(json.dumps(info, indent=2))
+    return plot(rows, out)
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for scn in sorted({r["scenario"] for r in rows}):
+        sub = [r for r in rows if r["scenario"] == scn]
+        metrics = [m for m in ("time",) + tuple(sorted({r["metric"] for r in sub if r["metric"].startswith("memory")}))]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for prov in sorted({r["provider"] for r in sub}):
+                pts = [r for r in sub if r["provider"] == prov and r["metric"] == metric]
+                if not pts:
+                    continue
+                xs = [str(r["x_value"]) for r in pts]
+                ax.errorbar(xs, [r["p50"] for r in pts],
+                            yerr=[[r["p50"] - r["p20"] for r in pts], [r["p80"] - r["p50"] for r in pts]],
+                            marker="o", capsize=3, label=prov)
+            ax.set_title(f"{scn}: {metric}")
+            ax.set_xlabel(sub[0]["x_name"])
+            ax.set_ylabel("s" if metric == "time" else "MiB")
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{scn}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="coconut-bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (tiny sizes, 2 repetitions)")
+    ap.add_argument("--scenario", action="append", help="run only this scenario (repeatable)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--sizes", default=None, help="comma-separated x values (batch sizes) overriding the default")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 2 or the core count)")
+    ap.add_argument("--official", default=None, metavar="PATH",
+                    help="also run a checkout of the reference repository (needs transformers 4.46)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"), help="output folder")
+    ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    args = ap.parse_args(argv)
+
+    _load_scenarios()
+    if args.list:
+        for s in SCENARIOS.values():
+            print(f"{s.name:16s} {s.description}")
+        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = args.threads or min(2, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    names = args.scenario or list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}")
+    settings = {"device": device, "dtype": dtype, "quick": args.quick, "official": args.official,
+                "sizes": [int(s) for s in args.sizes.split(",")] if args.sizes else None}
+    info = machine_info(device)
+    print(f"coconut_kernels {info['coconut_kernels']} | torch {info['torch']} | triton {info['triton']} | "
+          f"{info['device']} | torch.set_num_threads({threads}) | dtype {str(dtype).removeprefix('torch.')}"
+          f"{' | quick' if args.quick else ''}", flush=True)
+
+    def progress(msg):
+        print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+    all_rows = []
+    for name in names:
+        scn = SCENARIOS[name]
+        rows = run_scenario(scn, settings, info, progress)
+        all_rows.extend(rows)
+        print(f"\n## {name}: {scn.description}\n")
+        print(format_table(ratio_table(rows)), flush=True)
+    paths = write_outputs(all_rows, info, Path(args.out))
+    print(f"\nwrote {Path(args.out) / 'results.csv'}, {Path(args.out) / 'machine.json'}, "
+          + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -83,17 +83,30 @@ def run_scenario(scn, settings: dict, info: dict, progress) -> list[dict]:
 def ratio_table(rows: list[dict]) -> list[list[str]]:
     """One line per (provider, x): median time, p20-p80, memory, and time ratios vs the reference and vs
     the floor at the same x, computed from these rows."""
-    times = {(r["provider"], str(r["x_value"])): r for r in rows if r["metric"] == "time"}
-    mems = {(r["provider"], str(r["x_value"])): r for r in rows if r["metric"].startswith("memory")}
+    def key(r):
+        return r["scenario"], r["x_name"], str(r["x_value"])
+
+    times = {(r["provider"],) + key(r): r for r in rows if r["metric"] == "time"}
+    mems = {(r["provider"],) + key(r): r for r in rows if r["metric"].startswith("memory")}
+    rates = {(r["provider"],) + key(r): r for r in rows if r["unit"].endswith("/s")}
     roles = {r["provider"]: r["role"] for r in rows}
-    out = [["provider", "x", "median", "p20-p80", "memory MiB", "x vs reference", "x vs floor"]]
-    for (prov, x), r in times.items():
-        ref = [times[(p, x)]["p50"] for p in roles if roles[p] == "reference" and (p, x) in times]
-        flo = [times[(p, x)]["p50"] for p in roles if roles[p] == "floor" and (p, x) in times]
-        mem = mems.get((prov, x))
-        out.append([prov, f"{r['x_name']}={x}", _fmt_t(r["p50"]), f"{_fmt_t(r['p20'])}-{_fmt_t(r['p80'])}",
+    out = [["case", "provider", "median", "p20-p80", "memory MiB", "rate", "rate / reference", "time / reference",
+            "time / floor", "mem / floor"]]
+    for (prov, *k), r in times.items():
+        k = tuple(k)
+        ref = [times[(p,) + k] for p in roles if roles[p] == "reference" and (p,) + k in times]
+        flo = [times[(p,) + k] for p in roles if roles[p] == "floor" and (p,) + k in times]
+        mem = mems.get((prov,) + k)
+        flo_mem = [mems[(p,) + k] for p in roles if roles[p] == "floor" and (p,) + k in mems]
+        rate = rates.get((prov,) + k)
+        ref_rate = [rates[(p,) + k] for p in roles if roles[p] == "reference" and (p,) + k in rates]
+        out.append([f"{k[0]} {k[1]}={k[2]}", prov, _fmt_t(r["p50"]), f"{_fmt_t(r['p20'])}-{_fmt_t(r['p80'])}",
                     f"{mem['p50']:.1f}" if mem else "-",
-                    f"{r['p50'] / ref[0]:.3g}" if ref else "-", f"{r['p50'] / flo[0]:.3g}" if flo else "-"])
+                    f"{rate['p50']:.4g} {rate['unit']}" if rate else "-",
+                    f"{rate['p50'] / ref_rate[0]['p50']:.3g}" if rate and ref_rate else "-",
+                    f"{r['p50'] / ref[0]['p50']:.3g}" if ref else "-",
+                    f"{r['p50'] / flo[0]['p50']:.3g}" if flo else "-",
+                    f"{mem['p50'] / flo_mem[0]['p50']:.3g}" if mem and flo_mem and flo_mem[0]['p50'] else "-"])
     return out
 
 

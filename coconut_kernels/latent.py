@@ -123,11 +123,6 @@ class LatentLM(nn.Module):
         model = from_pretrained(path, dtype=dtype, device=device)
         return cls(model, latent_token_id, start_latent_id, end_latent_id, eos_token_id, **kwargs)
 
-    def _cache_dtype(self, device: torch.device) -> torch.dtype:
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-        return self.model.lm_head_weight.dtype
-
     def _logits(self, normed: torch.Tensor) -> torch.Tensor:
         logits = normed @ self.model.lm_head_weight.T
         if self.model.lm_head_bias is not None:
@@ -145,7 +140,7 @@ class LatentLM(nn.Module):
         normed = norm(hidden[rows, src])
         logits = self._logits(normed) if self.feedback.needs_logits else None
         token = logits.argmax(-1) if self.feedback.needs_token else None
-        vec = self.feedback(normed, logits, token, self.model.embed_weight)
+        vec = self.feedback(normed, logits, token, self.model.embed_tokens.weight)
         return latent_feedback(dst, vec.to(dst.dtype)[:, None], rows, zeros, zeros)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -191,7 +186,7 @@ class LatentLM(nn.Module):
         dev = torch.cat(host).to(device, non_blocking=True)
 
         model = self.model
-        cache = model.new_cache(B, max(plan.max_len, 1), dtype=self._cache_dtype(device), device=device)
+        cache = model.new_cache(B, max(plan.max_len, 1), device=device)
         fed = None
         sel_hidden, sel_target, logit_rows = [], [], []
         offset = 0
@@ -335,9 +330,9 @@ class _Decoder:
     examples move through the phases independently (per-sequence cache lengths), so one step function serves
     them all and can be captured once as a CUDA graph."""
 
-    def __init__(self, lm: "LatentLM", B: int, max_len: int, device, dtype):
+    def __init__(self, lm: "LatentLM", B: int, max_len: int, device):
         self.lm, self.model = lm, lm.model
-        self.cache = self.model.new_cache(B, max_len, dtype=dtype, device=device)
+        self.cache = self.model.new_cache(B, max_len, device=device)
         self.graph = None
 
     def step(self, tokens: torch.Tensor, fed: torch.Tensor, use_fed: torch.Tensor, active: torch.Tensor):
@@ -431,10 +426,10 @@ def _generate(lm: "LatentLM", input_ids, attention_mask, *, max_new_tokens, do_s
     dev = [t.to(device, non_blocking=True) for t in host]
     pcols, prefill_d, fcols, forced_len_d, lat_left_d = dev
 
-    dtype = lm._cache_dtype(device)
-    dec = _Decoder(lm, B, total + 1, device, dtype)
+    dtype = model.embed_tokens.weight.dtype
+    dec = _Decoder(lm, B, total + 1, device)
     d = model.config.d_model
-    embedding = model.embed_weight
+    embedding = model.embed_tokens.weight
     with torch.no_grad():
         fed = torch.zeros(B, d, dtype=dtype, device=device)
         last_logits = torch.zeros(B, embedding.shape[0], device=device)

@@ -1,0 +1,92 @@
+"""Generation at ProsQA shape (6 latents, 16 answer tokens): LatentLM.generate vs the reference vs the floor.
+
+- coconut_kernels: batched `generate` (ragged prefill, one step per latent, KV-cached answer decoding;
+  CUDA graphs on a GPU);
+- reference: the reference `generate`, one example at a time, no KV cache after the latent phase, run over
+  min(B, 4) examples (its throughput does not depend on B: it never batches);
+- floor: a plain KV-cached decode of the same length with the same model (prefill up to <bot>, then
+  6 + 1 + 16 token steps fed their own tokens, no feedback).
+Rate: (latents + <eot> + answer tokens) per second. EOS is disabled so every example decodes 16 tokens.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coconut_kernels import LatentLM
+
+from .harness import Case, Scenario, register
+from .reference_coconut import ReferenceCoconut
+from .workloads import Special, collate, make_models, prosqa_examples
+
+VOCAB = 50257
+N_LATENTS, N_ANSWER = 6, 16
+NEVER = -1  # an EOS id no token has
+
+
+def _providers(size: str, B: int, device, dtype, graphs: bool = True):
+    state = {}
+    steps = N_LATENTS + 1 + N_ANSWER
+
+    def build():
+        if not state:
+            hf, ours = make_models(size, VOCAB, dtype=dtype, device=device)
+            sp = Special.for_vocab(VOCAB)
+            state["lm"] = LatentLM(ours, sp.latent, sp.bot, sp.eot, NEVER)
+            state["ref"] = ReferenceCoconut(hf, sp.latent, sp.bot, sp.eot, NEVER)
+            prompts = prosqa_examples(B, VOCAB, n_latents=N_LATENTS, seed=B, with_labels=False)
+            state["prompts"] = collate(prompts, VOCAB, layout="ragged", device=device)
+            # The floor's prompts stop at <bot>: the latents and <eot> become decode steps.
+            plain = [{"input_ids": p["input_ids"][: p["input_ids"].index(sp.bot) + 1]} for p in prompts]
+            state["plain"] = collate(plain, VOCAB, layout="ragged", device=device)
+            state["floor"] = LatentLM(ours, sp.latent, sp.bot, sp.eot, NEVER, feedback="pause")
+        return state
+
+    def ours():
+        s = build()
+        b = s["prompts"]
+        return lambda: s["lm"].generate(b["input_ids"], b["attention_mask"], max_new_tokens=N_ANSWER,
+                                        use_cuda_graph=graphs)
+
+    def floor():
+        s = build()
+        b = s["plain"]
+        return lambda: s["floor"].generate(b["input_ids"], b["attention_mask"], max_new_tokens=steps,
+                                           use_cuda_graph=graphs)
+
+    def reference():
+        s = build()
+        ids, mask = s["prompts"]["input_ids"], s["prompts"]["attention_mask"]
+        rows = [ids[b, : int(mask[b].sum())][None] for b in range(min(B, 4))]
+        return lambda: [s["ref"].generate(r, max_new_tokens=N_ANSWER) for r in rows]
+
+    return [("coconut_kernels", "impl", ours, B * steps), ("reference", "reference", reference, min(B, 4) * steps),
+            ("floor", "floor", floor, B * steps)]
+
+
+def cases(settings: dict):
+    device, dtype, quick = settings["device"], settings["dtype"], settings["quick"]
+    size = "gpt2-tiny" if quick else "gpt2-4x256"
+    sizes = settings["sizes"] or ([1, 4] if quick else [1, 8, 32])
+    for B in sizes:
+        for name, role, setup, tokens in _providers(size, B, device, dtype):
+            yield Case("generate", name, "B", B, setup, role=role, reps=2 if quick or name == "reference" else 3,
+                       extra={"memory": False, "metric:tokens/s": (tokens, "tok/s")})
+        if device.type == "cuda":
+            for name, role, setup, tokens in _providers(size, B, device, dtype, graphs=False):
+                if name != "reference":
+                    yield Case("generate", f"{name} (no CUDA graphs)", "B", B, setup, role="other", reps=3,
+                               extra={"memory": False, "metric:tokens/s": (tokens, "tok/s")})
+
+
+SCENARIO = register(Scenario("generate", "latents + 16 answer tokens per example, ProsQA prompts", cases))
+
+
+@pytest.mark.parametrize("provider", ["coconut_kernels", "reference", "floor"])
+@pytest.mark.parametrize("B", [1, 8, 32, 64])
+def test_generate(benchmark, provider, B):
+    torch.set_num_threads(2)
+    if provider == "reference" and B > 1:
+        pytest.skip("the reference decodes one example at a time: its rate is measured at B=1")
+    setup = {n: s for n, _, s, _ in _providers("gpt2-4x256", B, torch.device("cpu"), torch.float32)}[provider]
+    benchmark.pedantic(setup(), rounds=3, warmup_rounds=1)

@@ -1,0 +1,81 @@
+"""Training step (forward + backward) at ProsQA shape: LatentLM vs the reference algorithm vs the floor.
+
+- coconut_kernels: `LatentLM` on this library's GPT-2 (ragged passes over one KVCache, fused feedback,
+  loss over labelled rows only);
+- reference: the reference algorithm on a `transformers` GPT-2 with the same weights (benchmarks/
+  reference_coconut.py: list-and-stack rebuild, concatenated caches, full-vocabulary logits);
+- floor: one plain pass of LatentLM's own model over the same batch with the same loss (latents fed their
+  token embedding: no sequential structure).
+Run: `python -m benchmarks --scenario train_step [--sizes 8,32]`, or under pytest-benchmark.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coconut_kernels import LatentLM
+
+from .harness import Case, Scenario, register
+from .reference_coconut import ReferenceCoconut
+from .workloads import Special, collate, make_models, prosqa_examples
+
+VOCAB = 50257
+
+
+def _steps(size: str, B: int, n_latents: int, device, dtype, seed: int = 0):
+    """name -> (role, setup) for one point; the models are built once per point and shared."""
+    state = {}
+
+    def models():
+        if not state:
+            hf, ours = make_models(size, VOCAB, dtype=dtype, device=device, seed=seed)
+            sp = Special.for_vocab(VOCAB)
+            state["ref"] = ReferenceCoconut(hf, sp.latent, sp.bot, sp.eot, sp.eos)
+            state["lm"] = LatentLM(ours, sp.latent, sp.bot, sp.eot, sp.eos)
+            state["floor"] = LatentLM(ours, sp.latent, sp.bot, sp.eot, sp.eos, feedback="pause")
+            state["batch"] = collate(prosqa_examples(B, VOCAB, n_latents=n_latents, seed=seed + B), VOCAB,
+                                     device=device)
+        return state
+
+    def make(name):
+        def setup():
+            s = models()
+            module, batch = s[name], s["batch"]
+
+            def step():
+                module.zero_grad(set_to_none=True)
+                out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"])
+                loss = out[0] if isinstance(out, tuple) else out.loss
+                loss.backward()
+                return loss
+            return step
+        return setup
+
+    return {"coconut_kernels": ("impl", make("lm")), "reference": ("reference", make("ref")),
+            "floor": ("floor", make("floor"))}
+
+
+def cases(settings: dict):
+    device, dtype, quick = settings["device"], settings["dtype"], settings["quick"]
+    size = "gpt2-tiny" if quick else "gpt2-4x256"
+    sizes = settings["sizes"] or ([2] if quick else [4, 8])
+    reps = 2 if quick else 3
+    for B in sizes:
+        for name, (role, setup) in _steps(size, B, 6, device, dtype).items():
+            yield Case("train_step", name, "B", B, setup, role=role, reps=reps)
+    # The number of latents, at the smallest batch.
+    if not settings["sizes"]:
+        for k in ([1, 3] if quick else [1, 3, 6]):
+            for name, (role, setup) in _steps(size, sizes[0], k, device, dtype).items():
+                yield Case("train_step_latents", name, "latents", k, setup, role=role, reps=reps)
+
+
+SCENARIO = register(Scenario("train_step", "fwd+bwd of one COCONUT training step, ProsQA shape (T~350)", cases))
+
+
+@pytest.mark.parametrize("provider", ["coconut_kernels", "reference", "floor"])
+@pytest.mark.parametrize("B", [8])
+def test_train_step(benchmark, provider, B):
+    torch.set_num_threads(2)
+    role, setup = _steps("gpt2-4x256", B, 6, torch.device("cpu"), torch.float32)[provider]
+    benchmark.pedantic(setup(), rounds=3, warmup_rounds=1)

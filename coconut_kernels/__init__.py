@@ -4,7 +4,10 @@ Importing the package loads the compiled op library, which registers `torch.ops.
 """
 from . import _C  # noqa: F401  (registers torch.ops.coconut.*)
 from .backend import get_backend, set_backend
+from .cache import KVCache
+from .ops.latent_attention import latent_attention
 
 __version__ = "0.1.0"
 
 __all__ = ["get_backend", "set_backend", "__version__"]
+__all__ += ["KVCache", "latent_attention"]

@@ -96,8 +96,9 @@ def latent_attention_fwd_reference(q, k_cache, v_cache, cache_seqlens, cache_lef
     allowed &= (t[None, :] < n_new[:, None])[:, :, None]  # (B, Sq, Tmax)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     lse = torch.logsumexp(scores.to(_lse_dtype(q.dtype)), dim=-1)  # (B, Hq, Sq)
+    # Rows with no key (pad queries, t >= new_seqlens) get a finite softmax then 0, so no NaN reaches autograd.
     has_key = allowed.any(-1)[:, None, :, None]
-    p = torch.where(has_key, torch.softmax(scores, dim=-1), torch.zeros((), dtype=q.dtype, device=dev))
+    p = torch.softmax(scores.masked_fill(~has_key, 0), dim=-1) * allowed[:, None]
     out = torch.einsum("bhst,bthd->bshd", p, v)
     return out, lse
 

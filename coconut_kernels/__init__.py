@@ -6,7 +6,10 @@ import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, befo
 
 from . import _C  # noqa: F401  (registers torch.ops.coconut.*)
 from .backend import get_backend, set_backend
+from .cache import KVCache
+from .ops.latent_attention import latent_attention
 
 __version__ = "0.1.0"
 
 __all__ = ["get_backend", "set_backend", "__version__"]
+__all__ += ["KVCache", "latent_attention"]

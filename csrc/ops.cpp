@@ -46,7 +46,7 @@ TORCH_LIBRARY(coconut, m) {
       "Tensor? rotary_sin, bool rotary_interleaved) -> ()");
   // Attention of q (at rows cache_seqlens[b] + t) to cache rows [cache_leftpad[b], cache_seqlens[b] + n_new),
   // causal aligned bottom-right. Rows t >= new_seqlens[b] give out = 0 and lse = -inf.
-  // out has q's dtype, lse is fp32 (B, Hq, Sq).
+  // out has q's dtype, lse (B, Hq, Sq) is fp32 (fp64 for fp64 inputs, so fp64 gradients are exact).
   m.def(
       "latent_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
       "Tensor? cache_leftpad, Tensor? new_seqlens, Tensor? rotary_cos, Tensor? rotary_sin, "

@@ -37,7 +37,7 @@ except ImportError:
         @staticmethod
         def _rotate(x, cos, sin):
             x1, x2 = x.chunk(2, dim=-1)
-            cos, sin = cos[:, :, None], sin[:, :, None]
+            cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
             return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
         def attend(self, layer, q, k_new, v_new, *, new_seqlens=None, rotary_cos=None, rotary_sin=None,
@@ -72,6 +72,7 @@ except ImportError:
     sys.modules["coconut_kernels.cache"] = types.SimpleNamespace(KVCache=_StandInKVCache)
 
 from coconut_kernels.models import GPT2, Llama, LlamaConfig, from_pretrained, load_config  # noqa: E402
+from tests.helpers import assert_within_torch_error  # noqa: E402
 
 V = 101
 
@@ -176,6 +177,22 @@ def test_logits_match_transformers_fp64(saved, case):
     # transformers' RMSNorm and rotary tables compute in fp32 even for fp64 models: Llama agrees to ~1e-7
     tol = 1e-12 if case == "gpt2" else 1e-6
     _assert_logits_close(ours, _hf_logits(hf64, ids, mask, pos), mask, tol)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "autocast"])
+@pytest.mark.parametrize("case", ["gpt2", "qwen2"])
+def test_low_precision_within_twice_transformers_error(saved, case, mode):
+    """bf16 weights, or fp32 weights under bf16 autocast (the cache then holds bf16): error against fp64
+    no more than 2x transformers' error in the same mode."""
+    hf, folder = saved(case)
+    ids, mask, pos = _batch(3, 13, [0, 4, 9])
+    ref64 = _hf_logits(_hf_model(case).double(), ids, mask, pos)
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    model, hf_lowp = from_pretrained(folder, dtype=dtype), _hf_model(case).to(dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        ours, theirs = model(ids, attention_mask=mask), _hf_logits(hf_lowp, ids, mask, pos)
+    keep = mask.bool()
+    assert_within_torch_error(ours[keep], ref64[keep], theirs[keep], factor=2.0, name=f"{case} {mode} logits")
 
 
 @pytest.mark.parametrize("case", ["gpt2", "qwen2"])

@@ -37,12 +37,18 @@ class CausalLM(nn.Module):
         """Raise when a cache of `max_len` rows could hold positions the model does not support."""
 
     def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None, leftpad=None) -> KVCache:
-        """An empty KV cache for this model (the parameters' dtype and device unless given)."""
+        """An empty KV cache for this model. dtype None: the autocast dtype when autocast is on for the
+        device (the projections then produce k/v in that dtype), else the parameters' dtype; device None:
+        the parameters' device."""
         self.check_cache_len(max_len)
         w = self.embed_tokens.weight
+        device = torch.device(device or w.device)
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else w.dtype
         c = self.config
-        return KVCache(c.n_layer, batch, max_len, c.n_kv_head, c.head_dim, dtype=dtype or w.dtype,
-                       device=device or w.device, leftpad=leftpad)
+        return KVCache(c.n_layer, batch, max_len, c.n_kv_head, c.head_dim, dtype=dtype, device=device,
+                       leftpad=leftpad)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,7 +32,7 @@ def _latent_feedback_fwd_kernel(E, H, BAT, DST, SRC, W, BIAS, d, B, T, S, e_bs, 
     i = tl.program_id(0)
     b, dst, src, ok = _row_indices(BAT, DST, SRC, i, B, T, S, HAS_BATCH)
     cols = tl.arange(0, BLOCK_D)
-    m = (cols < d) & ok
+    m = cols < tl.where(ok, d, 0)  # (cols < d) & ok, in a form the interpreter accepts
     x = tl.load(H + b * h_bs + src * h_rs + cols, mask=m, other=0.0)
     if NORM == 0:
         y = x
@@ -58,7 +58,7 @@ def _latent_feedback_bwd_kernel(G, H, BAT, DST, SRC, W, GH, GW, GB, d, B, T, S, 
     i = tl.program_id(0)
     b, dst, src, ok = _row_indices(BAT, DST, SRC, i, B, T, S, HAS_BATCH)
     cols = tl.arange(0, BLOCK_D)
-    m = (cols < d) & ok
+    m = cols < tl.where(ok, d, 0)  # (cols < d) & ok, in a form the interpreter accepts
     dy = tl.load(G + b * g_bs + dst * g_rs + cols, mask=m, other=0.0).to(ACC)
     if NORM == 0:
         dx = dy

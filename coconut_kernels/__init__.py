@@ -8,8 +8,9 @@ from . import _C  # noqa: F401  (registers torch.ops.coconut.*)
 from .backend import get_backend, set_backend
 from .cache import KVCache
 from .ops.latent_attention import latent_attention
+from .ops.latent_feedback import latent_feedback, latent_feedback_
 
 __version__ = "0.1.0"
 
 __all__ = ["get_backend", "set_backend", "__version__"]
-__all__ += ["KVCache", "latent_attention"]
+__all__ += ["KVCache", "latent_attention", "latent_feedback", "latent_feedback_"]

@@ -33,16 +33,17 @@ class CausalLM(nn.Module):
         """Logits of pre-norm hidden states (..., d) -> (..., vocab_size)."""
         return F.linear(self.final_norm(hidden), self.lm_head_weight, self.lm_head_bias)
 
-    def check_cache_len(self, max_len: int) -> None:
-        """Raise when a cache of `max_len` rows could hold positions the model does not support."""
+    def prepare_cache(self, max_len: int, device: torch.device) -> None:
+        """Raise when a cache of `max_len` rows could hold positions the model does not support; build
+        what forwards over such a cache need, so that they allocate nothing (CUDA-graph capture)."""
 
     def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None, leftpad=None) -> KVCache:
         """An empty KV cache for this model. dtype None: the autocast dtype when autocast is on for the
         device (the projections then produce k/v in that dtype), else the parameters' dtype; device None:
         the parameters' device."""
-        self.check_cache_len(max_len)
         w = self.embed_tokens.weight
         device = torch.device(device or w.device)
+        self.prepare_cache(max_len, device)
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else w.dtype

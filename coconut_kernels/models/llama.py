@@ -213,11 +213,12 @@ class Llama(CausalLM):
         self.inv_freq, self.attention_factor = rope_frequencies(config)
         self._rotary: dict = {}
 
-    def check_cache_len(self, max_len: int) -> None:
+    def prepare_cache(self, max_len: int, device: torch.device) -> None:
         window = self.config.sliding_window
         if window is not None and max_len > window:
             raise ValueError(f"sliding-window attention is not implemented: a cache of max_len={max_len} "
                              f"exceeds the model's sliding_window={window}")
+        self.rotary_tables(max_len, device, self.embed_tokens.weight.dtype)
 
     def rotary_tables(self, n_positions: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (>= n_positions, head_dim / 2) in `dtype`, as transformers computes them (fp32 angles,

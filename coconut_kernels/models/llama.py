@@ -85,7 +85,8 @@ class LlamaConfig:
             if layer_types is not None:
                 sliding = "sliding_attention" in layer_types
             else:
-                sliding = hf.get("use_sliding_window", False) and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]
+                sliding = (hf.get("use_sliding_window", False)
+                           and hf.get("max_window_layers", 0) < hf["num_hidden_layers"])
             window = window if sliding else None
         elif model_type == "llama":
             window = None

@@ -20,8 +20,8 @@ class CausalLM(nn.Module):
     lm_head_bias = None  # none of the supported families has an LM-head bias
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, n, d) of `input_ids` (B, n): no positions (GPT-2 adds them per layer stack
-        in `forward_embeds`, so that fed-back latent vectors get their positions the same way)."""
+        """Token embeddings (B, n, d) of `input_ids` (B, n), without positions: GPT-2 adds those in
+        `forward_embeds`, so that fed-back latent vectors get their positions the same way as tokens."""
         return self.embed_tokens(input_ids)
 
     @property

@@ -20,8 +20,8 @@ class CausalLM(nn.Module):
     lm_head_bias = None  # none of the supported families has an LM-head bias
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, n, d) of `input_ids` (B, n): no positions (GPT-2 adds them per layer stack
-        in `forward_embeds`, so that fed-back latent vectors get their positions the same way)."""
+        """Token embeddings (B, n, d) of `input_ids` (B, n), without positions: GPT-2 adds those in
+        `forward_embeds`, so that fed-back latent vectors get their positions the same way as tokens."""
         return self.embed_tokens(input_ids)
 
     @property
@@ -33,16 +33,17 @@ class CausalLM(nn.Module):
         """Logits of pre-norm hidden states (..., d) -> (..., vocab_size)."""
         return F.linear(self.final_norm(hidden), self.lm_head_weight, self.lm_head_bias)
 
-    def check_cache_len(self, max_len: int) -> None:
-        """Raise when a cache of `max_len` rows could hold positions the model does not support."""
+    def prepare_cache(self, max_len: int, device: torch.device) -> None:
+        """Raise when a cache of `max_len` rows could hold positions the model does not support; build
+        what forwards over such a cache need, so that they allocate nothing (CUDA-graph capture)."""
 
     def new_cache(self, batch: int, max_len: int, *, dtype=None, device=None, leftpad=None) -> KVCache:
         """An empty KV cache for this model. dtype None: the autocast dtype when autocast is on for the
         device (the projections then produce k/v in that dtype), else the parameters' dtype; device None:
         the parameters' device."""
-        self.check_cache_len(max_len)
         w = self.embed_tokens.weight
         device = torch.device(device or w.device)
+        self.prepare_cache(max_len, device)
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else w.dtype

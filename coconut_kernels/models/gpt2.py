@@ -123,7 +123,7 @@ class GPT2(CausalLM):
             for proj in (block.c_proj, block.mlp_proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
 
-    def check_cache_len(self, max_len: int) -> None:
+    def prepare_cache(self, max_len: int, device: torch.device) -> None:
         if max_len > self.config.max_position:
             raise ValueError(f"GPT-2 has {self.config.max_position} learned positions; a cache of "
                              f"max_len={max_len} would need more")

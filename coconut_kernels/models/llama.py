@@ -85,7 +85,8 @@ class LlamaConfig:
             if layer_types is not None:
                 sliding = "sliding_attention" in layer_types
             else:
-                sliding = hf.get("use_sliding_window", False) and hf.get("max_window_layers", 0) < hf["num_hidden_layers"]
+                sliding = (hf.get("use_sliding_window", False)
+                           and hf.get("max_window_layers", 0) < hf["num_hidden_layers"])
             window = window if sliding else None
         elif model_type == "llama":
             window = None
@@ -213,11 +214,12 @@ class Llama(CausalLM):
         self.inv_freq, self.attention_factor = rope_frequencies(config)
         self._rotary: dict = {}
 
-    def check_cache_len(self, max_len: int) -> None:
+    def prepare_cache(self, max_len: int, device: torch.device) -> None:
         window = self.config.sliding_window
         if window is not None and max_len > window:
             raise ValueError(f"sliding-window attention is not implemented: a cache of max_len={max_len} "
                              f"exceeds the model's sliding_window={window}")
+        self.rotary_tables(max_len, device, self.embed_tokens.weight.dtype)
 
     def rotary_tables(self, n_positions: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (>= n_positions, head_dim / 2) in `dtype`, as transformers computes them (fp32 angles,

@@ -47,7 +47,8 @@ def _family(hf: dict):
     config_cls, model_cls, known = FAMILIES[model_type]
     unknown = [a for a in architectures if a not in known]
     if unknown:
-        raise ValueError(f"unsupported architecture(s) {unknown} for model_type {model_type!r}; supported: {list(known)}")
+        raise ValueError(f"unsupported architecture(s) {unknown} for model_type {model_type!r}; "
+                         f"supported: {list(known)}")
     return config_cls, model_cls
 
 
@@ -110,7 +111,8 @@ def from_pretrained(source, dtype: torch.dtype | None = None, device=None) -> GP
         tensors = source.state_dict()
         where, copy = f"{type(source).__name__} object", True
     else:
-        raise TypeError(f"from_pretrained expects a checkpoint folder or a transformers model, got {type(source).__name__}")
+        raise TypeError(f"from_pretrained expects a checkpoint folder or a transformers model, "
+                        f"got {type(source).__name__}")
     model_cls = FAMILIES[config.model_type][1]
     state = _convert(tensors, model_cls, config, where)
     reference = state["embed_tokens.weight"]

@@ -5,71 +5,12 @@ through the cache equals the full forward; gradients equal transformers'; bad ch
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
-
-try:
-    import coconut_kernels.cache  # noqa: F401
-except ImportError:
-    # Until the real KVCache lands: a plain-torch stand-in with its API, so the models can be tested.
-    class _StandInKVCache:
-        def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, *, dtype, device, leftpad=None):
-            self.max_len = max_len
-            shape = (batch, max_len, n_kv_heads, head_dim)
-            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-            self.reset(leftpad)
-
-        def reset(self, leftpad=None):
-            B, dev = self.k[0].shape[0], self.k[0].device
-            self.leftpad = torch.zeros(B, dtype=torch.int32, device=dev) if leftpad is None else leftpad.to(torch.int32)
-            self.seqlens = torch.zeros(B, dtype=torch.int32, device=dev)
-
-        def advance(self, n_new):
-            self.seqlens = self.seqlens + n_new
-
-        @staticmethod
-        def _rotate(x, cos, sin):
-            x1, x2 = x.chunk(2, dim=-1)
-            cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
-            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-        def attend(self, layer, q, k_new, v_new, *, new_seqlens=None, rotary_cos=None, rotary_sin=None,
-                   rotary_interleaved=False, softmax_scale=None, causal=True):
-            assert not rotary_interleaved
-            B, n, Hq, D = q.shape
-            t = torch.arange(n, device=q.device)
-            rows = self.seqlens.long()[:, None] + t
-            n_valid = torch.full((B,), n, device=q.device) if new_seqlens is None else new_seqlens.long()
-            valid = t[None, :] < n_valid[:, None]
-            if rotary_cos is not None:
-                # pads and rows past new_seqlens have no meaningful position
-                pos = (rows - self.leftpad.long()[:, None]).clamp(0, rotary_cos.shape[0] - 1)
-                q = self._rotate(q, rotary_cos[pos], rotary_sin[pos])
-                k_new = self._rotate(k_new, rotary_cos[pos], rotary_sin[pos])
-            b = torch.arange(B, device=q.device)[:, None].expand(B, n)
-            # out of place, so that gradients reach the rows earlier passes wrote
-            self.k[layer] = k = self.k[layer].index_put((b[valid], rows[valid]), k_new[valid])
-            self.v[layer] = v = self.v[layer].index_put((b[valid], rows[valid]), v_new[valid])
-            groups = Hq // k.shape[2]
-            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-            j = torch.arange(self.max_len, device=q.device)
-            end = rows if causal else (self.seqlens.long() + n_valid - 1)[:, None].expand(B, n)
-            allowed = (j[None, None] >= self.leftpad.long()[:, None, None]) & (j[None, None] <= end[:, :, None])
-            scale = softmax_scale if softmax_scale is not None else D ** -0.5
-            scores = torch.einsum("bthd,bjhd->bhtj", q, k) * scale
-            scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-            p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-            out = torch.einsum("bhtj,bjhd->bthd", p, v)
-            return out * valid[:, :, None, None]
-
-    sys.modules["coconut_kernels.cache"] = types.SimpleNamespace(KVCache=_StandInKVCache)
 
 from coconut_kernels.models import GPT2, Llama, LlamaConfig, from_pretrained, load_config  # noqa: E402
 from tests.helpers import assert_within_torch_error  # noqa: E402

@@ -75,8 +75,10 @@ void store_row(at::Tensor& t, int64_t row, const acc_t* src) {
 
 // The smallest value-closed set (all entries >= some value) of v[lo, hi) whose weight w reaches `need`;
 // returns its smallest value. Three-way quickselect on (v, w) pairs: expected O(hi - lo), no full sort.
+// Masses are summed in double: with thousands of tokens in a nucleus, float32 sums err by about one
+// boundary token's probability.
 template <typename acc_t>
-acc_t mass_threshold(acc_t* v, acc_t* w, int64_t lo, int64_t hi, acc_t need) {
+acc_t mass_threshold(acc_t* v, acc_t* w, int64_t lo, int64_t hi, double need) {
   while (true) {
     const acc_t pivot = v[lo + (hi - lo) / 2];
     int64_t a = lo, i = lo, b = hi;  // [lo, a) > pivot, [a, b) == pivot, [b, hi) < pivot
@@ -91,7 +93,7 @@ acc_t mass_threshold(acc_t* v, acc_t* w, int64_t lo, int64_t hi, acc_t need) {
         ++i;
       }
     }
-    acc_t gt = 0, eq = 0;
+    double gt = 0, eq = 0;
     for (int64_t j = lo; j < a; ++j) gt += w[j];
     for (int64_t j = a; j < b; ++j) eq += w[j];
     if (a > lo && gt >= need) {
@@ -109,7 +111,7 @@ template <typename acc_t>
 struct RowStats {
   acc_t thr;    // kept: x >= thr
   acc_t max;    // largest logit
-  acc_t sum;    // sum over the kept set of exp((x - max) / T)
+  double sum;   // sum over the kept set of exp((x - max) / T)
   int64_t kept;
 };
 
@@ -128,7 +130,7 @@ RowStats<acc_t> row_stats(const acc_t* x, int64_t V, acc_t inv_t, int64_t top_k,
   if (top_p < 1) {
     v.clear();
     w.clear();
-    acc_t z = 0;
+    double z = 0;
     for (int64_t i = 0; i < V; ++i) {
       if (x[i] >= thr) {
         const acc_t e = std::exp((x[i] - m) * inv_t);
@@ -137,9 +139,9 @@ RowStats<acc_t> row_stats(const acc_t* x, int64_t V, acc_t inv_t, int64_t top_k,
         z += e;
       }
     }
-    thr = mass_threshold(v.data(), w.data(), 0, static_cast<int64_t>(v.size()), static_cast<acc_t>(top_p) * z);
+    thr = mass_threshold(v.data(), w.data(), 0, static_cast<int64_t>(v.size()), top_p * z);
   }
-  acc_t s = 0;
+  double s = 0;
   int64_t kept = 0;
   for (int64_t i = 0; i < V; ++i) {
     if (x[i] >= thr) {
@@ -169,9 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& logits
       load_row(logits, n, 0, V, x.data());
       const RowStats<acc_t> st = row_stats(x.data(), V, inv_t, top_k, top_p, v, w);
       thr_p[n] = st.thr;
-      lse_p[n] = st.max * inv_t + std::log(st.sum);
+      lse_p[n] = static_cast<acc_t>(st.max * inv_t + std::log(st.sum));
       row_max[n] = st.max;
-      row_inv_sum[n] = acc_t(1) / st.sum;
+      row_inv_sum[n] = static_cast<acc_t>(1.0 / st.sum);
       kept[n] = st.kept;
     }
   });

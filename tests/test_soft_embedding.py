@@ -112,15 +112,16 @@ def _gradcheck_inputs(n, v, d, seed):
 
 
 @pytest.mark.parametrize(
-    "top_k,top_p,temperature", [(0, 1.0, 1.0), (3, 1.0, 0.7), (0, 0.6, 1.3), (10, 0.8, 2.0), (60, 1.0, 0.5)]
+    "top_k,top_p,temperature", [(0, 1.0, 1.0), (3, 1.0, 0.7), (0, 0.6, 1.3), (6, 0.8, 2.0), (12, 1.0, 0.5)]
 )
 def test_gradcheck(top_k, top_p, temperature):
-    logits, weight = _gradcheck_inputs(4, 60, 5, seed=top_k)
+    logits, weight = _gradcheck_inputs(2, 12, 3, seed=top_k)
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     assert torch.autograd.gradcheck(lambda x, w: ck.soft_embedding(x, w, **kw), (logits, weight))
     # The probabilities returned on request are differentiable too.
-    assert torch.autograd.gradcheck(lambda x: ck.soft_embedding(x, weight.detach(), return_probs=True, **kw)[1],
-                                    (logits,))
+    assert torch.autograd.gradcheck(
+        lambda x: ck.soft_embedding(x, weight.detach(), return_probs=True, **kw)[1], (logits,), fast_mode=True
+    )
 
 
 @pytest.mark.parametrize("which", ["logits", "weight"])
@@ -158,8 +159,8 @@ def test_gradients_low_precision(dtype, wdtype, top_k, top_p):
 
 
 def test_opcheck():
-    logits, weight = _gradcheck_inputs(4, 50, 6, seed=2)
-    for args in ((0.7, 5, 0.9), (1.0, 0, 1.0), (1.5, 0, 0.5)):
+    logits, weight = _gradcheck_inputs(3, 20, 4, seed=2)
+    for args in ((0.7, 5, 0.9), (1.5, 0, 1.0)):
         torch.library.opcheck(torch.ops.coconut.soft_embedding_fwd.default, (logits, weight, *args))
     out, thr, lse = torch.ops.coconut.soft_embedding_fwd(logits.detach(), weight.detach(), 0.7, 5, 0.9)
     grad_out = torch.randn_like(out)

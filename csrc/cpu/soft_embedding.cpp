@@ -23,6 +23,15 @@ constexpr int64_t kChunk = 1024;
 // than the GEMM by more than the GEMM's efficiency advantage (MKL GEMM vs scalar axpy, measured on AVX-512).
 constexpr int64_t kSparseRatio = 16;
 
+// The per-row gather instead of the GEMM: few kept entries, or a problem too small for a (threaded) GEMM call.
+bool use_gather(int64_t total_kept, int64_t N, int64_t V, int64_t d) {
+  return total_kept * kSparseRatio <= N * V || N * V * d <= (int64_t{1} << 16);
+}
+
+// Rows per task of at::parallel_for: about 64k elements of work, so that small calls (decoding one batch of
+// latents, gradcheck) run serially instead of paying for an OpenMP region.
+int64_t row_grain(int64_t work_per_row) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_row)); }
+
 void check_inputs(const at::Tensor& logits, const at::Tensor& weight, double temperature, int64_t top_k,
                   double top_p) {
   check_rank(logits, 2, "logits", "(N, V)");
@@ -165,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& logits
   acc_t* thr_p = thr.mutable_data_ptr<acc_t>();
   acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
 
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> x(V), v, w;
     for (int64_t n = n0; n < n1; ++n) {
       load_row(logits, n, 0, V, x.data());
@@ -182,8 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& logits
   for (int64_t k : kept) total_kept += k;
   at::Tensor acc = at::zeros({N, d}, acc_opts);
   acc_t* acc_p = acc.mutable_data_ptr<acc_t>();
-  if (total_kept * kSparseRatio <= N * V) {
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+  if (use_gather(total_kept, N, V, d)) {
+    at::parallel_for(0, N, row_grain(V), [&](int64_t n0, int64_t n1) {
       std::vector<acc_t> x(V), wrow(d);
       for (int64_t n = n0; n < n1; ++n) {
         load_row(logits, n, 0, V, x.data());
@@ -202,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& logits
     const int64_t ld = probs.size(1);
     for (int64_t v0 = 0; v0 < V; v0 += kChunk) {
       const int64_t len = std::min(kChunk, V - v0);
-      at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      at::parallel_for(0, N, row_grain(len), [&](int64_t n0, int64_t n1) {
         std::vector<acc_t> x(len);
         for (int64_t n = n0; n < n1; ++n) {
           load_row(logits, n, v0, len, x.data());
@@ -238,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
   // The kept set of each row, as in the forward (the filter is a constant selection here).
   std::vector<std::vector<int64_t>> idx(N);
   std::vector<std::vector<acc_t>> prob(N);
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> x(V);
     for (int64_t n = n0; n < n1; ++n) {
       load_row(logits, n, 0, V, x.data());
@@ -253,9 +262,9 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
   int64_t total_kept = 0;
   for (const auto& r : idx) total_kept += static_cast<int64_t>(r.size());
 
-  if (total_kept * kSparseRatio <= N * V) {
+  if (use_gather(total_kept, N, V, d)) {
     if (need_logits) {
-      at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      at::parallel_for(0, N, row_grain(V), [&](int64_t n0, int64_t n1) {
         std::vector<acc_t> gl(V), wrow(d), g;
         for (int64_t n = n0; n < n1; ++n) {
           const acc_t* gon = go_p + n * d;
@@ -279,7 +288,8 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
       // Parallel over slices of d, so that rows kept by several n never race.
       at::Tensor gw = at::zeros({V, d}, acc_opts);
       acc_t* gw_p = gw.mutable_data_ptr<acc_t>();
-      at::parallel_for(0, d, 64, [&](int64_t j0, int64_t j1) {
+      at::parallel_for(0, d, std::max<int64_t>(64, (int64_t{1} << 16) / std::max<int64_t>(1, total_kept)),
+                       [&](int64_t j0, int64_t j1) {
         for (int64_t n = 0; n < N; ++n) {
           const acc_t* gon = go_p + n * d;
           for (size_t t = 0; t < idx[n].size(); ++t) {
@@ -304,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
   const int64_t ld = probs.size(1);
   for (int64_t v0 = 0; v0 < V; v0 += kChunk) {
     const int64_t len = std::min(kChunk, V - v0);
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, N, row_grain(len), [&](int64_t n0, int64_t n1) {
       std::vector<acc_t> x(len);
       for (int64_t n = n0; n < n1; ++n) {
         load_row(logits, n, v0, len, x.data());
@@ -318,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
       const at::Tensor g = at::mm(go, w_chunk.t()).contiguous();
       const acc_t* g_p = g.const_data_ptr<acc_t>();
       acc_t* pg_p = pg.mutable_data_ptr<acc_t>();
-      at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      at::parallel_for(0, N, row_grain(len), [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n) {
           acc_t* dst = pg_p + n * V + v0;
           const acc_t* p = probs_p + n * ld;
@@ -335,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
   }
   if (need_logits) {
     acc_t* pg_p = pg.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, N, row_grain(V), [&](int64_t n0, int64_t n1) {
       std::vector<acc_t> x(V);
       for (int64_t n = n0; n < n1; ++n) {
         load_row(logits, n, 0, V, x.data());

@@ -285,8 +285,10 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
       });
     }
     if (need_weight) {
-      // Parallel over slices of d, so that rows kept by several n never race.
-      at::Tensor gw = at::zeros({V, d}, acc_opts);
+      // Parallel over slices of d, so that rows kept by several n never race. A (V, d) buffer costs more in
+      // page faults than the scatter itself: accumulate in grad_weight unless it is bf16/fp16.
+      const bool direct = weight.scalar_type() == acc_opts.dtype();
+      at::Tensor gw = direct ? grad_weight.zero_() : at::zeros({V, d}, acc_opts);
       acc_t* gw_p = gw.mutable_data_ptr<acc_t>();
       at::parallel_for(0, d, std::max<int64_t>(64, (int64_t{1} << 16) / std::max<int64_t>(1, total_kept)),
                        [&](int64_t j0, int64_t j1) {
@@ -299,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
           }
         }
       });
-      grad_weight.copy_(gw);
+      if (!direct) grad_weight.copy_(gw);
     }
     return {grad_logits, grad_weight};
   }
@@ -341,7 +343,14 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
         }
       });
     }
-    if (need_weight) grad_weight.narrow(0, v0, len).copy_(at::mm(p_chunk.t(), go));
+    if (need_weight) {
+      at::Tensor dst = grad_weight.narrow(0, v0, len);
+      if (weight.scalar_type() == acc_opts.dtype()) {
+        at::mm_out(dst, p_chunk.t(), go);
+      } else {
+        dst.copy_(at::mm(p_chunk.t(), go));
+      }
+    }
   }
   if (need_logits) {
     acc_t* pg_p = pg.mutable_data_ptr<acc_t>();

@@ -124,6 +124,20 @@ def test_gradcheck(top_k, top_p, temperature):
     )
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (0, 0.7), (5, 1.0), (40, 0.9)])
+def test_fp64_gradients_match_reference(top_k, top_p):
+    # Large enough for the CPU kernel's chunked-GEMM path (top_k = 0) as well as its gather path.
+    logits, weight = _inputs(4, 3000, 64, seed=9)
+    grad_out = torch.randn(4, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    kw = dict(temperature=0.6, top_k=top_k, top_p=top_p)
+    x = logits.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    got = torch.autograd.grad(ck.soft_embedding(x, w, **kw), (x, w), grad_out)
+    want = torch.autograd.grad(reference(x, w, **kw), (x, w), grad_out)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("which", ["logits", "weight"])
 def test_gradient_of_one_input(which):
     logits, weight = _gradcheck_inputs(3, 30, 4, seed=1)

@@ -8,7 +8,7 @@ import torch
 import coconut_kernels as ck
 from coconut_kernels.reference import soft_embedding_reference as reference
 
-from .helpers import assert_within_torch_error, max_err, requires_triton
+from .helpers import assert_within_torch_error, requires_cuda, requires_triton
 
 
 def _inputs(n, v, d, dtype=torch.float64, wdtype=None, seed=0):
@@ -211,6 +211,7 @@ def test_torch_compile_fullgraph():
         (5, 64, 20, 0, 0.5, torch.float32),
         (4, 50, 17, 10, 0.9, torch.bfloat16),
         (2, 1, 4, 1, 1e-6, torch.float32),
+        (3, 2500, 8, 10, 0.9, torch.float32),  # several blocks in the statistics kernel's passes
     ],
 )
 def test_triton_interpreter_matches_cpu(n, v, d, top_k, top_p, wdtype):
@@ -231,6 +232,34 @@ def test_triton_interpreter_matches_cpu(n, v, d, top_k, top_p, wdtype):
     for a, b in zip(grads, ref_grads):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2 if wdtype == torch.bfloat16 else 1e-5, atol=1e-4)
+
+
+def test_triton_is_the_cuda_kernel():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("coconut::soft_embedding_fwd", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("coconut::soft_embedding_bwd", "CUDA")
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 0.95), (0, 0.9)])
+def test_cuda_matches_reference(backend, top_k, top_p):
+    logits, weight = _inputs(16, 50257, 256, torch.float32, seed=11)
+    grad_out = torch.randn(16, 256, generator=torch.Generator().manual_seed(3))
+    kw = dict(temperature=0.7, top_k=top_k, top_p=top_p)
+    x, w = logits.double().requires_grad_(), weight.double().requires_grad_()
+    want = reference(x, w, **kw)
+    want_grads = torch.autograd.grad(want, (x, w), grad_out.double())
+    ck.set_backend(backend)
+    try:
+        x, w = logits.cuda().requires_grad_(), weight.cuda().requires_grad_()
+        got = ck.soft_embedding(x, w, **kw)
+        got_grads = torch.autograd.grad(got, (x, w), grad_out.cuda())
+    finally:
+        ck.set_backend(None)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.cpu().double(), b, rtol=1e-4, atol=1e-5)
 
 
 def _bad_cases():

@@ -30,7 +30,9 @@ bool use_gather(int64_t total_kept, int64_t N, int64_t V, int64_t d) {
 
 // Rows per task of at::parallel_for: about 64k elements of work, so that small calls (decoding one batch of
 // latents, gradcheck) run serially instead of paying for an OpenMP region.
-int64_t row_grain(int64_t work_per_row) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_row)); }
+int64_t row_grain(int64_t work_per_row) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_row));
+}
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& weight, double temperature, int64_t top_k,
                   double top_p) {

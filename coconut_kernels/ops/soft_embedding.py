@@ -13,7 +13,7 @@ import torch
 from ..backend import get_backend
 from ..reference import soft_embedding_reference
 
-_LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,13 +79,14 @@ def _check(logits, weight, temperature, top_k, top_p) -> int:
     if weight.device != logits.device:
         raise ValueError(f"weight must be on logits' device ({logits.device}), got {weight.device}")
     for t, name in ((logits, "logits"), (weight, "weight")):
-        if t.dtype not in _LOW_PRECISION + (torch.float64,):
+        if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
         if t.dtype == torch.float64 and t.device.type != "cpu":
             raise ValueError(f"{name}: float64 is supported on CPU only, got a float64 tensor on {t.device}")
     if (logits.dtype == torch.float64) != (weight.dtype == torch.float64):
         raise ValueError(
-            f"weight must be float64 exactly when logits is float64, got logits {logits.dtype} and weight {weight.dtype}"
+            "weight must be float64 exactly when logits is float64, "
+            f"got logits {logits.dtype} and weight {weight.dtype}"
         )
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

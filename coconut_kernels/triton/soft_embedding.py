@@ -5,7 +5,8 @@ probabilities tile by tile from the logits, so no (N, V) probability tensor is e
 The top-k and top-p thresholds are found without sorting (tl.sort / tl.topk are not in every Triton): logits are
 mapped to int32 keys with the same order, and a 32-step bisection over the key range finds the largest key t with
 count(x >= t) >= top_k, then the largest t with mass(x >= t) >= top_p * mass(kept by top-k). Each step is one
-pass over the row (which stays in L2), so a row costs about 64 passes when both filters are on.
+pass over the row (which stays in L2), so a row costs about 64 passes when both filters are on. The masses are
+summed across blocks in float64: a nucleus of thousands of tokens would otherwise be off by about one token.
 """
 from __future__ import annotations
 
@@ -61,33 +62,33 @@ def _stats_kernel(
             hi = tl.where(ok, hi, mid - 1)
     if HAS_TOPP:
         # Largest key t with mass(key >= t) >= top_p * mass(key >= lo): the smallest value-closed nucleus.
-        z = tl.zeros((), tl.float32)
+        z = tl.zeros((), tl.float64)
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + offs < V
             x = tl.load(base + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            z += tl.sum(tl.where(mask & (_order_key(x) >= lo), tl.exp((x - m) * inv_t), 0.0), 0)
+            z += tl.sum(tl.where(mask & (_order_key(x) >= lo), tl.exp((x - m) * inv_t), 0.0), 0).to(tl.float64)
         target = top_p * z
         hi = _order_key(m).to(tl.int64)
         for _ in range(32):
             mid = lo + (hi - lo + 1) // 2
-            mass = tl.zeros((), tl.float32)
+            mass = tl.zeros((), tl.float64)
             for v0 in range(0, V, BLOCK_V):
                 mask = v0 + offs < V
                 x = tl.load(base + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                mass += tl.sum(tl.where(mask & (_order_key(x) >= mid), tl.exp((x - m) * inv_t), 0.0), 0)
+                mass += tl.sum(tl.where(mask & (_order_key(x) >= mid), tl.exp((x - m) * inv_t), 0.0), 0).to(tl.float64)
             ok = mass >= target
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
     thr = _key_to_float(lo)
     if not (HAS_TOPK or HAS_TOPP):
         thr = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
+    s = tl.zeros((), tl.float64)
     for v0 in range(0, V, BLOCK_V):
         mask = v0 + offs < V
         x = tl.load(base + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        s += tl.sum(tl.where(mask & (x >= thr), tl.exp((x - m) * inv_t), 0.0), 0)
+        s += tl.sum(tl.where(mask & (x >= thr), tl.exp((x - m) * inv_t), 0.0), 0).to(tl.float64)
     tl.store(thr_ptr + row, thr)
-    tl.store(lse_ptr + row, m * inv_t + tl.log(s))
+    tl.store(lse_ptr + row, m * inv_t + tl.log(s.to(tl.float32)))
 
 
 @triton.jit

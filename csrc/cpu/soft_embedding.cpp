@@ -23,6 +23,17 @@ constexpr int64_t kChunk = 1024;
 // than the GEMM by more than the GEMM's efficiency advantage (MKL GEMM vs scalar axpy, measured on AVX-512).
 constexpr int64_t kSparseRatio = 16;
 
+// The per-row gather instead of the GEMM: few kept entries, or a problem too small for a (threaded) GEMM call.
+bool use_gather(int64_t total_kept, int64_t N, int64_t V, int64_t d) {
+  return total_kept * kSparseRatio <= N * V || N * V * d <= (int64_t{1} << 16);
+}
+
+// Rows per task of at::parallel_for: about 64k elements of work, so that small calls (decoding one batch of
+// latents, gradcheck) run serially instead of paying for an OpenMP region.
+int64_t row_grain(int64_t work_per_row) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_row));
+}
+
 void check_inputs(const at::Tensor& logits, const at::Tensor& weight, double temperature, int64_t top_k,
                   double top_p) {
   check_rank(logits, 2, "logits", "(N, V)");
@@ -75,8 +86,10 @@ void store_row(at::Tensor& t, int64_t row, const acc_t* src) {
 
 // The smallest value-closed set (all entries >= some value) of v[lo, hi) whose weight w reaches `need`;
 // returns its smallest value. Three-way quickselect on (v, w) pairs: expected O(hi - lo), no full sort.
+// Masses are summed in double: with thousands of tokens in a nucleus, float32 sums err by about one
+// boundary token's probability.
 template <typename acc_t>
-acc_t mass_threshold(acc_t* v, acc_t* w, int64_t lo, int64_t hi, acc_t need) {
+acc_t mass_threshold(acc_t* v, acc_t* w, int64_t lo, int64_t hi, double need) {
   while (true) {
     const acc_t pivot = v[lo + (hi - lo) / 2];
     int64_t a = lo, i = lo, b = hi;  // [lo, a) > pivot, [a, b) == pivot, [b, hi) < pivot
@@ -91,7 +104,7 @@ acc_t mass_threshold(acc_t* v, acc_t* w, int64_t lo, int64_t hi, acc_t need) {
         ++i;
       }
     }
-    acc_t gt = 0, eq = 0;
+    double gt = 0, eq = 0;
     for (int64_t j = lo; j < a; ++j) gt += w[j];
     for (int64_t j = a; j < b; ++j) eq += w[j];
     if (a > lo && gt >= need) {
@@ -109,7 +122,7 @@ template <typename acc_t>
 struct RowStats {
   acc_t thr;    // kept: x >= thr
   acc_t max;    // largest logit
-  acc_t sum;    // sum over the kept set of exp((x - max) / T)
+  double sum;   // sum over the kept set of exp((x - max) / T)
   int64_t kept;
 };
 
@@ -128,7 +141,7 @@ RowStats<acc_t> row_stats(const acc_t* x, int64_t V, acc_t inv_t, int64_t top_k,
   if (top_p < 1) {
     v.clear();
     w.clear();
-    acc_t z = 0;
+    double z = 0;
     for (int64_t i = 0; i < V; ++i) {
       if (x[i] >= thr) {
         const acc_t e = std::exp((x[i] - m) * inv_t);
@@ -137,9 +150,9 @@ RowStats<acc_t> row_stats(const acc_t* x, int64_t V, acc_t inv_t, int64_t top_k,
         z += e;
       }
     }
-    thr = mass_threshold(v.data(), w.data(), 0, static_cast<int64_t>(v.size()), static_cast<acc_t>(top_p) * z);
+    thr = mass_threshold(v.data(), w.data(), 0, static_cast<int64_t>(v.size()), top_p * z);
   }
-  acc_t s = 0;
+  double s = 0;
   int64_t kept = 0;
   for (int64_t i = 0; i < V; ++i) {
     if (x[i] >= thr) {
@@ -163,15 +176,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& logits
   acc_t* thr_p = thr.mutable_data_ptr<acc_t>();
   acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
 
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> x(V), v, w;
     for (int64_t n = n0; n < n1; ++n) {
       load_row(logits, n, 0, V, x.data());
       const RowStats<acc_t> st = row_stats(x.data(), V, inv_t, top_k, top_p, v, w);
       thr_p[n] = st.thr;
-      lse_p[n] = st.max * inv_t + std::log(st.sum);
+      lse_p[n] = static_cast<acc_t>(st.max * inv_t + std::log(st.sum));
       row_max[n] = st.max;
-      row_inv_sum[n] = acc_t(1) / st.sum;
+      row_inv_sum[n] = static_cast<acc_t>(1.0 / st.sum);
       kept[n] = st.kept;
     }
   });
@@ -180,8 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& logits
   for (int64_t k : kept) total_kept += k;
   at::Tensor acc = at::zeros({N, d}, acc_opts);
   acc_t* acc_p = acc.mutable_data_ptr<acc_t>();
-  if (total_kept * kSparseRatio <= N * V) {
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+  if (use_gather(total_kept, N, V, d)) {
+    at::parallel_for(0, N, row_grain(V), [&](int64_t n0, int64_t n1) {
       std::vector<acc_t> x(V), wrow(d);
       for (int64_t n = n0; n < n1; ++n) {
         load_row(logits, n, 0, V, x.data());
@@ -200,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& logits
     const int64_t ld = probs.size(1);
     for (int64_t v0 = 0; v0 < V; v0 += kChunk) {
       const int64_t len = std::min(kChunk, V - v0);
-      at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      at::parallel_for(0, N, row_grain(len), [&](int64_t n0, int64_t n1) {
         std::vector<acc_t> x(len);
         for (int64_t n = n0; n < n1; ++n) {
           load_row(logits, n, v0, len, x.data());
@@ -236,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
   // The kept set of each row, as in the forward (the filter is a constant selection here).
   std::vector<std::vector<int64_t>> idx(N);
   std::vector<std::vector<acc_t>> prob(N);
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> x(V);
     for (int64_t n = n0; n < n1; ++n) {
       load_row(logits, n, 0, V, x.data());
@@ -251,9 +264,9 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
   int64_t total_kept = 0;
   for (const auto& r : idx) total_kept += static_cast<int64_t>(r.size());
 
-  if (total_kept * kSparseRatio <= N * V) {
+  if (use_gather(total_kept, N, V, d)) {
     if (need_logits) {
-      at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      at::parallel_for(0, N, row_grain(V), [&](int64_t n0, int64_t n1) {
         std::vector<acc_t> gl(V), wrow(d), g;
         for (int64_t n = n0; n < n1; ++n) {
           const acc_t* gon = go_p + n * d;
@@ -274,10 +287,13 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
       });
     }
     if (need_weight) {
-      // Parallel over slices of d, so that rows kept by several n never race.
-      at::Tensor gw = at::zeros({V, d}, acc_opts);
+      // Parallel over slices of d, so that rows kept by several n never race. A (V, d) buffer costs more in
+      // page faults than the scatter itself: accumulate in grad_weight unless it is bf16/fp16.
+      const bool direct = weight.scalar_type() == acc_opts.dtype();
+      at::Tensor gw = direct ? grad_weight.zero_() : at::zeros({V, d}, acc_opts);
       acc_t* gw_p = gw.mutable_data_ptr<acc_t>();
-      at::parallel_for(0, d, 64, [&](int64_t j0, int64_t j1) {
+      at::parallel_for(0, d, std::max<int64_t>(64, (int64_t{1} << 16) / std::max<int64_t>(1, total_kept)),
+                       [&](int64_t j0, int64_t j1) {
         for (int64_t n = 0; n < N; ++n) {
           const acc_t* gon = go_p + n * d;
           for (size_t t = 0; t < idx[n].size(); ++t) {
@@ -287,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
           }
         }
       });
-      grad_weight.copy_(gw);
+      if (!direct) grad_weight.copy_(gw);
     }
     return {grad_logits, grad_weight};
   }
@@ -302,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
   const int64_t ld = probs.size(1);
   for (int64_t v0 = 0; v0 < V; v0 += kChunk) {
     const int64_t len = std::min(kChunk, V - v0);
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, N, row_grain(len), [&](int64_t n0, int64_t n1) {
       std::vector<acc_t> x(len);
       for (int64_t n = n0; n < n1; ++n) {
         load_row(logits, n, v0, len, x.data());
@@ -316,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
       const at::Tensor g = at::mm(go, w_chunk.t()).contiguous();
       const acc_t* g_p = g.const_data_ptr<acc_t>();
       acc_t* pg_p = pg.mutable_data_ptr<acc_t>();
-      at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      at::parallel_for(0, N, row_grain(len), [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n) {
           acc_t* dst = pg_p + n * V + v0;
           const acc_t* p = probs_p + n * ld;
@@ -329,11 +345,18 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
         }
       });
     }
-    if (need_weight) grad_weight.narrow(0, v0, len).copy_(at::mm(p_chunk.t(), go));
+    if (need_weight) {
+      at::Tensor dst = grad_weight.narrow(0, v0, len);
+      if (weight.scalar_type() == acc_opts.dtype()) {
+        at::mm_out(dst, p_chunk.t(), go);
+      } else {
+        dst.copy_(at::mm(p_chunk.t(), go));
+      }
+    }
   }
   if (need_logits) {
     acc_t* pg_p = pg.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, N, row_grain(V), [&](int64_t n0, int64_t n1) {
       std::vector<acc_t> x(V);
       for (int64_t n = n0; n < n1; ++n) {
         load_row(logits, n, 0, V, x.data());

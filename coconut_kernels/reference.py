@@ -18,6 +18,11 @@ def _lengths(x: torch.Tensor | None, default: int, batch: int, device) -> torch.
     return x.to(device=device, dtype=torch.long)
 
 
+def _lse_dtype(dtype):
+    """lse is kept in the accumulation type: fp32, or fp64 for fp64 inputs (exact fp64 gradients)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def apply_rotary_reference(x, cos, sin, positions, interleaved: bool = False, inverse: bool = False):
     """Rotary embedding of the first 2 * cos.shape[1] dims of x (B, S, H, D) at positions (B, S).
 
@@ -69,7 +74,7 @@ def latent_attention_fwd_reference(q, k_cache, v_cache, cache_seqlens, cache_lef
                                    rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
                                    softmax_scale=None, causal=True):
     """(out, lse): attention of q (B, Sq, Hq, D) to the cache rows [cache_leftpad[b], cache_seqlens[b] + n_new)
-    (causal: up to the query's own row). Computes in q's dtype; lse (B, Hq, Sq) is fp32; rows
+    (causal: up to the query's own row). Computes in q's dtype; lse (B, Hq, Sq) is fp32 (fp64 for fp64 q); rows
     t >= new_seqlens[b] give out = 0 and lse = -inf. Does not change the cache."""
     B, Sq, Hq, D = q.shape
     Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -86,11 +91,11 @@ def latent_attention_fwd_reference(q, k_cache, v_cache, cache_seqlens, cache_lef
     v = v_cache.to(q.dtype).repeat_interleave(Hq // Hkv, dim=2)
     scores = torch.einsum("bshd,bthd->bhst", q, k) * scale  # (B, Hq, Sq, Tmax)
     r = torch.arange(Tmax, device=dev)
-    end = seqlens[:, None] + (t[None, :] if causal else n_new[:, None] - 1)  # last row each query sees
+    end = seqlens[:, None] + (t[None, :] if causal else (n_new[:, None] - 1).expand(-1, Sq))  # last row seen
     allowed = (r[None, None, :] >= leftpad[:, None, None]) & (r[None, None, :] <= end[:, :, None])
     allowed &= (t[None, :] < n_new[:, None])[:, :, None]  # (B, Sq, Tmax)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    lse = torch.logsumexp(scores.float(), dim=-1)  # (B, Hq, Sq)
+    lse = torch.logsumexp(scores.to(_lse_dtype(q.dtype)), dim=-1)  # (B, Hq, Sq)
     has_key = allowed.any(-1)[:, None, :, None]
     p = torch.where(has_key, torch.softmax(scores, dim=-1), torch.zeros((), dtype=q.dtype, device=dev))
     out = torch.einsum("bhst,bthd->bshd", p, v)

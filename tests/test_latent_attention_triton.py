@@ -9,73 +9,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from coconut_kernels import reference as R
 from tests.helpers import assert_within_torch_error, requires_cuda, requires_triton
 
 pytestmark = requires_triton
-
-# A local float64 oracle, written to the contract of csrc/ops.cpp. It duplicates what
-# coconut_kernels/reference.py (branch `attention`) provides; at the merge these tests switch to that one.
-
-
-def _rotary_ref(x, cos, sin, pos, interleaved):
-    """Rotate the first 2 * cos.shape[1] dims of x (B, S, H, D) by the angles of pos (B, S)."""
-    rd = 2 * cos.shape[1]
-    c = cos[pos].unsqueeze(2).to(x.dtype)
-    s = sin[pos].unsqueeze(2).to(x.dtype)
-    xr = x[..., :rd]
-    if interleaved:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        rot = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], -1).flatten(-2)
-    else:
-        x1, x2 = xr.chunk(2, -1)
-        rot = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
-    return torch.cat([rot, x[..., rd:]], -1)
+# The interpreter takes CPU tensors; compiled Triton (where there is a GPU) takes CUDA ones.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _lengths(cache_seqlens, cache_leftpad, new_seqlens, Sq, device="cpu"):
-    lp = torch.zeros_like(cache_seqlens) if cache_leftpad is None else cache_leftpad
-    nn = torch.full_like(cache_seqlens, Sq) if new_seqlens is None else new_seqlens
-    return tuple(x.to(device, torch.long) for x in (cache_seqlens, lp, nn))
-
-
-def append_ref(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens, cos, sin, interleaved):
+def append_ref(k_cache, v_cache, k_new, v_new, *args):
+    """Out-of-place kv_cache_append_reference: the caches after the append."""
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
-    B, Sq = k_new.shape[:2]
-    cs, lp, nn = _lengths(cache_seqlens, cache_leftpad, new_seqlens, Sq)
-    if cos is not None:
-        pos = cs[:, None] + torch.arange(Sq) - lp[:, None]
-        k_new = _rotary_ref(k_new, cos, sin, pos.clamp(0, cos.shape[0] - 1), interleaved)
-    for b in range(B):
-        n = max(0, min(int(nn[b]), k_cache.shape[1] - int(cs[b])))
-        k_cache[b, cs[b]:cs[b] + n] = k_new[b, :n]
-        v_cache[b, cs[b]:cs[b] + n] = v_new[b, :n]
+    R.kv_cache_append_reference(k_cache, v_cache, k_new, v_new, *args)
     return k_cache, v_cache
-
-
-def fwd_ref(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, cos, sin, interleaved, scale, causal):
-    """(out, lse) computed in q's dtype; differentiable (used with autograd for the backward oracle)."""
-    B, Sq, Hq, D = q.shape
-    Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
-    dev = q.device
-    cs, lp, nn = _lengths(cache_seqlens, cache_leftpad, new_seqlens, Sq, dev)
-    t = torch.arange(Sq, device=dev)
-    if cos is not None:
-        q = _rotary_ref(q, cos, sin, (cs[:, None] + t - lp[:, None]).clamp(0, cos.shape[0] - 1), interleaved)
-    k = k_cache.repeat_interleave(Hq // Hkv, dim=2)
-    v = v_cache.repeat_interleave(Hq // Hkv, dim=2)
-    s = torch.einsum("bthd,brhd->bhtr", q, k) * scale
-    r = torch.arange(Tmax, device=dev)
-    mask = (r >= lp[:, None, None]) & (r < (cs + nn)[:, None, None]) & (t[None, :, None] < nn[:, None, None])
-    if causal:
-        mask = mask & (r <= (cs[:, None] + t)[:, :, None])
-    mask = mask[:, None]
-    row_any = mask.any(-1)
-    # Fully masked rows (t >= new_seqlens) go through finite values so that autograd stays NaN-free.
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(torch.where(row_any[..., None], s, torch.zeros_like(s)), -1)
-    p = torch.exp(s - torch.where(row_any, lse, torch.zeros_like(lse))[..., None])
-    out = torch.einsum("bhtr,brhd->bthd", p, v)
-    return out, torch.where(row_any, lse, torch.full_like(lse, float("-inf")))
 
 
 # ---- inputs ------------------------------------------------------------------------------------------
@@ -117,6 +63,9 @@ CASES = [
     (2, 16, 4, 2, 16, 50, 16, False, True, True, True),
     (2, 16, 2, 1, 80, 40, 48, True, True, False, False),
     (2, 16, 2, 2, 16, 33, 0, False, False, True, True),
+    (2, 16, 4, 2, 80, 45, 16, False, False, True, True),
+    (3, 1, 4, 1, 80, 66, 0, False, False, True, True),
+    (2, 3, 4, 1, 16, 29, 16, True, True, True, False),
 ]
 BLOCKS = dict(block_m=16, block_n=16)
 
@@ -133,7 +82,7 @@ def test_append_fwd_bwd_match_reference(case):
         kv_cache_append_triton, latent_attention_bwd_triton, latent_attention_fwd_triton)
 
     B, Sq, Hq, Hkv, D, Tmax, rd, il, causal, leftpad, ragged = case
-    c = make_case(B, Sq, Hq, Hkv, D, Tmax, rd, leftpad, ragged, seed=hash(case) % 1000)
+    c = make_case(B, Sq, Hq, Hkv, D, Tmax, rd, leftpad, ragged, seed=hash(case) % 1000, device=DEVICE)
     lens = (c["cache_seqlens"], c["cache_leftpad"], c["new_seqlens"])
     rot = (c["cos"], c["sin"], il)
     scale = D ** -0.5 * 1.3
@@ -142,48 +91,48 @@ def test_append_fwd_bwd_match_reference(case):
     kv_cache_append_triton(k_cache, v_cache, c["k_new"], c["v_new"], *lens, *rot, block_m=16)
     k_ref, v_ref = append_ref(_f64(c["k_cache"]), _f64(c["v_cache"]), _f64(c["k_new"]), _f64(c["v_new"]), *lens,
                               _f64(c["cos"]), _f64(c["sin"]), il)
-    torch.testing.assert_close(k_cache.double(), k_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(v_cache.double(), v_ref)
+    torch.testing.assert_close(_f64(k_cache), k_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_f64(v_cache), v_ref)
 
     out, lse = latent_attention_fwd_triton(c["q"], k_cache, v_cache, *lens, *rot, scale, causal, **BLOCKS)
     q64 = _f64(c["q"]).requires_grad_()
     k64 = k_ref.clone().requires_grad_()
     v64 = v_ref.clone().requires_grad_()
-    out64, lse64 = fwd_ref(q64, k64, v64, *lens, _f64(c["cos"]), _f64(c["sin"]), il, scale, causal)
-    torch.testing.assert_close(out.double(), out64, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse.double(), lse64.detach(), atol=2e-5, rtol=1e-4)
+    out64, lse64 = R.latent_attention_fwd_reference(q64, k64, v64, *lens, _f64(c["cos"]), _f64(c["sin"]), il, scale, causal)
+    torch.testing.assert_close(_f64(out), out64, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(_f64(lse), lse64.detach(), atol=2e-5, rtol=1e-4)
 
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-    out64.backward(grad_out.double())
-    gk0 = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(8))
-    gv0 = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(9))
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    out64.backward(_f64(grad_out))
+    gk0 = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    gv0 = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     gk, gv = gk0.clone(), gv0.clone()
     dq = latent_attention_bwd_triton(grad_out, c["q"], k_cache, v_cache, out, lse, *lens, *rot, scale, causal, gk, gv,
                                      **BLOCKS)
-    torch.testing.assert_close(dq.double(), q64.grad, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(_f64(dq), q64.grad, atol=5e-5, rtol=1e-4)
     # The accumulators receive the gradient added to what they held.
-    torch.testing.assert_close((gk - gk0).double(), k64.grad, atol=5e-5, rtol=1e-4)
-    torch.testing.assert_close((gv - gv0).double(), v64.grad, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(_f64(gk - gk0), k64.grad, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(_f64(gv - gv0), v64.grad, atol=5e-5, rtol=1e-4)
 
 
 def test_append_skips_rows_past_tmax():
     from coconut_kernels.triton.latent_attention import kv_cache_append_triton
 
-    c = make_case(2, 3, 2, 2, 16, 10, 0, False, False, seed=3)
-    cs = torch.tensor([9, 2], dtype=torch.int32)  # sequence 0 has room for one row only
+    c = make_case(2, 3, 2, 2, 16, 10, 0, False, False, seed=3, device=DEVICE)
+    cs = torch.tensor([9, 2], dtype=torch.int32, device=DEVICE)  # sequence 0 has room for one row only
     k_cache, v_cache = c["k_cache"].clone(), c["v_cache"].clone()
     kv_cache_append_triton(k_cache, v_cache, c["k_new"], c["v_new"], cs, None, None, None, None, False, block_m=16)
     k_ref, v_ref = append_ref(_f64(c["k_cache"]), _f64(c["v_cache"]), _f64(c["k_new"]), _f64(c["v_new"]), cs, None,
                               None, None, None, False)
-    torch.testing.assert_close(k_cache.double(), k_ref)
-    torch.testing.assert_close(v_cache.double(), v_ref)
+    torch.testing.assert_close(_f64(k_cache), k_ref)
+    torch.testing.assert_close(_f64(v_cache), v_ref)
 
 
 def test_rows_past_new_seqlens_give_zero_and_minus_inf():
     from coconut_kernels.triton.latent_attention import latent_attention_fwd_triton
 
-    c = make_case(2, 3, 2, 1, 16, 20, 0, False, False, seed=4)
-    nn = torch.tensor([1, 0], dtype=torch.int32)
+    c = make_case(2, 3, 2, 1, 16, 20, 0, False, False, seed=4, device=DEVICE)
+    nn = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
     out, lse = latent_attention_fwd_triton(c["q"], c["k_cache"], c["v_cache"], c["cache_seqlens"], None, nn, None,
                                            None, False, 0.25, True, **BLOCKS)
     assert out[0, 1:].abs().max() == 0 and out[1].abs().max() == 0
@@ -194,8 +143,8 @@ def test_rows_past_new_seqlens_give_zero_and_minus_inf():
 def test_bad_rotary_table_raises():
     from coconut_kernels.triton.latent_attention import latent_attention_fwd_triton
 
-    c = make_case(1, 1, 1, 1, 16, 8, 0, False, False, seed=5)
-    cos = torch.randn(8, 10)
+    c = make_case(1, 1, 1, 1, 16, 8, 0, False, False, seed=5, device=DEVICE)
+    cos = torch.randn(8, 10, device=DEVICE)
     with pytest.raises(ValueError, match="rotary_dim"):
         latent_attention_fwd_triton(c["q"], c["k_cache"], c["v_cache"], c["cache_seqlens"], None, None, cos, cos,
                                     False, 0.25, True)
@@ -214,6 +163,7 @@ class TestOnGPU:
         (3, 1, 4, 4, 80, 300, 80, True, True, False, True),
         (2, 5, 6, 2, 64, 129, 0, False, False, True, True),
         (2, 16, 4, 1, 256, 90, 32, False, True, True, True),
+        (2, 1, 2, 1, 20, 50, 10, True, True, False, False),  # D % 8 != 0: the unvectorised path
     ]
 
     def _run(self, backend, case, dtype):
@@ -245,18 +195,18 @@ class TestOnGPU:
                                   cpu["cos"], cpu["sin"], il)
         q64 = cpu["q"].requires_grad_()
         k64, v64 = k_ref.clone().requires_grad_(), v_ref.clone().requires_grad_()
-        out64, lse64 = fwd_ref(q64, k64, v64, *lens_cpu, cpu["cos"], cpu["sin"], il, scale, causal)
+        out64, lse64 = R.latent_attention_fwd_reference(q64, k64, v64, *lens_cpu, cpu["cos"], cpu["sin"], il, scale, causal)
         out64.backward(grad_out.double().cpu())
         # PyTorch's own error in this dtype: the same reference computed in `dtype` on the GPU.
         ql = c["q"].detach().clone().requires_grad_()
         kl = k_ref.to("cuda", dtype).requires_grad_()
         vl = v_ref.to("cuda", dtype).requires_grad_()
-        out_l, _ = fwd_ref(ql, kl, vl, *lens, c["cos"], c["sin"], il, scale, causal)
+        out_l, _ = R.latent_attention_fwd_reference(ql, kl, vl, *lens, c["cos"], c["sin"], il, scale, causal)
         out_l.backward(grad_out)
         tol = dict(factor=2.0, atol=1e-5 if dtype == torch.float32 else 1e-3)
         assert_within_torch_error(k_cache, k_ref, kl.detach(), name="k_cache", **tol)
         assert_within_torch_error(out, out64, out_l, name="out", **tol)
-        torch.testing.assert_close(lse.double().cpu(), lse64.detach(), atol=1e-2 if dtype != torch.float32 else 1e-4,
+        torch.testing.assert_close(lse.cpu().double(), lse64.detach(), atol=1e-2 if dtype != torch.float32 else 1e-4,
                                    rtol=1e-3)
         assert_within_torch_error(dq, q64.grad, ql.grad, name="dq", **tol)
         assert_within_torch_error(gk, k64.grad, kl.grad, name="grad_k_cache", **tol)
@@ -281,7 +231,7 @@ class TestOnGPU:
         B, Hq, Hkv, D, Tmax = 4, 8, 2, 128, 512
         c = make_case(B, 1, Hq, Hkv, D, Tmax, 0, False, False, seed=12, dtype=torch.bfloat16, device="cuda")
         k_cache, v_cache = c["k_cache"].clone(), c["v_cache"].clone()
-        cs = c["cache_seqlens"].clone()
+        cs = torch.tensor([0, 5, 300, Tmax - 4], dtype=torch.int32, device="cuda")
 
         def step():
             return torch.ops.coconut.latent_attention(c["q"], c["k_new"], c["v_new"], k_cache, v_cache, cs)

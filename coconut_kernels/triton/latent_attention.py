@@ -346,6 +346,15 @@ def _block_d(D):
     return max(16, triton.next_power_of_2(D))
 
 
+def _tiles(block_m, block_n, rows, block_d):
+    """Default tiles: query rows sized to the rows there are (16 at decode, where Sq * group is small), and
+    smaller tiles for D > 128 so the backward's four (block, D) fp32 tiles fit."""
+    big = 64 if block_d <= 128 else 32
+    if block_m is None:
+        block_m = min(big, max(16, triton.next_power_of_2(rows)))
+    return block_m, big if block_n is None else block_n
+
+
 def kv_cache_append_triton(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens,
                            rotary_cos, rotary_sin, rotary_interleaved, *, block_m=16):
     """Write rows t < new_seqlens[b] of k_new (rotated) / v_new at cache rows cache_seqlens[b] + t, in place."""
@@ -382,7 +391,7 @@ def _attention_common(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seq
 
 
 def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
-                                rotary_sin, rotary_interleaved, softmax_scale, causal, *, block_m=64, block_n=64):
+                                rotary_sin, rotary_interleaved, softmax_scale, causal, *, block_m=None, block_n=None):
     """(out, lse): attention of q (B, Sq, Hq, D) to the cache; out in q's dtype, lse fp32 (B, Hq, Sq)."""
     B, Sq, Hq, Hkv, D, lengths, stride_ro, seqlen_ro, rot_dim = _attention_common(
         q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin)
@@ -392,6 +401,7 @@ def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpa
         lse.fill_(float("-inf"))
         return out, lse
     group = Hq // Hkv
+    block_m, block_n = _tiles(block_m, block_n, Sq * group, _block_d(D))
     grid = (triton.cdiv(Sq * group, block_m), B * Hkv)
     _fwd_kernel[grid](
         q, k_cache, v_cache, out, lse, *lengths,
@@ -405,7 +415,7 @@ def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpa
 
 def latent_attention_bwd_triton(grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad,
                                 new_seqlens, rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal,
-                                grad_k_cache, grad_v_cache, *, block_m=64, block_n=64):
+                                grad_k_cache, grad_v_cache, *, block_m=None, block_n=None):
     """dq (w.r.t. the un-rotated q, q's dtype); adds the cache gradients into grad_k_cache / grad_v_cache (fp32)."""
     B, Sq, Hq, Hkv, D, lengths, stride_ro, seqlen_ro, rot_dim = _attention_common(
         q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin)
@@ -421,6 +431,7 @@ def latent_attention_bwd_triton(grad_out, q, k_cache, v_cache, out, lse, cache_s
         return dq
     group = Hq // Hkv
     block_d = _block_d(D)
+    block_m, block_n = _tiles(block_m, block_n, Sq * group, block_d)
     delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[(triton.cdiv(Sq * Hq, block_m), B)](
         grad_out, out, delta, *grad_out.stride()[:3], *out.stride()[:3], Sq, Hq, D,

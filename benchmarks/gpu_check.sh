@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# GPU validation (DESIGN.md §9): on a machine with an NVIDIA GPU and its own torch/triton (no network), build
+# the extension, run the CUDA and Triton tests, the GPU benchmarks and benchmarks/gpu_attention.py; logs,
+# CSV and JSON go to the folder given as first argument (default ./gpu_results), a summary table is printed
+# last. Every step is time-bounded and the whole run stays under a 9-minute budget.
+#
+#   bash benchmarks/gpu_check.sh [OUT] [--dry-run]
+#
+# --dry-run runs the same steps on the CPU at tiny sizes (Triton in the interpreter; the build is an
+# incremental in-place build_ext instead of pip install), to prove the script on a machine without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+OUT=./gpu_results
+DRY=0
+for a in "$@"; do
+  case "$a" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) OUT=$a ;;
+  esac
+done
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
+START=$(date +%s)
+STEPS="$OUT/steps.csv"
+echo "step,rc,seconds,log" > "$STEPS"
+
+# step NAME LIMIT_S CMD...: run CMD under `timeout`, never past the overall budget; log to OUT/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  if [ "$left" -lt 10 ]; then
+    echo "== $name: skipped (time budget spent)"
+    echo "$name,budget,0,$name.log" >> "$STEPS"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit}s)"
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local dt=$(($(date +%s) - t0))
+  tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
+  [ "$rc" -eq 124 ] && echo "   timed out after ${limit}s"
+  echo "$name,$rc,$dt,$name.log" >> "$STEPS"
+}
+
+# 1. Environment.
+{
+  date -Iseconds
+  uname -a
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
+  git -C "$ROOT" rev-parse HEAD 2>/dev/null
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [ "$DRY" = 1 ]; then
+  export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
+  step build 300 "$PY" setup.py build_ext --inplace
+else
+  # Only the local GPU's architecture: the full sm_80;sm_90 build is CI's job.
+  arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  step build 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+fi
+
+# 2. Tests: the CUDA ones (skipped without a GPU), then every Triton test file.
+step tests_cuda 150 "$PY" -m pytest -m cuda -q -ra -p no:cacheprovider tests
+triton_tests=$(ls tests/test_*triton*.py 2>/dev/null)
+if [ -n "$triton_tests" ]; then
+  # shellcheck disable=SC2086
+  step tests_triton 120 "$PY" -m pytest -q -ra -p no:cacheprovider $triton_tests
+fi
+
+# 3. The pytest-benchmark suite files that exist.
+bench_args=(--benchmark-json)
+for f in benchmarks/bench_*.py; do
+  [ -e "$f" ] || { echo "== no benchmarks/bench_*.py in this checkout"; break; }
+  n=$(basename "$f" .py)
+  if [ "$DRY" = 1 ]; then
+    step "$n" 60 "$PY" -m pytest -q -p no:cacheprovider "$f" --benchmark-disable
+  else
+    step "$n" 90 "$PY" -m pytest -q -p no:cacheprovider "$f" "${bench_args[@]}" "$OUT/$n.json"
+  fi
+done
+
+# 4. Ceilings, decode and multi-pass attention.
+if [ "$DRY" = 1 ]; then
+  step gpu_attention 180 "$PY" benchmarks/gpu_attention.py --out "$OUT" --dry-run
+else
+  step gpu_attention 180 "$PY" benchmarks/gpu_attention.py --out "$OUT"
+fi
+
+# Summary last.
+echo
+echo "== steps (logs in $OUT; total $(($(date +%s) - START))s)"
+column -t -s, "$STEPS" 2>/dev/null || cat "$STEPS"
+if [ -f "$OUT/gpu_attention.log" ]; then
+  echo
+  sed -n '/^== summary/,$p' "$OUT/gpu_attention.log"
+fi
+# Exit status: failed if any step failed (gpu_attention fails when a target is missed).
+! grep -qvE '^step,|,0,' "$STEPS"

@@ -1,0 +1,458 @@
+"""Triton kernels of `latent_attention`: KV-cache append (rotary on the way in), the flash-attention forward
+over a growing cache, and its backward (dK/dV per key block, dQ per query block).
+
+The op entry point (coconut_kernels/ops/latent_attention.py) calls the three launchers for CUDA tensors when
+the backend is "triton"; their signatures are the op schemas of csrc/ops.cpp. Tests run them on CPU tensors
+under TRITON_INTERPRET=1. Lengths are read from device tensors inside the kernels: no host sync.
+
+Query heads of one GQA group share a program: its rows are the (t, g) pairs of one kv head, so every K/V
+tile is loaded once per group (this is what makes Sq=1 decode efficient).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_rotated(row_ptr, offs_d, mask, pos, Cos, Sin, stride_ro,
+                  ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile as fp32 and rotate its first ROT_DIM dims by the angles of `pos` (rows,).
+
+    The rotation x' = x * cos + sign * partner(x) * sin reads the partner element from memory, so no
+    register shuffles are needed; INVERSE rotates by the opposite angle (the transpose, for gradients)."""
+    x = tl.load(row_ptr + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ROT_DIM > 0:
+        HALF: tl.constexpr = ROT_DIM // 2
+        if INTERLEAVED:
+            partner = offs_d ^ 1
+            freq = offs_d // 2
+            sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+        else:
+            partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
+            freq = tl.where(offs_d < HALF, offs_d, offs_d - HALF)
+            sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        rmask = mask & (offs_d < ROT_DIM)[None, :]
+        xp = tl.load(row_ptr + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
+        cs_off = pos[:, None] * stride_ro + freq[None, :]
+        c = tl.load(Cos + cs_off, mask=rmask, other=1.0).to(tl.float32)
+        s = tl.load(Sin + cs_off, mask=rmask, other=0.0).to(tl.float32)
+        if INVERSE:
+            s = -s
+        x = x * c + sign[None, :] * xp * s
+    return x
+
+
+@triton.jit
+def _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq,
+                 HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr):
+    """(cache length, left padding, number of valid new rows) of sequence b, as int32 scalars."""
+    cs = tl.load(CacheSeqlens + b).to(tl.int32)
+    if HAS_LEFTPAD:
+        lp = tl.load(CacheLeftpad + b).to(tl.int32)
+    else:
+        lp = cs * 0
+    if HAS_NEW_SEQLENS:
+        n_valid = tl.minimum(tl.maximum(tl.load(NewSeqlens + b).to(tl.int32), 0), Sq)
+    else:
+        n_valid = cs * 0 + Sq
+    return cs, lp, n_valid
+
+
+@triton.jit
+def _append_kernel(K, V, KNew, VNew, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, Sin,
+                   stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                   stride_knb, stride_knt, stride_knh, stride_vnb, stride_vnt, stride_vnh,
+                   stride_ro, seqlen_ro, Sq, H, Tmax, D,
+                   HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr, ROT_DIM: tl.constexpr,
+                   INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Rows are the (t, h) pairs of one sequence.
+    b = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    cs, lp, n_valid = _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq, HAS_LEFTPAD, HAS_NEW_SEQLENS)
+    t = offs_m // H
+    h = offs_m % H
+    row = cs + t
+    # Rows past Tmax are skipped, never written (validation of the lengths happens on the host).
+    ok = (t < n_valid) & (row < Tmax) & (row >= 0)
+    mask = ok[:, None] & (offs_d < D)[None, :]
+    pos = tl.minimum(tl.maximum(row - lp, 0), seqlen_ro - 1)
+    k = _load_rotated(KNew + b * stride_knb + t[:, None] * stride_knt + h[:, None] * stride_knh, offs_d, mask,
+                      pos, Cos, Sin, stride_ro, ROT_DIM, INTERLEAVED, False)
+    v = tl.load(VNew + b * stride_vnb + t[:, None] * stride_vnt + h[:, None] * stride_vnh + offs_d[None, :],
+                mask=mask)
+    tl.store(K + b * stride_kb + row[:, None] * stride_kt + h[:, None] * stride_kh + offs_d[None, :],
+             k.to(K.dtype.element_ty), mask=mask)
+    tl.store(V + b * stride_vb + row[:, None] * stride_vt + h[:, None] * stride_vh + offs_d[None, :], v, mask=mask)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, Sin,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+                stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, qk_scale_log2,
+                GROUP: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr,
+                ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = (tl.program_id(1) // Hkv).to(tl.int64)
+    hkv = tl.program_id(1) % Hkv
+    cs, lp, n_valid = _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq, HAS_LEFTPAD, HAS_NEW_SEQLENS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    t = offs_m // GROUP
+    hq = hkv * GROUP + offs_m % GROUP
+    in_q = t < Sq
+    row_ok = t < n_valid
+    d_ok = offs_d < D
+    q_pos = cs + t
+    q = _load_rotated(Q + b * stride_qb + t[:, None] * stride_qt + hq[:, None] * stride_qh, offs_d,
+                      in_q[:, None] & d_ok[None, :], tl.minimum(tl.maximum(q_pos - lp, 0), seqlen_ro - 1),
+                      Cos, Sin, stride_ro, ROT_DIM, INTERLEAVED, False)
+    q = q.to(K.dtype.element_ty)
+
+    # Keys [lp, hi): the last valid row of this block bounds the causal range.
+    t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_valid - 1)
+    if CAUSAL:
+        hi = cs + t_last + 1
+    else:
+        hi = cs + n_valid
+    hi = tl.minimum(hi, Tmax)
+    hi = tl.where(t_last >= pid_m * BLOCK_M // GROUP, hi, lp)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    for start in range(lp, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = (offs_n < hi) & (offs_n >= 0)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
+        ok = row_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(Out + b * stride_ob + t[:, None] * stride_ot + hq[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=in_q[:, None] & d_ok[None, :])
+    tl.store(Lse + (b * Hq + hq) * Sq + t, lse, mask=in_q)
+
+
+@triton.jit
+def _bwd_delta_kernel(DO, O, Delta, stride_dob, stride_dot, stride_doh, stride_ob, stride_ot, stride_oh,
+                      Sq, Hq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # delta[b, h, t] = rowsum(dO * O): the softmax-backward term shared by the two gradient kernels.
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    t = offs_m // Hq
+    h = offs_m % Hq
+    mask = (t < Sq)[:, None] & (offs_d < D)[None, :]
+    do = tl.load(DO + b * stride_dob + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(O + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + (b * Hq + h) * Sq + t, tl.sum(do * o, 1), mask=t < Sq)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, GK, GV, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, Sin,
+                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                     stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                     stride_gkb, stride_gkt, stride_gkh, stride_gvb, stride_gvt, stride_gvh,
+                     stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, sm_scale,
+                     GROUP: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr,
+                     ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    # One program owns one key block of one (b, kv head) and sums over every query row and query head of
+    # the group, so it adds into the fp32 accumulators without atomics.
+    n0 = tl.program_id(0) * BLOCK_N
+    b = (tl.program_id(1) // Hkv).to(tl.int64)
+    hkv = tl.program_id(1) % Hkv
+    cs, lp, n_valid = _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq, HAS_LEFTPAD, HAS_NEW_SEQLENS)
+    hi = tl.minimum(cs + n_valid, Tmax)
+    if (n0 < hi) & (n0 + BLOCK_N > lp):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        n_ok = (offs_n >= lp) & (offs_n < hi)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * stride_kb + offs_n[:, None] * stride_kt + hkv * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + offs_n[:, None] * stride_vt + hkv * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        m_lo = 0
+        if CAUSAL:
+            # Query row t sees key n0 only when cs + t >= n0.
+            m_lo = tl.maximum(n0 - cs, 0) * GROUP
+        m_hi = n_valid * GROUP
+        for start in range(m_lo, m_hi, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            t = offs_m // GROUP
+            hq = hkv * GROUP + offs_m % GROUP
+            row_ok = offs_m < m_hi
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q_pos = cs + t
+            q = _load_rotated(Q + b * stride_qb + t[:, None] * stride_qt + hq[:, None] * stride_qh, offs_d,
+                              q_mask, tl.minimum(tl.maximum(q_pos - lp, 0), seqlen_ro - 1),
+                              Cos, Sin, stride_ro, ROT_DIM, INTERLEAVED, False).to(K.dtype.element_ty)
+            do = tl.load(DO + b * stride_dob + t[:, None] * stride_dot + hq[:, None] * stride_doh + offs_d[None, :],
+                         mask=q_mask, other=0.0)
+            lse = tl.load(Lse + (b * Hq + hq) * Sq + t, mask=row_ok, other=0.0)
+            delta = tl.load(Delta + (b * Hq + hq) * Sq + t, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+            ok = row_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= q_pos[:, None])
+            p = tl.where(ok, tl.exp(s - tl.where(row_ok, lse, 0.0)[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(DO.dtype.element_ty)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v).to(DO.dtype.element_ty), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(K.dtype.element_ty)), q, input_precision=PRECISION)
+        gk_ptr = GK + b * stride_gkb + offs_n[:, None] * stride_gkt + hkv * stride_gkh + offs_d[None, :]
+        gv_ptr = GV + b * stride_gvb + offs_n[:, None] * stride_gvt + hkv * stride_gvh + offs_d[None, :]
+        tl.store(gk_ptr, tl.load(gk_ptr, mask=kv_mask) + dk * sm_scale, mask=kv_mask)
+        tl.store(gv_ptr, tl.load(gv_ptr, mask=kv_mask) + dv, mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, Sin,
+                   stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                   stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                   stride_dqb, stride_dqt, stride_dqh,
+                   stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, sm_scale,
+                   GROUP: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr,
+                   ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # dq of the rotated q; with rotary the launcher rotates it back (_unrotate_kernel) afterwards.
+    pid_m = tl.program_id(0)
+    b = (tl.program_id(1) // Hkv).to(tl.int64)
+    hkv = tl.program_id(1) % Hkv
+    cs, lp, n_valid = _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq, HAS_LEFTPAD, HAS_NEW_SEQLENS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    t = offs_m // GROUP
+    hq = hkv * GROUP + offs_m % GROUP
+    in_q = t < Sq
+    row_ok = t < n_valid
+    d_ok = offs_d < D
+    q_pos = cs + t
+    q_mask = in_q[:, None] & d_ok[None, :]
+    q = _load_rotated(Q + b * stride_qb + t[:, None] * stride_qt + hq[:, None] * stride_qh, offs_d, q_mask,
+                      tl.minimum(tl.maximum(q_pos - lp, 0), seqlen_ro - 1),
+                      Cos, Sin, stride_ro, ROT_DIM, INTERLEAVED, False).to(K.dtype.element_ty)
+    do = tl.load(DO + b * stride_dob + t[:, None] * stride_dot + hq[:, None] * stride_doh + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    lse = tl.where(row_ok, tl.load(Lse + (b * Hq + hq) * Sq + t, mask=row_ok, other=0.0), 0.0)
+    delta = tl.load(Delta + (b * Hq + hq) * Sq + t, mask=row_ok, other=0.0)
+
+    t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_valid - 1)
+    if CAUSAL:
+        hi = cs + t_last + 1
+    else:
+        hi = cs + n_valid
+    hi = tl.minimum(hi, Tmax)
+    hi = tl.where(t_last >= pid_m * BLOCK_M // GROUP, hi, lp)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b * stride_kb + hkv * stride_kh
+    v_base = V + b * stride_vb + hkv * stride_vh
+    for start in range(lp, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = (offs_n < hi) & (offs_n >= 0)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
+        ok = row_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= q_pos[:, None])
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v).to(DO.dtype.element_ty), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(K.dtype.element_ty), k, input_precision=PRECISION)
+    tl.store(DQ + b * stride_dqb + t[:, None] * stride_dqt + hq[:, None] * stride_dqh + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _unrotate_kernel(X, Y, CacheSeqlens, CacheLeftpad, Cos, Sin,
+                     stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh,
+                     stride_ro, seqlen_ro, Sq, H, D,
+                     HAS_LEFTPAD: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Gradient w.r.t. the un-rotated q: the transpose of the rotation is the rotation by minus the angle.
+    b = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    cs, lp, n_valid = _seq_lengths(CacheSeqlens, CacheLeftpad, CacheSeqlens, b, Sq, HAS_LEFTPAD, False)
+    t = offs_m // H
+    h = offs_m % H
+    mask = (t < Sq)[:, None] & (offs_d < D)[None, :]
+    pos = tl.minimum(tl.maximum(cs + t - lp, 0), seqlen_ro - 1)
+    x = _load_rotated(X + b * stride_xb + t[:, None] * stride_xt + h[:, None] * stride_xh, offs_d, mask, pos,
+                      Cos, Sin, stride_ro, ROT_DIM, INTERLEAVED, True)
+    tl.store(Y + b * stride_yb + t[:, None] * stride_yt + h[:, None] * stride_yh + offs_d[None, :],
+             x.to(Y.dtype.element_ty), mask=mask)
+
+
+# ---- launchers ----------------------------------------------------------------------------------------
+
+
+def _rotary_args(rotary_cos, rotary_sin, D, like):
+    """(cos, sin, row stride, table length, rotary_dim); rotary_dim 0 means no rotation."""
+    if rotary_cos is None:
+        return like, like, 0, 1, 0
+    rot_dim = 2 * rotary_cos.shape[1]
+    if rotary_sin is None or rotary_sin.shape != rotary_cos.shape or rot_dim > D:
+        raise ValueError(f"rotary_cos/rotary_sin must both be (seqlen_ro, rotary_dim/2) with rotary_dim <= D={D}, "
+                         f"got {tuple(rotary_cos.shape)} and "
+                         f"{None if rotary_sin is None else tuple(rotary_sin.shape)}")
+    cos, sin = rotary_cos.contiguous(), rotary_sin.contiguous()
+    return cos, sin, cos.stride(0), cos.shape[0], rot_dim
+
+
+def _inner_contiguous(name, x):
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {x.stride()}")
+    return x
+
+
+def _precision(dtype):
+    # fp32 inputs keep fp32 products (the reference accuracy); tf32 would lose ~3 digits.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_d(D):
+    return max(16, triton.next_power_of_2(D))
+
+
+def _tiles(block_m, block_n, rows, block_d):
+    """Default tiles: query rows sized to the rows there are (16 at decode, where Sq * group is small), and
+    smaller tiles for D > 128 so the backward's four (block, D) fp32 tiles fit."""
+    big = 64 if block_d <= 128 else 32
+    if block_m is None:
+        block_m = min(big, max(16, triton.next_power_of_2(rows)))
+    return block_m, big if block_n is None else block_n
+
+
+def kv_cache_append_triton(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens,
+                           rotary_cos, rotary_sin, rotary_interleaved, *, block_m=16):
+    """Write rows t < new_seqlens[b] of k_new (rotated) / v_new at cache rows cache_seqlens[b] + t, in place."""
+    B, Sq, H, D = k_new.shape
+    Tmax = k_cache.shape[1]
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
+        _inner_contiguous(name, x)
+    cos, sin, stride_ro, seqlen_ro, rot_dim = _rotary_args(rotary_cos, rotary_sin, D, k_new)
+    if B == 0 or Sq == 0:
+        return
+    grid = (B, triton.cdiv(Sq * H, block_m))
+    _append_kernel[grid](
+        k_cache, v_cache, k_new, v_new, cache_seqlens,
+        cache_leftpad if cache_leftpad is not None else cache_seqlens,
+        new_seqlens if new_seqlens is not None else cache_seqlens, cos, sin,
+        *k_cache.stride()[:3], *v_cache.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3],
+        stride_ro, seqlen_ro, Sq, H, Tmax, D,
+        HAS_LEFTPAD=cache_leftpad is not None, HAS_NEW_SEQLENS=new_seqlens is not None, ROT_DIM=rot_dim,
+        INTERLEAVED=bool(rotary_interleaved), BLOCK_M=block_m, BLOCK_D=_block_d(D))
+
+
+def _attention_common(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin):
+    B, Sq, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if Hq % Hkv != 0:
+        raise ValueError(f"q's head count ({Hq}) must be a multiple of k_cache's ({Hkv})")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _inner_contiguous(name, x)
+    cos, sin, stride_ro, seqlen_ro, rot_dim = _rotary_args(rotary_cos, rotary_sin, D, q)
+    lengths = (cache_seqlens,
+               cache_leftpad if cache_leftpad is not None else cache_seqlens,
+               new_seqlens if new_seqlens is not None else cache_seqlens, cos, sin)
+    return B, Sq, Hq, Hkv, D, lengths, stride_ro, seqlen_ro, rot_dim
+
+
+def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
+                                rotary_sin, rotary_interleaved, softmax_scale, causal, *, block_m=None, block_n=None):
+    """(out, lse): attention of q (B, Sq, Hq, D) to the cache; out in q's dtype, lse fp32 (B, Hq, Sq)."""
+    B, Sq, Hq, Hkv, D, lengths, stride_ro, seqlen_ro, rot_dim = _attention_common(
+        q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    group = Hq // Hkv
+    block_m, block_n = _tiles(block_m, block_n, Sq * group, _block_d(D))
+    grid = (triton.cdiv(Sq * group, block_m), B * Hkv)
+    _fwd_kernel[grid](
+        q, k_cache, v_cache, out, lse, *lengths,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
+        stride_ro, seqlen_ro, Sq, Hq, Hkv, k_cache.shape[1], D, softmax_scale * LOG2E,
+        GROUP=group, HAS_LEFTPAD=cache_leftpad is not None, HAS_NEW_SEQLENS=new_seqlens is not None,
+        ROT_DIM=rot_dim, INTERLEAVED=bool(rotary_interleaved), CAUSAL=bool(causal), PRECISION=_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D))
+    return out, lse
+
+
+def latent_attention_bwd_triton(grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad,
+                                new_seqlens, rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal,
+                                grad_k_cache, grad_v_cache, *, block_m=None, block_n=None):
+    """dq (w.r.t. the un-rotated q, q's dtype); adds the cache gradients into grad_k_cache / grad_v_cache (fp32)."""
+    B, Sq, Hq, Hkv, D, lengths, stride_ro, seqlen_ro, rot_dim = _attention_common(
+        q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin)
+    for name, x in (("grad_k_cache", grad_k_cache), ("grad_v_cache", grad_v_cache)):
+        if x.dtype != torch.float32 or x.shape != k_cache.shape:
+            raise ValueError(f"{name} must be float32 of k_cache's shape {tuple(k_cache.shape)}, "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        _inner_contiguous(name, x)
+    grad_out = grad_out.contiguous()
+    out = out.contiguous()
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if dq.numel() == 0:
+        return dq
+    group = Hq // Hkv
+    block_d = _block_d(D)
+    block_m, block_n = _tiles(block_m, block_n, Sq * group, block_d)
+    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(Sq * Hq, block_m), B)](
+        grad_out, out, delta, *grad_out.stride()[:3], *out.stride()[:3], Sq, Hq, D,
+        BLOCK_M=block_m, BLOCK_D=block_d)
+    lse = lse.contiguous()
+    flags = dict(GROUP=group, HAS_LEFTPAD=cache_leftpad is not None, HAS_NEW_SEQLENS=new_seqlens is not None,
+                 ROT_DIM=rot_dim, INTERLEAVED=bool(rotary_interleaved), CAUSAL=bool(causal),
+                 PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    Tmax = k_cache.shape[1]
+    common = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *grad_out.stride()[:3])
+    _bwd_dkdv_kernel[(triton.cdiv(Tmax, block_n), B * Hkv)](
+        q, k_cache, v_cache, grad_out, lse, delta, grad_k_cache, grad_v_cache, *lengths, *common,
+        *grad_k_cache.stride()[:3], *grad_v_cache.stride()[:3],
+        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale, **flags)
+    dq_rot = torch.empty(dq.shape, dtype=torch.float32, device=q.device) if rot_dim else dq
+    _bwd_dq_kernel[(triton.cdiv(Sq * group, block_m), B * Hkv)](
+        q, k_cache, v_cache, grad_out, lse, delta, dq_rot, *lengths, *common, *dq_rot.stride()[:3],
+        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale, **flags)
+    if rot_dim:
+        _unrotate_kernel[(B, triton.cdiv(Sq * Hq, block_m))](
+            dq_rot, dq, lengths[0], lengths[1], lengths[3], lengths[4], *dq_rot.stride()[:3], *dq.stride()[:3],
+            stride_ro, seqlen_ro, Sq, Hq, D, HAS_LEFTPAD=cache_leftpad is not None, ROT_DIM=rot_dim,
+            INTERLEAVED=bool(rotary_interleaved), BLOCK_M=block_m, BLOCK_D=block_d)
+    return dq

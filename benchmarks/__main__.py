@@ -25,9 +25,14 @@ CSV_FIELDS = ["scenario", "provider", "role", "x_name", "x_value", "metric", "un
               "device", "torch", "triton", "coconut_kernels", "date"]
 
 
+# The order scenarios run and print in; a bench module registers its scenario when imported.
+ORDER = ("latent_feedback", "latent_attention", "soft_embedding", "train_step", "generate")
+
+
 def _load_scenarios() -> None:
-    # Importing a bench module registers its scenario.
-    from . import bench_latent_feedback, bench_latent_attention, bench_train_step, bench_generate  # noqa: F401
+    import importlib
+    for name in ORDER:
+        importlib.import_module(f"{__package__}.bench_{name}")
 
 
 def machine_info(device: torch.device) -> dict:

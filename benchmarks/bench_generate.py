@@ -67,7 +67,7 @@ def _providers(size: str, B: int, device, dtype, graphs: bool = True):
 def cases(settings: dict):
     device, dtype, quick = settings["device"], settings["dtype"], settings["quick"]
     size = "gpt2-tiny" if quick else "gpt2-4x256"
-    sizes = settings["sizes"] or ([1, 4] if quick else [1, 8, 32])
+    sizes = settings["sizes"] or ([1, 4] if quick else [1, 8, 32, 64] if device.type == "cuda" else [1, 8, 32])
     for B in sizes:
         for name, role, setup, tokens in _providers(size, B, device, dtype):
             yield Case("generate", name, "B", B, setup, role=role, reps=2 if quick or name == "reference" else 3,

@@ -58,7 +58,7 @@ def _steps(size: str, B: int, n_latents: int, device, dtype, seed: int = 0):
 def cases(settings: dict):
     device, dtype, quick = settings["device"], settings["dtype"], settings["quick"]
     size = "gpt2-tiny" if quick else "gpt2-4x256"
-    sizes = settings["sizes"] or ([2] if quick else [4, 8])
+    sizes = settings["sizes"] or ([2] if quick else [8, 32] if device.type == "cuda" else [4, 8])
     reps = 2 if quick else 3
     for B in sizes:
         for name, (role, setup) in _steps(size, B, 6, device, dtype).items():

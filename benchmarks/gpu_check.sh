@@ -80,17 +80,15 @@ if [ -n "$triton_tests" ]; then
   step tests_triton 120 "$PY" -m pytest -q -ra -p no:cacheprovider $triton_tests
 fi
 
-# 3. The pytest-benchmark suite files that exist.
-bench_args=(--benchmark-json)
-for f in benchmarks/bench_*.py; do
-  [ -e "$f" ] || { echo "== no benchmarks/bench_*.py in this checkout"; break; }
-  n=$(basename "$f" .py)
-  if [ "$DRY" = 1 ]; then
-    step "$n" 60 "$PY" -m pytest -q -p no:cacheprovider "$f" --benchmark-disable
-  else
-    step "$n" 90 "$PY" -m pytest -q -p no:cacheprovider "$f" "${bench_args[@]}" "$OUT/$n.json"
-  fi
-done
+# 3. The benchmark suite (every scenario: ops, training step, generation with CUDA graphs on and off) in
+#    bf16 and fp32, through the same runner as the CPU default; CSV, JSON and plots per dtype.
+if [ "$DRY" = 1 ]; then
+  step suite_fp32 240 "$PY" -m benchmarks --quick --device cpu --out "$OUT/suite_fp32"
+else
+  step suite_bf16 200 "$PY" -m benchmarks --device cuda --dtype bfloat16 --out "$OUT/suite_bf16"
+  step suite_fp32 150 "$PY" -m benchmarks --device cuda --dtype float32 --scenario latent_attention \
+    --scenario train_step --scenario generate --out "$OUT/suite_fp32"
+fi
 
 # 4. Ceilings, decode and multi-pass attention.
 if [ "$DRY" = 1 ]; then
@@ -103,6 +101,9 @@ fi
 echo
 echo "== steps (logs in $OUT; total $(($(date +%s) - START))s)"
 column -t -s, "$STEPS" 2>/dev/null || cat "$STEPS"
+for suite in "$OUT"/suite_*.log; do
+  [ -f "$suite" ] && { echo; echo "== $(basename "$suite" .log)"; sed -n '/^## /,$p' "$suite" | head -60; }
+done
 if [ -f "$OUT/gpu_attention.log" ]; then
   echo
   sed -n '/^== summary/,$p' "$OUT/gpu_attention.log"

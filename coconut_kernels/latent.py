@@ -225,7 +225,8 @@ class LatentLM(nn.Module):
         logits = None
         if return_logits:
             V = model.lm_head_weight.shape[0]
-            logits = torch.zeros(B, T, V, dtype=torch.float32, device=device)
+            acc = torch.float64 if model.lm_head_weight.dtype == torch.float64 else torch.float32
+            logits = torch.zeros(B, T, V, dtype=acc, device=device)
             for rows, b, c in logit_rows:
                 logits = logits.index_put((b, c), self._logits(model.final_norm(rows)))
         return LatentOutput(loss=loss, logits=logits, n_tokens=n_tok)

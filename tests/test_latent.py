@@ -124,7 +124,7 @@ def test_return_logits_match_reference():
         ref_logits = ref(*args)[1]
         out = lm(*args, return_logits=True)
     real = batch["attention_mask"].bool()
-    torch.testing.assert_close(out.logits[real], ref_logits[real].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits[real], ref_logits[real], rtol=1e-10, atol=1e-10)
 
 
 def test_ragged_equals_each_example_alone():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.latent_attention import _acc_dtype, kernels, latent_attention, new_rows_grad
+from .ops.latent_attention import _acc_dtype, append_and_attend, kernels, latent_attention, new_rows_grad
 
 __all__ = ["KVCache"]
 
@@ -120,9 +120,8 @@ class _CachedAttention(torch.autograd.Function):
         k_cache, v_cache = cache.k[layer], cache.v[layer]
         seqlens = cache.seqlens.clone()  # advance() changes cache.seqlens in place before this backward runs
         new_seqlens = None if new_seqlens is None else new_seqlens.clone()
-        append, fwd, _ = kernels(q.device)
-        append(k_cache, v_cache, k_new, v_new, seqlens, cache.leftpad, new_seqlens, *rot)
-        out, lse = fwd(q, k_cache, v_cache, seqlens, cache.leftpad, new_seqlens, *rot, scale, causal)
+        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, seqlens, cache.leftpad, new_seqlens, *rot,
+                                     scale, causal)
         ctx.save_for_backward(q, out, lse)
         ctx.cache, ctx.layer, ctx.generation = cache, layer, cache.generation
         ctx.lengths = (seqlens, new_seqlens)

@@ -66,6 +66,23 @@ def kernels(device: torch.device):
             reference.latent_attention_bwd_reference)
 
 
+def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
+                      rotary_sin, rotary_interleaved, softmax_scale, causal):
+    """kv_cache_append_ then latent_attention_fwd: (out, lse). Every argument is checked before the cache is
+    written (the compiled composite op does it in C++), so a rejected call leaves the cache unchanged."""
+    args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
+    if get_backend(q.device) in ("cpu", "cuda"):
+        return torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args, softmax_scale,
+                                                          causal)
+    if q.dim() != 4 or k_new.dim() != 4 or q.shape[:2] != k_new.shape[:2] or q.shape[3] != k_new.shape[3] \
+            or q.shape[2] % k_new.shape[2] != 0:
+        raise ValueError(f"q {tuple(q.shape)} must be (B, Sq, Hq, D) with B, Sq, D as k_new {tuple(k_new.shape)} "
+                         "and Hq a multiple of its head count")
+    append, fwd, _ = kernels(q.device)
+    append(k_cache, v_cache, k_new, v_new, *args)
+    return fwd(q, k_cache, v_cache, *args, softmax_scale, causal)
+
+
 def new_rows_grad(grad_cache, cache_seqlens, cache_leftpad, new_seqlens, n_rows, rotary_cos, rotary_sin,
                   rotary_interleaved, dtype):
     """The gradient of the appended rows k_new/v_new (B, n_rows, Hkv, D), gathered from a cache-shaped
@@ -95,11 +112,8 @@ class _LatentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
                 rotary_sin, rotary_interleaved, softmax_scale, causal):
-        append, fwd, _ = kernels(q.device)
-        append(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
-               rotary_interleaved)
-        out, lse = fwd(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
-                       rotary_interleaved, softmax_scale, causal)
+        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens,
+                                     rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal)
         ctx.save_for_backward(q, out, lse)
         # Lengths are cloned: callers advance cache_seqlens in place before the backward runs.
         ctx.lengths = (cache_seqlens.clone(), None if cache_leftpad is None else cache_leftpad.clone(),
@@ -181,11 +195,6 @@ def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softma
     args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
     if torch.is_grad_enabled() and (q.requires_grad or k_new.requires_grad or v_new.requires_grad):
         out, lse = _LatentAttention.apply(q, k_new, v_new, k_cache, v_cache, *args, scale, causal)
-    elif get_backend(q.device) in ("cpu", "cuda"):
-        out, lse = torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args, scale,
-                                                              causal)
     else:
-        append, fwd, _ = kernels(q.device)
-        append(k_cache, v_cache, k_new, v_new, *args)
-        out, lse = fwd(q, k_cache, v_cache, *args, scale, causal)
+        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, *args, scale, causal)
     return (out, lse) if return_lse else out

@@ -152,9 +152,8 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_fwd_cpu(
   const LengthTensors lt(cache_seqlens, cache_leftpad, new_seqlens);
   const RotaryTables rt(rotary_cos, rotary_sin, acc_scalar_type(q.scalar_type()));
   const at::Tensor qc = q.contiguous();
-  at::Tensor out = at::zeros_like(qc);
-  at::Tensor lse = at::full({d.B, d.Hq, d.Sq}, -std::numeric_limits<double>::infinity(),
-                            q.options().dtype(acc_scalar_type(q.scalar_type())));
+  at::Tensor out = at::empty_like(qc);  // every element is written by the kernel
+  at::Tensor lse = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(acc_scalar_type(q.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "latent_attention_fwd", [&] {
     using acc_t = typename acc_type<scalar_t>::type;
     COCONUT_CALL_KERNEL(fwd_kernel<scalar_t>, qc, k_cache, v_cache, out, lse, lt.view(d.Sq),
@@ -179,7 +178,7 @@ at::Tensor latent_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
   const LengthTensors lt(cache_seqlens, cache_leftpad, new_seqlens);
   const RotaryTables rt(rotary_cos, rotary_sin, acc_scalar_type(q.scalar_type()));
   const at::Tensor qc = q.contiguous(), goc = grad_out.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
-  at::Tensor dq = at::zeros_like(qc);
+  at::Tensor dq = at::empty_like(qc);  // every element is written by the kernel
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "latent_attention_bwd", [&] {
     using acc_t = typename acc_type<scalar_t>::type;
     COCONUT_CALL_KERNEL(bwd_kernel<scalar_t>, goc, qc, k_cache, v_cache, oc, lc, dq, grad_k_cache, grad_v_cache,

@@ -266,6 +266,13 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
       const int64_t c = task % n_chunks, g = (task / n_chunks) % Hkv, b = task / (n_chunks * Hkv);
       const int64_t seqlen = len.seqlen(b), lo = len.lpad(b), n_new = len.nnew(b);
       const int64_t t0 = c * kQueryChunk, t1 = std::min({Sq, t0 + kQueryChunk, n_new});
+      // out/lse are allocated uninitialised: rows past new_seqlens get out = 0, lse = -inf here.
+      for (int64_t t = std::max(t0, t1); t < std::min(Sq, t0 + kQueryChunk); ++t) {
+        for (int64_t hg = 0; hg < G; ++hg) {
+          std::fill_n(op + ((b * Sq + t) * Hq + g * G + hg) * D, D, scalar_t(0));
+          lp[(b * Hq + g * G + hg) * Sq + t] = neg_inf;
+        }
+      }
       if (t0 >= t1) continue;
       // Row i = (t - t0) * G + head-in-group: the queries of one position share their key range.
       const int64_t M = (t1 - t0) * G;
@@ -344,7 +351,10 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
           const acc_t inv = acc_t(1) / l[i];
           for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(O[i * Dp + d] * inv);
           lp[(b * Hq + h) * Sq + t] = m[i] + std::log(l[i]);
-        }  // else no key in range (a pad query of a left-padded pass): out stays 0, lse -inf
+        } else {  // no key in range (a pad query of a left-padded pass)
+          std::fill_n(dst, D, scalar_t(0));
+          lp[(b * Hq + h) * Sq + t] = neg_inf;
+        }
       }
     }
   });
@@ -383,6 +393,8 @@ void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tenso
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task % Hkv, b = task / Hkv;
       const int64_t seqlen = len.seqlen(b), lo = len.lpad(b), n_new = std::min(len.nnew(b), Sq);
+      for (int64_t t = std::max<int64_t>(n_new, 0); t < Sq; ++t)  // dq is allocated uninitialised
+        for (int64_t hg = 0; hg < G; ++hg) std::fill_n(dqp + ((b * Sq + t) * Hq + g * G + hg) * D, D, scalar_t(0));
       if (n_new <= 0) continue;
       const int64_t M = n_new * G;
       Q.assign(M * Dp, 0);

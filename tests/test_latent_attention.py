@@ -96,6 +96,17 @@ def test_op_matches_reference(case, dtype):
         assert_within_torch_error(got["lse"][fin], ref["lse"][fin], lowp["lse"][fin], atol=1e-3, name="lse")
 
 
+@pytest.mark.parametrize("case", [0, 2])
+def test_fp16_within_twice_torch_error(case):
+    B, Sq, Hq, Hkv, D, Tmax, opts = CASES[case]
+    c64 = make_case(B, Sq, Hq, Hkv, D, Tmax, seed=case, **opts)
+    ref = run_all(cast(c64, torch.float64), "ref")
+    got = run_all(cast(c64, torch.float16), "op")
+    lowp = run_all(cast(c64, torch.float16), "ref")
+    for name in ("k_cache", "out", "dq", "dk", "dv"):
+        assert_within_torch_error(got[name], ref[name], lowp[name], atol=1e-4, name=name)
+
+
 def test_masked_rows_give_zero_and_untouched_cache_rows():
     c = make_case(3, 5, 2, 2, 16, 30, leftpad=True, ragged=True, seed=11)
     c["new_seqlens"] = torch.tensor([0, 2, 5], dtype=torch.int32)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.latent_attention import _acc_dtype, kernels, latent_attention, new_rows_grad
+from .ops.latent_attention import append_and_attend, grad_accumulators, kernels, latent_attention, new_rows_grad
 
 __all__ = ["KVCache"]
 
@@ -86,6 +86,7 @@ class KVCache:
         self.generation += 1
         self._chain = [None] * self.n_layers
         self._grad_kv = [None] * self.n_layers
+        self._max_new = 0  # most rows appended by one differentiable pass: the accumulators' padding
 
     def attend(self, layer: int, q, k_new, v_new, *, new_seqlens=None, rotary_cos=None, rotary_sin=None,
                rotary_interleaved=False, softmax_scale=None, causal=True):
@@ -98,6 +99,7 @@ class KVCache:
                                     causal=causal, cache_leftpad=self.leftpad, new_seqlens=new_seqlens,
                                     rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                                     rotary_interleaved=rotary_interleaved)
+        self._max_new = max(self._max_new, q.shape[1])
         out, self._chain[layer] = _CachedAttention.apply(self._chain[layer], q, k_new, v_new, self, layer,
                                                          new_seqlens, rot, scale, causal)
         return out
@@ -120,9 +122,8 @@ class _CachedAttention(torch.autograd.Function):
         k_cache, v_cache = cache.k[layer], cache.v[layer]
         seqlens = cache.seqlens.clone()  # advance() changes cache.seqlens in place before this backward runs
         new_seqlens = None if new_seqlens is None else new_seqlens.clone()
-        append, fwd, _ = kernels(q.device)
-        append(k_cache, v_cache, k_new, v_new, seqlens, cache.leftpad, new_seqlens, *rot)
-        out, lse = fwd(q, k_cache, v_cache, seqlens, cache.leftpad, new_seqlens, *rot, scale, causal)
+        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, seqlens, cache.leftpad, new_seqlens, *rot,
+                                     scale, causal)
         ctx.save_for_backward(q, out, lse)
         ctx.cache, ctx.layer, ctx.generation = cache, layer, cache.generation
         ctx.lengths = (seqlens, new_seqlens)
@@ -145,9 +146,7 @@ class _CachedAttention(torch.autograd.Function):
         grad_kv = cache._grad_kv[layer]
         if grad_chain is None or grad_kv is None:
             if grad_kv is None:
-                acc = _acc_dtype(k_cache.dtype)
-                grad_kv = (torch.zeros(k_cache.shape, dtype=acc, device=k_cache.device),
-                           torch.zeros(v_cache.shape, dtype=acc, device=v_cache.device))
+                grad_kv = grad_accumulators(k_cache, cache._max_new)
             else:  # left over from a backward that stopped before the first pass
                 grad_kv[0].zero_()
                 grad_kv[1].zero_()

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "common.h"
+#include "latent_attention_checks.h"
 
 namespace coconut {
 
@@ -44,7 +45,9 @@ std::tuple<at::Tensor, at::Tensor> latent_attention(
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double,
                             bool)>();
-  COCONUT_CHECK(q.dim() == 4, "q must be 4-D (B, Sq, Hq, D), got shape ", q.sizes());
+  // Everything is validated before the append, so a rejected call leaves the cache unchanged.
+  check_latent_attention_args(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens,
+                              rotary_cos, rotary_sin);
   const double scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt((double)q.size(3));
   append.call(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
               rotary_interleaved);

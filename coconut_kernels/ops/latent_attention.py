@@ -66,19 +66,58 @@ def kernels(device: torch.device):
             reference.latent_attention_bwd_reference)
 
 
+def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
+                      rotary_sin, rotary_interleaved, softmax_scale, causal):
+    """kv_cache_append_ then latent_attention_fwd: (out, lse). Every argument is checked before the cache is
+    written (the compiled composite op does it in C++), so a rejected call leaves the cache unchanged."""
+    args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
+    if get_backend(q.device) in ("cpu", "cuda"):
+        return torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args, softmax_scale,
+                                                          causal)
+    if q.dim() != 4 or k_new.dim() != 4 or q.shape[:2] != k_new.shape[:2] or q.shape[3] != k_new.shape[3] \
+            or q.shape[2] % k_new.shape[2] != 0:
+        raise ValueError(f"q {tuple(q.shape)} must be (B, Sq, Hq, D) with B, Sq, D as k_new {tuple(k_new.shape)} "
+                         "and Hq a multiple of its head count")
+    append, fwd, _ = kernels(q.device)
+    append(k_cache, v_cache, k_new, v_new, *args)
+    return fwd(q, k_cache, v_cache, *args, softmax_scale, causal)
+
+
+def grad_accumulators(k_cache, pad_rows: int):
+    """Zeroed dK, dV accumulators (the cache's shape; fp32, fp64 for fp64 caches) for latent_attention_bwd.
+
+    Each is the head of a flat buffer with `pad_rows` spare rows behind it, so that new_rows_grad can take any
+    sequence's new rows as one window of the buffer even where they run past Tmax (masked rows)."""
+    B, T, H, D = k_cache.shape
+
+    def one():
+        buf = torch.zeros(B * T + pad_rows, H * D, dtype=_acc_dtype(k_cache.dtype), device=k_cache.device)
+        return buf[: B * T].view(B, T, H, D)
+
+    return one(), one()
+
+
 def new_rows_grad(grad_cache, cache_seqlens, cache_leftpad, new_seqlens, n_rows, rotary_cos, rotary_sin,
                   rotary_interleaved, dtype):
-    """The gradient of the appended rows k_new/v_new (B, n_rows, Hkv, D), gathered from a cache-shaped
-    accumulator at rows cache_seqlens[b] + t (zero for t >= new_seqlens[b]), un-rotated when rotary tables are
-    given (pass None for v) and cast to `dtype`. No host sync."""
+    """The gradient of the appended rows k_new/v_new (B, n_rows, Hkv, D), taken from an accumulator made by
+    grad_accumulators (padded by >= n_rows rows) at rows cache_seqlens[b] + t (zero for t >= new_seqlens[b]),
+    un-rotated when rotary tables are given (pass None for v) and cast to `dtype`. No host sync."""
     B, Tmax = grad_cache.shape[:2]
+    row = grad_cache[0, 0].numel()
+    if grad_cache.storage_offset() != 0 or \
+            grad_cache.untyped_storage().nbytes() < (B * Tmax + n_rows) * row * grad_cache.element_size():
+        raise RuntimeError("new_rows_grad needs an accumulator from grad_accumulators padded by n_rows rows")
     t = torch.arange(n_rows, device=grad_cache.device)
     rows = cache_seqlens.long()[:, None] + t  # (B, n_rows)
     valid = rows < Tmax
     if new_seqlens is not None:
         valid &= t < new_seqlens.long()[:, None]
-    idx = rows.clamp(max=Tmax - 1)[:, :, None, None].expand(-1, -1, *grad_cache.shape[2:])
-    g = torch.where(valid[:, :, None, None], grad_cache.gather(1, idx), 0)
+    # Sequence b's rows are the window of the flat buffer starting at row b * Tmax + cache_seqlens[b]: one
+    # index_select copies whole windows (an elementwise gather was ~10x slower on CPU).
+    windows = grad_cache.as_strided((B * Tmax, n_rows * row), (row, 1))
+    start = torch.arange(B, device=rows.device) * Tmax + cache_seqlens.long().clamp(0, Tmax)
+    g = windows.index_select(0, start).view(B, n_rows, *grad_cache.shape[2:])
+    g.mul_(valid[:, :, None, None])
     if rotary_cos is not None:
         pos = rows if cache_leftpad is None else rows - cache_leftpad.long()[:, None]
         g = reference.apply_rotary_reference(g, rotary_cos, rotary_sin, pos, rotary_interleaved, inverse=True)
@@ -95,11 +134,8 @@ class _LatentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
                 rotary_sin, rotary_interleaved, softmax_scale, causal):
-        append, fwd, _ = kernels(q.device)
-        append(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
-               rotary_interleaved)
-        out, lse = fwd(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
-                       rotary_interleaved, softmax_scale, causal)
+        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens,
+                                     rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal)
         ctx.save_for_backward(q, out, lse)
         # Lengths are cloned: callers advance cache_seqlens in place before the backward runs.
         ctx.lengths = (cache_seqlens.clone(), None if cache_leftpad is None else cache_leftpad.clone(),
@@ -117,8 +153,7 @@ class _LatentAttention(torch.autograd.Function):
         seqlens, leftpad, new_seqlens = ctx.lengths
         cos, sin, interleaved, scale, causal = ctx.args
         _, _, bwd = kernels(q.device)
-        gk = torch.zeros(k_cache.shape, dtype=_acc_dtype(k_cache.dtype), device=k_cache.device)
-        gv = torch.zeros_like(gk)
+        gk, gv = grad_accumulators(k_cache, ctx.n_rows)
         dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, leftpad, new_seqlens, cos, sin,
                  interleaved, scale, causal, gk, gv)
         dk = new_rows_grad(gk, seqlens, leftpad, new_seqlens, ctx.n_rows, cos, sin, interleaved, ctx.new_dtype)
@@ -181,11 +216,6 @@ def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softma
     args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
     if torch.is_grad_enabled() and (q.requires_grad or k_new.requires_grad or v_new.requires_grad):
         out, lse = _LatentAttention.apply(q, k_new, v_new, k_cache, v_cache, *args, scale, causal)
-    elif get_backend(q.device) in ("cpu", "cuda"):
-        out, lse = torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args, scale,
-                                                              causal)
     else:
-        append, fwd, _ = kernels(q.device)
-        append(k_cache, v_cache, k_new, v_new, *args)
-        out, lse = fwd(q, k_cache, v_cache, *args, scale, causal)
+        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, *args, scale, causal)
     return (out, lse) if return_lse else out

@@ -1,0 +1,478 @@
+// The latent_attention CPU kernels proper. Included twice by latent_attention.cpp, inside a namespace compiled
+// for AVX2+FMA and inside one for the baseline ISA, and chosen at run time: the extension is built without
+// -march flags so that one wheel runs on any x86-64. Relies on the includes and types of that file.
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+inline void axpy(T* y, T a, const T* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// y[j] = exp(x[j]) for a block. fp32: a branch-free polynomial the compiler vectorises (relative error
+// ~2e-7, exp(x) = 0 below -87); fp64 keeps std::exp (fp64 is for exact gradient checks).
+inline void exp_block(float* y, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = std::min(std::max(x[j], -87.3f), 88.3f);
+    const float k = std::nearbyint(v * 1.44269504088896341f);
+    const float r = (v - k * 0.693359375f) + k * 2.12194440e-4f;  // v - k ln2, ln2 split in two parts
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    y[j] = x[j] < -87.3f ? 0.0f : p * scale;
+  }
+}
+
+inline void exp_block(double* y, const double* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] = std::exp(x[j]);
+}
+
+// Rotation of the first rotary_dim dims of x at `pos`; sign = -1 applies the transposed rotation (the
+// gradient w.r.t. the un-rotated input).
+template <typename acc_t>
+inline void rotate(const Rotary<acc_t>& r, acc_t* x, int64_t pos, acc_t sign) {
+  if (r.half == 0) return;
+  pos = std::min(std::max<int64_t>(pos, 0), r.n_pos - 1);  // positions of never-attended pad rows
+  const acc_t* c = r.cos + pos * r.half;
+  const acc_t* s = r.sin + pos * r.half;
+  for (int64_t i = 0; i < r.half; ++i) {
+    const int64_t i1 = r.interleaved ? 2 * i : i;
+    const int64_t i2 = r.interleaved ? 2 * i + 1 : i + r.half;
+    const acc_t x1 = x[i1], x2 = x[i2], sn = sign * s[i];
+    x[i1] = x1 * c[i] - x2 * sn;
+    x[i2] = x2 * c[i] + x1 * sn;
+  }
+}
+
+// C (M x N) = A (M x K) . B (K x N), or += with accumulate; row-major with leading dimensions. N must be a
+// multiple of kNR and B/C hold that many columns (callers pad their buffers). A tile of 4 rows x 2 vectors
+// lives in 8 vector registers: each step broadcasts 4 values of A and loads 2 vectors of B for 8 FMAs.
+// (GCC vector extensions: plain loops over a 4 x 16 array of accumulators were spilled to the stack.)
+constexpr int64_t kNR = 16;
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename T>
+__attribute__((always_inline)) inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void vstore(T* p, const typename Vec<T>::type& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+inline void gemm(T* C, int64_t ldc, const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N,
+                 int64_t K, bool accumulate) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(T);  // lanes
+  const V zero = {};
+  for (int64_t j0 = 0; j0 < N; j0 += 2 * L) {
+    int64_t i0 = 0;
+    for (; i0 + 4 <= M; i0 += 4) {
+      T* c = C + i0 * ldc + j0;
+      V c00 = zero, c01 = zero, c10 = zero, c11 = zero, c20 = zero, c21 = zero, c30 = zero, c31 = zero;
+      if (accumulate) {
+        c00 = vload(c), c01 = vload(c + L);
+        c10 = vload(c + ldc), c11 = vload(c + ldc + L);
+        c20 = vload(c + 2 * ldc), c21 = vload(c + 2 * ldc + L);
+        c30 = vload(c + 3 * ldc), c31 = vload(c + 3 * ldc + L);
+      }
+      const T* a = A + i0 * lda;
+      for (int64_t k = 0; k < K; ++k) {
+        const V b0 = vload(B + k * ldb + j0), b1 = vload(B + k * ldb + j0 + L);
+        const T a0 = a[k], a1 = a[lda + k], a2 = a[2 * lda + k], a3 = a[3 * lda + k];
+        c00 += a0 * b0;
+        c01 += a0 * b1;
+        c10 += a1 * b0;
+        c11 += a1 * b1;
+        c20 += a2 * b0;
+        c21 += a2 * b1;
+        c30 += a3 * b0;
+        c31 += a3 * b1;
+      }
+      vstore(c, c00), vstore(c + L, c01);
+      vstore(c + ldc, c10), vstore(c + ldc + L, c11);
+      vstore(c + 2 * ldc, c20), vstore(c + 2 * ldc + L, c21);
+      vstore(c + 3 * ldc, c30), vstore(c + 3 * ldc + L, c31);
+    }
+    for (; i0 < M; ++i0) {
+      T* c = C + i0 * ldc + j0;
+      V c0 = accumulate ? vload(c) : zero, c1 = accumulate ? vload(c + L) : zero;
+      const T* a = A + i0 * lda;
+      for (int64_t k = 0; k < K; ++k) {
+        c0 += a[k] * vload(B + k * ldb + j0);
+        c1 += a[k] * vload(B + k * ldb + j0 + L);
+      }
+      vstore(c, c0), vstore(c + L, c1);
+    }
+  }
+}
+
+// s[j] = q . K[j] for j < n (rows `stride` apart), four rows at a time so that four independent accumulator
+// chains hide the FMA latency: the path for one or two query rows (decode), where a block product would spend
+// its time transposing K.
+template <typename T>
+inline void dot_rows(T* s, const T* q, const T* K, int64_t stride, int64_t n, int64_t D) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T *k0 = K + j * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t d = 0; d < D; ++d) {
+      s0 += q[d] * k0[d];
+      s1 += q[d] * k1[d];
+      s2 += q[d] * k2[d];
+      s3 += q[d] * k3[d];
+    }
+    s[j] = s0;
+    s[j + 1] = s1;
+    s[j + 2] = s2;
+    s[j + 3] = s3;
+  }
+  for (; j < n; ++j) s[j] = dot(q, K + j * stride, D);
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Rows [0, n) of a row-strided cache block as acc_t rows: the cache itself when no conversion is needed,
+// else converted into buf (ld = D).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* row_view(const scalar_t* base, int64_t stride, int64_t n, int64_t D, acc_t* buf,
+                             int64_t& out_stride) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    out_stride = stride;
+    return base;
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < D; ++d) buf[j * D + d] = static_cast<acc_t>(base[j * stride + d]);
+    out_stride = D;
+    return buf;
+  }
+}
+
+// Rows [0, n) of a row-strided cache block as acc_t, into `rows` (ld = Dp, columns D..Dp zero) and/or its
+// transpose `cols` (D x kKeyBlock, columns n..round_up(n, kNR) zero).
+template <typename scalar_t, typename acc_t>
+inline void load_block(const scalar_t* base, int64_t stride, int64_t n, int64_t D, int64_t Dp, acc_t* rows,
+                       acc_t* cols) {
+  const int64_t np = round_up(n, kNR);
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* src = base + j * stride;
+    if (rows != nullptr) {
+      for (int64_t d = 0; d < D; ++d) rows[j * Dp + d] = static_cast<acc_t>(src[d]);
+      for (int64_t d = D; d < Dp; ++d) rows[j * Dp + d] = 0;
+    }
+    if (cols != nullptr)
+      for (int64_t d = 0; d < D; ++d) cols[d * kKeyBlock + j] = static_cast<acc_t>(src[d]);
+  }
+  if (cols != nullptr)
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = n; j < np; ++j) cols[d * kKeyBlock + j] = 0;
+}
+
+// ---- append ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void append_kernel(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k_new, const at::Tensor& v_new,
+                   const Lengths& len, const Rotary<typename acc_type<scalar_t>::type>& rot) {
+  using acc_t = typename acc_type<scalar_t>::type;
+  const int64_t B = k_new.size(0), Sq = k_new.size(1), H = k_new.size(2), D = k_new.size(3);
+  const int64_t Tmax = k_cache.size(1);
+  scalar_t* kc = k_cache.data_ptr<scalar_t>();
+  scalar_t* vc = v_cache.data_ptr<scalar_t>();
+  const scalar_t* kn = k_new.data_ptr<scalar_t>();
+  const scalar_t* vn = v_new.data_ptr<scalar_t>();
+  const auto ks = k_cache.strides(), vs = v_cache.strides();
+  at::parallel_for(0, B * Sq, grain_for(H * D), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / Sq, t = i % Sq;
+      const int64_t row = len.seqlen(b) + t;
+      if (t >= len.nnew(b) || row < 0 || row >= Tmax) continue;  // never write outside the cache
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* ksrc = kn + ((i * H) + h) * D;
+        const scalar_t* vsrc = vn + ((i * H) + h) * D;
+        scalar_t* kdst = kc + b * ks[0] + row * ks[1] + h * ks[2];
+        scalar_t* vdst = vc + b * vs[0] + row * vs[1] + h * vs[2];
+        if (rot.half > 0) {
+          for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<acc_t>(ksrc[d]);
+          rotate(rot, buf.data(), row - len.lpad(b), acc_t(1));
+          for (int64_t d = 0; d < D; ++d) kdst[d] = static_cast<scalar_t>(buf[d]);
+        } else {
+          std::copy(ksrc, ksrc + D, kdst);
+        }
+        std::copy(vsrc, vsrc + D, vdst);
+      }
+    }
+  });
+}
+
+// ---- forward ----------------------------------------------------------------------------------------------
+
+// One task = (sequence, kv head, chunk of query positions); its M = positions x group rows share each key
+// block: S = Q K^T and O += P V run as register-tiled block products.
+template <typename scalar_t>
+void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor& out,
+                at::Tensor& lse, const Lengths& len, const Rotary<typename acc_type<scalar_t>::type>& rot,
+                double softmax_scale, bool causal) {
+  using acc_t = typename acc_type<scalar_t>::type;
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Dp = round_up(D, kNR);
+  const int64_t n_chunks = (Sq + kQueryChunk - 1) / kQueryChunk;
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kc = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vc = v_cache.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  acc_t* lp = lse.data_ptr<acc_t>();
+  const auto ks = k_cache.strides(), vs = v_cache.strides();
+  const acc_t scale = static_cast<acc_t>(softmax_scale);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  const int64_t work = G * std::min(Sq, kQueryChunk) * mean_keys(len, B) * D;
+  at::parallel_for(0, B * Hkv * n_chunks, grain_for(work), [&](int64_t begin, int64_t end) {
+    const int64_t M_max = G * kQueryChunk;
+    std::vector<acc_t> Q(M_max * Dp), O(M_max * Dp), S(M_max * kKeyBlock), m(M_max), l(M_max);
+    std::vector<acc_t> Kt(D * kKeyBlock), Vb(kKeyBlock * Dp);
+    std::vector<int64_t> hi(M_max);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % n_chunks, g = (task / n_chunks) % Hkv, b = task / (n_chunks * Hkv);
+      const int64_t seqlen = len.seqlen(b), lo = len.lpad(b), n_new = len.nnew(b);
+      const int64_t t0 = c * kQueryChunk, t1 = std::min({Sq, t0 + kQueryChunk, n_new});
+      // out/lse are allocated uninitialised: rows past new_seqlens get out = 0, lse = -inf here.
+      for (int64_t t = std::max(t0, t1); t < std::min(Sq, t0 + kQueryChunk); ++t) {
+        for (int64_t hg = 0; hg < G; ++hg) {
+          std::fill_n(op + ((b * Sq + t) * Hq + g * G + hg) * D, D, scalar_t(0));
+          lp[(b * Hq + g * G + hg) * Sq + t] = neg_inf;
+        }
+      }
+      if (t0 >= t1) continue;
+      // Row i = (t - t0) * G + head-in-group: the queries of one position share their key range.
+      const int64_t M = (t1 - t0) * G;
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t hg = 0; hg < G; ++hg) {
+          const int64_t i = (t - t0) * G + hg;
+          const scalar_t* src = qp + ((b * Sq + t) * Hq + g * G + hg) * D;
+          acc_t* dst = Q.data() + i * Dp;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
+          rotate(rot, dst, seqlen + t - lo, acc_t(1));
+          for (int64_t d = 0; d < D; ++d) dst[d] *= scale;
+          for (int64_t d = D; d < Dp; ++d) dst[d] = 0;
+          hi[i] = causal ? seqlen + t : seqlen + n_new - 1;  // last row this query sees
+          m[i] = neg_inf;
+          l[i] = 0;
+        }
+      }
+      std::fill(O.begin(), O.begin() + M * Dp, acc_t(0));
+      const int64_t kv_end = std::min(hi[M - 1] + 1, k_cache.size(1));
+      for (int64_t k0 = lo; k0 < kv_end; k0 += kKeyBlock) {
+        const int64_t nk = std::min(kKeyBlock, kv_end - k0), np = round_up(nk, kNR);
+        const scalar_t* kblock = kc + b * ks[0] + k0 * ks[1] + g * ks[2];
+        const scalar_t* vblock = vc + b * vs[0] + k0 * vs[1] + g * vs[2];
+        const bool few_rows = M < 4;  // decode: row-wise products straight from the cache rows
+        int64_t kst = 0, vst = 0;
+        const acc_t* Kr = nullptr;
+        const acc_t* Vr = nullptr;
+        if (few_rows) {
+          // Memory-bound: ask for the next block's rows (64 strided rows the hardware prefetcher misses).
+          for (int64_t j = 0; j < std::min(kKeyBlock, kv_end - k0 - kKeyBlock); ++j) {
+            for (int64_t d = 0; d < D * (int64_t)sizeof(scalar_t); d += 64) {
+              __builtin_prefetch(reinterpret_cast<const char*>(kblock + (kKeyBlock + j) * ks[1]) + d);
+              __builtin_prefetch(reinterpret_cast<const char*>(vblock + (kKeyBlock + j) * vs[1]) + d);
+            }
+          }
+          Kr = row_view(kblock, ks[1], nk, D, Kt.data(), kst);
+          Vr = row_view(vblock, vs[1], nk, D, Vb.data(), vst);
+          for (int64_t i = 0; i < M; ++i)
+            dot_rows(S.data() + i * kKeyBlock, Q.data() + i * Dp, Kr, kst, nk, D);
+        } else {
+          load_block(kblock, ks[1], nk, D, Dp, (acc_t*)nullptr, Kt.data());
+          load_block(vblock, vs[1], nk, D, Dp, Vb.data(), (acc_t*)nullptr);
+          gemm(S.data(), kKeyBlock, Q.data(), Dp, Kt.data(), kKeyBlock, M, np, D, false);
+        }
+        for (int64_t i = 0; i < M; ++i) {
+          acc_t* si = S.data() + i * kKeyBlock;
+          const int64_t nj = std::max<int64_t>(0, std::min(nk, hi[i] + 1 - k0));
+          if (nj > 0) {
+            acc_t mb = m[i];
+            for (int64_t j = 0; j < nj; ++j) mb = std::max(mb, si[j]);
+            const acc_t alpha = std::exp(m[i] - mb);  // 0 on the first block (m = -inf)
+            for (int64_t j = 0; j < nj; ++j) si[j] -= mb;
+            exp_block(si, si, nj);
+            acc_t sum = 0;
+            for (int64_t j = 0; j < nj; ++j) sum += si[j];
+            l[i] = l[i] * alpha + sum;
+            m[i] = mb;
+            acc_t* oi = O.data() + i * Dp;
+            for (int64_t d = 0; d < Dp; ++d) oi[d] *= alpha;
+          }
+          for (int64_t j = nj; j < nk; ++j) si[j] = 0;  // masked keys
+        }
+        if (few_rows && D != Dp) {
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < nk; ++j) axpy(O.data() + i * Dp, S[i * kKeyBlock + j], Vr + j * vst, D);
+        } else if (few_rows) {  // O rows stay in registers across the block, V rows read in place
+          gemm(O.data(), Dp, S.data(), kKeyBlock, Vr, vst, M, Dp, nk, true);
+        } else {
+          gemm(O.data(), Dp, S.data(), kKeyBlock, Vb.data(), Dp, M, Dp, nk, true);
+        }
+      }
+      for (int64_t i = 0; i < M; ++i) {
+        const int64_t t = t0 + i / G, h = g * G + i % G;
+        scalar_t* dst = op + ((b * Sq + t) * Hq + h) * D;
+        if (l[i] > 0) {
+          const acc_t inv = acc_t(1) / l[i];
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(O[i * Dp + d] * inv);
+          lp[(b * Hq + h) * Sq + t] = m[i] + std::log(l[i]);
+        } else {  // no key in range (a pad query of a left-padded pass)
+          std::fill_n(dst, D, scalar_t(0));
+          lp[(b * Hq + h) * Sq + t] = neg_inf;
+        }
+      }
+    }
+  });
+}
+
+// ---- backward ---------------------------------------------------------------------------------------------
+
+// One task = (sequence, kv head) with all its M = new tokens x group rows, so the task owns the gradient of
+// its cache rows. Per key block: S = Q K^T, dP = dO V^T, P and dS elementwise, then dQ += dS K,
+// dV += P^T dO, dK += dS^T Q as register-tiled block products; rows that cannot see the block are skipped.
+template <typename scalar_t>
+void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& grad_k, at::Tensor& grad_v,
+                const Lengths& len, const Rotary<typename acc_type<scalar_t>::type>& rot, double softmax_scale,
+                bool causal) {
+  using acc_t = typename acc_type<scalar_t>::type;
+  const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Tmax = k_cache.size(1), Dp = round_up(D, kNR);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* gop = grad_out.data_ptr<scalar_t>();
+  const scalar_t* op = out.data_ptr<scalar_t>();
+  const scalar_t* kc = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vc = v_cache.data_ptr<scalar_t>();
+  const acc_t* lp = lse.data_ptr<acc_t>();
+  scalar_t* dqp = dq.data_ptr<scalar_t>();
+  acc_t* gk = grad_k.data_ptr<acc_t>();
+  acc_t* gv = grad_v.data_ptr<acc_t>();
+  const auto ks = k_cache.strides(), vs = v_cache.strides();
+  const acc_t scale = static_cast<acc_t>(softmax_scale);
+
+  at::parallel_for(0, B * Hkv, grain_for(3 * G * Sq * mean_keys(len, B) * D), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> Q, dO, dQ, Di, L, S, dP, Pt, dSt;
+    std::vector<acc_t> Kt(D * kKeyBlock), Vt(D * kKeyBlock), Kb(kKeyBlock * Dp), dKb(kKeyBlock * Dp),
+        dVb(kKeyBlock * Dp);
+    std::vector<int64_t> hi;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task % Hkv, b = task / Hkv;
+      const int64_t seqlen = len.seqlen(b), lo = len.lpad(b), n_new = std::min(len.nnew(b), Sq);
+      for (int64_t t = std::max<int64_t>(n_new, 0); t < Sq; ++t)  // dq is allocated uninitialised
+        for (int64_t hg = 0; hg < G; ++hg) std::fill_n(dqp + ((b * Sq + t) * Hq + g * G + hg) * D, D, scalar_t(0));
+      if (n_new <= 0) continue;
+      const int64_t M = n_new * G;
+      Q.assign(M * Dp, 0);
+      dO.assign(M * Dp, 0);
+      dQ.assign(M * Dp, 0);
+      Di.assign(M, 0);
+      L.assign(M, 0);
+      hi.assign(M, 0);
+      S.resize(M * kKeyBlock);
+      dP.resize(M * kKeyBlock);
+      Pt.resize(kKeyBlock * M);
+      dSt.resize(kKeyBlock * M);
+      for (int64_t t = 0; t < n_new; ++t) {
+        for (int64_t hg = 0; hg < G; ++hg) {
+          const int64_t i = t * G + hg, h = g * G + hg;
+          const int64_t off = ((b * Sq + t) * Hq + h) * D;
+          acc_t* qi = Q.data() + i * Dp;
+          acc_t* doi = dO.data() + i * Dp;
+          acc_t di = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            qi[d] = static_cast<acc_t>(qp[off + d]);
+            doi[d] = static_cast<acc_t>(gop[off + d]);
+            di += doi[d] * static_cast<acc_t>(op[off + d]);
+          }
+          rotate(rot, qi, seqlen + t - lo, acc_t(1));
+          Di[i] = di;
+          L[i] = lp[(b * Hq + h) * Sq + t];
+          // -inf lse: no key in range, the row contributes nothing.
+          hi[i] = std::isinf(L[i]) ? lo - 1 : (causal ? seqlen + t : seqlen + n_new - 1);
+        }
+      }
+      const int64_t kv_end = std::min(seqlen + n_new, Tmax);
+      for (int64_t k0 = lo; k0 < kv_end; k0 += kKeyBlock) {
+        const int64_t nk = std::min(kKeyBlock, kv_end - k0), np = round_up(nk, kNR);
+        // hi is nondecreasing in the row index (rows are ordered by position; rows with no key come first),
+        // so the rows that see this block are a suffix [i0, M).
+        int64_t i0 = 0;
+        while (i0 < M && hi[i0] < k0) ++i0;
+        const int64_t Mi = M - i0;
+        if (Mi == 0) continue;
+        load_block(kc + b * ks[0] + k0 * ks[1] + g * ks[2], ks[1], nk, D, Dp, Kb.data(), Kt.data());
+        load_block(vc + b * vs[0] + k0 * vs[1] + g * vs[2], vs[1], nk, D, Dp, (acc_t*)nullptr, Vt.data());
+        gemm(S.data(), kKeyBlock, Q.data() + i0 * Dp, Dp, Kt.data(), kKeyBlock, Mi, np, D, false);
+        gemm(dP.data(), kKeyBlock, dO.data() + i0 * Dp, Dp, Vt.data(), kKeyBlock, Mi, np, D, false);
+        for (int64_t r = 0; r < Mi; ++r) {
+          const int64_t i = i0 + r;
+          acc_t* p = S.data() + r * kKeyBlock;
+          acc_t* ds = dP.data() + r * kKeyBlock;
+          const int64_t nj = std::max<int64_t>(0, std::min(nk, hi[i] + 1 - k0));
+          for (int64_t j = 0; j < nj; ++j) p[j] = scale * p[j] - L[i];
+          exp_block(p, p, nj);
+          for (int64_t j = 0; j < nj; ++j) ds[j] = p[j] * (ds[j] - Di[i]) * scale;
+          for (int64_t j = nj; j < kKeyBlock; ++j) p[j] = ds[j] = 0;  // masked keys
+          for (int64_t j = 0; j < nk; ++j) {
+            Pt[j * Mi + r] = p[j];
+            dSt[j * Mi + r] = ds[j];
+          }
+        }
+        gemm(dQ.data() + i0 * Dp, Dp, dP.data(), kKeyBlock, Kb.data(), Dp, Mi, Dp, nk, true);
+        gemm(dVb.data(), Dp, Pt.data(), Mi, dO.data() + i0 * Dp, Dp, nk, Dp, Mi, false);
+        gemm(dKb.data(), Dp, dSt.data(), Mi, Q.data() + i0 * Dp, Dp, nk, Dp, Mi, false);
+        for (int64_t j = 0; j < nk; ++j) {
+          acc_t* dk = gk + ((b * Tmax + k0 + j) * Hkv + g) * D;  // accumulators are contiguous
+          acc_t* dv = gv + ((b * Tmax + k0 + j) * Hkv + g) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            dk[d] += dKb[j * Dp + d];
+            dv[d] += dVb[j * Dp + d];
+          }
+        }
+      }
+      for (int64_t t = 0; t < n_new; ++t) {
+        for (int64_t hg = 0; hg < G; ++hg) {
+          acc_t* dqi = dQ.data() + (t * G + hg) * Dp;
+          rotate(rot, dqi, seqlen + t - lo, acc_t(-1));
+          scalar_t* dst = dqp + ((b * Sq + t) * Hq + g * G + hg) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(dqi[d]);
+        }
+      }
+    }
+  });
+}

@@ -68,8 +68,10 @@ def run_scenario(scn, settings: dict, info: dict, progress) -> list[dict]:
         step = case.setup()
         times = harness.time_step(step, case.reps, case.warmup, device)
         mem, mem_kind = harness.peak_memory(step, device) if case.extra.get("memory", True) else (None, "")
+        if mem is not None and device.type != "cuda":
+            mem += case.extra.get("memory_extra_bytes", 0)  # buffers outside autograd (a preallocated cache)
         del step
-        base = {"scenario": scn.name, "provider": case.provider, "role": case.role, "x_name": case.x_name,
+        base = {"scenario": case.scenario, "provider": case.provider, "role": case.role, "x_name": case.x_name,
                 "x_value": case.x_value, "device": info["device"], "torch": info["torch"], "triton": info["triton"],
                 "coconut_kernels": info["coconut_kernels"], "date": info["date"]}
         p20, p50, p80 = harness.quantiles(times)

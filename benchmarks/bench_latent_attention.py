@@ -1,7 +1,8 @@
 """latent_attention on CPU: multi-pass training through KVCache vs concatenating the cache every pass (what HF
 past_key_values does) vs one causal SDPA over the whole sequence (the floor), and decode vs SDPA on the
-cache slice. `python benchmarks/bench_latent_attention.py` prints the table; pytest-benchmark runs the same
-cases: `python -m pytest benchmarks/bench_latent_attention.py -o python_files='bench_*.py'`.
+cache slice. `python -m benchmarks.bench_latent_attention` prints the table (the suite's runner,
+`python -m benchmarks --scenario latent_attention`, runs the same cases); pytest-benchmark too:
+`python -m pytest benchmarks/bench_latent_attention.py --benchmark-only`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from coconut_kernels import KVCache
 from coconut_kernels.ops.latent_attention import latent_attention
 
+from .harness import Case, Scenario, register
+
 # GPT-2 heads, ProsQA-like pass structure: a prefix, one-token latent passes, a suffix.
 B, H, D = 32, 12, 64
 PREFIX, N_LATENT, SUFFIX = 300, 6, 40
@@ -23,9 +26,10 @@ LENGTHS = [PREFIX] + [1] * N_LATENT + [SUFFIX]
 TOTAL = sum(LENGTHS)
 
 
-def make_passes(dtype=torch.float32, seed=0):
+def make_passes(dtype=torch.float32, seed=0, device="cpu", batch=B, lengths=LENGTHS):
     g = torch.Generator().manual_seed(seed)
-    return [tuple(torch.randn(B, S, H, D, generator=g, dtype=dtype).requires_grad_() for _ in range(3)) for S in LENGTHS]
+    return [tuple(torch.randn(batch, S, H, D, generator=g, dtype=dtype).to(device).requires_grad_() for _ in range(3))
+            for S in lengths]
 
 
 def _sdpa(q, k, v, mask=None, is_causal=False):
@@ -43,7 +47,7 @@ def train_concat(passes):
         K = k if K is None else torch.cat((K, k), 1)
         V = v if V is None else torch.cat((V, v), 1)
         T, S = K.shape[1], q.shape[1]
-        mask = None if S == 1 else torch.arange(T)[None, :] <= torch.arange(T - S, T)[:, None]
+        mask = None if S == 1 else (torch.arange(T)[None, :] <= torch.arange(T - S, T)[:, None]).to(q.device)
         outs.append(_sdpa(q, K, V, mask))
     return outs
 
@@ -167,6 +171,65 @@ def main(argv=None):
     for L, r in run_decode(3 * args.reps).items():
         f, c, s = r["latent_attention_fwd"], r["latent_attention (append + fwd)"], r["SDPA on the cache slice"]
         print(f"| {L} | {f * 1e3:.1f} | {c * 1e3:.1f} | {s * 1e3:.1f} | {f / s:.2f} |")
+
+
+# ---- the runner's scenario (python -m benchmarks --scenario latent_attention) -----------------------------
+
+
+def cases(settings):
+    device, dtype, quick = settings["device"], settings["dtype"], settings["quick"]
+    batch = 4 if quick else B
+    lengths = [60, 1, 1, 1, 1, 1, 1, 10] if quick else LENGTHS
+    total = sum(lengths)
+    label = f"{lengths[0]}+{len(lengths) - 2}x1+{lengths[-1]}"
+    reps = 2 if quick else 5
+    one_cache = 2 * batch * total * H * D * torch.finfo(dtype).bits // 8
+
+    def passes():
+        return make_passes(dtype, device=device, batch=batch, lengths=lengths)
+
+    def concat():
+        p = passes()
+        return lambda: step(train_concat(p))
+
+    def cached():
+        p, cache = passes(), KVCache(1, batch, total, H, D, dtype=dtype, device=device)
+        return lambda: step(train_cache(p, cache))
+
+    def floor():
+        g = torch.Generator().manual_seed(1)
+        full = tuple(torch.randn(batch, total, H, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        return lambda: step(train_floor(full))
+
+    # The cache's own buffers are not saved tensors: count them with what autograd keeps.
+    yield Case("latent_attention", "concat + SDPA per pass", "passes", label, concat, role="reference", reps=reps)
+    yield Case("latent_attention", "KVCache", "passes", label, cached, reps=reps,
+               extra={"memory_extra_bytes": one_cache})
+    yield Case("latent_attention", "one causal SDPA (floor)", "passes", label, floor, role="floor", reps=reps)
+    for L in ([128] if quick else [512, 2048]):
+        def inputs(L=L):
+            g = torch.Generator().manual_seed(L)
+            kc, vc = (torch.randn(batch, L, H, D, generator=g).to(device, dtype) for _ in range(2))
+            q = torch.randn(batch, 1, H, D, generator=g).to(device, dtype)
+            return q, kc, vc, torch.full((batch,), L - 1, dtype=torch.int32, device=device)
+
+        def ours(L=L):
+            q, kc, vc, seqlens = inputs(L)
+            return lambda: torch.ops.coconut.latent_attention_fwd(q, kc, vc, seqlens, None, None, None, None, False,
+                                                                  D ** -0.5, True)
+
+        def sdpa(L=L):
+            q, kc, vc, _ = inputs(L)
+            return lambda: _sdpa(q, kc, vc)
+
+        yield Case("latent_attention_decode", "latent_attention_fwd", "cache", L, ours, reps=3 * reps,
+                   extra={"memory": False})
+        yield Case("latent_attention_decode", "SDPA on the cache slice", "cache", L, sdpa, role="floor",
+                   reps=3 * reps, extra={"memory": False})
+
+
+SCENARIO = register(Scenario("latent_attention", f"attention alone, B={B}, {H}x{D} heads: multi-pass training "
+                                                 "fwd+bwd, and decode (Sq=1)", cases))
 
 
 # ---- pytest-benchmark -----------------------------------------------------------------------------------------

@@ -17,14 +17,15 @@ from coconut_kernels import LatentLM
 
 from .harness import Case, Scenario, register
 from .reference_coconut import ReferenceCoconut
-from .workloads import Special, collate, make_models, prosqa_examples
+from .workloads import Special, collate, make_models, official_coconut, prosqa_examples
 
 VOCAB = 50257
 N_LATENTS, N_ANSWER = 6, 16
 NEVER = -1  # an EOS id no token has
 
 
-def _providers(size: str, B: int, device, dtype, graphs: bool = True):
+def _providers(size: str, B: int, device, dtype, graphs: bool = True, official: str | None = None,
+               q_len=(280, 330)):
     state = {}
     steps = N_LATENTS + 1 + N_ANSWER
 
@@ -34,12 +35,14 @@ def _providers(size: str, B: int, device, dtype, graphs: bool = True):
             sp = Special.for_vocab(VOCAB)
             state["lm"] = LatentLM(ours, sp.latent, sp.bot, sp.eot, NEVER)
             state["ref"] = ReferenceCoconut(hf, sp.latent, sp.bot, sp.eot, NEVER)
-            prompts = prosqa_examples(B, VOCAB, n_latents=N_LATENTS, seed=B, with_labels=False)
+            prompts = prosqa_examples(B, VOCAB, n_latents=N_LATENTS, seed=B, with_labels=False, q_len=q_len)
             state["prompts"] = collate(prompts, VOCAB, layout="ragged", device=device)
             # The floor's prompts stop at <bot>: the latents and <eot> become decode steps.
             plain = [{"input_ids": p["input_ids"][: p["input_ids"].index(sp.bot) + 1]} for p in prompts]
             state["plain"] = collate(plain, VOCAB, layout="ragged", device=device)
             state["floor"] = LatentLM(ours, sp.latent, sp.bot, sp.eot, NEVER, feedback="pause")
+            if official:
+                state["official"] = official_coconut(official, hf, sp, eos=NEVER)
         return state
 
     def ours():
@@ -54,26 +57,35 @@ def _providers(size: str, B: int, device, dtype, graphs: bool = True):
         return lambda: s["floor"].generate(b["input_ids"], b["attention_mask"], max_new_tokens=steps,
                                            use_cuda_graph=graphs)
 
-    def reference():
-        s = build()
-        ids, mask = s["prompts"]["input_ids"], s["prompts"]["attention_mask"]
-        rows = [ids[b, : int(mask[b].sum())][None] for b in range(min(B, 4))]
-        return lambda: [s["ref"].generate(r, max_new_tokens=N_ANSWER) for r in rows]
+    def one_at_a_time(name):
+        def setup():
+            s = build()
+            ids, mask = s["prompts"]["input_ids"], s["prompts"]["attention_mask"]
+            rows = [ids[b, : int(mask[b].sum())][None] for b in range(min(B, 4))]
+            gen = s[name].generate
+            return lambda: [gen(r, torch.ones_like(r), max_new_tokens=N_ANSWER) for r in rows]
+        return setup
 
-    return [("coconut_kernels", "impl", ours, B * steps), ("reference", "reference", reference, min(B, 4) * steps),
-            ("floor", "floor", floor, B * steps)]
+    providers = [("coconut_kernels", "impl", ours, B * steps),
+                 ("reference", "reference", one_at_a_time("ref"), min(B, 4) * steps),
+                 ("floor", "floor", floor, B * steps)]
+    if official:
+        providers.append(("official checkout", "other", one_at_a_time("official"), min(B, 4) * steps))
+    return providers
 
 
 def cases(settings: dict):
     device, dtype, quick = settings["device"], settings["dtype"], settings["quick"]
     size = "gpt2-tiny" if quick else "gpt2-4x256"
     sizes = settings["sizes"] or ([1, 4] if quick else [1, 8, 32, 64] if device.type == "cuda" else [1, 8, 32])
+    q_len = (40, 60) if quick else (280, 330)  # --quick: short prompts, a smoke run of the same code
     for B in sizes:
-        for name, role, setup, tokens in _providers(size, B, device, dtype):
+        for name, role, setup, tokens in _providers(size, B, device, dtype, official=settings["official"],
+                                                    q_len=q_len):
             yield Case("generate", name, "B", B, setup, role=role, reps=2 if quick or name == "reference" else 3,
                        extra={"memory": False, "metric:tokens/s": (tokens, "tok/s")})
         if device.type == "cuda":
-            for name, role, setup, tokens in _providers(size, B, device, dtype, graphs=False):
+            for name, role, setup, tokens in _providers(size, B, device, dtype, graphs=False, q_len=q_len):
                 if name != "reference":
                     yield Case("generate", f"{name} (no CUDA graphs)", "B", B, setup, role="other", reps=3,
                                extra={"memory": False, "metric:tokens/s": (tokens, "tok/s")})

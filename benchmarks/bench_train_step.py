@@ -17,12 +17,13 @@ from coconut_kernels import LatentLM
 
 from .harness import Case, Scenario, register
 from .reference_coconut import ReferenceCoconut
-from .workloads import Special, collate, make_models, prosqa_examples
+from .workloads import Special, collate, make_models, official_coconut, prosqa_examples
 
 VOCAB = 50257
 
 
-def _steps(size: str, B: int, n_latents: int, device, dtype, seed: int = 0):
+def _steps(size: str, B: int, n_latents: int, device, dtype, seed: int = 0, official: str | None = None,
+           q_len=(280, 330)):
     """name -> (role, setup) for one point; the models are built once per point and shared."""
     state = {}
 
@@ -33,7 +34,10 @@ def _steps(size: str, B: int, n_latents: int, device, dtype, seed: int = 0):
             state["ref"] = ReferenceCoconut(hf, sp.latent, sp.bot, sp.eot, sp.eos)
             state["lm"] = LatentLM(ours, sp.latent, sp.bot, sp.eot, sp.eos)
             state["floor"] = LatentLM(ours, sp.latent, sp.bot, sp.eot, sp.eos, feedback="pause")
-            state["batch"] = collate(prosqa_examples(B, VOCAB, n_latents=n_latents, seed=seed + B), VOCAB,
+            if official:
+                state["official"] = official_coconut(official, hf, sp)
+            examples = prosqa_examples(B, VOCAB, n_latents=n_latents, seed=seed + B, q_len=q_len)
+            state["batch"] = collate(examples, VOCAB,
                                      device=device)
         return state
 
@@ -45,14 +49,17 @@ def _steps(size: str, B: int, n_latents: int, device, dtype, seed: int = 0):
             def step():
                 module.zero_grad(set_to_none=True)
                 out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"])
-                loss = out[0] if isinstance(out, tuple) else out.loss
+                loss = out[0] if isinstance(out, tuple) else out.loss  # (reference) / LatentOutput / Outputs
                 loss.backward()
                 return loss
             return step
         return setup
 
-    return {"coconut_kernels": ("impl", make("lm")), "reference": ("reference", make("ref")),
-            "floor": ("floor", make("floor"))}
+    providers = {"coconut_kernels": ("impl", make("lm")), "reference": ("reference", make("ref")),
+                 "floor": ("floor", make("floor"))}
+    if official:
+        providers["official checkout"] = ("other", make("official"))
+    return providers
 
 
 def cases(settings: dict):
@@ -60,13 +67,15 @@ def cases(settings: dict):
     size = "gpt2-tiny" if quick else "gpt2-4x256"
     sizes = settings["sizes"] or ([2] if quick else [8, 32] if device.type == "cuda" else [4, 8])
     reps = 2 if quick else 3
+    q_len = (40, 60) if quick else (280, 330)  # --quick: short questions, a smoke run of the same code
     for B in sizes:
-        for name, (role, setup) in _steps(size, B, 6, device, dtype).items():
+        for name, (role, setup) in _steps(size, B, 6, device, dtype, official=settings["official"],
+                                          q_len=q_len).items():
             yield Case("train_step", name, "B", B, setup, role=role, reps=reps)
     # The number of latents, at the smallest batch.
     if not settings["sizes"]:
         for k in ([1, 3] if quick else [1, 3, 6]):
-            for name, (role, setup) in _steps(size, sizes[0], k, device, dtype).items():
+            for name, (role, setup) in _steps(size, sizes[0], k, device, dtype, q_len=q_len).items():
                 yield Case("train_step_latents", name, "latents", k, setup, role=role, reps=reps)
 
 

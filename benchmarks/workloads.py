@@ -75,3 +75,17 @@ def collate(examples: list[dict], vocab: int, layout: str = "aligned", device="c
     coll = (AlignedCollator if layout == "aligned" else RaggedCollator)(sp.pad, sp.latent)
     batch = coll(examples)
     return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "position_ids") if k in batch}
+
+
+def official_coconut(path: str, hf_model, sp: Special, eos: int | None = None):
+    """The `Coconut` class of a checkout of the reference repository at `path` (its coconut.py), wrapping the
+    same transformers model. It was written for transformers 4.46; newer releases may reject its cache tuples."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("official_coconut", Path(path) / "coconut.py")
+    if spec is None or not (Path(path) / "coconut.py").exists():
+        raise FileNotFoundError(f"--official {path}: no coconut.py there")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.Coconut(hf_model, sp.latent, sp.bot, sp.eot, sp.eos if eos is None else eos)

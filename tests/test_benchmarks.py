@@ -1,0 +1,61 @@
+"""The benchmark runner's --quick mode: it runs, writes a well-formed CSV, a machine JSON and PNG plots, and
+the ratios it prints are computed from the rows it wrote."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import CSV_FIELDS, format_table, ratio_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--scenario", "latent_feedback",
+                           "--scenario", "train_step", "--scenario", "generate", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, done.stdout
+
+
+@pytest.mark.slow
+def test_quick_run_writes_csv_json_png(quick_run):
+    out, stdout = quick_run
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0].keys()) == CSV_FIELDS
+    assert {r["scenario"] for r in rows} >= {"latent_feedback", "train_step", "train_step_latents", "generate"}
+    for r in rows:
+        p20, p50, p80 = float(r["p20"]), float(r["p50"]), float(r["p80"])
+        assert 0 < p20 <= p50 <= p80, r
+        assert r["date"] and r["torch"] and r["device"]
+    machine = json.loads((out / "machine.json").read_text())
+    assert machine["torch_threads"] >= 1 and "torch" in machine
+    for scn in ("train_step", "generate"):
+        png = out / f"{scn}.png"
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "torch.set_num_threads(" in stdout
+
+
+@pytest.mark.slow
+def test_printed_ratios_come_from_the_rows(quick_run):
+    out, stdout = quick_run
+    with open(out / "results.csv") as f:
+        rows = [dict(r, p20=float(r["p20"]), p50=float(r["p50"]), p80=float(r["p80"])) for r in csv.DictReader(f)]
+    for scn in ("train_step", "generate"):
+        table = ratio_table([r for r in rows if r["scenario"].startswith(scn)])
+        for line in format_table(table).splitlines()[2:]:
+            assert line in stdout
+    # And the ratio itself: the library's time over the reference's at the same point.
+    t = {(r["provider"], r["x_value"]): r["p50"] for r in rows if r["scenario"] == "train_step" and r["metric"] == "time"}
+    x = next(x for p, x in t if p == "coconut_kernels")
+    table = ratio_table([r for r in rows if r["scenario"] == "train_step"])
+    row = next(r for r in table[1:] if r[1] == "coconut_kernels" and r[0].endswith(f"={x}"))
+    assert float(row[7]) == pytest.approx(t[("coconut_kernels", x)] / t[("reference", x)], rel=1e-2)

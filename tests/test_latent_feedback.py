@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import coconut_kernels as ck
 from coconut_kernels.ops.latent_feedback import _check_indices
 from coconut_kernels.reference import latent_feedback_reference as reference
-from tests.helpers import assert_within_torch_error, requires_triton
+from tests.helpers import assert_within_torch_error, requires_cuda, requires_triton
 
 NORMS = ("none", "layernorm", "rmsnorm")
 OPS = torch.ops.coconut
@@ -335,3 +335,37 @@ def test_debug_index_check():
         b = {**a, **over}
         with pytest.raises(ValueError, match=msg):
             _check_indices(b["embeds"], b["hidden"], b["batch_idx"], b["dst_pos"], b["src_pos"])
+
+
+# ---- GPU (skipped without one; run by benchmarks/gpu_check.sh) ----------------------------------------
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("d", [1, 3, 768, 4096, 40000])  # 40000: the C++ kernel's row does not fit in registers
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends(backend, layout, norm, d, dtype):
+    if backend == "cuda" and not ck.backend.has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    a = make(layout, norm, d=d, n=6, B=3, T=5, S=4, dtype=dtype, seed=d)
+    cu = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    for k in ("embeds", "hidden", "weight", "bias"):
+        if cu[k] is not None:
+            cu[k].requires_grad_()
+    ck.set_backend(backend)
+    try:
+        out = call(ck.latent_feedback, cu)
+        grad = torch.randn_like(out)
+        names = [k for k in ("embeds", "hidden", "weight", "bias") if cu[k] is not None]
+        grads = torch.autograd.grad(out, [cu[k] for k in names], grad)
+    finally:
+        ck.set_backend(None)
+    a64 = {k: (v.double().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+           for k, v in a.items()}
+    ref = call(reference, a64)
+    ref_grads = torch.autograd.grad(ref, [a64[k] for k in names], grad.double().cpu())
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol)
+    for name, g, r in zip(names, grads, ref_grads):
+        torch.testing.assert_close(g.double().cpu(), r, rtol=tol, atol=tol * max(1.0, d / 768), msg=name)

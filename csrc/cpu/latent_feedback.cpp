@@ -18,6 +18,7 @@ namespace {
 // Lanes of the explicit partial sums: floating-point sums are not reassociated by the compiler, so
 // independent accumulators are what lets it vectorise the reductions (and they sum more accurately).
 constexpr int kLanes = 8;
+constexpr int64_t kMinElemsPerTask = 65536;
 
 template <typename acc_t>
 acc_t row_sum(const acc_t* x, int64_t d) {
@@ -102,7 +103,8 @@ void forward_kernel(const FeedbackArgs& a, at::Tensor& embeds, const at::Tensor&
   const scalar_t* in = hidden.data_ptr<scalar_t>();
   const std::vector<acc_t> w = param_values<acc_t>(weight), bs = param_values<acc_t>(bias);
   const int64_t d = a.d;
-  const int64_t grain = std::max<int64_t>(1, 32768 / d);
+  // Waking a second thread costs more than copying a few rows (and much more on a loaded machine).
+  const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / d);
   at::parallel_for(0, a.n, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> x(a.norm == FeedbackNorm::kNone ? 0 : d);
     for (int64_t i = begin; i < end; ++i) {
@@ -176,7 +178,8 @@ void backward_kernel(const FeedbackArgs& a, const at::Tensor& grad, const at::Te
   const int64_t n_blocks = (n_groups + per_block - 1) / per_block;
   std::vector<acc_t> part_w(want_w ? n_blocks * d : 0), part_b(want_b ? n_blocks * d : 0);
 
-  at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
+  const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / (per_block * d));
+  at::parallel_for(0, n_blocks, grain, [&](int64_t blk_begin, int64_t blk_end) {
     std::vector<acc_t> x(d), dy(d), dx(d);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       acc_t* pw = want_w ? part_w.data() + blk * d : nullptr;

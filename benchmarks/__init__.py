@@ -1,0 +1,1 @@
+"""Benchmarks of coconut_kernels (pytest-benchmark), one module per op."""

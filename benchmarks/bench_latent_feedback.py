@@ -2,6 +2,7 @@
 rebuild of inputs_embeds and against index_put (plus a separate LayerNorm), all in one run.
 
     python -m pytest benchmarks/bench_latent_feedback.py -s --benchmark-columns=median,iqr,rounds
+    python -m benchmarks --scenario latent_feedback        (the suite's runner: the same cases at N = B)
 
 The rebuild at the issue's shape (B=32, T=350, d=768) takes minutes per round, so it runs once (pedantic)
 and only with COCONUT_BENCH_FULL=1; by default a B=4 rebuild runs 3 rounds. Every other case runs 15 rounds
@@ -19,25 +20,24 @@ import torch.nn.functional as F
 
 import coconut_kernels as ck
 
-torch.set_num_threads(2)
-print(f"\ntorch.set_num_threads(2): torch.get_num_threads() = {torch.get_num_threads()}, torch {torch.__version__}")
+from .harness import Case, Scenario, register
 
 T, D, N_LATENT = 350, 768, 6
 MEDIANS: dict[str, float] = {}
 
 
-def make(B: int, per_seq: int, seed: int = 0):
+def make(B: int, per_seq: int, seed: int = 0, device="cpu", dtype=torch.float32):
     """Leaves as in a pass: embeds and hidden (B, T, d) requiring grad, LayerNorm parameters, per-sequence
     latent positions (dst) fed from the previous position (src = dst - 1), the upstream gradient."""
     g = torch.Generator().manual_seed(seed)
-    embeds = torch.randn(B, T, D, generator=g).requires_grad_()
-    hidden = torch.randn(B, T, D, generator=g).requires_grad_()
-    weight = (torch.randn(D, generator=g) + 1).requires_grad_()
-    bias = torch.randn(D, generator=g).requires_grad_()
+
+    def leaf(*shape, shift=0.0):
+        return (torch.randn(*shape, generator=g) + shift).to(device, dtype).requires_grad_()
+    embeds, hidden, weight, bias = leaf(B, T, D), leaf(B, T, D), leaf(D, shift=1.0), leaf(D)
     start = torch.randint(50, T - N_LATENT, (B,), generator=g)
-    batch_idx = torch.arange(B).repeat_interleave(per_seq)
-    dst = (start[:, None] + torch.arange(per_seq)).flatten()
-    grad = torch.randn(B, T, D, generator=g)
+    batch_idx = torch.arange(B).repeat_interleave(per_seq).to(device)
+    dst = (start[:, None] + torch.arange(per_seq)).flatten().to(device)
+    grad = torch.randn(B, T, D, generator=g).to(device, dtype)
     return dict(embeds=embeds, hidden=hidden, weight=weight, bias=bias, batch_idx=batch_idx, dst=dst, src=dst - 1,
                 grad=grad, B=B)
 
@@ -87,6 +87,31 @@ def step(fn, x):
     fn(x).backward(x["grad"])
 
 
+def cases(settings):
+    """The runner's cases: identity feedback (vs the rebuild, the reference, and index_put, the floor) and
+    fused LayerNorm (vs index_put + a separate layer_norm), at N = B (one latent row per sequence)."""
+    device, dtype, quick = settings["device"], settings["dtype"], settings["quick"]
+    sizes = settings["sizes"] or ([2] if quick else [4, 32])
+    reps = 3 if quick else 15
+    groups = {"latent_feedback": [("latent_feedback", "impl"), ("index_put", "floor"), ("rebuild", "reference")],
+              "latent_feedback_layernorm": [("latent_feedback(layernorm)", "impl"),
+                                            ("latent_feedback_(layernorm, in place)", "other"),
+                                            ("index_put+layer_norm", "floor")]}
+    for B in sizes:
+        for scenario, impls in groups.items():
+            for impl, role in impls:
+                if impl == "rebuild" and (B > 8 and not FULL or device.type != "cpu"):
+                    continue  # minutes per round at B=32: COCONUT_BENCH_FULL=1 runs it
+
+                def setup(impl=impl, B=B):
+                    x = make(B, 1, device=device, dtype=dtype)
+                    return lambda: step(IMPLS[impl], x)
+                yield Case(scenario, impl, "B", B, setup, role=role, reps=1 if impl == "rebuild" and B > 8 else reps,
+                           warmup=0 if impl == "rebuild" else 2, extra={"memory": False})
+
+
+SCENARIO = register(Scenario("latent_feedback", f"one feedback write, fwd+bwd, T={T}, d={D}, N=B", cases))
+
 FULL = os.environ.get("COCONUT_BENCH_FULL", "0") not in ("", "0")
 # The B=32 rebuild once, at N=B only (N=6B rebuilds the same B x T slices).
 CASES = [(impl, B, per) for B in (4, 32) for per in (1, N_LATENT) for impl in IMPLS
@@ -95,6 +120,7 @@ CASES = [(impl, B, per) for B in (4, 32) for per in (1, N_LATENT) for impl in IM
 
 @pytest.mark.parametrize("impl,B,per", CASES, ids=[f"{i}-B{b}-N{p}B" for i, b, p in CASES])
 def test_latent_feedback_step(benchmark, impl, B, per):
+    torch.set_num_threads(2)
     x = make(B, per)
     benchmark.group = f"latent_feedback fwd+bwd B={B} T={T} d={D} N={per}B"
     if impl == "rebuild":

@@ -280,7 +280,6 @@ class _Run:
                 group = min(cfg.grad_accum_steps, self.n_micro - group_start)
                 last_in_group = b == group_start + group - 1
                 batch = {k: v.to(self.device) for k, v in self.collator(batches[b]).items()}
-                tokens += int(batch["attention_mask"].sum())
                 sync = nullcontext() if last_in_group or not hasattr(model, "no_sync") else model.no_sync()
                 with sync:
                     with autocast:
@@ -288,6 +287,7 @@ class _Run:
                                     batch["position_ids"])
                     (out.loss / group).backward()
                 loss_sum += out.loss.detach() / group
+                tokens += int(batch["attention_mask"].sum())
                 if not last_in_group:
                     continue
                 lr = self._lr(step)
@@ -297,12 +297,12 @@ class _Run:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                totals = torch.stack([loss_sum, torch.tensor(float(tokens), device=self.device)])
                 if self.world > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= self.world
+                    dist.all_reduce(totals)  # the mean of the ranks' losses, every rank's tokens
                 if hasattr(norm, "full_tensor"):
                     norm = norm.full_tensor()
-                loss = float(loss_sum)
+                loss, tokens = float(totals[0]) / self.world, int(totals[1])
                 self.losses.append((step, loss))
                 self.log.train({"step": step, "epoch": epoch, "stage": stage, "loss": loss, "lr": lr,
                                 "grad_norm": float(norm), "tokens": tokens,

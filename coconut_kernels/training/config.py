@@ -84,6 +84,13 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> None:
         for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str) and "float" in str(f.type):
+                # YAML 1.1 reads 3e-4 (no dot) as a string
+                try:
+                    setattr(self, f.name, float(value))
+                except ValueError:
+                    pass
             _check_type(f.name, getattr(self, f.name), f.type)
         if self.method not in METHODS:
             raise ValueError(f"config key 'method': expected one of {METHODS}, got {self.method!r}")

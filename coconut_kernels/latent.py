@@ -127,7 +127,7 @@ class LatentLM(nn.Module):
         logits = normed @ self.model.lm_head_weight.T
         if self.model.lm_head_bias is not None:
             logits = logits + self.model.lm_head_bias
-        return logits.float()
+        return logits if logits.dtype == torch.float64 else logits.float()
 
     def _feed(self, dst: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         """A copy of dst (B, 1, d) with dst[b, 0] = feedback(hidden[b, src]) for b in rows. The "hidden" mode

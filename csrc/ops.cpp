@@ -46,7 +46,7 @@ TORCH_LIBRARY(coconut, m) {
       "Tensor? rotary_sin, bool rotary_interleaved) -> ()");
   // Attention of q (at rows cache_seqlens[b] + t) to cache rows [cache_leftpad[b], cache_seqlens[b] + n_new),
   // causal aligned bottom-right. Rows t >= new_seqlens[b] give out = 0 and lse = -inf.
-  // out has q's dtype, lse is fp32 (B, Hq, Sq).
+  // out has q's dtype, lse (B, Hq, Sq) is fp32 (fp64 for fp64 inputs, so fp64 gradients are exact).
   m.def(
       "latent_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
       "Tensor? cache_leftpad, Tensor? new_seqlens, Tensor? rotary_cos, Tensor? rotary_sin, "
@@ -66,5 +66,19 @@ TORCH_LIBRARY(coconut, m) {
       "float? softmax_scale=None, bool causal=True) -> (Tensor out, Tensor lse)");
 
   // ---- soft_embedding -------------------------------------------------------------------------
-  // (schemas added by the soft_embedding op)
+  // Soft-thinking input: out[n] = sum_i p[n, i] * weight[i] with p = softmax(logits[n] / temperature) over
+  // the kept set, a value-closed filter (every logit tied with a kept one is kept): the top_k largest logits
+  // (0: all), then the smallest such set whose probability reaches top_p (1.0: all; the top token always).
+  // logits (N, V), weight (V, d); out has weight's dtype. The kept set of row n is {i : logits[n, i] >= threshold[n]}
+  // and p[n, i] = exp(logits[n, i] / temperature - lse[n]); threshold, lse (N,) are fp32 (fp64 for fp64 logits)
+  // and are all the backward needs besides the inputs.
+  m.def(
+      "soft_embedding_fwd(Tensor logits, Tensor weight, float temperature, int top_k, float top_p) "
+      "-> (Tensor out, Tensor threshold, Tensor lse)");
+  // Gradients through the softmax with the kept set held fixed: grad_logits (logits' shape and dtype, 0 outside
+  // the kept set), grad_weight (weight's shape and dtype); an output whose output_mask entry is false is a
+  // 0-element tensor.
+  m.def(
+      "soft_embedding_bwd(Tensor grad_out, Tensor logits, Tensor weight, Tensor threshold, Tensor lse, "
+      "float temperature, bool[2] output_mask) -> (Tensor grad_logits, Tensor grad_weight)");
 }

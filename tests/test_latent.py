@@ -87,6 +87,8 @@ def check_grads(ref, lm, rtol, atol):
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-9, 1e-11), (torch.float32, 1e-4, 1e-5)])
 @pytest.mark.parametrize("layout", ["aligned", "ragged"])
 def test_loss_and_grads_match_reference(family, dtype, rtol, atol, layout):
+    if family == "llama" and dtype == torch.float64:
+        rtol, atol = 1e-5, 1e-7  # transformers' RMSNorm computes in fp32 even in an fp64 model
     ref, lm = pair(family, dtype)
     ex = examples([0, 3, 8, 1, 5], seed=1)
     # The reference needs the aligned layout; ours takes both and must give the same loss.

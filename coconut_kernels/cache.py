@@ -1,0 +1,169 @@
+"""KVCache: one preallocated key/value cache for all layers, with per-sequence lengths, that multi-pass
+latent training can backpropagate through without concatenating caches. The model layer calls
+`attend(layer, ...)` in every layer of a pass and `advance(n)` after the pass; kernels are latent_attention's.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ops.latent_attention import _acc_dtype, kernels, latent_attention, new_rows_grad
+
+__all__ = ["KVCache"]
+
+
+def _as_lengths(x, batch: int, device) -> torch.Tensor:
+    t = torch.as_tensor(x, device=device)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"lengths must be an int or have shape ({batch},), got {tuple(t.shape)}")
+    return t.to(torch.int32)
+
+
+class KVCache:
+    """Keys and values of every layer: k, v (n_layers, B, max_len, n_kv_heads, head_dim), allocated once.
+
+    seqlens (B,) int32 counts the rows written per sequence (left padding included); leftpad (B,) int32 marks
+    the pad rows [0, leftpad[b]) that are never attended (rotary positions count from leftpad[b]). A pass
+    calls attend(layer, ...) for every layer, then advance(n_new) once. Nothing here syncs the host, and
+    advance/reset/crop update the length buffers in place (CUDA-graph friendly).
+
+    Training: when grad is enabled and q/k_new/v_new require grad, attend is differentiable, and the
+    gradients equal those of concatenating the past keys/values and running full attention in every pass,
+    including what a later pass's attention sends to the keys/values written by an earlier pass. Forward memory
+    is one cache plus each pass's q, out and lse. Rows a pass has read must not be rewritten before its
+    backward: reset() and crop() between a forward and its backward raise in the backward; advance each
+    sequence by the number of rows it really appended (new_seqlens), or later passes attend unwritten rows.
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device=None, leftpad=None):
+        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
+        self.leftpad = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
+        self.generation = 0  # bumped by reset/crop; a backward of an older generation refuses to run
+        self._chain = [None] * n_layers  # per layer: the ordering token output by its last differentiable pass
+        self._grad_kv = [None] * n_layers  # per layer: (dK, dV) accumulators, alive only during the backward
+        self.reset(leftpad)
+
+    @property
+    def n_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def reset(self, leftpad=None) -> None:
+        """Empty the cache (seqlens = 0) for a new batch, with new left padding (default none)."""
+        self.seqlens.zero_()
+        if leftpad is None:
+            self.leftpad.zero_()
+        else:
+            self.leftpad.copy_(_as_lengths(leftpad, self.batch, self.leftpad.device))
+        self._new_generation()
+
+    def crop(self, lengths) -> None:
+        """Keep only the first `lengths` rows (int or (B,) tensor) of each sequence: seqlens = min(seqlens,
+        lengths)."""
+        torch.minimum(self.seqlens, _as_lengths(lengths, self.batch, self.seqlens.device), out=self.seqlens)
+        self._new_generation()
+
+    def advance(self, n_new) -> None:
+        """After all layers of a pass: seqlens += n_new (int or (B,) int tensor, e.g. the pass's new_seqlens)."""
+        if isinstance(n_new, torch.Tensor):
+            self.seqlens.add_(n_new.to(self.seqlens.dtype))
+        else:
+            self.seqlens.add_(int(n_new))
+
+    def _new_generation(self) -> None:
+        self.generation += 1
+        self._chain = [None] * self.n_layers
+        self._grad_kv = [None] * self.n_layers
+
+    def attend(self, layer: int, q, k_new, v_new, *, new_seqlens=None, rotary_cos=None, rotary_sin=None,
+               rotary_interleaved=False, softmax_scale=None, causal=True):
+        """Append k_new/v_new (B, Sq, Hkv, D) to layer `layer` at seqlens and attend q (B, Sq, Hq, D) to it; see
+        coconut_kernels.latent_attention for the mask, rotary and new_seqlens semantics. Returns out like q."""
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        rot = (rotary_cos, rotary_sin, rotary_interleaved)
+        if not (torch.is_grad_enabled() and (q.requires_grad or k_new.requires_grad or v_new.requires_grad)):
+            return latent_attention(q, k_new, v_new, self.k[layer], self.v[layer], self.seqlens, softmax_scale=scale,
+                                    causal=causal, cache_leftpad=self.leftpad, new_seqlens=new_seqlens,
+                                    rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                    rotary_interleaved=rotary_interleaved)
+        out, self._chain[layer] = _CachedAttention.apply(self._chain[layer], q, k_new, v_new, self, layer,
+                                                         new_seqlens, rot, scale, causal)
+        return out
+
+
+class _CachedAttention(torch.autograd.Function):
+    """One differentiable pass of one layer: append + attend, and in backward the gradients of q, k_new, v_new.
+
+    Backward order: every pass takes the chain token output by the previous pass of the same layer, so autograd
+    runs pass j's backward before pass j-1's. Each backward ADDS its attention's gradient w.r.t. all cache rows
+    it read into the layer's accumulator; when pass i's backward runs, every later pass (the only ones that read
+    its rows besides itself) has added its share, so the rows pass i wrote hold their full gradient and are
+    gathered as k_new/v_new's. An absent chain gradient means no later pass ran in this backward: start from
+    zero. The first pass frees the accumulator. The cache is held by plain reference, not save_for_backward:
+    later passes append in place to rows this pass never reads; the generation counter catches reset/crop.
+    """
+
+    @staticmethod
+    def forward(ctx, chain, q, k_new, v_new, cache, layer, new_seqlens, rot, scale, causal):
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        seqlens = cache.seqlens.clone()  # advance() changes cache.seqlens in place before this backward runs
+        new_seqlens = None if new_seqlens is None else new_seqlens.clone()
+        append, fwd, _ = kernels(q.device)
+        append(k_cache, v_cache, k_new, v_new, seqlens, cache.leftpad, new_seqlens, *rot)
+        out, lse = fwd(q, k_cache, v_cache, seqlens, cache.leftpad, new_seqlens, *rot, scale, causal)
+        ctx.save_for_backward(q, out, lse)
+        ctx.cache, ctx.layer, ctx.generation = cache, layer, cache.generation
+        ctx.lengths = (seqlens, new_seqlens)
+        ctx.rot, ctx.scale, ctx.causal = rot, scale, causal
+        ctx.first = chain is None
+        ctx.n_rows, ctx.new_dtype = k_new.shape[1], k_new.dtype
+        ctx.set_materialize_grads(False)
+        return out, q.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_chain):
+        cache, layer = ctx.cache, ctx.layer
+        if cache.generation != ctx.generation:
+            raise RuntimeError(
+                f"KVCache.attend(layer={layer}): the cache was reset or cropped after this pass's forward and "
+                "before its backward; the rows it attended are gone. Run backward before reset()/crop().")
+        q, out, lse = ctx.saved_tensors
+        seqlens, new_seqlens = ctx.lengths
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        grad_kv = cache._grad_kv[layer]
+        if grad_chain is None or grad_kv is None:
+            if grad_kv is None:
+                acc = _acc_dtype(k_cache.dtype)
+                grad_kv = (torch.zeros(k_cache.shape, dtype=acc, device=k_cache.device),
+                           torch.zeros(v_cache.shape, dtype=acc, device=v_cache.device))
+            else:  # left over from a backward that stopped before the first pass
+                grad_kv[0].zero_()
+                grad_kv[1].zero_()
+            cache._grad_kv[layer] = grad_kv
+        dq = None
+        if grad_out is not None:
+            _, _, bwd = kernels(q.device)
+            dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, cache.leftpad, new_seqlens,
+                     *ctx.rot, ctx.scale, ctx.causal, grad_kv[0], grad_kv[1])
+        dk = dv = None
+        if ctx.needs_input_grad[2]:
+            dk = new_rows_grad(grad_kv[0], seqlens, cache.leftpad, new_seqlens, ctx.n_rows, *ctx.rot, ctx.new_dtype)
+        if ctx.needs_input_grad[3]:
+            dv = new_rows_grad(grad_kv[1], seqlens, cache.leftpad, new_seqlens, ctx.n_rows, None, None, False,
+                               ctx.new_dtype)
+        if ctx.first:
+            cache._grad_kv[layer] = None
+        chain_grad = None if ctx.first else torch.zeros((), dtype=q.dtype, device=q.device)
+        return chain_grad, dq, dk, dv, None, None, None, None, None, None

@@ -1,0 +1,44 @@
+"""The thin model layer: GPT-2 and the Llama family (Llama, Qwen2, Mistral) in plain PyTorch, attention
+always through `KVCache` (so through the `latent_attention` op), loaded from Hugging Face checkpoint
+folders without `transformers`. `latent.py` drives these models pass by pass.
+
+Interface (both families)::
+
+    from coconut_kernels.models import GPT2, GPT2Config, Llama, LlamaConfig, from_pretrained, load_config
+
+    model = GPT2(config) / Llama(config)              # nn.Module, randomly initialised
+    model = from_pretrained(path_or_hf_model, dtype=None, device=None)
+        # a folder with config.json + model.safetensors (or model.safetensors.index.json and its shards),
+        # or a transformers model object (config + state_dict, tensors copied). The family is picked
+        # from model_type; unsupported model types / architectures / options and missing or unused
+        # tensors raise ValueError naming them. dtype None keeps the checkpoint's dtype.
+    load_config(path_or_dict_or_hf_config) -> GPT2Config | LlamaConfig
+
+    model.config          # dataclass: vocab_size, n_layer, n_head, n_kv_head, d_model, head_dim,
+                          # max_position, norm_eps, tie_embeddings, d_ff, model_type, + family fields
+    model.embed(input_ids) -> (B, n, d)              # token embeddings only (no positions)
+    model.forward_embeds(x, cache, *, position_ids=None, new_seqlens=None) -> (B, n, d)
+        # every layer on input embeddings x against `cache` (cache.attend per layer; the cache is NOT
+        # advanced: call cache.advance(n) after), returns the hidden state BEFORE the final norm.
+        # GPT-2 adds wpe[position_ids]; default position_ids = cache.seqlens - cache.leftpad + arange(n)
+        # (clamped at 0 for pads). Llama: rotary inside the kernel, position = cache row - leftpad;
+        # position_ids is ignored. new_seqlens (B,) int32: rows t >= new_seqlens[b] are not appended.
+    model.final_norm       # nn.LayerNorm (GPT-2) | RMSNorm (Llama); .weight, .bias (None for RMSNorm), .eps
+    model.norm_kind        # "layernorm" | "rmsnorm"   (for the fused latent_feedback op)
+    model.lm_head_weight   # (V, d); the embedding's weight when tied.  model.lm_head_bias is None
+    model.logits(hidden)   # final norm + LM head of pre-norm hidden states
+    model.new_cache(batch, max_len, *, dtype=None, device=None, leftpad=None) -> KVCache
+    model(input_ids, position_ids=None, attention_mask=None) -> logits (B, T, V)
+        # one pass through a fresh cache; attention_mask (B, T) 0/1 with LEFT padding only (the pads
+        # become the cache's leftpad)
+
+Not implemented: dropout (the layers have none: train COCONUT with dropout 0), sliding-window
+attention (Mistral / Qwen2 with a window: new_cache refuses caches longer than the window), rope types
+other than default / linear / dynamic / llama3 / yarn ("dynamic" is static: identical to plain RoPE up
+to max_position, unlike transformers' rescaling beyond it), partial rotary embeddings.
+"""
+from .gpt2 import GPT2, GPT2Config
+from .llama import Llama, LlamaConfig
+from .loading import from_pretrained, load_config
+
+__all__ = ["GPT2", "GPT2Config", "Llama", "LlamaConfig", "from_pretrained", "load_config"]

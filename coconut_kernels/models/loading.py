@@ -1,0 +1,126 @@
+"""Loading Hugging Face checkpoints into the model families without `transformers`: config.json is mapped
+to the family's dataclass config, and model.safetensors (or the shards a model.safetensors.index.json
+names) to its tensors. A `transformers` model object works as a source too (its config and state_dict).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .gpt2 import GPT2, GPT2Config
+from .llama import Llama, LlamaConfig
+
+# model_type -> (config class, model class, the HF architectures whose tensors we can load)
+FAMILIES = {
+    "gpt2": (GPT2Config, GPT2, ("GPT2LMHeadModel", "GPT2Model")),
+    "llama": (LlamaConfig, Llama, ("LlamaForCausalLM", "LlamaModel")),
+    "qwen2": (LlamaConfig, Llama, ("Qwen2ForCausalLM", "Qwen2Model")),
+    "mistral": (LlamaConfig, Llama, ("MistralForCausalLM", "MistralModel")),
+}
+
+
+def _hf_config_dict(source) -> dict:
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            path = path / "config.json"
+        with open(path) as f:
+            return json.load(f)
+    if hasattr(source, "to_dict"):  # a transformers PretrainedConfig
+        return source.to_dict()
+    raise TypeError(f"expected a checkpoint folder, a config.json path, a dict or a transformers config, "
+                    f"got {type(source).__name__}")
+
+
+def _family(hf: dict):
+    model_type = hf.get("model_type")
+    architectures = hf.get("architectures") or []
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r} (architectures {architectures}); "
+                         f"supported: {sorted(FAMILIES)}")
+    config_cls, model_cls, known = FAMILIES[model_type]
+    unknown = [a for a in architectures if a not in known]
+    if unknown:
+        raise ValueError(f"unsupported architecture(s) {unknown} for model_type {model_type!r}; "
+                         f"supported: {list(known)}")
+    return config_cls, model_cls
+
+
+def load_config(source) -> GPT2Config | LlamaConfig:
+    """The family's config for a checkpoint folder, a config.json path, its dict, or a transformers config."""
+    hf = _hf_config_dict(source)
+    config_cls, _ = _family(hf)
+    return config_cls.from_hf(hf)
+
+
+def _read_safetensors(folder: Path, device) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json "
+                                f"(found {found}); only safetensors checkpoints are read")
+    tensors = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt", device=str(device or "cpu")) as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def _convert(tensors: dict, model_cls, config, where: str) -> dict[str, torch.Tensor]:
+    """HF tensors -> our state dict, raising on missing tensors and on tensors we would silently drop."""
+    prefix = model_cls.hf_prefix
+    named = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in tensors.items()}
+    plan = model_cls.hf_tensor_plan(config)
+    needed = {n for names, _ in plan.values() for n in names}
+    missing = sorted(needed - named.keys())
+    if missing:
+        full = [n if n.startswith("lm_head.") else prefix + n for n in missing]
+        raise ValueError(f"{where} lacks tensors required by {model_cls.__name__}: {full}")
+    unexpected = sorted(k for k in named.keys() - needed if not model_cls.hf_ignored.search(k))
+    if unexpected:
+        raise ValueError(f"{where} has tensors {model_cls.__name__} does not use (an unsupported variant of "
+                         f"the architecture?): {unexpected}")
+    return {ours: fn(*(named[n] for n in names)) if fn else named[names[0]] for ours, (names, fn) in plan.items()}
+
+
+def from_pretrained(source, dtype: torch.dtype | None = None, device=None) -> GPT2 | Llama:
+    """A model with the weights of a Hugging Face checkpoint folder (config.json + model.safetensors or
+    sharded safetensors) or of a `transformers` model object (its tensors are copied).
+
+    dtype None keeps the checkpoint's (the source model's) floating dtype; device None: the CPU for a
+    folder, the source model's device for a model object."""
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        config = load_config(folder)
+        tensors = _read_safetensors(folder, device)
+        where, copy = f"checkpoint {folder}", False
+    elif hasattr(source, "config") and hasattr(source, "state_dict"):
+        config = load_config(source.config)
+        tensors = source.state_dict()
+        where, copy = f"{type(source).__name__} object", True
+    else:
+        raise TypeError(f"from_pretrained expects a checkpoint folder or a transformers model, "
+                        f"got {type(source).__name__}")
+    model_cls = FAMILIES[config.model_type][1]
+    state = _convert(tensors, model_cls, config, where)
+    reference = state["embed_tokens.weight"]
+    dtype = dtype or reference.dtype
+    device = device or reference.device
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype,
+                     memory_format=torch.contiguous_format, copy=copy) for k, v in state.items()}
+    with torch.device("meta"):
+        model = model_cls(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

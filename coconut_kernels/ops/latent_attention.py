@@ -1,0 +1,191 @@
+"""latent_attention: incremental attention over a preallocated KV cache, with backward.
+
+Python entry point, fake kernels of the four ops, backend choice and the autograd Function of the standalone
+op. Multi-pass training through the cache (gradients into rows written by earlier passes) is KVCache's job
+(coconut_kernels/cache.py), built on the helpers here.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ..backend import get_backend
+
+__all__ = ["latent_attention"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation type of lse and of the cache-gradient accumulators: fp32, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- fake kernels (shapes only: torch.compile, opcheck, meta tensors) ---------------------------------------
+
+
+@torch.library.register_fake("coconut::kv_cache_append_")
+def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
+                 rotary_interleaved):
+    return None
+
+
+@torch.library.register_fake("coconut::latent_attention_fwd")
+def _fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
+              rotary_interleaved, softmax_scale, causal):
+    B, Sq, Hq, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, Sq),
+                                                                                   dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.register_fake("coconut::latent_attention_bwd")
+def _bwd_fake(grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
+              rotary_sin, rotary_interleaved, softmax_scale, causal, grad_k_cache, grad_v_cache):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("coconut::latent_attention")
+def _composite_fake(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad=None, new_seqlens=None,
+                    rotary_cos=None, rotary_sin=None, rotary_interleaved=False, softmax_scale=None, causal=True):
+    return _fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
+                     rotary_interleaved, softmax_scale, causal)
+
+
+# ---- backend choice ------------------------------------------------------------------------------------------
+
+
+def kernels(device: torch.device):
+    """(append, fwd, bwd) callables with the op signatures for the backend that runs on `device`."""
+    backend = get_backend(device)
+    if backend in ("cpu", "cuda"):
+        ops = torch.ops.coconut
+        return ops.kv_cache_append_.default, ops.latent_attention_fwd.default, ops.latent_attention_bwd.default
+    if backend == "triton":
+        from ..triton import latent_attention as tri  # imported lazily: needs triton and a GPU (or the interpreter)
+
+        return tri.kv_cache_append_triton, tri.latent_attention_fwd_triton, tri.latent_attention_bwd_triton
+    return (reference.kv_cache_append_reference, reference.latent_attention_fwd_reference,
+            reference.latent_attention_bwd_reference)
+
+
+def new_rows_grad(grad_cache, cache_seqlens, cache_leftpad, new_seqlens, n_rows, rotary_cos, rotary_sin,
+                  rotary_interleaved, dtype):
+    """The gradient of the appended rows k_new/v_new (B, n_rows, Hkv, D), gathered from a cache-shaped
+    accumulator at rows cache_seqlens[b] + t (zero for t >= new_seqlens[b]), un-rotated when rotary tables are
+    given (pass None for v) and cast to `dtype`. No host sync."""
+    B, Tmax = grad_cache.shape[:2]
+    t = torch.arange(n_rows, device=grad_cache.device)
+    rows = cache_seqlens.long()[:, None] + t  # (B, n_rows)
+    valid = rows < Tmax
+    if new_seqlens is not None:
+        valid &= t < new_seqlens.long()[:, None]
+    idx = rows.clamp(max=Tmax - 1)[:, :, None, None].expand(-1, -1, *grad_cache.shape[2:])
+    g = torch.where(valid[:, :, None, None], grad_cache.gather(1, idx), 0)
+    if rotary_cos is not None:
+        pos = rows if cache_leftpad is None else rows - cache_leftpad.long()[:, None]
+        g = reference.apply_rotary_reference(g, rotary_cos, rotary_sin, pos, rotary_interleaved, inverse=True)
+    return g.to(dtype)
+
+
+# ---- standalone op with autograd ----------------------------------------------------------------------------
+
+
+class _LatentAttention(torch.autograd.Function):
+    """Append + attend; gradients for q, k_new, v_new. The earlier cache contents are constants, and the cache
+    is held by plain reference (rows this call reads are not rewritten by later appends at larger seqlens)."""
+
+    @staticmethod
+    def forward(ctx, q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
+                rotary_sin, rotary_interleaved, softmax_scale, causal):
+        append, fwd, _ = kernels(q.device)
+        append(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
+               rotary_interleaved)
+        out, lse = fwd(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
+                       rotary_interleaved, softmax_scale, causal)
+        ctx.save_for_backward(q, out, lse)
+        # Lengths are cloned: callers advance cache_seqlens in place before the backward runs.
+        ctx.lengths = (cache_seqlens.clone(), None if cache_leftpad is None else cache_leftpad.clone(),
+                       None if new_seqlens is None else new_seqlens.clone())
+        ctx.cache = (k_cache, v_cache)
+        ctx.args = (rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal)
+        ctx.n_rows, ctx.new_dtype = k_new.shape[1], k_new.dtype
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, out, lse = ctx.saved_tensors
+        k_cache, v_cache = ctx.cache
+        seqlens, leftpad, new_seqlens = ctx.lengths
+        cos, sin, interleaved, scale, causal = ctx.args
+        _, _, bwd = kernels(q.device)
+        gk = torch.zeros(k_cache.shape, dtype=_acc_dtype(k_cache.dtype), device=k_cache.device)
+        gv = torch.zeros_like(gk)
+        dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, leftpad, new_seqlens, cos, sin,
+                 interleaved, scale, causal, gk, gv)
+        dk = new_rows_grad(gk, seqlens, leftpad, new_seqlens, ctx.n_rows, cos, sin, interleaved, ctx.new_dtype)
+        dv = new_rows_grad(gv, seqlens, leftpad, new_seqlens, ctx.n_rows, None, None, False, ctx.new_dtype)
+        return dq, dk, dv, *([None] * 10)
+
+
+def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, causal=True,
+                     cache_leftpad=None, new_seqlens=None, rotary_cos=None, rotary_sin=None,
+                     rotary_interleaved=False, return_lse=False):
+    """Append new keys/values to a preallocated KV cache (in place) and attend the new queries to the cache.
+
+    The decode/latent-pass primitive of flash-attention's ``flash_attn_with_kvcache``, with a backward pass.
+
+    Arguments (B batch, Sq new tokens per sequence, Hq query heads, Hkv key/value heads, D head dim ≤ 256):
+        q: (B, Sq, Hq, D). Hq must be a multiple of Hkv (GQA; Hkv = 1 is MQA): query head h uses kv head
+            h // (Hq // Hkv).
+        k_new, v_new: (B, Sq, Hkv, D), the new tokens' keys and values.
+        k_cache, v_cache: (B, Tmax, Hkv, D), updated in place (last dimension contiguous).
+        cache_seqlens: (B,) int32, the number of rows already in each sequence's cache (absolute row index,
+            left padding included). Not changed: advance it yourself (or use ``KVCache``).
+        softmax_scale: default D ** -0.5.
+        causal: mask aligned bottom-right (see below); False lets every new token see all new tokens.
+        cache_leftpad: (B,) int32 or None (= 0). Rows [0, cache_leftpad[b]) are padding: never attended, and
+            rotary positions count from cache_leftpad[b]. It may exceed cache_seqlens[b] during the pass that
+            writes the pad rows themselves (a left-padded prompt); those pad queries then see no key.
+        new_seqlens: (B,) int32 or None (= Sq). Only rows t < new_seqlens[b] are appended and attended; rows
+            t >= new_seqlens[b] give out = 0 and lse = -inf (ragged passes).
+        rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) or None, rotary_dim even ≤ D; rotates the first
+            rotary_dim dims of q and k_new (k is stored rotated). The position of cache row r is
+            r - cache_leftpad[b]; seqlen_ro must cover every position written or queried.
+        rotary_interleaved: False = NeoX/GPT-J-NeoX style (dims i and i + rotary_dim/2 rotate together),
+            True = GPT-J style (dims 2i and 2i+1), as flash-attention.
+        return_lse: also return lse (B, Hq, Sq), the log-sum-exp of the scaled scores.
+
+    Dtypes: q, k_new, v_new, k_cache, v_cache share one of fp32, fp16, bf16 (and fp64 on CPU); accumulation is
+    fp32 (fp64 for fp64); lse is fp32 (fp64 for fp64 inputs).
+
+    Mask: query t of sequence b sits at cache row s + t, s = cache_seqlens[b], p = cache_leftpad[b],
+    n = new_seqlens[b]. Causal: it sees rows [p, s + t]; non-causal: rows [p, s + n). Example s = 4, p = 1,
+    Sq = n = 3 (x = attended, . = masked, rows 4-6 are the new ones):
+
+        cache row:  0 1 2 3 4 5 6
+        query 0:    . x x x x . .
+        query 1:    . x x x x x .
+        query 2:    . x x x x x x
+
+    Autograd: with grad enabled and q/k_new/v_new requiring grad, differentiable w.r.t. q, k_new and v_new
+    (including the new tokens attending each other); the earlier cache contents are constants here (use
+    ``KVCache`` to train through several passes). lse is not differentiable.
+
+    Not supported: dropout, alibi, sliding windows, softcapping, paged caches, gradients w.r.t. lse or the
+    rotary tables, fp64 on CUDA. Validation of the lengths' values (cache_seqlens + n ≤ Tmax, rotary table
+    length, ...) runs always on CPU and on CUDA only with COCONUT_DEBUG=1 (it needs a host sync); the kernels
+    never write outside the cache.
+
+    Returns out (B, Sq, Hq, D) in q's dtype, or (out, lse) with return_lse.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
+    if torch.is_grad_enabled() and (q.requires_grad or k_new.requires_grad or v_new.requires_grad):
+        out, lse = _LatentAttention.apply(q, k_new, v_new, k_cache, v_cache, *args, scale, causal)
+    elif get_backend(q.device) in ("cpu", "cuda"):
+        out, lse = torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args, scale,
+                                                              causal)
+    else:
+        append, fwd, _ = kernels(q.device)
+        append(k_cache, v_cache, k_new, v_new, *args)
+        out, lse = fwd(q, k_cache, v_cache, *args, scale, causal)
+    return (out, lse) if return_lse else out

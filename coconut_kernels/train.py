@@ -106,7 +106,8 @@ class _Run:
     def _check_lengths(self) -> None:
         """Refuse up front (not mid-run) a record that does not fit the model at some stage."""
         limit = self.lm.model.config.max_position
-        last = self.cfg.stage_of_epoch(max(self.cfg.num_epochs - 1, 0)) + 1
+        # past max_latent_stage every layout is the same (all steps replaced), and uniform_prob may draw any
+        last = (self.cfg.max_latent_stage if self.cfg.uses_latents else 0) + 1
         for rec in self.train:
             for stage in range(last + 1):
                 n = len(_example(rec, stage, self.stage_config, self.tokenizer).input_ids)

@@ -130,7 +130,8 @@ def test_resume_at_a_stage_change_resets_the_optimizer_as_uninterrupted(tmp_path
 
 
 def test_keep_checkpoints_and_latest(tmp_path):
-    cfg = tiny(tmp_path, num_epochs=3, eval_every=0, keep_checkpoints=2, save_every_steps=1)
+    cfg = tiny(tmp_path, num_epochs=3, eval_every=0, keep_checkpoints=2, save_every_steps=1, progress=True,
+               log_every=1)  # with the progress bars on
     run(cfg)
     names = sorted(p.name for p in Path(cfg.save_dir).glob("step-*"))
     assert names == ["step-000008", "step-000009"]
@@ -155,6 +156,7 @@ def test_failed_save_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
     assert latest_checkpoint(cfg.save_dir) == good
     assert (good / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in Path(cfg.save_dir).glob("step-*")) == [good.name]
+    assert not list(Path(cfg.save_dir).glob(".tmp-*"))  # the partial folder is cleaned up
     # the good checkpoint still resumes
     monkeypatch.undo()
     out = run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True))
@@ -214,6 +216,17 @@ def test_yaml_and_flags(tmp_path):
     cfg = parse_args([str(path), "--lr", "3e-4", "--model", "{n_layer: 1}", "--val_path", "null"])
     assert cfg.method == "cot" and cfg.lr == 3e-4 and cfg.val_path is None
     assert cfg.model == {"family": "gpt2", "n_layer": 1, "d_model": 32, "n_head": 2}
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for key in ("--c_thought", "--epochs_per_stage", "--max_latent_stage", "--pad_latent_to_max", "--uniform_prob",
+                "--reset_optimizer", "--grad_accum_steps", "--bf16", "--feedback", "--init_from", "--only_eval",
+                "--resume", "--dist"):
+        assert key in text
 
 
 def test_unknown_config_key(tmp_path, capsys):

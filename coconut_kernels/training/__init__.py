@@ -1,0 +1,9 @@
+"""Pieces of the curriculum trainer (`coconut_kernels.train`): the config, building the run, evaluation,
+checkpoints and the metric log."""
+from .checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
+from .config import TrainConfig, load_config
+from .evaluate import evaluate
+from .metrics import MetricsLog, format_eval_table, read_csv
+
+__all__ = ["TrainConfig", "load_config", "evaluate", "save_checkpoint", "load_weights", "load_trainer_state",
+           "latest_checkpoint", "MetricsLog", "format_eval_table", "read_csv"]

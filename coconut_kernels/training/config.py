@@ -1,0 +1,256 @@
+"""The trainer's configuration: one dataclass, read from a YAML file and/or ``--key value`` flags.
+
+Every key is a field of `TrainConfig`; a key that is not one (in the file or on the command line) is an
+error naming it, with the closest valid key. `coconut_kernels.train` consumes the validated object.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data import METHODS, StageConfig
+from ..feedback import MODES
+
+__all__ = ["TrainConfig", "load_config", "config_parser"]
+
+_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    # --- data -------------------------------------------------------------------------------------------
+    train_path: str | None = None  # official JSON records; None: generate `generate_train` ProsQA problems
+    val_path: str | None = None  # None: generate `generate_val` problems (seed data_seed + 1)
+    val_if_missing: str = "error"  # "generate": a val_path that does not exist falls back to a generated split
+    generate_train: int = 2000
+    generate_val: int = 200
+    data_seed: int = 0
+    max_train_records: int | None = None
+    max_val_records: int | None = None
+    tokenizer: str | None = None  # a tokenizer file/folder; None: init_from's, else a word tokenizer of the data
+    # --- model ------------------------------------------------------------------------------------------
+    init_from: str | None = None  # a Hugging Face checkpoint folder or a coconut-train checkpoint
+    model: dict = field(default_factory=lambda: {"family": "gpt2", "n_layer": 2, "n_head": 2, "d_model": 64,
+                                                 "max_position": 512})
+    feedback: str = "hidden"  # hidden | projected | soft | mixture | pause (pause_as_thought forces pause)
+    # --- method and curriculum (the official knobs) -------------------------------------------------------
+    method: str = "coconut"  # coconut | cot | no_cot | no_thoughts | pause_as_thought
+    c_thought: int = 1
+    epochs_per_stage: int = 1
+    max_latent_stage: int = 6
+    pad_latent_to_max: bool = True
+    uniform_prob: float = 0.0
+    reset_optimizer: bool = True  # fresh AdamW moments when the stage changes
+    num_epochs: int = 7
+    # --- optimisation -----------------------------------------------------------------------------------
+    lr: float = 1e-4
+    weight_decay: float = 0.01  # on matrices and embeddings; none on biases and norm weights
+    warmup_steps: int = 0  # linear warm-up over this many optimizer steps
+    lr_schedule: str = "constant"  # after warm-up: constant | linear | cosine (to 0 at the last step)
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    batch_size: int = 32  # per process
+    grad_accum_steps: int = 1
+    bf16: bool = False  # bf16 autocast; the weights and optimizer state stay fp32
+    seed: int = 0
+    collate: str = "ragged"  # ragged (no compute on pads) | aligned (the official left padding)
+    max_steps: int | None = None  # stop (and checkpoint) after this many optimizer steps
+    # --- evaluation -------------------------------------------------------------------------------------
+    eval_every: int = 1  # epochs; 0: only at the end
+    eval_batch_size: int = 64
+    max_new_tokens: int = 64
+    eval_stage: int | None = None  # only_eval: the stage of the prompts; None: the last training stage
+    only_eval: bool = False
+    # --- io and distribution ----------------------------------------------------------------------------
+    save_dir: str = "runs/coconut"
+    save_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
+    keep_checkpoints: int = 2
+    resume: Any = False  # false | true (latest in save_dir) | a checkpoint folder
+    dist: str = "ddp"  # ddp | fsdp (used when launched by torchrun with more than one process)
+    device: str | None = None  # None: cuda when available, else cpu
+    progress: bool = True
+    log_every: int = 10  # optimizer steps between progress-bar updates of the loss
+    tensorboard: bool = True  # when the tensorboard package is installed
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str) and "float" in str(f.type):
+                # YAML 1.1 reads 3e-4 (no dot) as a string
+                try:
+                    setattr(self, f.name, float(value))
+                except ValueError:
+                    pass
+            _check_type(f.name, getattr(self, f.name), f.type)
+        if self.method not in METHODS:
+            raise ValueError(f"config key 'method': expected one of {METHODS}, got {self.method!r}")
+        if self.feedback not in MODES:
+            raise ValueError(f"config key 'feedback': expected one of {sorted(MODES)}, got {self.feedback!r}")
+        _choice("collate", self.collate, ("ragged", "aligned"))
+        _choice("dist", self.dist, ("ddp", "fsdp"))
+        _choice("lr_schedule", self.lr_schedule, _SCHEDULES)
+        _choice("val_if_missing", self.val_if_missing, ("error", "generate"))
+        for name in ("epochs_per_stage", "batch_size", "grad_accum_steps", "eval_batch_size", "max_new_tokens",
+                     "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config key {name!r}: expected an int >= 1, got {getattr(self, name)}")
+        for name in ("num_epochs", "warmup_steps", "eval_every", "save_every_steps", "generate_train",
+                     "generate_val"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config key {name!r}: expected an int >= 0, got {getattr(self, name)}")
+        for name in ("max_steps", "max_train_records", "max_val_records", "eval_stage"):
+            v = getattr(self, name)
+            if v is not None and v < (1 if name != "eval_stage" else 0):
+                raise ValueError(f"config key {name!r}: expected None or a positive int, got {v}")
+        if self.lr <= 0:
+            raise ValueError(f"config key 'lr': expected > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"config key 'weight_decay': expected >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"config key 'max_grad_norm': expected None or > 0, got {self.max_grad_norm}")
+        if not isinstance(self.resume, (bool, str)):
+            raise ValueError(f"config key 'resume': expected true, false or a checkpoint folder, got {self.resume!r}")
+        if "family" in self.model and self.model["family"] not in ("gpt2", "llama"):
+            raise ValueError(f"config key 'model.family': expected 'gpt2' or 'llama', got {self.model['family']!r}")
+        self.stage_config()  # the curriculum knobs' own checks
+
+    def stage_config(self) -> StageConfig:
+        try:
+            return StageConfig(method=self.method, c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
+                               pad_latent_to_max=self.pad_latent_to_max, uniform_prob=self.uniform_prob)
+        except ValueError as e:
+            raise ValueError(f"config key {e}") from None
+
+    @property
+    def feedback_mode(self) -> str:
+        """The feedback LatentLM runs: the pause control always feeds its learned embedding."""
+        return "pause" if self.method == "pause_as_thought" else self.feedback
+
+    @property
+    def uses_latents(self) -> bool:
+        return self.method in ("coconut", "pause_as_thought", "no_thoughts")
+
+    def stage_of_epoch(self, epoch: int) -> int:
+        """The official schedule: epoch // epochs_per_stage capped at max_latent_stage (+1 would mean "all
+        steps replaced", which the data layer handles the same way); cot and no_cot stay at stage 0."""
+        if not self.uses_latents:
+            return 0
+        return min(epoch // self.epochs_per_stage, self.max_latent_stage)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"config key {name!r}: expected one of {tuple(choices)}, got {value!r}")
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,), "Any": (object,)}
+
+
+def _check_type(name: str, value, annotation: str) -> None:
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None:
+        if "None" in kinds:
+            return
+        raise ValueError(f"config key {name!r}: must not be null")
+    for k in kinds:
+        if k == "None":
+            continue
+        allowed = _TYPES[k]
+        # bool is an int subclass: true is not a batch size
+        if isinstance(value, allowed) and not (k in ("int", "float") and isinstance(value, bool)):
+            return
+    want = " or ".join(k for k in kinds)
+    raise ValueError(f"config key {name!r}: expected {want}, got {type(value).__name__} {value!r}")
+
+
+def _unknown_key(key: str, where: str) -> ValueError:
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"{where}: config key {key!r} does not exist{hint}; valid keys: {', '.join(names)}")
+
+
+def _expand(v):
+    return os.path.expandvars(os.path.expanduser(v)) if isinstance(v, str) else v
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file (optional) with ``overrides`` on top. Paths may use $VARS and ~."""
+    values: dict = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except OSError as e:
+            raise ValueError(f"config file {path}: cannot read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path}: not valid YAML ({e})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: expected a mapping of keys to values, got {type(data).__name__}")
+        values.update(data)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in values:
+        if key not in names:
+            raise _unknown_key(key, f"config file {path}")
+    for key, v in (overrides or {}).items():
+        if key not in names:
+            raise _unknown_key(key, "command line")
+        if key == "model" and isinstance(v, dict) and isinstance(values.get("model"), dict):
+            v = {**values["model"], **v}  # --model '{d_model: 64}' changes one field of the file's model
+        values[key] = v
+    for key in ("train_path", "val_path", "tokenizer", "init_from", "save_dir", "resume"):
+        if key in values:
+            values[key] = _expand(values[key])
+    return TrainConfig(**values)
+
+
+def config_parser() -> argparse.ArgumentParser:
+    """``coconut-train [config.yaml] [--key value ...]``: one flag per config key; values are YAML
+    (``--lr 3e-4``, ``--val_path null``, ``--model '{n_layer: 4}'``)."""
+    p = argparse.ArgumentParser(
+        prog="coconut-train",
+        description="COCONUT curriculum trainer: YAML config and/or --key value flags (values parsed as YAML).",
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (keys: the flags below, without --)")
+    for f in dataclasses.fields(TrainConfig):
+        p.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(f.type),
+                       type=_yaml_value, help=f"(default: {_default(f)})")
+    return p
+
+
+def _yaml_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _metavar(annotation) -> str:
+    return str(annotation).replace(" ", "").upper()
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(config_parser().parse_args(argv))
+    path = args.pop("config")
+    if path is not None and not Path(path).is_file():
+        raise ValueError(f"config file {path}: not found")
+    return load_config(path, args)

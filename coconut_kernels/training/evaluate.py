@@ -1,0 +1,54 @@
+"""Evaluation of a LatentLM at one curriculum stage: the stage's prompts (`build_prompt`), batched greedy
+`LatentLM.generate`, decoding, and exact match on the answer after "###" (the official metric), plus the
+mean number of generated tokens. Sharded over the processes of a distributed run (each rank takes every
+world-th record; the counts are summed).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from ..data import StageConfig, TokenizedRecord, build_prompt, is_correct
+
+__all__ = ["evaluate"]
+
+
+@torch.no_grad()
+def evaluate(lm, records: list[TokenizedRecord], stage: int, stage_config: StageConfig, tokenizer, collator, *,
+             batch_size: int, max_new_tokens: int, device: torch.device, bf16: bool = False, rank: int = 0,
+             world: int = 1, n_samples: int = 3) -> dict:
+    """Returns {accuracy, mean_new_tokens, correct, n, samples}; ``lm`` is the unwrapped LatentLM (its
+    parameters must be whole on this rank: FSDP callers unshard around the call)."""
+    mine = records[rank::world]
+    was_training = lm.training
+    lm.eval()
+    correct = tokens = 0
+    samples = []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        prompts = [build_prompt(r, stage, stage_config, tokenizer) for r in chunk]
+        batch = collator(prompts)
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        with autocast:
+            out = lm.generate(ids, mask, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        gen, lengths = out.tokens.cpu(), out.lengths.cpu()
+        for rec, prompt, row, n in zip(chunk, prompts, gen, lengths.tolist()):
+            text = tokenizer.decode(prompt.input_ids + row[:n].tolist(), skip_special_tokens=True)
+            ok = is_correct(text, rec.answer_text)
+            correct += ok
+            tokens += n
+            if len(samples) < n_samples:
+                # what follows the question's line: the generated reasoning and answer
+                samples.append({"idx": rec.idx, "answer": rec.answer_text, "output": text.split("\n", 1)[-1],
+                                "correct": ok})
+    counts = torch.tensor([correct, tokens, len(mine)], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(counts)
+    correct, tokens, n = (int(x) for x in counts.tolist())
+    lm.train(was_training)
+    return {"accuracy": correct / max(n, 1), "mean_new_tokens": tokens / max(n, 1), "correct": correct, "n": n,
+            "samples": samples}

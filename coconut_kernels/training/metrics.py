@@ -1,0 +1,84 @@
+"""The trainer's metric log: CSV files (``train_log.csv`` per optimizer step, ``eval_log.csv`` per
+evaluation), the same rows as JSON lines in ``metrics.jsonl``, and TensorBoard scalars when the
+``tensorboard`` package is installed. Only rank 0 writes. On resume, rows past the resumed step are
+dropped, so the log of a resumed run reads as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+__all__ = ["MetricsLog", "TRAIN_FIELDS", "EVAL_FIELDS", "read_csv", "format_eval_table"]
+
+TRAIN_FIELDS = ("step", "epoch", "stage", "loss", "lr", "grad_norm", "tokens", "elapsed_s")
+EVAL_FIELDS = ("step", "epoch", "stage", "accuracy", "mean_new_tokens", "correct", "n", "elapsed_s")
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+class MetricsLog:
+    def __init__(self, save_dir: str | Path, enabled: bool, tensorboard: bool, resume_step: int | None = None):
+        self.enabled = enabled
+        self.dir = Path(save_dir)
+        self.tb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name, fields in (("train_log.csv", TRAIN_FIELDS), ("eval_log.csv", EVAL_FIELDS)):
+            path = self.dir / name
+            keep = []
+            if resume_step is not None and path.is_file():
+                keep = [r for r in read_csv(path) if int(r["step"]) <= resume_step]
+            with open(path, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(keep)
+        jsonl = self.dir / "metrics.jsonl"
+        if resume_step is not None and jsonl.is_file():
+            lines = [ln for ln in jsonl.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            jsonl.write_text("".join(ln + "\n" for ln in lines))
+        elif resume_step is None:
+            jsonl.write_text("")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resume_step)
+
+    def _write(self, kind: str, fields, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.dir / f"{kind}_log.csv", "a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, fieldnames=fields).writerow({k: row.get(k) for k in fields})
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": kind, **row}) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, row["step"])
+
+    def train(self, row: dict) -> None:
+        self._write("train", TRAIN_FIELDS, row)
+
+    def eval(self, row: dict) -> None:
+        self._write("eval", EVAL_FIELDS, row)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_eval_table(rows: list[dict], title: str = "") -> str:
+    """A fixed-width table of evaluation rows (epoch, stage, accuracy, mean generated tokens, n)."""
+    head = f"{'epoch':>5} {'stage':>5} {'step':>7} {'accuracy':>9} {'new tokens':>10} {'n':>6}"
+    lines = [title, head, "-" * len(head)] if title else [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['epoch']:>5} {r['stage']:>5} {r['step']:>7} {100 * float(r['accuracy']):>8.1f}% "
+                     f"{float(r['mean_new_tokens']):>10.1f} {r['n']:>6}")
+    return "\n".join(lines)

@@ -1,0 +1,351 @@
+"""Tests of the curriculum trainer (`coconut_kernels.train`, `coconut_kernels.training`).
+
+A tiny GPT-2 (2 layers, d=32) on a few generated ProsQA-style problems: optimisation lowers the loss,
+every method and feedback mode runs the curriculum, resume reproduces the uninterrupted loss curve, two
+gloo processes train under DDP and FSDP, and every bad input (records, config keys, stages, checkpoints)
+fails with an error naming what is wrong. A failed save never replaces a good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from coconut_kernels.data import generate_dataset, save_records
+from coconut_kernels.train import main, run
+from coconut_kernels.training import TrainConfig, latest_checkpoint, load_config, read_csv
+from coconut_kernels.training.config import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"family": "gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_position": 512}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: a second intra-op thread only adds synchronisation (and, on a loaded machine, waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(tmp_path, **kw) -> TrainConfig:
+    """A config that trains in about a second per epoch on one core."""
+    base = dict(generate_train=12, generate_val=4, data_seed=3, model=TINY_MODEL, method="coconut",
+                max_latent_stage=2, epochs_per_stage=1, num_epochs=3, lr=3e-3, batch_size=4, eval_batch_size=4,
+                max_new_tokens=12, save_dir=str(tmp_path / "run"), progress=False, tensorboard=False, seed=0,
+                warmup_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses_of(save_dir) -> list[float]:
+    return [float(r["loss"]) for r in read_csv(Path(save_dir) / "train_log.csv")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def test_steps_lower_the_loss(tmp_path):
+    cfg = tiny(tmp_path, method="cot", num_epochs=6, generate_train=8, batch_size=8, lr=1e-2, eval_every=0, warmup_steps=0)
+    out = run(cfg)
+    losses = [loss for _, loss in out["losses"]]
+    assert len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("method", ["coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought"])
+def test_every_method_runs_the_curriculum(tmp_path, method):
+    out = run(tiny(tmp_path, method=method))
+    stages = [int(r["stage"]) for r in read_csv(tmp_path / "run" / "train_log.csv")]
+    expected = [0, 1, 2] if method in ("coconut", "no_thoughts", "pause_as_thought") else [0, 0, 0]
+    assert sorted(set(stages)) == sorted(set(expected))
+    assert [e["stage"] for e in out["evals"]] == expected
+    for e in out["evals"]:
+        assert e["n"] == 4 and 0.0 <= e["accuracy"] <= 1.0 and e["mean_new_tokens"] >= 1
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in out["losses"])
+
+
+@pytest.mark.parametrize("feedback", ["projected", "soft", "mixture"])
+def test_feedback_modes_train(tmp_path, feedback):
+    out = run(tiny(tmp_path, feedback=feedback, num_epochs=2, eval_every=0))
+    assert len(out["losses"]) == 6 and all(loss == loss for _, loss in out["losses"])
+
+
+def test_aligned_and_ragged_collation_give_the_same_curve(tmp_path):
+    a = run(tiny(tmp_path / "a", collate="aligned", num_epochs=2, eval_every=0))["losses"]
+    b = run(tiny(tmp_path / "b", collate="ragged", num_epochs=2, eval_every=0))["losses"]
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accumulation_bf16_and_schedule(tmp_path):
+    out = run(tiny(tmp_path, grad_accum_steps=2, bf16=True, lr_schedule="cosine", num_epochs=2, eval_every=0))
+    rows = read_csv(tmp_path / "run" / "train_log.csv")
+    assert len(rows) == 4  # 3 micro-batches per epoch -> 2 optimizer steps (the last one alone)
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warm-up then cosine decay
+    assert all(loss == loss for _, loss in out["losses"])
+    # the weights stay fp32 under bf16 autocast
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out["checkpoint"] / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+def test_resume_gives_the_uninterrupted_loss_curve(tmp_path):
+    full = run(tiny(tmp_path / "full", num_epochs=3, eval_every=0))
+    assert len(full["losses"]) == 9
+    # interrupted mid-epoch (step 4 of 9: epoch 1, stage 1) then resumed from save_dir's latest checkpoint
+    part = tiny(tmp_path / "part", num_epochs=3, eval_every=0, max_steps=4)
+    first = run(part)
+    assert [s for s, _ in first["losses"]] == [1, 2, 3, 4]
+    assert latest_checkpoint(part.save_dir).name == "step-000004"
+    second = run(tiny(tmp_path / "part", num_epochs=3, eval_every=0, resume=True))
+    assert [s for s, _ in second["losses"]] == [5, 6, 7, 8, 9]
+    assert losses_of(part.save_dir) == [loss for _, loss in full["losses"]]
+    # and the final weights are the same
+    from safetensors.torch import load_file
+
+    a = load_file(str(full["checkpoint"] / "model.safetensors"))
+    b = load_file(str(second["checkpoint"] / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_at_a_stage_change_resets_the_optimizer_as_uninterrupted(tmp_path):
+    full = run(tiny(tmp_path / "full", num_epochs=3, eval_every=0))["losses"]
+    run(tiny(tmp_path / "part", num_epochs=3, eval_every=0, max_steps=3))  # ends exactly at epoch 0's end
+    run(tiny(tmp_path / "part", num_epochs=3, eval_every=0, resume=True))
+    assert losses_of(tmp_path / "part" / "run") == [loss for _, loss in full]
+
+
+def test_keep_checkpoints_and_latest(tmp_path):
+    cfg = tiny(tmp_path, num_epochs=3, eval_every=0, keep_checkpoints=2, save_every_steps=1, progress=True,
+               log_every=1)  # with the progress bars on
+    run(cfg)
+    names = sorted(p.name for p in Path(cfg.save_dir).glob("step-*"))
+    assert names == ["step-000008", "step-000009"]
+    assert (Path(cfg.save_dir) / "latest").read_text().strip() == "step-000009"
+    assert not list(Path(cfg.save_dir).glob(".tmp-*"))
+
+
+def test_failed_save_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, num_epochs=1, eval_every=0)
+    good = run(cfg)["checkpoint"]
+    before = (good / "model.safetensors").read_bytes()
+
+    from coconut_kernels.data import WordTokenizer
+
+    def broken_save(self, path):
+        Path(path).write_text('{"kind": "coconut-word')  # a partial write, then the crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr(WordTokenizer, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True))
+    assert latest_checkpoint(cfg.save_dir) == good
+    assert (good / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in Path(cfg.save_dir).glob("step-*")) == [good.name]
+    assert not list(Path(cfg.save_dir).glob(".tmp-*"))  # the partial folder is cleaned up
+    # the good checkpoint still resumes
+    monkeypatch.undo()
+    out = run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True))
+    assert [s for s, _ in out["losses"]] == [4, 5, 6]
+
+
+def test_only_eval_and_init_from_a_checkpoint(tmp_path, capsys):
+    trained = run(tiny(tmp_path, num_epochs=3))
+    ckpt = trained["checkpoint"]
+    out = run(tiny(tmp_path / "eval", init_from=str(ckpt), only_eval=True, eval_stage=2))
+    assert out["evals"][0]["accuracy"] == trained["evals"][-1]["accuracy"]
+    assert out["evals"][0]["mean_new_tokens"] == trained["evals"][-1]["mean_new_tokens"]
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "stage" in printed
+    rows = read_csv(tmp_path / "eval" / "run" / "eval_log.csv")
+    assert len(rows) == 1 and int(rows[0]["stage"]) == 2
+
+
+def test_init_from_a_hugging_face_folder_adds_the_latent_markers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    records = generate_dataset(10, seed=5)
+    words = sorted({w for r in records for t in [r["question"], r["answer"], *r["steps"]]
+                    for w in t.replace(".", " . ").replace("?", " ? ").split()})
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", "\n", "#", "###", *words])}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(vocab), n_positions=512, n_embd=32,
+                                                              n_layer=2, n_head=2))
+    hf.save_pretrained(str(folder))
+    data = tmp_path / "train.json"
+    save_records(records, data)
+    out = run(tiny(tmp_path, init_from=str(folder), train_path=str(data), num_epochs=1, max_new_tokens=4))
+    assert len(out["losses"]) == 3
+    weights_vocab = json.loads((out["checkpoint"] / "model_config.json").read_text())["vocab_size"]
+    assert weights_vocab == len(vocab) + 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration and bad input
+
+
+def _error_of(argv, capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_yaml_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: cot\nlr: 0.001\nmodel: {family: gpt2, n_layer: 3, d_model: 32, n_head: 2}\n")
+    cfg = parse_args([str(path), "--lr", "3e-4", "--model", "{n_layer: 1}", "--val_path", "null"])
+    assert cfg.method == "cot" and cfg.lr == 3e-4 and cfg.val_path is None
+    assert cfg.model == {"family": "gpt2", "n_layer": 1, "d_model": 32, "n_head": 2}
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for key in ("--c_thought", "--epochs_per_stage", "--max_latent_stage", "--pad_latent_to_max", "--uniform_prob",
+                "--reset_optimizer", "--grad_accum_steps", "--bf16", "--feedback", "--init_from", "--only_eval",
+                "--resume", "--dist"):
+        assert key in text
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: coconut\nlearning_rate: 0.001\n")
+    err = _error_of([str(path)], capsys)
+    assert "'learning_rate' does not exist" in err and str(path) in err
+    with pytest.raises(ValueError, match="'epochs_per_stag' does not exist.*did you mean 'epochs_per_stage'"):
+        load_config(None, {"epochs_per_stag": 2})
+    with pytest.raises(SystemExit):
+        parse_args(["--no_such_flag", "1"])
+    assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"model\.n_layers do not exist"):
+        run(tiny(tmp_path, model={"family": "gpt2", "n_layers": 2}))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("lr", "fast", "'lr': expected float"),
+    ("batch_size", True, "'batch_size': expected int"),
+    ("method", "coconuts", "'method': expected one of"),
+    ("feedback", "echo", "'feedback': expected one of"),
+    ("c_thought", 0, "c_thought"),
+    ("uniform_prob", 1.5, "uniform_prob"),
+    ("dist", "horovod", "'dist': expected one of"),
+])
+def test_bad_config_values(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, {key: value})
+
+
+@pytest.mark.parametrize("records,match", [
+    ([{"question": "q", "steps": ["a"]}], "record 0: missing field 'answer'"),
+    ([{"question": "q", "steps": ["a"], "answer": "x"}, {"question": "q", "steps": "a b", "answer": "x"}],
+     "record 1: field 'steps' must be a list"),
+    ([{"question": 3, "steps": [], "answer": "x"}], "record 0: field 'question' must be a string"),
+    ({"question": "q"}, "expected a JSON list"),
+])
+def test_malformed_records(tmp_path, capsys, records, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    err = _error_of(["--train_path", str(path), "--save_dir", str(tmp_path / "run"), "--progress", "false"], capsys)
+    assert match in err and str(path) in err
+
+
+def test_unreadable_data_files(tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text('[{"question": "q", ')
+    assert "not valid JSON" in _error_of(["--train_path", str(path)], capsys)
+    assert "data file" in _error_of(["--train_path", str(tmp_path / "none.json")], capsys)
+    missing = str(tmp_path / "none_val.json")
+    assert missing in _error_of(["--val_path", missing, "--generate_train", "2"], capsys)
+
+
+def test_stage_past_the_data_steps(tmp_path):
+    records = generate_dataset(6, seed=1)
+    for r in records:
+        r["steps"] = r["steps"][:2]
+    path = tmp_path / "short.json"
+    save_records(records, path)
+    with pytest.raises(ValueError, match=r"'max_latent_stage': stage 4 is past the data's steps.* 2 reasoning steps"):
+        run(tiny(tmp_path, train_path=str(path), max_latent_stage=4))
+    with pytest.raises(ValueError, match=r"'eval_stage': stage 9 is past the data's steps"):
+        run(tiny(tmp_path, eval_stage=9, only_eval=True))
+
+
+def test_record_longer_than_the_model(tmp_path):
+    with pytest.raises(ValueError, match=r"training record \d+: \d+ tokens at stage \d, more than the model's "
+                                         r"max_position 64"):
+        run(tiny(tmp_path, model={**TINY_MODEL, "max_position": 64}))
+
+
+def test_unreadable_checkpoints(tmp_path):
+    ckpt = run(tiny(tmp_path, num_epochs=1, eval_every=0))["checkpoint"]
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match=f"{weights}: unreadable checkpoint weights"):
+        run(tiny(tmp_path, resume=True))
+    (ckpt / "trainer_state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="trainer_state.pt: unreadable trainer state"):
+        run(tiny(tmp_path, resume=True))
+    with pytest.raises(ValueError, match="checkpoint folder .*nowhere not found"):
+        run(tiny(tmp_path, resume=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="no checkpoint in save_dir"):
+        run(tiny(tmp_path / "empty", resume=True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed: two gloo processes on the CPU, launched by torchrun
+
+
+def _torchrun(tmp_path, *flags) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "coconut_kernels.train", "--generate_train", "16", "--generate_val", "6", "--data_seed", "3",
+           "--model", json.dumps(TINY_MODEL), "--max_latent_stage", "1", "--num_epochs", "2", "--lr", "3e-3",
+           "--batch_size", "4", "--eval_batch_size", "4", "--max_new_tokens", "12", "--progress", "false",
+           "--tensorboard", "false", "--save_dir", str(tmp_path / "run"), *flags]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_two_process_gloo_ddp_and_fsdp(tmp_path):
+    curves = {}
+    for mode in ("ddp", "fsdp"):
+        proc = _torchrun(tmp_path / mode, "--dist", mode)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        save = tmp_path / mode / "run"
+        rows = read_csv(save / "train_log.csv")
+        assert len(rows) == 4  # 16 records / 2 ranks / batch 4 = 2 steps per epoch, written once (rank 0)
+        assert sum(int(r["tokens"]) for r in rows[:2]) > 0
+        curves[mode] = [float(r["loss"]) for r in rows]
+        evals = read_csv(save / "eval_log.csv")
+        assert [int(r["n"]) for r in evals] == [6, 6]  # both ranks' shares of the split, summed
+        assert sorted(p.name for p in save.glob("step-*")) == ["step-000002", "step-000004"]
+        assert proc.stdout.count("accuracy") == 1  # one table, from rank 0
+        # the checkpoint is a whole model that one process evaluates to the same figures
+        out = run(tiny(tmp_path / mode / "eval", init_from=str(save / "step-000004"), generate_val=6,
+                       only_eval=True, max_latent_stage=1, max_new_tokens=12, eval_batch_size=4))
+        assert out["evals"][0]["accuracy"] == pytest.approx(float(evals[-1]["accuracy"]))
+        assert out["evals"][0]["mean_new_tokens"] == pytest.approx(float(evals[-1]["mean_new_tokens"]))
+    assert curves["ddp"][-1] < curves["ddp"][0]
+    # FSDP (sharded gradients and optimizer state) takes the same steps as DDP
+    torch.testing.assert_close(torch.tensor(curves["fsdp"]), torch.tensor(curves["ddp"]), rtol=1e-5, atol=1e-6)

@@ -74,14 +74,14 @@ class SoftFeedback(Feedback):
         if self.noise == "gumbel":
             logits = logits + self.noise_scale * self.temperature * _gumbel(logits.shape, logits.device, generator)
         if self.noise == "dirichlet":
-            from .reference import soft_embedding_probs_reference
-            p = soft_embedding_probs_reference(logits, temperature=self.temperature, top_k=self.top_k,
-                                               top_p=self.top_p)
-            alpha = (self.noise_scale * p).clamp_min(1e-6) * (p > 0)
-            g = torch._standard_gamma(alpha.double(), generator=generator) if generator is not None else torch._standard_gamma(alpha.double())
-            p = (g * (p > 0)).float()
-            p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
-            return (p.to(embedding.dtype) @ embedding)
+            # p' ~ Dirichlet(noise_scale * p) over the kept tokens, then sum_i p'_i E_i.
+            _, p = soft_embedding(logits, embedding, temperature=self.temperature, top_k=self.top_k,
+                                  top_p=self.top_p, return_probs=True)
+            kept = p > 0
+            alpha = (self.noise_scale * p).clamp_min(1e-6).double()
+            g = torch._standard_gamma(alpha, generator=generator) * kept
+            p = (g / g.sum(-1, keepdim=True).clamp_min(1e-300)).to(embedding.dtype)
+            return p @ embedding
         return soft_embedding(logits, embedding, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
     def forward(self, normed, logits=None, token=None, embedding=None, generator=None):

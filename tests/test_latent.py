@@ -340,3 +340,21 @@ def test_cuda_graph_generate_equals_eager():
     eager = lm.generate(ids, mask, max_new_tokens=8, use_cuda_graph=False)
     graphed = lm.generate(ids, mask, max_new_tokens=8, use_cuda_graph=True)
     assert torch.equal(eager.tokens, graphed.tokens)
+
+
+@pytest.mark.parametrize("noise", ["gumbel", "dirichlet"])
+def test_soft_feedback_noise_is_seeded(noise):
+    _, lm = pair("gpt2", torch.float32)
+    fb = SoftFeedback(1.0, top_k=20, noise=noise, noise_scale=2.0)
+    logits = torch.randn(3, V)
+    E = lm.model.embed_tokens.weight.detach()
+
+    def draw(seed):
+        return fb(torch.zeros(3, 32), logits, None, E, torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.allclose(draw(1), draw(2))
+    clean = SoftFeedback(1.0, top_k=20)(torch.zeros(3, 32), logits, None, E)
+    assert not torch.allclose(draw(1), clean)
+    # A noisy mixture is still a convex combination of embedding rows: inside their bounding box.
+    assert (draw(3) <= E.max(0).values + 1e-5).all() and (draw(3) >= E.min(0).values - 1e-5).all()

@@ -64,6 +64,8 @@ def run_scenario(scn, settings: dict, info: dict, progress) -> list[dict]:
     device = settings["device"]
     rows = []
     for case in scn.cases(settings):
+        if settings.get("reps"):
+            case.reps = settings["reps"]
         progress(f"{scn.name}: {case.provider} {case.x_name}={case.x_value} ...")
         try:
             step = case.setup()
@@ -185,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--sizes", default=None, help="comma-separated x values (batch sizes) overriding the default")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 2 or the core count)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default: per scenario)")
+    ap.add_argument("--model", default=None, choices=["gpt2-tiny", "gpt2-4x256", "gpt2-small"],
+                    help="model of the train_step and generate scenarios (default gpt2-4x256; --quick: gpt2-tiny)")
     ap.add_argument("--official", default=None, metavar="PATH",
                     help="also run a checkout of the reference repository (needs transformers 4.46)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"), help="output folder")
@@ -205,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}")
     settings = {"device": device, "dtype": dtype, "quick": args.quick, "official": args.official,
-                "sizes": [int(s) for s in args.sizes.split(",")] if args.sizes else None}
+                "sizes": [int(s) for s in args.sizes.split(",")] if args.sizes else None, "model": args.model,
+                "reps": args.reps}
     info = machine_info(device)
     print(f"coconut_kernels {info['coconut_kernels']} | torch {info['torch']} | triton {info['triton']} | "
           f"{info['device']} | torch.set_num_threads({threads}) | dtype {str(dtype).removeprefix('torch.')}"

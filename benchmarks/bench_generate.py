@@ -76,7 +76,7 @@ def _providers(size: str, B: int, device, dtype, graphs: bool = True, official: 
 
 def cases(settings: dict):
     device, dtype, quick = settings["device"], settings["dtype"], settings["quick"]
-    size = "gpt2-tiny" if quick else "gpt2-4x256"
+    size = settings.get("model") or ("gpt2-tiny" if quick else "gpt2-4x256")
     sizes = settings["sizes"] or ([1, 4] if quick else [1, 8, 32, 64] if device.type == "cuda" else [1, 8, 32])
     q_len = (40, 60) if quick else (280, 330)  # --quick: short prompts, a smoke run of the same code
     for B in sizes:

@@ -64,7 +64,7 @@ def _steps(size: str, B: int, n_latents: int, device, dtype, seed: int = 0, offi
 
 def cases(settings: dict):
     device, dtype, quick = settings["device"], settings["dtype"], settings["quick"]
-    size = "gpt2-tiny" if quick else "gpt2-4x256"
+    size = settings.get("model") or ("gpt2-tiny" if quick else "gpt2-4x256")
     sizes = settings["sizes"] or ([2] if quick else [8, 32] if device.type == "cuda" else [4, 8])
     reps = 2 if quick else 3
     q_len = (40, 60) if quick else (280, 330)  # --quick: short questions, a smoke run of the same code

@@ -30,10 +30,10 @@ echo "built $so"
 "$work/venv/bin/python" - "$so" <<'PY'
 import sys, torch
 torch.ops.load_library(sys.argv[1])
-ops = [n for n in ("latent_feedback_", "latent_feedback_backward", "kv_cache_append_", "latent_attention_fwd",
-                   "latent_attention_bwd", "soft_embedding")
-       if torch._C._dispatch_has_kernel_for_dispatch_key(f"coconut::{n}", "CUDA")]
-print("CUDA kernels registered:", ", ".join(ops) or "none")
-if not ops:
-    sys.exit("no CUDA kernel registered")
+expected = ("latent_feedback_", "latent_feedback_backward", "kv_cache_append_", "latent_attention_fwd",
+            "latent_attention_bwd")
+missing = [n for n in expected if not torch._C._dispatch_has_kernel_for_dispatch_key(f"coconut::{n}", "CUDA")]
+print("CUDA kernels registered:", ", ".join(n for n in expected if n not in missing))
+if missing:
+    sys.exit(f"no CUDA kernel registered for {missing}")
 PY

@@ -20,6 +20,21 @@ def _as_lengths(x, batch: int, device) -> torch.Tensor:
     return t.to(torch.int32)
 
 
+class _Generation:
+    """What the differentiable passes of one cache generation share in their backward: the buffers they read and
+    the per-layer gradient accumulators. Passes hold this, not the KVCache: the cache holds each layer's last
+    chain token, whose autograd node holds the pass's ctx, and a ctx -> cache reference would close a cycle
+    through autograd's C++ nodes that the garbage collector cannot see (every step's cache would leak)."""
+
+    __slots__ = ("k", "v", "leftpad", "grad_kv", "max_new", "valid")
+
+    def __init__(self, k, v, leftpad, n_layers):
+        self.k, self.v, self.leftpad = k, v, leftpad
+        self.grad_kv = [None] * n_layers  # per layer: (dK, dV) accumulators, alive only during the backward
+        self.max_new = 0  # most rows appended by one differentiable pass: the accumulators' padding
+        self.valid = True  # False once reset/crop started a new generation
+
+
 class KVCache:
     """Keys and values of every layer: k, v (n_layers, B, max_len, n_kv_heads, head_dim), allocated once.
 
@@ -44,8 +59,7 @@ class KVCache:
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
         self.leftpad = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
         self.generation = 0  # bumped by reset/crop; a backward of an older generation refuses to run
-        self._chain = [None] * n_layers  # per layer: the ordering token output by its last differentiable pass
-        self._grad_kv = [None] * n_layers  # per layer: (dK, dV) accumulators, alive only during the backward
+        self._train = None
         self.reset(leftpad)
 
     @property
@@ -84,9 +98,10 @@ class KVCache:
 
     def _new_generation(self) -> None:
         self.generation += 1
-        self._chain = [None] * self.n_layers
-        self._grad_kv = [None] * self.n_layers
-        self._max_new = 0  # most rows appended by one differentiable pass: the accumulators' padding
+        if self._train is not None:
+            self._train.valid = False
+        self._train = _Generation(self.k, self.v, self.leftpad, self.n_layers)
+        self._chain = [None] * self.n_layers  # per layer: the ordering token output by its last differentiable pass
 
     def attend(self, layer: int, q, k_new, v_new, *, new_seqlens=None, rotary_cos=None, rotary_sin=None,
                rotary_interleaved=False, softmax_scale=None, causal=True):
@@ -99,7 +114,7 @@ class KVCache:
                                     causal=causal, cache_leftpad=self.leftpad, new_seqlens=new_seqlens,
                                     rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                                     rotary_interleaved=rotary_interleaved)
-        self._max_new = max(self._max_new, q.shape[1])
+        self._train.max_new = max(self._train.max_new, q.shape[1])
         out, self._chain[layer] = _CachedAttention.apply(self._chain[layer], q, k_new, v_new, self, layer,
                                                          new_seqlens, rot, scale, causal)
         return out
@@ -113,8 +128,9 @@ class _CachedAttention(torch.autograd.Function):
     it read into the layer's accumulator; when pass i's backward runs, every later pass (the only ones that read
     its rows besides itself) has added its share, so the rows pass i wrote hold their full gradient and are
     gathered as k_new/v_new's. An absent chain gradient means no later pass ran in this backward: start from
-    zero. The first pass frees the accumulator. The cache is held by plain reference, not save_for_backward:
-    later passes append in place to rows this pass never reads; the generation counter catches reset/crop.
+    zero. The first pass frees the accumulator. The cache buffers are held by plain reference (through the
+    generation's shared state), not save_for_backward: later passes append in place to rows this pass never
+    reads; a reset/crop invalidates the state and the backward refuses to run.
     """
 
     @staticmethod
@@ -125,7 +141,7 @@ class _CachedAttention(torch.autograd.Function):
         out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, seqlens, cache.leftpad, new_seqlens, *rot,
                                      scale, causal)
         ctx.save_for_backward(q, out, lse)
-        ctx.cache, ctx.layer, ctx.generation = cache, layer, cache.generation
+        ctx.state, ctx.layer = cache._train, layer
         ctx.lengths = (seqlens, new_seqlens)
         ctx.rot, ctx.scale, ctx.causal = rot, scale, causal
         ctx.first = chain is None
@@ -135,34 +151,34 @@ class _CachedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_chain):
-        cache, layer = ctx.cache, ctx.layer
-        if cache.generation != ctx.generation:
+        state, layer = ctx.state, ctx.layer
+        if not state.valid:
             raise RuntimeError(
                 f"KVCache.attend(layer={layer}): the cache was reset or cropped after this pass's forward and "
                 "before its backward; the rows it attended are gone. Run backward before reset()/crop().")
         q, out, lse = ctx.saved_tensors
         seqlens, new_seqlens = ctx.lengths
-        k_cache, v_cache = cache.k[layer], cache.v[layer]
-        grad_kv = cache._grad_kv[layer]
+        k_cache, v_cache = state.k[layer], state.v[layer]
+        grad_kv = state.grad_kv[layer]
         if grad_chain is None or grad_kv is None:
             if grad_kv is None:
-                grad_kv = grad_accumulators(k_cache, cache._max_new)
+                grad_kv = grad_accumulators(k_cache, state.max_new)
             else:  # left over from a backward that stopped before the first pass
                 grad_kv[0].zero_()
                 grad_kv[1].zero_()
-            cache._grad_kv[layer] = grad_kv
+            state.grad_kv[layer] = grad_kv
         dq = None
         if grad_out is not None:
             _, _, bwd = kernels(q.device)
-            dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, cache.leftpad, new_seqlens,
+            dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, state.leftpad, new_seqlens,
                      *ctx.rot, ctx.scale, ctx.causal, grad_kv[0], grad_kv[1])
         dk = dv = None
         if ctx.needs_input_grad[2]:
-            dk = new_rows_grad(grad_kv[0], seqlens, cache.leftpad, new_seqlens, ctx.n_rows, *ctx.rot, ctx.new_dtype)
+            dk = new_rows_grad(grad_kv[0], seqlens, state.leftpad, new_seqlens, ctx.n_rows, *ctx.rot, ctx.new_dtype)
         if ctx.needs_input_grad[3]:
-            dv = new_rows_grad(grad_kv[1], seqlens, cache.leftpad, new_seqlens, ctx.n_rows, None, None, False,
+            dv = new_rows_grad(grad_kv[1], seqlens, state.leftpad, new_seqlens, ctx.n_rows, None, None, False,
                                ctx.new_dtype)
         if ctx.first:
-            cache._grad_kv[layer] = None
+            state.grad_kv[layer] = None
         chain_grad = None if ctx.first else torch.zeros((), dtype=q.dtype, device=q.device)
         return chain_grad, dq, dk, dv, None, None, None, None, None, None

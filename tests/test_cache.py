@@ -133,7 +133,7 @@ def test_multipass_gradients_match_concatenation(case, dtype):
     for name, gc, gr in zip(names, grads, ref_grads):
         assert gc.abs().max() > 0 or gr.abs().max() == 0
         torch.testing.assert_close(gc, gr, **tol, msg=lambda m: f"{name}: {m}")
-    assert all(a is None for a in cache._grad_kv), "the accumulators must be freed after the first pass's backward"
+    assert all(a is None for a in cache._train.grad_kv), "the accumulators must be freed after the first pass's backward"
 
 
 def test_feedback_model_gradients_match_concatenation():
@@ -294,3 +294,24 @@ def test_public_api():
     cache = KVCache(3, 2, 16, 2, 8, dtype=torch.float32)
     assert cache.k.shape == (3, 2, 16, 2, 8) and cache.v.shape == cache.k.shape
     assert cache.seqlens.dtype == torch.int32 and cache.leftpad.dtype == torch.int32
+
+
+def test_training_steps_do_not_leak_caches():
+    """Each step's cache (and its buffers) is freed once the step's graph is: nothing keeps it alive through the
+    autograd nodes (a cache -> chain token -> node -> ctx -> cache cycle would be invisible to the gc)."""
+    import gc
+    import weakref
+
+    refs = []
+    for step in range(3):
+        cache = KVCache(2, 2, 16, 2, 8)
+        q, k, v = (torch.randn(2, 3, 2, 8, requires_grad=True) for _ in range(3))
+        outs = []
+        for _ in range(2):  # two passes of two layers
+            outs += [cache.attend(layer, q, k, v) for layer in range(2)]
+            cache.advance(3)
+        sum(o.sum() for o in outs).backward()
+        refs.append(weakref.ref(cache))
+        del cache, outs
+    gc.collect()
+    assert all(r() is None for r in refs)

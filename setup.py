@@ -26,7 +26,7 @@ def sources(pattern):
 def extension():
     cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
     # -fopenmp makes at::parallel_for parallel; the libgomp.so.1 torch ships is the one loaded at run time.
-    cxx += ["-fopenmp", "-DCOCONUT_PYTHON_MODULE", "-DPy_LIMITED_API=0x03090000"]
+    cxx += ["-fopenmp", "-DCOCONUT_PYTHON_MODULE"]
     srcs = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not WITH_CUDA:
         return CppExtension(

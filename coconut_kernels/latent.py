@@ -187,6 +187,7 @@ class LatentLM(nn.Module):
 
         model = self.model
         cache = model.new_cache(B, max(plan.max_len, 1), device=device)
+        embeds = model.embed(input_ids)
         fed = None
         sel_hidden, sel_target, logit_rows = [], [], []
         offset = 0
@@ -199,7 +200,9 @@ class LatentLM(nn.Module):
             if width == 0:
                 continue
             col = col.view(B, width)
-            x = model.embed(input_ids.gather(1, col))
+            # Rows of the embeddings looked up once for the whole batch: an embedding lookup per pass would
+            # cost a dense (V, d) gradient per pass in backward.
+            x = embeds.gather(1, col[:, :, None].expand(B, width, embeds.shape[-1]))
             if p > 0 and feed_rows.numel():
                 x = latent_feedback(x, fed.to(x.dtype), feed_rows, torch.zeros_like(feed_rows),
                                     torch.zeros_like(feed_rows))

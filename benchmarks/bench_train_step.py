@@ -71,7 +71,7 @@ def cases(settings: dict):
     for B in sizes:
         for name, (role, setup) in _steps(size, B, 6, device, dtype, official=settings["official"],
                                           q_len=q_len).items():
-            yield Case("train_step", name, "B", B, setup, role=role, reps=reps)
+            yield Case("train_step", name, "B", B, setup, role=role, reps=reps, warmup=2)
     # The number of latents, at the smallest batch.
     if not settings["sizes"]:
         for k in ([1, 3] if quick else [1, 3, 6]):

@@ -48,5 +48,5 @@ setup(
     packages=find_packages(include=["coconut_kernels", "coconut_kernels.*", "benchmarks"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

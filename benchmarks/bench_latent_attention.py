@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from coconut_kernels import KVCache
 from coconut_kernels.ops.latent_attention import latent_attention
 
-from .harness import Case, Scenario, register
+from .harness import Case, Scenario, register, saved_bytes, time_step
 
 # GPT-2 heads, ProsQA-like pass structure: a prefix, one-token latent passes, a suffix.
 B, H, D = 32, 12, 64
@@ -69,29 +68,6 @@ def step(outs):
     sum(o.float().sum() for o in outs).backward()
 
 
-def saved_bytes(fn):
-    """Bytes of the distinct storages autograd keeps for backward while fn() runs (forward memory)."""
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
-def timed(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return ts
-
-
 def run_training(reps=5):
     passes = make_passes()
     g = torch.Generator().manual_seed(1)
@@ -107,15 +83,15 @@ def run_training(reps=5):
         fn()
     for _ in range(reps):  # interleaved, so that load changes on a shared machine hit every case alike
         for name, fn in cases.items():
-            times[name] += timed(fn, 1)
+            times[name] += time_step(fn, 1, 0, torch.device("cpu"))
     one_cache = 2 * B * TOTAL * H * D * 4
     # q, out (fp32) and lse of every token: saved by every method, the new tokens' own activations.
     own = 2 * B * TOTAL * H * D * 4 + B * H * TOTAL * 4
     mem = {
-        "concat + SDPA per pass": saved_bytes(lambda: train_concat(passes))[0],
+        "concat + SDPA per pass": saved_bytes(lambda: train_concat(passes)),
         # the cache's own buffers plus what autograd keeps (each pass's q, out, lse)
-        "KVCache (latent_attention)": saved_bytes(lambda: train_cache(passes, cache))[0] + one_cache,
-        "one causal SDPA (floor)": saved_bytes(lambda: train_floor(full))[0],
+        "KVCache (latent_attention)": saved_bytes(lambda: train_cache(passes, cache)) + one_cache,
+        "one causal SDPA (floor)": saved_bytes(lambda: train_floor(full)),
     }
     return {name: (statistics.median(ts), mem[name], mem[name] - own) for name, ts in times.items()}, one_cache
 
@@ -140,7 +116,7 @@ def run_decode(reps=15):
                 fn()
             for _ in range(reps):
                 for name, fn in cases.items():
-                    times[name] += timed(fn, 1)
+                    times[name] += time_step(fn, 1, 0, torch.device("cpu"))
         rows[L] = {name: statistics.median(ts) for name, ts in times.items()}
     return rows
 

@@ -4,7 +4,7 @@ rebuild of inputs_embeds and against index_put (plus a separate LayerNorm), all 
     python -m pytest benchmarks/bench_latent_feedback.py -s --benchmark-columns=median,iqr,rounds
     python -m benchmarks --scenario latent_feedback        (the suite's runner: the same cases at N = B)
 
-The rebuild at the issue's shape (B=32, T=350, d=768) takes minutes per round, so it runs once (pedantic)
+The rebuild at B=32, T=350, d=768 takes minutes per round, so it runs once (pedantic)
 and only with COCONUT_BENCH_FULL=1; by default a B=4 rebuild runs 3 rounds. Every other case runs 15 rounds
 after 2 warm-up rounds (shared 2-core machines are noisy: the median needs them). Ratios of medians are
 printed at the end (and written to benchmarks/out/latent_feedback.json).

@@ -1,4 +1,4 @@
-"""GPU measurements of latent_attention for benchmarks/gpu_check.sh (DESIGN.md §9).
+"""GPU measurements of latent_attention for benchmarks/gpu_check.sh.
 
 Ceilings first (a large device-to-device copy, a large bf16 matmul), then the decode step (append + attend
 at B=64, T=4096, Hkv=8, Hq=8 and 32, D=128, bf16) as bytes moved / time against the copy bandwidth, for the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU validation (DESIGN.md §9): on a machine with an NVIDIA GPU and its own torch/triton (no network), build
+# GPU validation: on a machine with an NVIDIA GPU and its own torch/triton (no network), build
 # the extension, run the CUDA and Triton tests, the GPU benchmarks and benchmarks/gpu_attention.py; logs,
 # CSV and JSON go to the folder given as first argument (default ./gpu_results), a summary table is printed
 # last. Every step is time-bounded and the whole run stays under a 9-minute budget.

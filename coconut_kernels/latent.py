@@ -389,7 +389,7 @@ def _generate(lm: "LatentLM", input_ids, attention_mask, *, max_new_tokens, do_s
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     device = input_ids.device
     B, T = input_ids.shape
-    eos = lm.eos_token_id if eos_token_id is None else eos_token_id
+    eos = eos_token_id
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     ids_h, mask_h = input_ids.cpu(), mask.cpu()
     latent_id = lm.latent_token_id if fb.sequential else -1

@@ -1,4 +1,4 @@
-"""Cross-entropy of the LM head over the labelled positions only, in chunks (DESIGN §4.3).
+"""Cross-entropy of the LM head over the labelled positions only, in chunks.
 
 The caller gathers the hidden states whose label is not -100 (M rows, M << B*T); this computes
 logits = hidden @ weight.T (+ bias) chunk by chunk and never holds more than one (chunk, V) block. The
@@ -19,10 +19,12 @@ def _chunk_rows(vocab: int, chunk_size: int | None) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, reduction):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, reduction, grad_enabled):
         M = hidden.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
+        # No gradient work under no_grad (e.g. a validation loss): forward runs with grad mode off, so the
+        # caller's mode comes in as an argument.
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        need_b = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         n_valid = (targets != -100).sum()
         # "mean" divides by the number of labelled rows, as F.cross_entropy(ignore_index=-100) does.
@@ -65,7 +67,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
         gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -86,4 +88,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          f"and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, reduction)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, reduction, torch.is_grad_enabled())

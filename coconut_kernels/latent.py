@@ -52,8 +52,9 @@ def plan_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     first = torch.where(mask, cols, T).min(1).values
     leftpad = torch.where(length > 0, first, 0)
     last = torch.where(mask, cols, -1).max(1).values
-    if bool(((last + 1 - leftpad) != length).any()):
-        b = int(((last + 1 - leftpad) != length).nonzero()[0])
+    holes = (last + 1 - leftpad) != length
+    if bool(holes.any()):
+        b = int(holes.nonzero()[0])
         raise ValueError(f"attention_mask row {b} must be zeros (left padding), then ones, then zeros (right "
                          f"padding); got holes in the ones")
     is_latent = input_ids == latent_id
@@ -359,9 +360,8 @@ class _Decoder:
         torch.cuda.current_stream().wait_stream(s)
         self.cache.seqlens.copy_(seqlens)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph):  # records the step (advance included) without running it
             self.static_out = self.step(*self.static_in)
-        self.cache.seqlens.copy_(seqlens)  # capturing ran the advance once more
 
     def replay(self):
         self.graph.replay()
@@ -499,7 +499,10 @@ def _generate(lm: "LatentLM", input_ids, attention_mask, *, max_new_tokens, do_s
                 stop_now = in_lat & (low_run >= rule.patience)
             lat_left_d = torch.where(stop_now, torch.zeros_like(lat_left_d), lat_left_d - in_lat.long())
             fpos = fpos + in_forced.long()
-            fed = next_fed(normed, logits, generator) if fb.sequential else fed
+            # Every example starts thinking at step 0 and has stopped by step max_lat: later steps feed no vector
+            # (and a noisy feedback draws no random numbers for them).
+            if fb.sequential and it + 1 < max_lat:
+                fed = next_fed(normed, logits, generator)
             # The output of this step is a new token when the example fed its last prompt token or its own
             # previous token, or its last latent with no prompt after it.
             emit = ~done & torch.where(in_lat, (lat_left_d <= 0) & (forced_len_d == 0), fpos >= forced_len_d)

@@ -107,6 +107,30 @@ def test_fp16_within_twice_torch_error(case):
         assert_within_torch_error(got[name], ref[name], lowp[name], atol=1e-4, name=name)
 
 
+@pytest.mark.parametrize("threads", [1, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decode_split_along_keys(threads, dtype):
+    """Sq = 1 with few sequences splits the keys across threads (here 1, 2 and 3 splits for 1, 4 and 8 threads)
+    and merges the splits: a long sequence, one with a single key (its other splits are empty), a left-padded
+    one, one with no new token."""
+    c64 = make_case(4, 1, 6, 2, 64, 1500, rotary_dim=16, seed=21)
+    c64["cache_seqlens"] = torch.tensor([1400, 0, 1450, 700], dtype=torch.int32)
+    c64["cache_leftpad"] = torch.tensor([0, 0, 1400, 0], dtype=torch.int32)
+    c64["new_seqlens"] = torch.tensor([1, 1, 1, 0], dtype=torch.int32)
+    ref = run_all(cast(c64, torch.float64), "ref")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        c = cast(c64, dtype)
+        ops.kv_cache_append_(*append_args(c))
+        out, lse = ops.latent_attention_fwd(*fwd_args(c))
+    finally:
+        torch.set_num_threads(before)
+    assert out[3].abs().max() == 0 and lse[3].isneginf().all()
+    torch.testing.assert_close(out.double(), ref["out"], **TOL[dtype])
+    torch.testing.assert_close(lse[:3].double(), ref["lse"][:3], **TOL[dtype])
+
+
 def test_masked_rows_give_zero_and_untouched_cache_rows():
     c = make_case(3, 5, 2, 2, 16, 30, leftpad=True, ragged=True, seed=11)
     c["new_seqlens"] = torch.tensor([0, 2, 5], dtype=torch.int32)

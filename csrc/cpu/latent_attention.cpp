@@ -156,8 +156,12 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_fwd_cpu(
   at::Tensor lse = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(acc_scalar_type(q.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "latent_attention_fwd", [&] {
     using acc_t = typename acc_type<scalar_t>::type;
-    COCONUT_CALL_KERNEL(fwd_kernel<scalar_t>, qc, k_cache, v_cache, out, lse, lt.view(d.Sq),
-                        rt.view<acc_t>(rotary_interleaved), softmax_scale, causal);
+    if (d.Sq == 1)
+      COCONUT_CALL_KERNEL(decode_kernel<scalar_t>, qc, k_cache, v_cache, out, lse, lt.view(d.Sq),
+                          rt.view<acc_t>(rotary_interleaved), softmax_scale, causal);
+    else
+      COCONUT_CALL_KERNEL(fwd_kernel<scalar_t>, qc, k_cache, v_cache, out, lse, lt.view(d.Sq),
+                          rt.view<acc_t>(rotary_interleaved), softmax_scale, causal);
   });
   return {out, lse};
 }

@@ -360,6 +360,157 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   });
 }
 
+// ---- decode (Sq = 1) ------------------------------------------------------------------------------------
+
+// One query row per head: the work is one read of the cache, so the kernel is a stream over memory. The
+// per-(sequence, head) tasks of fwd_kernel read 4-row pieces D elements long and Hkv * D apart; here one task
+// holds every head of a sequence and walks the cache rows in order, so it reads each row's Hkv * D contiguous
+// elements once (K for the scores, then V for the output) and the hardware prefetcher sees one stream per
+// tensor. Long caches with few sequences are split along the keys so that every thread has work; the splits
+// are merged through their (max, sum, unnormalised output), as in flash decoding.
+constexpr int64_t kDecodeBlock = 64;      // keys per block: scores of the block for every head stay in L1
+constexpr int64_t kDecodeMinSplit = 256;  // fewest keys a split handles
+
+template <typename scalar_t>
+void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor& out,
+                   at::Tensor& lse, const Lengths& len, const Rotary<typename acc_type<scalar_t>::type>& rot,
+                   double softmax_scale, bool causal) {
+  using acc_t = typename acc_type<scalar_t>::type;
+  const int64_t B = q.size(0), Hq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Tmax = k_cache.size(1);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kc = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vc = v_cache.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  acc_t* lp = lse.data_ptr<acc_t>();
+  const auto ks = k_cache.strides(), vs = v_cache.strides();
+  const acc_t scale = static_cast<acc_t>(softmax_scale);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  // Rows [lo, hi) of sequence b; empty for a sequence with no new token (out = 0, lse = -inf).
+  auto key_range = [&](int64_t b) -> std::pair<int64_t, int64_t> {
+    // The one query sits at the last new row, so causal or not it sees the rows up to its own.
+    (void)causal;
+    if (len.nnew(b) < 1) return {0, 0};
+    const int64_t lo = len.lpad(b);
+    return {lo, std::max(lo, std::min(len.seqlen(b) + 1, Tmax))};
+  };
+  const int64_t keys = mean_keys(len, B);
+  const int64_t threads = at::get_num_threads();
+  const int64_t n_split = std::max<int64_t>(
+      1, std::min((2 * threads + B - 1) / B, (keys + kDecodeMinSplit - 1) / kDecodeMinSplit));
+  const int64_t W = 2 + D;  // per split and head: max, sum, unnormalised output
+  std::vector<acc_t> part(n_split > 1 ? B * n_split * Hq * W : 0);
+
+  at::parallel_for(0, B * n_split, grain_for(Hq * keys * D / n_split), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> Q(Hq * D), O(Hq * D), S(Hq * kDecodeBlock), m(Hq), l(Hq);
+    std::vector<acc_t> Kb, Vb;  // rows converted to acc_t when the cache is fp16/bf16
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      Kb.resize(kDecodeBlock * Hkv * D);
+      Vb.resize(kDecodeBlock * Hkv * D);
+    }
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_split, split = task % n_split;
+      const auto [lo, hi] = key_range(b);
+      const int64_t per = (hi - lo + n_split - 1) / n_split;
+      const int64_t k_lo = std::min(hi, lo + split * per), k_hi = std::min(hi, k_lo + per);
+      for (int64_t h = 0; h < Hq; ++h) {
+        acc_t* dst = Q.data() + h * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(qp[(b * Hq + h) * D + d]);
+        rotate(rot, dst, len.seqlen(b) - len.lpad(b), acc_t(1));
+        for (int64_t d = 0; d < D; ++d) dst[d] *= scale;
+        m[h] = neg_inf;
+        l[h] = 0;
+      }
+      std::fill(O.begin(), O.end(), acc_t(0));
+      for (int64_t k0 = k_lo; k0 < k_hi; k0 += kDecodeBlock) {
+        const int64_t nk = std::min(kDecodeBlock, k_hi - k0);
+        const scalar_t* kblock = kc + b * ks[0] + k0 * ks[1];
+        const scalar_t* vblock = vc + b * vs[0] + k0 * vs[1];
+        // acc_t rows of this block: (row j, kv head g) at base + j * row_stride + g * head_stride.
+        const acc_t *Kr, *Vr;
+        int64_t krs, khs, vrs, vhs;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          Kr = kblock, krs = ks[1], khs = ks[2];
+          Vr = vblock, vrs = vs[1], vhs = vs[2];
+        } else {
+          for (int64_t j = 0; j < nk; ++j)
+            for (int64_t g = 0; g < Hkv; ++g)
+              for (int64_t d = 0; d < D; ++d) {
+                Kb[(j * Hkv + g) * D + d] = static_cast<acc_t>(kblock[j * ks[1] + g * ks[2] + d]);
+                Vb[(j * Hkv + g) * D + d] = static_cast<acc_t>(vblock[j * vs[1] + g * vs[2] + d]);
+              }
+          Kr = Kb.data(), krs = Hkv * D, khs = D;
+          Vr = Vb.data(), vrs = Hkv * D, vhs = D;
+        }
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t h = 0; h < Hq; ++h)
+            S[h * kDecodeBlock + j] = dot(Q.data() + h * D, Kr + j * krs + (h / G) * khs, D);
+        for (int64_t h = 0; h < Hq; ++h) {
+          acc_t* sh = S.data() + h * kDecodeBlock;
+          acc_t mb = m[h];
+          for (int64_t j = 0; j < nk; ++j) mb = std::max(mb, sh[j]);
+          const acc_t alpha = std::exp(m[h] - mb);  // 0 on the first block (m = -inf)
+          for (int64_t j = 0; j < nk; ++j) sh[j] -= mb;
+          exp_block(sh, sh, nk);
+          acc_t sum = 0;
+          for (int64_t j = 0; j < nk; ++j) sum += sh[j];
+          l[h] = l[h] * alpha + sum;
+          m[h] = mb;
+          if (alpha != acc_t(1))
+            for (int64_t d = 0; d < D; ++d) O[h * D + d] *= alpha;
+        }
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t h = 0; h < Hq; ++h)
+            axpy(O.data() + h * D, S[h * kDecodeBlock + j], Vr + j * vrs + (h / G) * vhs, D);
+      }
+      for (int64_t h = 0; h < Hq; ++h) {
+        if (n_split > 1) {  // merged below
+          acc_t* p = part.data() + ((b * n_split + split) * Hq + h) * W;
+          p[0] = m[h], p[1] = l[h];
+          std::copy(O.begin() + h * D, O.begin() + (h + 1) * D, p + 2);
+          continue;
+        }
+        scalar_t* dst = op + (b * Hq + h) * D;
+        if (l[h] > 0) {
+          const acc_t inv = acc_t(1) / l[h];
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(O[h * D + d] * inv);
+          lp[b * Hq + h] = m[h] + std::log(l[h]);
+        } else {  // no key in range
+          std::fill_n(dst, D, scalar_t(0));
+          lp[b * Hq + h] = neg_inf;
+        }
+      }
+    }
+  });
+  if (n_split == 1) return;
+  at::parallel_for(0, B * Hq, grain_for(n_split * D), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const acc_t* p = part.data() + (bh / Hq * n_split * Hq + bh % Hq) * W;  // split s at p + s * Hq * W
+      acc_t mx = neg_inf;
+      for (int64_t s = 0; s < n_split; ++s)
+        if (p[s * Hq * W + 1] > 0) mx = std::max(mx, p[s * Hq * W]);
+      acc_t total = 0;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t s = 0; s < n_split; ++s) {
+        const acc_t* ps = p + s * Hq * W;
+        if (!(ps[1] > 0)) continue;  // an empty split
+        const acc_t w = std::exp(ps[0] - mx);
+        total += w * ps[1];
+        axpy(acc.data(), w, ps + 2, D);
+      }
+      scalar_t* dst = op + bh * D;
+      if (total > 0) {
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d] / total);
+        lp[bh] = mx + std::log(total);
+      } else {
+        std::fill_n(dst, D, scalar_t(0));
+        lp[bh] = neg_inf;
+      }
+    }
+  });
+}
+
 // ---- backward ---------------------------------------------------------------------------------------------
 
 // One task = (sequence, kv head) with all its M = new tokens x group rows, so the task owns the gradient of

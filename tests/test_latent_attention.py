@@ -110,9 +110,9 @@ def test_fp16_within_twice_torch_error(case):
 @pytest.mark.parametrize("threads", [1, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_decode_split_along_keys(threads, dtype):
-    """Sq = 1 with few sequences splits the keys across threads (here 1, 2 and 3 splits for 1, 4 and 8 threads)
-    and merges the splits: a long sequence, one with a single key (its other splits are empty), a left-padded
-    one, one with no new token."""
+    """Sq = 1 with few sequences splits the keys across threads (here 1, 2 and 3 splits for 1, 4 and 8 threads):
+    the forward merges the splits, the backward sums their dq. A long sequence, one with a single key (its other
+    splits are empty), a left-padded one, one with no new token; GQA and rotary."""
     c64 = make_case(4, 1, 6, 2, 64, 1500, rotary_dim=16, seed=21)
     c64["cache_seqlens"] = torch.tensor([1400, 0, 1450, 700], dtype=torch.int32)
     c64["cache_leftpad"] = torch.tensor([0, 0, 1400, 0], dtype=torch.int32)
@@ -121,14 +121,13 @@ def test_decode_split_along_keys(threads, dtype):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        c = cast(c64, dtype)
-        ops.kv_cache_append_(*append_args(c))
-        out, lse = ops.latent_attention_fwd(*fwd_args(c))
+        got = run_all(cast(c64, dtype), "op")
     finally:
         torch.set_num_threads(before)
-    assert out[3].abs().max() == 0 and lse[3].isneginf().all()
-    torch.testing.assert_close(out.double(), ref["out"], **TOL[dtype])
-    torch.testing.assert_close(lse[:3].double(), ref["lse"][:3], **TOL[dtype])
+    assert got["out"][3].abs().max() == 0 and got["lse"][3].isneginf().all() and got["dq"][3].abs().max() == 0
+    for name in ("out", "dq", "dk", "dv"):
+        torch.testing.assert_close(got[name].double(), ref[name], **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(got["lse"][:3].double(), ref["lse"][:3], **TOL[dtype])
 
 
 def test_masked_rows_give_zero_and_untouched_cache_rows():

@@ -156,9 +156,9 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_fwd_cpu(
   at::Tensor lse = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(acc_scalar_type(q.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "latent_attention_fwd", [&] {
     using acc_t = typename acc_type<scalar_t>::type;
-    if (d.Sq == 1)
+    if (d.Sq == 1)  // decode and the one-row latent passes: one stream over the cache per sequence
       COCONUT_CALL_KERNEL(decode_kernel<scalar_t>, qc, k_cache, v_cache, out, lse, lt.view(d.Sq),
-                          rt.view<acc_t>(rotary_interleaved), softmax_scale, causal);
+                          rt.view<acc_t>(rotary_interleaved), softmax_scale);
     else
       COCONUT_CALL_KERNEL(fwd_kernel<scalar_t>, qc, k_cache, v_cache, out, lse, lt.view(d.Sq),
                           rt.view<acc_t>(rotary_interleaved), softmax_scale, causal);
@@ -185,8 +185,12 @@ at::Tensor latent_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
   at::Tensor dq = at::empty_like(qc);  // every element is written by the kernel
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "latent_attention_bwd", [&] {
     using acc_t = typename acc_type<scalar_t>::type;
-    COCONUT_CALL_KERNEL(bwd_kernel<scalar_t>, goc, qc, k_cache, v_cache, oc, lc, dq, grad_k_cache, grad_v_cache,
-                        lt.view(d.Sq), rt.view<acc_t>(rotary_interleaved), softmax_scale, causal);
+    if (d.Sq == 1)
+      COCONUT_CALL_KERNEL(decode_bwd_kernel<scalar_t>, goc, qc, k_cache, v_cache, oc, lc, dq, grad_k_cache,
+                          grad_v_cache, lt.view(d.Sq), rt.view<acc_t>(rotary_interleaved), softmax_scale);
+    else
+      COCONUT_CALL_KERNEL(bwd_kernel<scalar_t>, goc, qc, k_cache, v_cache, oc, lc, dq, grad_k_cache, grad_v_cache,
+                          lt.view(d.Sq), rt.view<acc_t>(rotary_interleaved), softmax_scale, causal);
   });
   return dq;
 }

@@ -362,22 +362,63 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
 
 // ---- decode (Sq = 1) ------------------------------------------------------------------------------------
 
-// One query row per head: the work is one read of the cache, so the kernel is a stream over memory. The
-// per-(sequence, head) tasks of fwd_kernel read 4-row pieces D elements long and Hkv * D apart; here one task
-// holds every head of a sequence and walks the cache rows in order, so it reads each row's Hkv * D contiguous
-// elements once (K for the scores, then V for the output) and the hardware prefetcher sees one stream per
-// tensor. Long caches with few sequences are split along the keys so that every thread has work; the splits
-// are merged through their (max, sum, unnormalised output), as in flash decoding.
-constexpr int64_t kDecodeBlock = 64;      // keys per block: scores of the block for every head stay in L1
+// One query row per head: the work is one read of the cache, so the kernels are streams over memory. The
+// per-(sequence, kv head) tasks of fwd_kernel/bwd_kernel read pieces D elements long and Hkv * D apart; here
+// one task holds every head of a sequence and walks the cache rows in order, so it reads each row's Hkv * D
+// contiguous elements and the hardware prefetcher sees one stream per tensor. Long caches with few sequences
+// are split along the keys so that every thread has work: the forward merges the splits through their (max,
+// sum, unnormalised output), as in flash decoding; the backward's splits own disjoint cache rows and add
+// their partial dq.
+constexpr int64_t kDecodeBlock = 32;      // keys per block: the block's scores for every head stay in L1
 constexpr int64_t kDecodeMinSplit = 256;  // fewest keys a split handles
+
+struct DecodeSplits {
+  const Lengths& len;
+  int64_t Tmax, n;
+  DecodeSplits(const Lengths& l, int64_t B, int64_t Tmax_) : len(l), Tmax(Tmax_) {
+    const int64_t threads = at::get_num_threads();
+    n = std::max<int64_t>(1, std::min((2 * threads + B - 1) / B,
+                                      (mean_keys(l, B) + kDecodeMinSplit - 1) / kDecodeMinSplit));
+  }
+  // Cache rows [first, second) that split `s` of sequence b attends. The one query sits at the last new row,
+  // so causal or not it sees the rows up to its own; empty without a new token.
+  std::pair<int64_t, int64_t> rows(int64_t b, int64_t s) const {
+    if (len.nnew(b) < 1) return {0, 0};
+    const int64_t lo = len.lpad(b), hi = std::max(lo, std::min(len.seqlen(b) + 1, Tmax));
+    const int64_t per = (hi - lo + n - 1) / n, first = std::min(hi, lo + s * per);
+    return {first, std::min(hi, first + per)};
+  }
+};
+
+// Block rows [0, nk) of a (rows, Hkv, D) cache slice as acc_t: (row j, kv head g) is at ptr + j * rs + g * hs.
+// The cache itself when it is already acc_t, else converted into buf.
+template <typename scalar_t, typename acc_t>
+struct AccRows {
+  const acc_t* ptr;
+  int64_t rs, hs;
+  AccRows(const scalar_t* block, int64_t row_stride, int64_t head_stride, int64_t nk, int64_t Hkv, int64_t D,
+          std::vector<acc_t>& buf) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      ptr = block, rs = row_stride, hs = head_stride;
+    } else {
+      buf.resize(kDecodeBlock * Hkv * D);
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t g = 0; g < Hkv; ++g)
+          for (int64_t d = 0; d < D; ++d)
+            buf[(j * Hkv + g) * D + d] = static_cast<acc_t>(block[j * row_stride + g * head_stride + d]);
+      ptr = buf.data(), rs = Hkv * D, hs = D;
+    }
+  }
+  const acc_t* at(int64_t j, int64_t g) const { return ptr + j * rs + g * hs; }
+};
 
 template <typename scalar_t>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor& out,
                    at::Tensor& lse, const Lengths& len, const Rotary<typename acc_type<scalar_t>::type>& rot,
-                   double softmax_scale, bool causal) {
+                   double softmax_scale) {
   using acc_t = typename acc_type<scalar_t>::type;
   const int64_t B = q.size(0), Hq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Tmax = k_cache.size(1);
+  const int64_t Hkv = k_cache.size(2), G = Hq / Hkv;
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kc = k_cache.data_ptr<scalar_t>();
   const scalar_t* vc = v_cache.data_ptr<scalar_t>();
@@ -386,33 +427,15 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const auto ks = k_cache.strides(), vs = v_cache.strides();
   const acc_t scale = static_cast<acc_t>(softmax_scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  // Rows [lo, hi) of sequence b; empty for a sequence with no new token (out = 0, lse = -inf).
-  auto key_range = [&](int64_t b) -> std::pair<int64_t, int64_t> {
-    // The one query sits at the last new row, so causal or not it sees the rows up to its own.
-    (void)causal;
-    if (len.nnew(b) < 1) return {0, 0};
-    const int64_t lo = len.lpad(b);
-    return {lo, std::max(lo, std::min(len.seqlen(b) + 1, Tmax))};
-  };
-  const int64_t keys = mean_keys(len, B);
-  const int64_t threads = at::get_num_threads();
-  const int64_t n_split = std::max<int64_t>(
-      1, std::min((2 * threads + B - 1) / B, (keys + kDecodeMinSplit - 1) / kDecodeMinSplit));
-  const int64_t W = 2 + D;  // per split and head: max, sum, unnormalised output
+  const DecodeSplits splits(len, B, k_cache.size(1));
+  const int64_t n_split = splits.n, W = 2 + D;  // per split and head: max, sum, unnormalised output
   std::vector<acc_t> part(n_split > 1 ? B * n_split * Hq * W : 0);
 
-  at::parallel_for(0, B * n_split, grain_for(Hq * keys * D / n_split), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> Q(Hq * D), O(Hq * D), S(Hq * kDecodeBlock), m(Hq), l(Hq);
-    std::vector<acc_t> Kb, Vb;  // rows converted to acc_t when the cache is fp16/bf16
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      Kb.resize(kDecodeBlock * Hkv * D);
-      Vb.resize(kDecodeBlock * Hkv * D);
-    }
+  at::parallel_for(0, B * n_split, grain_for(Hq * mean_keys(len, B) * D / n_split), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> Q(Hq * D), O(Hq * D), S(Hq * kDecodeBlock), m(Hq), l(Hq), Kb, Vb;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_split, split = task % n_split;
-      const auto [lo, hi] = key_range(b);
-      const int64_t per = (hi - lo + n_split - 1) / n_split;
-      const int64_t k_lo = std::min(hi, lo + split * per), k_hi = std::min(hi, k_lo + per);
+      const auto [k_lo, k_hi] = splits.rows(b, split);
       for (int64_t h = 0; h < Hq; ++h) {
         acc_t* dst = Q.data() + h * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(qp[(b * Hq + h) * D + d]);
@@ -424,27 +447,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       std::fill(O.begin(), O.end(), acc_t(0));
       for (int64_t k0 = k_lo; k0 < k_hi; k0 += kDecodeBlock) {
         const int64_t nk = std::min(kDecodeBlock, k_hi - k0);
-        const scalar_t* kblock = kc + b * ks[0] + k0 * ks[1];
-        const scalar_t* vblock = vc + b * vs[0] + k0 * vs[1];
-        // acc_t rows of this block: (row j, kv head g) at base + j * row_stride + g * head_stride.
-        const acc_t *Kr, *Vr;
-        int64_t krs, khs, vrs, vhs;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          Kr = kblock, krs = ks[1], khs = ks[2];
-          Vr = vblock, vrs = vs[1], vhs = vs[2];
-        } else {
-          for (int64_t j = 0; j < nk; ++j)
-            for (int64_t g = 0; g < Hkv; ++g)
-              for (int64_t d = 0; d < D; ++d) {
-                Kb[(j * Hkv + g) * D + d] = static_cast<acc_t>(kblock[j * ks[1] + g * ks[2] + d]);
-                Vb[(j * Hkv + g) * D + d] = static_cast<acc_t>(vblock[j * vs[1] + g * vs[2] + d]);
-              }
-          Kr = Kb.data(), krs = Hkv * D, khs = D;
-          Vr = Vb.data(), vrs = Hkv * D, vhs = D;
-        }
+        const AccRows<scalar_t, acc_t> K(kc + b * ks[0] + k0 * ks[1], ks[1], ks[2], nk, Hkv, D, Kb);
         for (int64_t j = 0; j < nk; ++j)
-          for (int64_t h = 0; h < Hq; ++h)
-            S[h * kDecodeBlock + j] = dot(Q.data() + h * D, Kr + j * krs + (h / G) * khs, D);
+          for (int64_t h = 0; h < Hq; ++h) S[h * kDecodeBlock + j] = dot(Q.data() + h * D, K.at(j, h / G), D);
         for (int64_t h = 0; h < Hq; ++h) {
           acc_t* sh = S.data() + h * kDecodeBlock;
           acc_t mb = m[h];
@@ -459,9 +464,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
           if (alpha != acc_t(1))
             for (int64_t d = 0; d < D; ++d) O[h * D + d] *= alpha;
         }
+        const AccRows<scalar_t, acc_t> V(vc + b * vs[0] + k0 * vs[1], vs[1], vs[2], nk, Hkv, D, Vb);
         for (int64_t j = 0; j < nk; ++j)
-          for (int64_t h = 0; h < Hq; ++h)
-            axpy(O.data() + h * D, S[h * kDecodeBlock + j], Vr + j * vrs + (h / G) * vhs, D);
+          for (int64_t h = 0; h < Hq; ++h) axpy(O.data() + h * D, S[h * kDecodeBlock + j], V.at(j, h / G), D);
       }
       for (int64_t h = 0; h < Hq; ++h) {
         if (n_split > 1) {  // merged below
@@ -507,6 +512,109 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         std::fill_n(dst, D, scalar_t(0));
         lp[bh] = neg_inf;
       }
+    }
+  });
+}
+
+// Backward of decode_kernel. Per block of rows: S = q . K and dP = dO . V for every head, P = exp(scale S - lse)
+// and dS = P (dP - Di) scale, then dK += dS q, dV += P dO (contiguous accumulator rows owned by this task) and
+// dq += dS K.
+template <typename scalar_t>
+void decode_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                       at::Tensor& grad_k, at::Tensor& grad_v, const Lengths& len,
+                       const Rotary<typename acc_type<scalar_t>::type>& rot, double softmax_scale) {
+  using acc_t = typename acc_type<scalar_t>::type;
+  const int64_t B = q.size(0), Hq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Tmax = k_cache.size(1);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* gop = grad_out.data_ptr<scalar_t>();
+  const scalar_t* op = out.data_ptr<scalar_t>();
+  const scalar_t* kc = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vc = v_cache.data_ptr<scalar_t>();
+  const acc_t* lp = lse.data_ptr<acc_t>();
+  scalar_t* dqp = dq.data_ptr<scalar_t>();
+  acc_t* gk = grad_k.data_ptr<acc_t>();
+  acc_t* gv = grad_v.data_ptr<acc_t>();
+  const auto ks = k_cache.strides(), vs = v_cache.strides();
+  const acc_t scale = static_cast<acc_t>(softmax_scale);
+  const DecodeSplits splits(len, B, Tmax);
+  const int64_t n_split = splits.n;
+  std::vector<acc_t> part(n_split > 1 ? B * n_split * Hq * D : 0);  // each split's dq, summed below
+
+  at::parallel_for(0, B * n_split, grain_for(3 * Hq * mean_keys(len, B) * D / n_split), [&](int64_t begin,
+                                                                                           int64_t end) {
+    std::vector<acc_t> Q(Hq * D), dO(Hq * D), dQ(Hq * D), Di(Hq), L(Hq), P(Hq * kDecodeBlock),
+        dS(Hq * kDecodeBlock), Kb, Vb;
+    std::vector<char> live(Hq);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_split, split = task % n_split;
+      const auto [k_lo, k_hi] = splits.rows(b, split);
+      std::fill(dQ.begin(), dQ.end(), acc_t(0));
+      for (int64_t h = 0; h < Hq; ++h) {
+        acc_t di = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          Q[h * D + d] = static_cast<acc_t>(qp[(b * Hq + h) * D + d]);
+          dO[h * D + d] = static_cast<acc_t>(gop[(b * Hq + h) * D + d]);
+          di += dO[h * D + d] * static_cast<acc_t>(op[(b * Hq + h) * D + d]);
+        }
+        rotate(rot, Q.data() + h * D, len.seqlen(b) - len.lpad(b), acc_t(1));
+        Di[h] = di;
+        L[h] = lp[b * Hq + h];
+        live[h] = !std::isinf(L[h]);  // -inf lse: no key in range, the head contributes nothing
+      }
+      for (int64_t k0 = k_lo; k0 < k_hi; k0 += kDecodeBlock) {
+        const int64_t nk = std::min(kDecodeBlock, k_hi - k0);
+        const AccRows<scalar_t, acc_t> K(kc + b * ks[0] + k0 * ks[1], ks[1], ks[2], nk, Hkv, D, Kb);
+        const AccRows<scalar_t, acc_t> V(vc + b * vs[0] + k0 * vs[1], vs[1], vs[2], nk, Hkv, D, Vb);
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t h = 0; h < Hq; ++h) {
+            P[h * kDecodeBlock + j] = dot(Q.data() + h * D, K.at(j, h / G), D);
+            dS[h * kDecodeBlock + j] = dot(dO.data() + h * D, V.at(j, h / G), D);
+          }
+        for (int64_t h = 0; h < Hq; ++h) {
+          acc_t* p = P.data() + h * kDecodeBlock;
+          acc_t* ds = dS.data() + h * kDecodeBlock;
+          if (!live[h]) {
+            std::fill_n(p, nk, acc_t(0));
+            std::fill_n(ds, nk, acc_t(0));
+            continue;
+          }
+          for (int64_t j = 0; j < nk; ++j) p[j] = scale * p[j] - L[h];
+          exp_block(p, p, nk);
+          for (int64_t j = 0; j < nk; ++j) ds[j] = p[j] * (ds[j] - Di[h]) * scale;
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          acc_t* dk = gk + ((b * Tmax + k0 + j) * Hkv) * D;  // accumulators are contiguous
+          acc_t* dv = gv + ((b * Tmax + k0 + j) * Hkv) * D;
+          for (int64_t h = 0; h < Hq; ++h) {
+            const int64_t g = h / G;
+            const acc_t p = P[h * kDecodeBlock + j], ds = dS[h * kDecodeBlock + j];
+            axpy(dk + g * D, ds, Q.data() + h * D, D);
+            axpy(dv + g * D, p, dO.data() + h * D, D);
+            axpy(dQ.data() + h * D, ds, K.at(j, g), D);
+          }
+        }
+      }
+      for (int64_t h = 0; h < Hq; ++h) {
+        if (n_split > 1) {  // summed below, then rotated
+          std::copy(dQ.begin() + h * D, dQ.begin() + (h + 1) * D, part.data() + ((b * n_split + split) * Hq + h) * D);
+          continue;
+        }
+        rotate(rot, dQ.data() + h * D, len.seqlen(b) - len.lpad(b), acc_t(-1));
+        for (int64_t d = 0; d < D; ++d) dqp[(b * Hq + h) * D + d] = static_cast<scalar_t>(dQ[h * D + d]);
+      }
+    }
+  });
+  if (n_split == 1) return;
+  at::parallel_for(0, B * Hq, grain_for(n_split * D), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hq;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t s = 0; s < n_split; ++s) axpy(acc.data(), acc_t(1), part.data() + ((b * n_split + s) * Hq + bh % Hq) * D, D);
+      rotate(rot, acc.data(), len.seqlen(b) - len.lpad(b), acc_t(-1));
+      for (int64_t d = 0; d < D; ++d) dqp[bh * D + d] = static_cast<scalar_t>(acc[d]);
     }
   });
 }

@@ -60,38 +60,71 @@ def machine_info(device: torch.device) -> dict:
     }
 
 
+def _points(cases):
+    """Consecutive cases at the same point (scenario, x) form one group, timed side by side."""
+    group = []
+    for case in cases:
+        if group and (case.scenario, case.x_value) != (group[0].scenario, group[0].x_value):
+            yield group
+            group = []
+        group.append(case)
+    if group:
+        yield group
+
+
 def run_scenario(scn, settings: dict, info: dict, progress) -> list[dict]:
+    """Time every case of a scenario. The providers of one point run interleaved, one repetition each in
+    turn, so that a load change on a shared machine hits each of them alike and the ratios stay fair."""
     device = settings["device"]
     rows = []
-    for case in scn.cases(settings):
-        if settings.get("reps"):
-            case.reps = settings["reps"]
-        progress(f"{scn.name}: {case.provider} {case.x_name}={case.x_value} ...")
-        try:
-            step = case.setup()
-            times = harness.time_step(step, case.reps, case.warmup, device)
-            mem, mem_kind = harness.peak_memory(step, device) if case.extra.get("memory", True) else (None, "")
-        except Exception as e:  # an optional provider (the official checkout) may not run here
-            if case.role != "other":
-                raise
-            progress(f"{scn.name}: {case.provider} failed: {type(e).__name__}: {e}")
+    for group in _points(scn.cases(settings)):
+        steps = {}
+        for case in group:
+            if settings.get("reps"):
+                case.reps = settings["reps"]
+            progress(f"{scn.name}: {case.provider} {case.x_name}={case.x_value}: setup and warm-up ...")
+            try:
+                steps[id(case)] = case.setup()
+                harness.time_step(steps[id(case)], 0, case.warmup, device)
+            except Exception as e:  # an optional provider (the official checkout) may not run here
+                if case.role != "other":
+                    raise
+                progress(f"{scn.name}: {case.provider} failed: {type(e).__name__}: {e}")
+        group = [c for c in group if id(c) in steps]
+        if not group:
             continue
-        if mem is not None and device.type != "cuda":
-            mem += case.extra.get("memory_extra_bytes", 0)  # buffers outside autograd (a preallocated cache)
-        del step
-        base = {"scenario": case.scenario, "provider": case.provider, "role": case.role, "x_name": case.x_name,
-                "x_value": case.x_value, "device": info["device"], "torch": info["torch"], "triton": info["triton"],
-                "coconut_kernels": info["coconut_kernels"], "date": info["date"]}
-        p20, p50, p80 = harness.quantiles(times)
-        rows.append({**base, "metric": "time", "unit": "s", "p20": p20, "p50": p50, "p80": p80})
-        if mem is not None:
-            rows.append({**base, "metric": f"memory ({mem_kind})", "unit": "MiB", "p20": mem / 2**20,
-                         "p50": mem / 2**20, "p80": mem / 2**20})
-        for key, value in case.extra.items():
-            if key.startswith("metric:"):  # a derived per-case figure (e.g. tokens per step)
-                rows.append({**base, "metric": key[7:], "unit": value[1], "p20": value[0] / p80,
-                             "p50": value[0] / p50, "p80": value[0] / p20})
-        progress(f"{scn.name}: {case.provider} {case.x_name}={case.x_value}: {p50 * 1e3:.2f} ms")
+        times = {id(c): [] for c in group}
+        for r in range(max(c.reps for c in group)):
+            progress(f"{scn.name}: {group[0].x_name}={group[0].x_value}: repetition {r + 1}")
+            for case in group:
+                if r < case.reps:
+                    times[id(case)] += harness.time_step(steps[id(case)], 1, 0, device)
+        for case in group:
+            step = steps.pop(id(case))
+            mem, mem_kind = harness.peak_memory(step, device) if case.extra.get("memory", True) else (None, "")
+            del step
+            rows += _case_rows(case, times[id(case)], mem, mem_kind, info, device)
+            progress(f"{scn.name}: {case.provider} {case.x_name}={case.x_value}: "
+                     f"{harness.quantiles(times[id(case)])[1] * 1e3:.2f} ms")
+    return rows
+
+
+def _case_rows(case, times: list[float], mem, mem_kind: str, info: dict, device) -> list[dict]:
+    """The CSV rows of one case: time quantiles, memory, and any derived per-case metric."""
+    if mem is not None and device.type != "cuda":
+        mem += case.extra.get("memory_extra_bytes", 0)  # buffers outside autograd (a preallocated cache)
+    base = {"scenario": case.scenario, "provider": case.provider, "role": case.role, "x_name": case.x_name,
+            "x_value": case.x_value, "device": info["device"], "torch": info["torch"], "triton": info["triton"],
+            "coconut_kernels": info["coconut_kernels"], "date": info["date"]}
+    p20, p50, p80 = harness.quantiles(times)
+    rows = [{**base, "metric": "time", "unit": "s", "p20": p20, "p50": p50, "p80": p80}]
+    if mem is not None:
+        rows.append({**base, "metric": f"memory ({mem_kind})", "unit": "MiB", "p20": mem / 2**20,
+                     "p50": mem / 2**20, "p80": mem / 2**20})
+    for key, value in case.extra.items():
+        if key.startswith("metric:"):  # a derived per-case figure (e.g. tokens per step)
+            rows.append({**base, "metric": key[7:], "unit": value[1], "p20": value[0] / p80,
+                         "p50": value[0] / p50, "p80": value[0] / p20})
     return rows
 
 

@@ -7,6 +7,7 @@ positions, no compute on pads), feeds the final-normed last hidden state back wi
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 from .feedback import Feedback, HiddenFeedback, resolve_feedback
 from .loss import linear_cross_entropy
+from .models.linear import batched_weight_grads
 from .ops.latent_feedback import latent_feedback
 
 IGNORE_INDEX = -100
@@ -192,33 +194,37 @@ class LatentLM(nn.Module):
         fed = None
         sel_hidden, sel_target, logit_rows = [], [], []
         offset = 0
-        for p, (width, sizes) in enumerate(layout):
-            parts = []
-            for n in sizes:
-                parts.append(dev[offset:offset + n])
-                offset += n
-            col, count, flat, target, feed_rows, produce, src, valid_flat, col_flat = parts
-            if width == 0:
-                continue
-            col = col.view(B, width)
-            # Rows of the embeddings looked up once for the whole batch: an embedding lookup per pass would
-            # cost a dense (V, d) gradient per pass in backward.
-            x = embeds.gather(1, col[:, :, None].expand(B, width, embeds.shape[-1]))
-            if p > 0 and feed_rows.numel():
-                x = latent_feedback(x, fed.to(x.dtype), feed_rows, torch.zeros_like(feed_rows),
-                                    torch.zeros_like(feed_rows))
-            pos = position_ids.gather(1, col) if position_ids is not None else None
-            h = model.forward_embeds(x, cache, position_ids=pos, new_seqlens=count.int())
-            cache.advance(count.int())
-            if produce.numel():
-                if fed is None:
-                    fed = h.new_zeros(B, 1, h.shape[-1])
-                fed = self._feed(fed, h, produce, src)
-            h2 = h.reshape(B * width, -1)
-            sel_hidden.append(h2.index_select(0, flat))
-            sel_target.append(target)
-            if return_logits:
-                logit_rows.append((h2.index_select(0, valid_flat), (valid_flat // width), col_flat[valid_flat]))
+        # Several passes under grad: each layer's weight gradient is one product over every pass's rows
+        # (models.linear), not one per pass plus a sum.
+        multi_pass = torch.is_grad_enabled() and sum(w > 0 for w, _ in layout) > 1
+        with batched_weight_grads() if multi_pass else nullcontext():
+            for p, (width, sizes) in enumerate(layout):
+                parts = []
+                for n in sizes:
+                    parts.append(dev[offset:offset + n])
+                    offset += n
+                col, count, flat, target, feed_rows, produce, src, valid_flat, col_flat = parts
+                if width == 0:
+                    continue
+                col = col.view(B, width)
+                # Rows of the embeddings looked up once for the whole batch: an embedding lookup per pass would
+                # cost a dense (V, d) gradient per pass in backward.
+                x = embeds.gather(1, col[:, :, None].expand(B, width, embeds.shape[-1]))
+                if p > 0 and feed_rows.numel():
+                    x = latent_feedback(x, fed.to(x.dtype), feed_rows, torch.zeros_like(feed_rows),
+                                        torch.zeros_like(feed_rows))
+                pos = position_ids.gather(1, col) if position_ids is not None else None
+                h = model.forward_embeds(x, cache, position_ids=pos, new_seqlens=count.int())
+                cache.advance(count.int())
+                if produce.numel():
+                    if fed is None:
+                        fed = h.new_zeros(B, 1, h.shape[-1])
+                    fed = self._feed(fed, h, produce, src)
+                h2 = h.reshape(B * width, -1)
+                sel_hidden.append(h2.index_select(0, flat))
+                sel_target.append(target)
+                if return_logits:
+                    logit_rows.append((h2.index_select(0, valid_flat), (valid_flat // width), col_flat[valid_flat]))
 
         loss, n_tok = None, 0
         if labels is not None:

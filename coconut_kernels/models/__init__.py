@@ -32,6 +32,10 @@ Interface (both families)::
         # one pass through a fresh cache; attention_mask (B, T) 0/1 with LEFT padding only (the pads
         # become the cache's leftpad)
 
+The layers' projections are `models.linear.Linear`: nn.Linear, except inside `batched_weight_grads()` (which
+LatentLM's multi-pass forward uses), where each layer's weight gradient is one product over the rows of every
+pass instead of one per pass plus a sum.
+
 Not implemented: dropout (the layers have none: train COCONUT with dropout 0), sliding-window
 attention (Mistral / Qwen2 with a window: new_cache refuses caches longer than the window), rope types
 other than default / linear / dynamic / llama3 / yarn ("dynamic" is static: identical to plain RoPE up

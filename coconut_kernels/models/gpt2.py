@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CausalLM
+from .linear import Linear
 
 # HF's activation_function names -> the function (gelu_new is the tanh approximation)
 _ACTIVATIONS = {
@@ -79,11 +80,11 @@ class GPT2Block(nn.Module):
         d = config.d_model
         self.layer = layer
         self.ln_1 = nn.LayerNorm(d, eps=config.norm_eps)
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.c_proj = nn.Linear(d, d)
+        self.c_attn = Linear(d, 3 * d)
+        self.c_proj = Linear(d, d)
         self.ln_2 = nn.LayerNorm(d, eps=config.norm_eps)
-        self.c_fc = nn.Linear(d, config.d_ff)
-        self.mlp_proj = nn.Linear(config.d_ff, d)
+        self.c_fc = Linear(d, config.d_ff)
+        self.mlp_proj = Linear(config.d_ff, d)
         self.act = _ACTIVATIONS[config.activation]
         self.n_head, self.head_dim = config.n_head, config.head_dim
         scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0

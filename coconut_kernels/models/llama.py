@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CausalLM
+from .linear import Linear
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -177,11 +178,11 @@ class LlamaBlock(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
         self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.qkv_proj = nn.Linear(c.d_model, (c.n_head + 2 * c.n_kv_head) * c.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=c.o_bias)
+        self.qkv_proj = Linear(c.d_model, (c.n_head + 2 * c.n_kv_head) * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(c.n_head * c.head_dim, c.d_model, bias=c.o_bias)
         self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.gate_up_proj = nn.Linear(c.d_model, 2 * c.d_ff, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=c.mlp_bias)
+        self.gate_up_proj = Linear(c.d_model, 2 * c.d_ff, bias=c.mlp_bias)
+        self.down_proj = Linear(c.d_ff, c.d_model, bias=c.mlp_bias)
 
     def forward(self, x, cache, new_seqlens, cos, sin):
         B, n, _ = x.shape

@@ -1,0 +1,118 @@
+"""models.Linear inside batched_weight_grads(): the weight and bias gradients, taken once per layer over every
+pass's rows, equal nn.Linear's per-pass gradients summed by autograd."""
+import pytest
+import torch
+from torch import nn
+
+from coconut_kernels.models.linear import Linear, batched_weight_grads
+
+
+def make_layers(bias, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return Linear(16, 24, bias=bias, dtype=dtype), Linear(24, 16, bias=bias, dtype=dtype)
+
+
+def passes(layers, x0, rows_per_pass):
+    """A chain of passes like a COCONUT step: a long first pass, then short ones each fed the previous
+    pass's last output row."""
+    up, down = layers
+    outs, prev = [], None
+    for p, n in enumerate(rows_per_pass):
+        x = x0[:, :n] if prev is None else torch.cat([prev, x0[:, p:p + n - 1]], 1)
+        h = down(torch.tanh(up(x)))
+        outs.append(h)
+        prev = h[:, -1:]
+    return sum((o * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum() for o in outs)
+
+
+def grads(layers, x0, rows_per_pass, batched):
+    for m in layers:
+        m.zero_grad(set_to_none=True)
+    x0 = x0.detach().requires_grad_()
+    if batched:
+        with batched_weight_grads():
+            loss = passes(layers, x0, rows_per_pass)
+    else:
+        loss = passes(layers, x0, rows_per_pass)
+    loss.backward()  # after the context has exited
+    out = {"loss": loss.detach(), "x0": x0.grad}
+    for i, m in enumerate(layers):
+        for name, p in m.named_parameters():
+            out[f"{i}.{name}"] = p.grad
+    return out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows_per_pass", [[300, 1, 1, 1, 1, 1, 1, 5], [3, 1, 2], [700, 1, 600]],
+                         ids=["prefix-latents-suffix", "all-small", "two-own-products"])
+def test_batched_grads_match_per_pass_grads(bias, rows_per_pass):
+    layers = make_layers(bias)
+    x0 = torch.randn(4, max(rows_per_pass) + len(rows_per_pass), 16, dtype=torch.float64)
+    ref = grads(layers, x0, rows_per_pass, batched=False)
+    got = grads(layers, x0, rows_per_pass, batched=True)
+    assert set(got) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-12, msg=lambda m: f"{k}: {m}")
+
+
+def test_gradients_accumulate_over_backwards_and_rows_are_released():
+    layers = make_layers(True)
+    x0 = torch.randn(2, 20, 16, dtype=torch.float64)
+    ref = grads(layers, x0, [8, 1, 1, 3], batched=False)
+    for m in layers:
+        m.zero_grad(set_to_none=True)
+    with batched_weight_grads():
+        loss = passes(layers, x0, [8, 1, 1, 3])
+    loss.backward(retain_graph=True)
+    loss.backward()  # a second backward through the same graph adds the same gradients again
+    torch.testing.assert_close(layers[0].weight.grad, 2 * ref["0.weight"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layers[1].bias.grad, 2 * ref["1.bias"], rtol=1e-12, atol=1e-12)
+
+
+def test_plain_linear_outside_the_context_and_for_frozen_or_no_grad():
+    up, down = make_layers(True)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    with batched_weight_grads():
+        with torch.no_grad():
+            assert up(x).grad_fn is None
+        up.weight.requires_grad_(False)
+        y = up(x)
+        assert type(y.grad_fn).__name__ != "_DeferredLinearBackward"
+        up.weight.requires_grad_(True)
+        assert type(up(x).grad_fn).__name__ == "_DeferredLinearBackward"
+    assert type(up(x).grad_fn).__name__ != "_DeferredLinearBackward"
+    # the plain path of a frozen weight still gives the input and bias gradients
+    up.weight.requires_grad_(False)
+    with batched_weight_grads():
+        up(x).sum().backward()
+    assert up.weight.grad is None and up.bias.grad is not None
+    torch.testing.assert_close(x.grad, up.weight.sum(0).expand_as(x))
+
+
+def test_bf16_autocast_matches_nn_linear_under_autocast():
+    torch.manual_seed(3)
+    ours = Linear(32, 48)
+    ref = nn.Linear(32, 48)
+    ref.load_state_dict(ours.state_dict())
+    xs = [torch.randn(4, n, 32) for n in (40, 1, 1, 7)]
+
+    def run(layer, batched):
+        layer.zero_grad(set_to_none=True)
+        xg = [x.clone().requires_grad_() for x in xs]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with batched_weight_grads() if batched else torch.enable_grad():
+                ys = [layer(x) for x in xg]
+        assert all(y.dtype == torch.bfloat16 for y in ys)
+        sum((y.float() * y.float()).sum() for y in ys).backward()
+        return [y.float() for y in ys], layer.weight.grad, layer.bias.grad, [x.grad for x in xg]
+
+    y1, w1, b1, x1 = run(ours, True)
+    y2, w2, b2, x2 = run(ref, False)
+    assert w1.dtype == torch.float32 and b1.dtype == torch.float32
+    for a, b in zip(y1, y2):
+        torch.testing.assert_close(a, b)
+    # the same bf16 products, summed in a different order: within bf16 rounding of the sum
+    torch.testing.assert_close(w1, w2, rtol=2e-2, atol=2e-2 * w2.abs().max().item())
+    torch.testing.assert_close(b1, b2, rtol=2e-2, atol=2e-2 * b2.abs().max().item())
+    for a, b in zip(x1, x2):
+        torch.testing.assert_close(a, b)

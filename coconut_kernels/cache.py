@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.latent_attention import append_and_attend, grad_accumulators, kernels, latent_attention, new_rows_grad
+from .ops.latent_attention import append_and_attend, grad_accumulators, kernels, latent_attention, new_rows_grads
 
 __all__ = ["KVCache"]
 
@@ -172,12 +172,9 @@ class _CachedAttention(torch.autograd.Function):
             _, _, bwd = kernels(q.device)
             dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, state.leftpad, new_seqlens,
                      *ctx.rot, ctx.scale, ctx.causal, grad_kv[0], grad_kv[1])
-        dk = dv = None
-        if ctx.needs_input_grad[2]:
-            dk = new_rows_grad(grad_kv[0], seqlens, state.leftpad, new_seqlens, ctx.n_rows, *ctx.rot, ctx.new_dtype)
-        if ctx.needs_input_grad[3]:
-            dv = new_rows_grad(grad_kv[1], seqlens, state.leftpad, new_seqlens, ctx.n_rows, None, None, False,
-                               ctx.new_dtype)
+        dk, dv = new_rows_grads(grad_kv[0] if ctx.needs_input_grad[2] else None,
+                                grad_kv[1] if ctx.needs_input_grad[3] else None, seqlens, state.leftpad,
+                                new_seqlens, ctx.n_rows, *ctx.rot, ctx.new_dtype)
         if ctx.first:
             state.grad_kv[layer] = None
         chain_grad = None if ctx.first else torch.zeros((), dtype=q.dtype, device=q.device)

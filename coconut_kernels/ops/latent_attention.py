@@ -86,7 +86,7 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_le
 def grad_accumulators(k_cache, pad_rows: int):
     """Zeroed dK, dV accumulators (the cache's shape; fp32, fp64 for fp64 caches) for latent_attention_bwd.
 
-    Each is the head of a flat buffer with `pad_rows` spare rows behind it, so that new_rows_grad can take any
+    Each is the head of a flat buffer with `pad_rows` spare rows behind it, so that new_rows_grads can take any
     sequence's new rows as one window of the buffer even where they run past Tmax (masked rows)."""
     B, T, H, D = k_cache.shape
 
@@ -97,31 +97,40 @@ def grad_accumulators(k_cache, pad_rows: int):
     return one(), one()
 
 
-def new_rows_grad(grad_cache, cache_seqlens, cache_leftpad, new_seqlens, n_rows, rotary_cos, rotary_sin,
-                  rotary_interleaved, dtype):
-    """The gradient of the appended rows k_new/v_new (B, n_rows, Hkv, D), taken from an accumulator made by
+def new_rows_grads(grad_k, grad_v, cache_seqlens, cache_leftpad, new_seqlens, n_rows, rotary_cos, rotary_sin,
+                   rotary_interleaved, dtype):
+    """The gradients of the appended rows k_new, v_new (B, n_rows, Hkv, D), taken from accumulators made by
     grad_accumulators (padded by >= n_rows rows) at rows cache_seqlens[b] + t (zero for t >= new_seqlens[b]),
-    un-rotated when rotary tables are given (pass None for v) and cast to `dtype`. No host sync."""
-    B, Tmax = grad_cache.shape[:2]
-    row = grad_cache[0, 0].numel()
-    if grad_cache.storage_offset() != 0 or \
-            grad_cache.untyped_storage().nbytes() < (B * Tmax + n_rows) * row * grad_cache.element_size():
-        raise RuntimeError("new_rows_grad needs an accumulator from grad_accumulators padded by n_rows rows")
-    t = torch.arange(n_rows, device=grad_cache.device)
+    the keys' un-rotated when rotary tables are given, cast to `dtype`. Either accumulator may be None (its
+    gradient is then None). No host sync."""
+    ref = grad_k if grad_k is not None else grad_v
+    if ref is None:
+        return None, None
+    B, Tmax = ref.shape[:2]
+    row = ref[0, 0].numel()
+    t = torch.arange(n_rows, device=ref.device)
     rows = cache_seqlens.long()[:, None] + t  # (B, n_rows)
     valid = rows < Tmax
     if new_seqlens is not None:
         valid &= t < new_seqlens.long()[:, None]
+    valid = valid[:, :, None, None].to(ref.dtype)
     # Sequence b's rows are the window of the flat buffer starting at row b * Tmax + cache_seqlens[b]: one
     # index_select copies whole windows (an elementwise gather was ~10x slower on CPU).
-    windows = grad_cache.as_strided((B * Tmax, n_rows * row), (row, 1))
-    start = torch.arange(B, device=rows.device) * Tmax + cache_seqlens.long().clamp(0, Tmax)
-    g = windows.index_select(0, start).view(B, n_rows, *grad_cache.shape[2:])
-    g.mul_(valid[:, :, None, None])
-    if rotary_cos is not None:
-        pos = rows if cache_leftpad is None else rows - cache_leftpad.long()[:, None]
-        g = reference.apply_rotary_reference(g, rotary_cos, rotary_sin, pos, rotary_interleaved, inverse=True)
-    return g.to(dtype)
+    start = torch.arange(0, B * Tmax, Tmax, device=ref.device) + cache_seqlens.long().clamp(0, Tmax)
+
+    def take(acc, rotate):
+        if acc is None:
+            return None
+        if acc.storage_offset() != 0 or acc.untyped_storage().nbytes() < (B * Tmax + n_rows) * row * acc.element_size():
+            raise RuntimeError("new_rows_grads needs accumulators from grad_accumulators padded by n_rows rows")
+        windows = acc.as_strided((B * Tmax, n_rows * row), (row, 1))
+        g = windows.index_select(0, start).view(B, n_rows, *acc.shape[2:]).mul_(valid)
+        if rotate and rotary_cos is not None:
+            pos = rows if cache_leftpad is None else rows - cache_leftpad.long()[:, None]
+            g = reference.apply_rotary_reference(g, rotary_cos, rotary_sin, pos, rotary_interleaved, inverse=True)
+        return g.to(dtype)
+
+    return take(grad_k, True), take(grad_v, False)
 
 
 # ---- standalone op with autograd ----------------------------------------------------------------------------
@@ -156,8 +165,8 @@ class _LatentAttention(torch.autograd.Function):
         gk, gv = grad_accumulators(k_cache, ctx.n_rows)
         dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, leftpad, new_seqlens, cos, sin,
                  interleaved, scale, causal, gk, gv)
-        dk = new_rows_grad(gk, seqlens, leftpad, new_seqlens, ctx.n_rows, cos, sin, interleaved, ctx.new_dtype)
-        dv = new_rows_grad(gv, seqlens, leftpad, new_seqlens, ctx.n_rows, None, None, False, ctx.new_dtype)
+        dk, dv = new_rows_grads(gk, gv, seqlens, leftpad, new_seqlens, ctx.n_rows, cos, sin, interleaved,
+                                ctx.new_dtype)
         return dq, dk, dv, *([None] * 10)
 
 

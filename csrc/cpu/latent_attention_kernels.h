@@ -235,6 +235,36 @@ void append_kernel(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k
   });
 }
 
+// One key block of an online softmax: s[0, n) := exp(s - m_new) in place, the running max m and sum l updated,
+// the output row o (o_len long) rescaled to the new max.
+template <typename acc_t>
+inline void online_softmax_block(acc_t* s, int64_t n, acc_t& m, acc_t& l, acc_t* o, int64_t o_len) {
+  acc_t mb = m;
+  for (int64_t j = 0; j < n; ++j) mb = std::max(mb, s[j]);
+  const acc_t alpha = std::exp(m - mb);  // 0 on the first block (m = -inf)
+  for (int64_t j = 0; j < n; ++j) s[j] -= mb;
+  exp_block(s, s, n);
+  acc_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += s[j];
+  l = l * alpha + sum;
+  m = mb;
+  if (alpha != acc_t(1))
+    for (int64_t d = 0; d < o_len; ++d) o[d] *= alpha;
+}
+
+// dst = o / l and lse = m + log l; a row that saw no key (l = 0) gets zeros and lse = -inf.
+template <typename scalar_t, typename acc_t>
+inline void finish_row(scalar_t* dst, const acc_t* o, int64_t D, acc_t m, acc_t l, acc_t* lse) {
+  if (l > 0) {
+    const acc_t inv = acc_t(1) / l;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv);
+    *lse = m + std::log(l);
+  } else {
+    std::fill_n(dst, D, scalar_t(0));
+    *lse = -std::numeric_limits<acc_t>::infinity();
+  }
+}
+
 // ---- forward ----------------------------------------------------------------------------------------------
 
 // One task = (sequence, kv head, chunk of query positions); its M = positions x group rows share each key
@@ -320,19 +350,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
         for (int64_t i = 0; i < M; ++i) {
           acc_t* si = S.data() + i * kKeyBlock;
           const int64_t nj = std::max<int64_t>(0, std::min(nk, hi[i] + 1 - k0));
-          if (nj > 0) {
-            acc_t mb = m[i];
-            for (int64_t j = 0; j < nj; ++j) mb = std::max(mb, si[j]);
-            const acc_t alpha = std::exp(m[i] - mb);  // 0 on the first block (m = -inf)
-            for (int64_t j = 0; j < nj; ++j) si[j] -= mb;
-            exp_block(si, si, nj);
-            acc_t sum = 0;
-            for (int64_t j = 0; j < nj; ++j) sum += si[j];
-            l[i] = l[i] * alpha + sum;
-            m[i] = mb;
-            acc_t* oi = O.data() + i * Dp;
-            for (int64_t d = 0; d < Dp; ++d) oi[d] *= alpha;
-          }
+          if (nj > 0) online_softmax_block(si, nj, m[i], l[i], O.data() + i * Dp, Dp);
           for (int64_t j = nj; j < nk; ++j) si[j] = 0;  // masked keys
         }
         if (few_rows && D != Dp) {
@@ -346,19 +364,27 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
       }
       for (int64_t i = 0; i < M; ++i) {
         const int64_t t = t0 + i / G, h = g * G + i % G;
-        scalar_t* dst = op + ((b * Sq + t) * Hq + h) * D;
-        if (l[i] > 0) {
-          const acc_t inv = acc_t(1) / l[i];
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(O[i * Dp + d] * inv);
-          lp[(b * Hq + h) * Sq + t] = m[i] + std::log(l[i]);
-        } else {  // no key in range (a pad query of a left-padded pass)
-          std::fill_n(dst, D, scalar_t(0));
-          lp[(b * Hq + h) * Sq + t] = neg_inf;
-        }
+        // l = 0: no key in range (a pad query of a left-padded pass)
+        finish_row(op + ((b * Sq + t) * Hq + h) * D, O.data() + i * Dp, D, m[i], l[i], lp + (b * Hq + h) * Sq + t);
       }
     }
   });
 }
+
+// The data of a backward call (decode_bwd_kernel and bwd_kernel).
+template <typename scalar_t>
+struct BwdPointers {
+  using acc_t = typename acc_type<scalar_t>::type;
+  const scalar_t *grad_out, *q, *k, *v, *out;
+  const acc_t* lse;
+  scalar_t* dq;
+  acc_t *grad_k, *grad_v;
+  BwdPointers(const at::Tensor& go, const at::Tensor& q_, const at::Tensor& kc, const at::Tensor& vc,
+              const at::Tensor& o, const at::Tensor& l, at::Tensor& dq_, at::Tensor& gk, at::Tensor& gv)
+      : grad_out(go.data_ptr<scalar_t>()), q(q_.data_ptr<scalar_t>()), k(kc.data_ptr<scalar_t>()),
+        v(vc.data_ptr<scalar_t>()), out(o.data_ptr<scalar_t>()), lse(l.data_ptr<acc_t>()),
+        dq(dq_.data_ptr<scalar_t>()), grad_k(gk.data_ptr<acc_t>()), grad_v(gv.data_ptr<acc_t>()) {}
+};
 
 // ---- decode (Sq = 1) ------------------------------------------------------------------------------------
 
@@ -450,20 +476,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         const AccRows<scalar_t, acc_t> K(kc + b * ks[0] + k0 * ks[1], ks[1], ks[2], nk, Hkv, D, Kb);
         for (int64_t j = 0; j < nk; ++j)
           for (int64_t h = 0; h < Hq; ++h) S[h * kDecodeBlock + j] = dot(Q.data() + h * D, K.at(j, h / G), D);
-        for (int64_t h = 0; h < Hq; ++h) {
-          acc_t* sh = S.data() + h * kDecodeBlock;
-          acc_t mb = m[h];
-          for (int64_t j = 0; j < nk; ++j) mb = std::max(mb, sh[j]);
-          const acc_t alpha = std::exp(m[h] - mb);  // 0 on the first block (m = -inf)
-          for (int64_t j = 0; j < nk; ++j) sh[j] -= mb;
-          exp_block(sh, sh, nk);
-          acc_t sum = 0;
-          for (int64_t j = 0; j < nk; ++j) sum += sh[j];
-          l[h] = l[h] * alpha + sum;
-          m[h] = mb;
-          if (alpha != acc_t(1))
-            for (int64_t d = 0; d < D; ++d) O[h * D + d] *= alpha;
-        }
+        for (int64_t h = 0; h < Hq; ++h)
+          online_softmax_block(S.data() + h * kDecodeBlock, nk, m[h], l[h], O.data() + h * D, D);
         const AccRows<scalar_t, acc_t> V(vc + b * vs[0] + k0 * vs[1], vs[1], vs[2], nk, Hkv, D, Vb);
         for (int64_t j = 0; j < nk; ++j)
           for (int64_t h = 0; h < Hq; ++h) axpy(O.data() + h * D, S[h * kDecodeBlock + j], V.at(j, h / G), D);
@@ -475,15 +489,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
           std::copy(O.begin() + h * D, O.begin() + (h + 1) * D, p + 2);
           continue;
         }
-        scalar_t* dst = op + (b * Hq + h) * D;
-        if (l[h] > 0) {
-          const acc_t inv = acc_t(1) / l[h];
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(O[h * D + d] * inv);
-          lp[b * Hq + h] = m[h] + std::log(l[h]);
-        } else {  // no key in range
-          std::fill_n(dst, D, scalar_t(0));
-          lp[b * Hq + h] = neg_inf;
-        }
+        finish_row(op + (b * Hq + h) * D, O.data() + h * D, D, m[h], l[h], lp + b * Hq + h);
       }
     }
   });
@@ -504,14 +510,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         total += w * ps[1];
         axpy(acc.data(), w, ps + 2, D);
       }
-      scalar_t* dst = op + bh * D;
-      if (total > 0) {
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d] / total);
-        lp[bh] = mx + std::log(total);
-      } else {
-        std::fill_n(dst, D, scalar_t(0));
-        lp[bh] = neg_inf;
-      }
+      finish_row(op + bh * D, acc.data(), D, mx, total, lp + bh);
     }
   });
 }
@@ -527,15 +526,11 @@ void decode_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at
   using acc_t = typename acc_type<scalar_t>::type;
   const int64_t B = q.size(0), Hq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Tmax = k_cache.size(1);
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* gop = grad_out.data_ptr<scalar_t>();
-  const scalar_t* op = out.data_ptr<scalar_t>();
-  const scalar_t* kc = k_cache.data_ptr<scalar_t>();
-  const scalar_t* vc = v_cache.data_ptr<scalar_t>();
-  const acc_t* lp = lse.data_ptr<acc_t>();
-  scalar_t* dqp = dq.data_ptr<scalar_t>();
-  acc_t* gk = grad_k.data_ptr<acc_t>();
-  acc_t* gv = grad_v.data_ptr<acc_t>();
+  const BwdPointers<scalar_t> P(grad_out, q, k_cache, v_cache, out, lse, dq, grad_k, grad_v);
+  const scalar_t *qp = P.q, *gop = P.grad_out, *op = P.out, *kc = P.k, *vc = P.v;
+  const acc_t* lp = P.lse;
+  scalar_t* dqp = P.dq;
+  acc_t *gk = P.grad_k, *gv = P.grad_v;
   const auto ks = k_cache.strides(), vs = v_cache.strides();
   const acc_t scale = static_cast<acc_t>(softmax_scale);
   const DecodeSplits splits(len, B, Tmax);
@@ -632,15 +627,11 @@ void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tenso
   using acc_t = typename acc_type<scalar_t>::type;
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Tmax = k_cache.size(1), Dp = round_up(D, kNR);
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* gop = grad_out.data_ptr<scalar_t>();
-  const scalar_t* op = out.data_ptr<scalar_t>();
-  const scalar_t* kc = k_cache.data_ptr<scalar_t>();
-  const scalar_t* vc = v_cache.data_ptr<scalar_t>();
-  const acc_t* lp = lse.data_ptr<acc_t>();
-  scalar_t* dqp = dq.data_ptr<scalar_t>();
-  acc_t* gk = grad_k.data_ptr<acc_t>();
-  acc_t* gv = grad_v.data_ptr<acc_t>();
+  const BwdPointers<scalar_t> P(grad_out, q, k_cache, v_cache, out, lse, dq, grad_k, grad_v);
+  const scalar_t *qp = P.q, *gop = P.grad_out, *op = P.out, *kc = P.k, *vc = P.v;
+  const acc_t* lp = P.lse;
+  scalar_t* dqp = P.dq;
+  acc_t *gk = P.grad_k, *gv = P.grad_v;
   const auto ks = k_cache.strides(), vs = v_cache.strides();
   const acc_t scale = static_cast<acc_t>(softmax_scale);
 

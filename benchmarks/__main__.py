@@ -83,30 +83,45 @@ def run_scenario(scn, settings: dict, info: dict, progress) -> list[dict]:
             if settings.get("reps"):
                 case.reps = settings["reps"]
             progress(f"{scn.name}: {case.provider} {case.x_name}={case.x_value}: setup and warm-up ...")
-            try:
-                steps[id(case)] = case.setup()
-                harness.time_step(steps[id(case)], 0, case.warmup, device)
-            except Exception as e:  # an optional provider (the official checkout) may not run here
-                if case.role != "other":
-                    raise
-                progress(f"{scn.name}: {case.provider} failed: {type(e).__name__}: {e}")
+            step = _optional(case, scn, progress, case.setup)
+            if step is not None and _optional(case, scn, progress, harness.time_step, step, 0, case.warmup,
+                                              device) is not None:
+                steps[id(case)] = step
         group = [c for c in group if id(c) in steps]
-        if not group:
-            continue
         times = {id(c): [] for c in group}
-        for r in range(max(c.reps for c in group)):
+        for r in range(max((c.reps for c in group), default=0)):
             progress(f"{scn.name}: {group[0].x_name}={group[0].x_value}: repetition {r + 1}")
             for case in group:
-                if r < case.reps:
-                    times[id(case)] += harness.time_step(steps[id(case)], 1, 0, device)
+                if r < case.reps and id(case) in steps:
+                    t = _optional(case, scn, progress, harness.time_step, steps[id(case)], 1, 0, device)
+                    if t is None:
+                        del steps[id(case)]
+                    else:
+                        times[id(case)] += t
         for case in group:
-            step = steps.pop(id(case))
-            mem, mem_kind = harness.peak_memory(step, device) if case.extra.get("memory", True) else (None, "")
+            step = steps.pop(id(case), None)
+            mem = (None, "")
+            if step is not None and case.extra.get("memory", True):
+                mem = _optional(case, scn, progress, harness.peak_memory, step, device)
             del step
-            rows += _case_rows(case, times[id(case)], mem, mem_kind, info, device)
+            if mem is None or not times[id(case)] or (case.role == "other" and len(times[id(case)]) < case.reps):
+                continue  # an optional provider that failed
+            rows += _case_rows(case, times[id(case)], *mem, info, device)
             progress(f"{scn.name}: {case.provider} {case.x_name}={case.x_value}: "
                      f"{harness.quantiles(times[id(case)])[1] * 1e3:.2f} ms")
     return rows
+
+
+def _optional(case, scn, progress, fn, *args):
+    """fn(*args); for an optional provider (role "other", e.g. the official checkout, which may not run here)
+    a failure is reported and gives None instead of ending the run."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        if case.role != "other":
+            raise
+        progress(f"{scn.name}: {case.provider} failed: {type(e).__name__}: {e}")
+        return None
 
 
 def _case_rows(case, times: list[float], mem, mem_kind: str, info: dict, device) -> list[dict]:

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks.__main__ import CSV_FIELDS, format_table, ratio_table
+from benchmarks.__main__ import CSV_FIELDS, format_table, ratio_table, run_scenario
+from benchmarks.harness import Case, Scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +61,46 @@ def test_printed_ratios_come_from_the_rows(quick_run):
     table = ratio_table([r for r in rows if r["scenario"] == "train_step"])
     row = next(r for r in table[1:] if r[1] == "coconut_kernels" and r[0].endswith(f"={x}"))
     assert float(row[7]) == pytest.approx(t[("coconut_kernels", x)] / t[("reference", x)], rel=1e-2)
+
+
+def test_interleaved_run_drops_a_failing_optional_provider_only():
+    """Providers of one point are timed in turn; an optional provider (role "other") that fails in setup,
+    warm-up or timing is reported and left out, while a failing required provider ends the run."""
+    calls = []
+
+    def provider(name, fail_at=None):
+        def setup():
+            if fail_at == "setup":
+                raise RuntimeError("no checkout")
+            n = {"k": 0}
+
+            def step():
+                n["k"] += 1
+                calls.append(name)
+                if fail_at == "warmup" or (fail_at == "timing" and n["k"] > 2):
+                    raise RuntimeError("broken")
+            return step
+        return setup
+
+    def cases(settings):
+        yield Case("s", "ours", "B", 1, provider("ours"), reps=3, extra={"memory": False})
+        yield Case("s", "floor", "B", 1, provider("floor"), role="floor", reps=3, extra={"memory": False})
+        for where in ("setup", "warmup", "timing"):
+            yield Case("s", f"other-{where}", "B", 1, provider(f"other-{where}", where), role="other", reps=3,
+                       extra={"memory": False})
+
+    info = {k: "x" for k in ("device", "torch", "triton", "coconut_kernels", "date")}
+    settings = {"device": torch.device("cpu"), "reps": None}
+    messages = []
+    rows = run_scenario(Scenario("s", "test", cases), settings, info, messages.append)
+    assert {r["provider"] for r in rows} == {"ours", "floor"}
+    assert sum("failed" in m for m in messages) == 3
+    # interleaved: after the warm-ups, ours and floor alternate
+    timed = [c for c in calls if c in ("ours", "floor")][2:]
+    assert timed[:4] == ["ours", "floor", "ours", "floor"]
+
+    def bad(settings):
+        yield Case("s", "ours", "B", 1, provider("ours", "warmup"), reps=1, extra={"memory": False})
+
+    with pytest.raises(RuntimeError, match="broken"):
+        run_scenario(Scenario("s", "test", bad), settings, info, messages.append)

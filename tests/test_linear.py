@@ -1,9 +1,12 @@
 """models.Linear inside batched_weight_grads(): the weight and bias gradients, taken once per layer over every
 pass's rows, equal nn.Linear's per-pass gradients summed by autograd."""
+import gc
+
 import pytest
 import torch
 from torch import nn
 
+from coconut_kernels.models import linear as linear_mod
 from coconut_kernels.models.linear import Linear, batched_weight_grads
 
 
@@ -116,3 +119,66 @@ def test_bf16_autocast_matches_nn_linear_under_autocast():
     torch.testing.assert_close(b1, b2, rtol=2e-2, atol=2e-2 * b2.abs().max().item())
     for a, b in zip(x1, x2):
         torch.testing.assert_close(a, b)
+
+
+def _pair(bias=True, seed=5):
+    torch.manual_seed(seed)
+    ours = Linear(12, 10, bias=bias, dtype=torch.float64)
+    ref = nn.Linear(12, 10, bias=bias, dtype=torch.float64)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def test_no_entry_outlives_its_step():
+    """The per-layer state must not be kept alive by a reference cycle through autograd's nodes (with a
+    bias, and with the autocast casts)."""
+    ours, _ = _pair(bias=True)
+    for autocast in (False, True):
+        for _ in range(3):
+            x1, x2 = torch.randn(2, 3, 12, dtype=torch.float64), torch.randn(2, 1, 12, dtype=torch.float64)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                with batched_weight_grads():
+                    y = ours(x1).float().sum() + ours(x2).float().sum()
+            y.backward()
+            del y
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is linear_mod._Entry]
+
+
+def test_backward_that_skips_the_weights_keeps_nothing():
+    ours, ref = _pair()
+    x = torch.randn(3, 4, 12, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for layer in (ours, ref):
+        with batched_weight_grads() if layer is ours else torch.enable_grad():
+            y = (layer(x) ** 2).sum() + layer(x[:, :1]).sum()
+        torch.autograd.grad(y, [x], retain_graph=True)  # does not reach the weights
+        y.backward()
+        grads.append((layer.weight.grad, layer.bias.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_gradient_penalty():
+    ours, ref = _pair()
+    x0 = torch.randn(2, 5, 12, dtype=torch.float64)
+    grads = []
+    for layer in (ours, ref):
+        x = x0.clone().requires_grad_()
+        with batched_weight_grads() if layer is ours else torch.enable_grad():
+            y = torch.tanh(layer(x)).sum() + torch.tanh(layer(x[:, :1])).pow(2).sum()
+        (gx,) = torch.autograd.grad(y, [x], create_graph=True)
+        (y + gx.pow(2).sum()).backward()
+        grads.append((layer.weight.grad, layer.bias.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-10)
+
+
+def test_double_backward_under_autocast_raises():
+    ours, _ = _pair()
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with batched_weight_grads():
+            y = ours(x).float().pow(2).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y, [x], create_graph=True)

@@ -8,9 +8,10 @@ With the batch of B = 8 rows of a latent pass, those weight-sized writes cost mo
 Inside `batched_weight_grads()`, every `Linear` of the models defers its weight (and bias) gradient: the
 backward of each pass computes only the input gradient and keeps the pass's (X_p, dY_p) rows; one autograd
 node per layer, which runs after the backward of every pass that used the layer, computes
-dW = sum_p dY_p^T X_p as one product over the concatenated small passes (plus one product per large pass).
-The rows kept are the inputs autograd saves anyway and the output gradients of the passes between a layer's
-last and first use in backward, which are the small ones.
+dW = sum_p dY_p^T X_p: a large pass's product is taken in its own backward, the small passes' rows are kept
+(the inputs autograd saves anyway, and their output gradients) and multiplied as one concatenated product.
+A backward that does not reach the weights (autograd.grad with respect to inputs only) keeps nothing, and a
+double backward adds the second-order gradient that reaches the weight through dx = dy W.
 
 Outside the context (and for frozen weights, or with grad disabled) `Linear` is `nn.Linear`.
 """
@@ -54,39 +55,59 @@ def batched_weight_grads():
 
 
 class _Entry:
-    """One layer's deferred gradient: its weight/bias aliases (outputs of _Gather, which every pass uses)
-    and the (X, dY) rows of each pass, filled during backward."""
+    """One layer's deferred gradient, filled during backward: the (X, dY) rows of the small passes, the summed
+    products of the large ones, and the weight cast to the autocast dtype (once per step, not once per pass).
+    It holds no alias of the weight: a tensor whose grad_fn is the _Gather node that holds this entry would
+    close a reference cycle through autograd's C++ nodes, which the garbage collector cannot see."""
 
-    __slots__ = ("weight", "bias", "rows", "casts")
+    __slots__ = ("rows", "dw", "db", "casts")
 
     def __init__(self):
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.dw = self.db = None
         self.casts: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def cast(self, dtype: torch.dtype):
-        """The weight and bias in the autocast dtype, cast once per step (not once per pass)."""
+    def cast(self, weight, bias, dtype: torch.dtype):
         if dtype not in self.casts:
-            b = None if self.bias is None else self.bias.detach().to(dtype)
-            self.casts[dtype] = (self.weight.detach().to(dtype), b)
+            self.casts[dtype] = (weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype))
         return self.casts[dtype]
+
+    def add(self, x: torch.Tensor, dy: torch.Tensor, with_bias: bool) -> None:
+        """Take one pass's rows: a large pass's product now (its rows are not kept), a small one's later."""
+        if x.shape[0] < _OWN_PRODUCT_ROWS:
+            self.rows.append((x, dy))
+            return
+        self.dw = dy.t() @ x if self.dw is None else self.dw.addmm_(dy.t(), x)
+        if with_bias:
+            s = dy.sum(0)
+            self.db = s if self.db is None else self.db.add_(s)
 
 
 class _Session:
     def __init__(self):
-        self.entries: dict[int, _Entry] = {}
+        self.entries: dict[int, tuple[_Entry, torch.Tensor, torch.Tensor | None]] = {}
 
     def linear(self, module: Linear, x: torch.Tensor) -> torch.Tensor:
-        entry = self.entries.get(id(module))
-        if entry is None:
+        found = self.entries.get(id(module))
+        if found is None:
             entry = _Entry()
-            entry.weight, entry.bias = _Gather.apply(entry, module.weight, module.bias)
-            self.entries[id(module)] = entry
-        return _DeferredLinear.apply(x, entry.weight, entry.bias, entry)
+            found = (entry, *_Gather.apply(entry, module.weight, module.bias))
+            self.entries[id(module)] = found
+        entry, weight, bias = found
+        return _DeferredLinear.apply(x, weight, bias, entry)
+
+
+def _in_this_backward(node) -> bool:
+    """Whether the running backward will execute `node` (False for e.g. autograd.grad w.r.t. inputs only)."""
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # not in a backward of the engine: assume it will
+        return True
 
 
 class _Gather(torch.autograd.Function):
     """Identity on (weight, bias); its backward runs once every pass that used the aliases has run its
-    backward, and returns the summed gradients from the rows they kept."""
+    backward, and returns the summed gradients from what they kept."""
 
     @staticmethod
     def forward(ctx, entry, weight, bias):
@@ -96,42 +117,52 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_weight, grad_bias):
-        # grad_weight / grad_bias: None (the passes return no gradient for the aliases)
-        rows, ctx.entry.rows = ctx.entry.rows, []
-        if not rows:
-            return None, None, None
-        big = [r for r in rows if r[0].shape[0] >= _OWN_PRODUCT_ROWS]
-        small = [r for r in rows if r[0].shape[0] < _OWN_PRODUCT_ROWS]
-        if small:
-            big.append((torch.cat([x for x, _ in small]), torch.cat([dy for _, dy in small])))
-        dw = db = None
-        for x, dy in big:
+        # grad_weight / grad_bias: None, except in a double backward (the aliases in dx = dy @ W's graph)
+        entry = ctx.entry
+        rows, dw, db = entry.rows, entry.dw, entry.db
+        entry.rows, entry.dw, entry.db = [], None, None
+        entry.casts.clear()
+        if rows:
+            x = torch.cat([r[0] for r in rows]) if len(rows) > 1 else rows[0][0]
+            dy = torch.cat([r[1] for r in rows]) if len(rows) > 1 else rows[0][1]
             dw = dy.t() @ x if dw is None else dw.addmm_(dy.t(), x)
             if ctx.needs_input_grad[2]:
                 s = dy.sum(0)
                 db = s if db is None else db.add_(s)
-        return None, dw, db
+        if grad_weight is not None:
+            dw = grad_weight if dw is None else dw + grad_weight
+        if grad_bias is not None:
+            db = grad_bias if db is None else db + grad_bias
+        return None, dw, (db if ctx.needs_input_grad[2] else None)
 
 
 class _DeferredLinear(torch.autograd.Function):
-    """y = x W^T + b. Backward returns the input gradient only and keeps (x, dy) for _Gather."""
+    """y = x W^T + b. Backward returns the input gradient only and gives (x, dy) to the layer's entry."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, entry):
+        ctx.gather = weight.grad_fn  # the layer's _Gather node
+        ctx.autocast = False
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             dtype = torch.get_autocast_dtype(dev)
-            weight, bias = entry.cast(dtype)
+            weight, bias = entry.cast(weight, bias, dtype)
             x = x.to(dtype)
+            ctx.autocast = True
         y = F.linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
-        ctx.entry = entry
+        ctx.entry, ctx.with_bias = entry, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
+        if ctx.autocast and torch.is_grad_enabled():
+            raise RuntimeError("double backward (create_graph=True) through batched_weight_grads() under autocast "
+                               "is not supported: the weight cast is not differentiable; run the step outside "
+                               "batched_weight_grads() or without autocast")
         dy = dy.to(weight.dtype)
         dx = dy @ weight if ctx.needs_input_grad[0] else None
-        ctx.entry.rows.append((x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])))
+        if _in_this_backward(ctx.gather):  # else no _Gather would take the rows (e.g. grad w.r.t. x only)
+            ctx.entry.add(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), ctx.with_bias)
         return dx, None, None, None

@@ -14,6 +14,11 @@ A backward that does not reach the weights (autograd.grad with respect to inputs
 double backward adds the second-order gradient that reaches the weight through dx = dy W.
 
 Outside the context (and for frozen weights, or with grad disabled) `Linear` is `nn.Linear`.
+
+Consequences to know: with DistributedDataParallel every weight gradient arrives at the end of the backward, so
+DDP cannot overlap its all-reduce with the backward of the later layers; the aliases of a layer's weight are
+taken once per forward, so FSDP units that reshard their parameters between passes of one forward are not
+supported (the trainer wraps the model as one unit).
 """
 from __future__ import annotations
 

@@ -99,14 +99,15 @@ def run_scenario(scn, settings: dict, info: dict, progress) -> list[dict]:
                     else:
                         times[id(case)] += t
         for case in group:
-            step = steps.pop(id(case), None)
+            step = steps.pop(id(case), None)  # None: an optional provider that failed
+            if step is None:
+                continue
             mem = (None, "")
-            if step is not None and case.extra.get("memory", True):
+            if case.extra.get("memory", True):
                 mem = _optional(case, scn, progress, harness.peak_memory, step, device)
             del step
-            if mem is None or not times[id(case)] or (case.role == "other" and len(times[id(case)]) < case.reps):
-                continue  # an optional provider that failed
-            rows += _case_rows(case, times[id(case)], *mem, info, device)
+            if mem is not None:
+                rows += _case_rows(case, times[id(case)], *mem, info, device)
             progress(f"{scn.name}: {case.provider} {case.x_name}={case.x_value}: "
                      f"{harness.quantiles(times[id(case)])[1] * 1e3:.2f} ms")
     return rows

@@ -167,6 +167,7 @@ def latent_feedback_reference_(embeds, hidden, batch_idx, dst_pos, src_pos, *, n
     rows = _feedback_rows(hidden, batch_idx, src_pos, norm, weight, bias, eps)
     return embeds.index_put_(_feedback_index(batch_idx, dst_pos), rows)
 
+
 def soft_embedding_reference(
     logits: torch.Tensor,
     weight: torch.Tensor,

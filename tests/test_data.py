@@ -12,7 +12,6 @@ import re
 import statistics
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 import pytest
@@ -42,6 +41,7 @@ from coconut_kernels.data import (
     validate_records,
 )
 from coconut_kernels.data import cli
+from coconut_kernels.data.prosqa import reachable
 
 DATA_DIR = Path(os.environ.get("COCONUT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 VALID = DATA_DIR / "prosqa_valid.json"
@@ -407,20 +407,6 @@ def test_collator_bad_inputs():
 # -------------------------------------------------------------------------------------------- generator
 
 
-def _bfs(n, edges, source):
-    adj = [[] for _ in range(n)]
-    for a, b in edges:
-        adj[a].append(b)
-    dist, queue = {source: 0}, deque([source])
-    while queue:
-        x = queue.popleft()
-        for y in adj[x]:
-            if y not in dist:
-                dist[y] = dist[x] + 1
-                queue.append(y)
-    return dist
-
-
 def _stats(recs):
     return {
         "nodes": statistics.mean(len(r["idx_to_symbol"]) for r in recs),
@@ -448,7 +434,7 @@ def test_generator_problems_are_well_formed(generated):
     validate_records(generated)
     for r in generated:
         sym, edges, root = r["idx_to_symbol"], r["edges"], r["root"]
-        dist = _bfs(len(sym), edges, root)
+        dist = reachable(len(sym), edges, root)
         # exactly one candidate reachable from the root, and the steps are a shortest path to it
         assert r["target"] in dist and r["neg_target"] not in dist
         assert dist[r["target"]] == len(r["steps"])

@@ -33,8 +33,8 @@ Interface (both families)::
         # become the cache's leftpad)
 
 The layers' projections are `models.linear.Linear`: nn.Linear, except inside `batched_weight_grads()` (which
-LatentLM's multi-pass forward uses), where each layer's weight gradient is one product over the rows of every
-pass instead of one per pass plus a sum.
+LatentLM's multi-pass forward uses), where the small passes' rows are multiplied once per layer for the weight
+gradient instead of one weight-sized product and sum per pass.
 
 Not implemented: dropout (the layers have none: train COCONUT with dropout 0), sliding-window
 attention (Mistral / Qwen2 with a window: new_cache refuses caches longer than the window), rope types

@@ -6,10 +6,10 @@ rank-B product that writes the whole (out, in) matrix, and then an addition of t
 With the batch of B = 8 rows of a latent pass, those weight-sized writes cost more than the products.
 
 Inside `batched_weight_grads()`, every `Linear` of the models defers its weight (and bias) gradient: the
-backward of each pass computes only the input gradient and keeps the pass's (X_p, dY_p) rows; one autograd
-node per layer, which runs after the backward of every pass that used the layer, computes
-dW = sum_p dY_p^T X_p: a large pass's product is taken in its own backward, the small passes' rows are kept
-(the inputs autograd saves anyway, and their output gradients) and multiplied as one concatenated product.
+backward of each pass computes only the input gradient; a large pass's dY^T X is taken there and then, a small
+pass's (X, dY) rows are kept (the inputs autograd saves anyway, and their output gradients). One autograd node
+per layer, which runs after the backward of every pass that used the layer, multiplies the kept rows as one
+concatenated product and returns dW = sum_p dY_p^T X_p (and the bias gradient).
 A backward that does not reach the weights (autograd.grad with respect to inputs only) keeps nothing, and a
 double backward adds the second-order gradient that reaches the weight through dx = dy W.
 
@@ -81,7 +81,11 @@ class _Entry:
         """Take one pass's rows: a large pass's product now (its rows are not kept), a small one's later."""
         if x.shape[0] < _OWN_PRODUCT_ROWS:
             self.rows.append((x, dy))
-            return
+        else:
+            self.accumulate(x, dy, with_bias)
+
+    def accumulate(self, x: torch.Tensor, dy: torch.Tensor, with_bias: bool) -> None:
+        """dw += dy^T x, db += sum(dy)."""
         self.dw = dy.t() @ x if self.dw is None else self.dw.addmm_(dy.t(), x)
         if with_bias:
             s = dy.sum(0)
@@ -124,16 +128,12 @@ class _Gather(torch.autograd.Function):
     def backward(ctx, grad_weight, grad_bias):
         # grad_weight / grad_bias: None, except in a double backward (the aliases in dx = dy @ W's graph)
         entry = ctx.entry
-        rows, dw, db = entry.rows, entry.dw, entry.db
+        if entry.rows:
+            xs, dys = zip(*entry.rows)
+            entry.accumulate(torch.cat(xs), torch.cat(dys), ctx.needs_input_grad[2])
+        dw, db = entry.dw, entry.db
         entry.rows, entry.dw, entry.db = [], None, None
         entry.casts.clear()
-        if rows:
-            x = torch.cat([r[0] for r in rows]) if len(rows) > 1 else rows[0][0]
-            dy = torch.cat([r[1] for r in rows]) if len(rows) > 1 else rows[0][1]
-            dw = dy.t() @ x if dw is None else dw.addmm_(dy.t(), x)
-            if ctx.needs_input_grad[2]:
-                s = dy.sum(0)
-                db = s if db is None else db.add_(s)
         if grad_weight is not None:
             dw = grad_weight if dw is None else dw + grad_weight
         if grad_bias is not None:

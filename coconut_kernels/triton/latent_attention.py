@@ -63,6 +63,30 @@ def _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq,
 
 
 @triton.jit
+def _key_end(pid_m, cs, lp, n_valid, Tmax, GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """End of the key range [lp, end) of query block pid_m: its last valid row bounds the causal range; a block
+    with no valid row gets an empty range."""
+    t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_valid - 1)
+    if CAUSAL:
+        hi = cs + t_last + 1
+    else:
+        hi = cs + n_valid
+    hi = tl.minimum(hi, Tmax)
+    return tl.where(t_last >= pid_m * BLOCK_M // GROUP, hi, lp)
+
+
+@triton.jit
+def _kv_block(k_base, v_base, start, hi, offs_d, d_ok, stride_kt, stride_vt, BLOCK_N: tl.constexpr):
+    """Cache rows [start, start + BLOCK_N) below hi of K and V (zeros elsewhere), with their row indices."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = (offs_n < hi) & (offs_n >= 0)
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    return offs_n, n_ok, k, v
+
+
+@triton.jit
 def _append_kernel(K, V, KNew, VNew, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, Sin,
                    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                    stride_knb, stride_knt, stride_knh, stride_vnb, stride_vnt, stride_vnh,
@@ -115,14 +139,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, 
                       Cos, Sin, stride_ro, ROT_DIM, INTERLEAVED, False)
     q = q.to(K.dtype.element_ty)
 
-    # Keys [lp, hi): the last valid row of this block bounds the causal range.
-    t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_valid - 1)
-    if CAUSAL:
-        hi = cs + t_last + 1
-    else:
-        hi = cs + n_valid
-    hi = tl.minimum(hi, Tmax)
-    hi = tl.where(t_last >= pid_m * BLOCK_M // GROUP, hi, lp)
+    hi = _key_end(pid_m, cs, lp, n_valid, Tmax, GROUP, CAUSAL, BLOCK_M)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -130,11 +147,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, 
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
     for start in range(lp, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = (offs_n < hi) & (offs_n >= 0)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        offs_n, n_ok, k, v = _kv_block(k_base, v_base, start, hi, offs_d, d_ok, stride_kt, stride_vt, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
         ok = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:
@@ -266,22 +279,12 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, CacheSeqlens, CacheLeftpad, NewS
     lse = tl.where(row_ok, tl.load(Lse + (b * Hq + hq) * Sq + t, mask=row_ok, other=0.0), 0.0)
     delta = tl.load(Delta + (b * Hq + hq) * Sq + t, mask=row_ok, other=0.0)
 
-    t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, n_valid - 1)
-    if CAUSAL:
-        hi = cs + t_last + 1
-    else:
-        hi = cs + n_valid
-    hi = tl.minimum(hi, Tmax)
-    hi = tl.where(t_last >= pid_m * BLOCK_M // GROUP, hi, lp)
+    hi = _key_end(pid_m, cs, lp, n_valid, Tmax, GROUP, CAUSAL, BLOCK_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
     for start in range(lp, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = (offs_n < hi) & (offs_n >= 0)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        offs_n, n_ok, k, v = _kv_block(k_base, v_base, start, hi, offs_d, d_ok, stride_kt, stride_vt, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
         ok = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:

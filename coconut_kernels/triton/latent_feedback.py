@@ -26,6 +26,17 @@ def _row_indices(BAT, DST, SRC, i, B, T, S, HAS_BATCH: tl.constexpr):
 
 
 @triton.jit
+def _normalized(x, m, d, eps, NORM: tl.constexpr):
+    """(x - mean) * rstd for LayerNorm (NORM 1), x * rstd for RMSNorm (NORM 2), over the d valid columns."""
+    if NORM == 1:
+        xc = tl.where(m, x - tl.sum(x, axis=0) / d, 0.0)
+    else:
+        xc = x
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / d + eps)
+    return xc * rstd, rstd
+
+
+@triton.jit
 def _latent_feedback_fwd_kernel(E, H, BAT, DST, SRC, W, BIAS, d, B, T, S, e_bs, e_rs, h_bs, h_rs, eps,
                                 HAS_BATCH: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
                                 HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -37,13 +48,7 @@ def _latent_feedback_fwd_kernel(E, H, BAT, DST, SRC, W, BIAS, d, B, T, S, e_bs, 
     if NORM == 0:
         y = x
     else:
-        x = x.to(ACC)
-        if NORM == 1:
-            xc = tl.where(m, x - tl.sum(x, axis=0) / d, 0.0)
-        else:
-            xc = x
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / d + eps)
-        y = xc * rstd
+        y, rstd = _normalized(x.to(ACC), m, d, eps, NORM)
         if HAS_W:
             y = y * tl.load(W + cols, mask=m, other=0.0).to(ACC)
         if HAS_B:
@@ -64,12 +69,7 @@ def _latent_feedback_bwd_kernel(G, H, BAT, DST, SRC, W, GH, GW, GB, d, B, T, S, 
         dx = dy
     else:
         x = tl.load(H + b * h_bs + src * h_rs + cols, mask=m, other=0.0).to(ACC)
-        if NORM == 1:
-            xc = tl.where(m, x - tl.sum(x, axis=0) / d, 0.0)
-        else:
-            xc = x
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / d + eps)
-        xhat = xc * rstd
+        xhat, rstd = _normalized(x, m, d, eps, NORM)
         if HAS_W:
             tl.atomic_add(GW + cols, dy * xhat, mask=m)
         if HAS_B:

@@ -1,6 +1,7 @@
 // CPU kernels of latent_attention: append into the preallocated KV cache, forward (online softmax over key
-// blocks, never an Sq x T score matrix) and backward. The backward runs one task per (sequence, kv head),
-// so each task owns its cache rows' gradients and accumulates them without atomics.
+// blocks, never an Sq x T score matrix) and backward. The backward runs one task per (sequence, kv head), or
+// for Sq = 1 per (sequence, key split), so each task owns its cache rows' gradients and accumulates them
+// without atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

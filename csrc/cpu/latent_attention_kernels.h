@@ -400,11 +400,10 @@ constexpr int64_t kDecodeMinSplit = 256;  // fewest keys a split handles
 
 struct DecodeSplits {
   const Lengths& len;
-  int64_t Tmax, n;
-  DecodeSplits(const Lengths& l, int64_t B, int64_t Tmax_) : len(l), Tmax(Tmax_) {
+  int64_t Tmax, keys, n;  // keys: mean rows a sequence attends; n: splits per sequence
+  DecodeSplits(const Lengths& l, int64_t B, int64_t Tmax_) : len(l), Tmax(Tmax_), keys(mean_keys(l, B)) {
     const int64_t threads = at::get_num_threads();
-    n = std::max<int64_t>(1, std::min((2 * threads + B - 1) / B,
-                                      (mean_keys(l, B) + kDecodeMinSplit - 1) / kDecodeMinSplit));
+    n = std::max<int64_t>(1, std::min((2 * threads + B - 1) / B, (keys + kDecodeMinSplit - 1) / kDecodeMinSplit));
   }
   // Cache rows [first, second) that split `s` of sequence b attends. The one query sits at the last new row,
   // so causal or not it sees the rows up to its own; empty without a new token.
@@ -457,7 +456,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const int64_t n_split = splits.n, W = 2 + D;  // per split and head: max, sum, unnormalised output
   std::vector<acc_t> part(n_split > 1 ? B * n_split * Hq * W : 0);
 
-  at::parallel_for(0, B * n_split, grain_for(Hq * mean_keys(len, B) * D / n_split), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * n_split, grain_for(Hq * splits.keys * D / n_split), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> Q(Hq * D), O(Hq * D), S(Hq * kDecodeBlock), m(Hq), l(Hq), Kb, Vb;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_split, split = task % n_split;
@@ -537,7 +536,7 @@ void decode_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at
   const int64_t n_split = splits.n;
   std::vector<acc_t> part(n_split > 1 ? B * n_split * Hq * D : 0);  // each split's dq, summed below
 
-  at::parallel_for(0, B * n_split, grain_for(3 * Hq * mean_keys(len, B) * D / n_split), [&](int64_t begin,
+  at::parallel_for(0, B * n_split, grain_for(3 * Hq * splits.keys * D / n_split), [&](int64_t begin,
                                                                                            int64_t end) {
     std::vector<acc_t> Q(Hq * D), dO(Hq * D), dQ(Hq * D), Di(Hq), L(Hq), P(Hq * kDecodeBlock),
         dS(Hq * kDecodeBlock), Kb, Vb;

@@ -163,6 +163,21 @@ RowStats<acc_t> row_stats(const acc_t* x, int64_t V, acc_t inv_t, int64_t top_k,
   return {thr, m, s, kept};
 }
 
+// probs[n, j] = prob(n, x) for the kept logits x = logits[n, v0 + j] (x >= thr[n]), else 0, j < len: one chunk
+// of the vocabulary for every row (ld: the row stride of probs).
+template <typename acc_t, typename Prob>
+void probs_chunk(const at::Tensor& logits, int64_t N, int64_t v0, int64_t len, const acc_t* thr, acc_t* probs,
+                 int64_t ld, Prob prob) {
+  at::parallel_for(0, N, row_grain(len), [&](int64_t n0, int64_t n1) {
+    std::vector<acc_t> x(len);
+    for (int64_t n = n0; n < n1; ++n) {
+      load_row(logits, n, v0, len, x.data());
+      acc_t* p = probs + n * ld;
+      for (int64_t j = 0; j < len; ++j) p[j] = x[j] >= thr[n] ? prob(n, x[j]) : acc_t(0);
+    }
+  });
+}
+
 template <typename acc_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& logits_in, const at::Tensor& weight_in,
                                                          double temperature, int64_t top_k, double top_p) {
@@ -213,14 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_impl(const at::Tensor& logits
     const int64_t ld = probs.size(1);
     for (int64_t v0 = 0; v0 < V; v0 += kChunk) {
       const int64_t len = std::min(kChunk, V - v0);
-      at::parallel_for(0, N, row_grain(len), [&](int64_t n0, int64_t n1) {
-        std::vector<acc_t> x(len);
-        for (int64_t n = n0; n < n1; ++n) {
-          load_row(logits, n, v0, len, x.data());
-          acc_t* p = probs_p + n * ld;
-          for (int64_t j = 0; j < len; ++j)
-            p[j] = x[j] >= thr_p[n] ? std::exp((x[j] - row_max[n]) * inv_t) * row_inv_sum[n] : acc_t(0);
-        }
+      probs_chunk(logits, N, v0, len, thr_p, probs_p, ld, [&](int64_t n, acc_t x) {
+        return std::exp((x - row_max[n]) * inv_t) * row_inv_sum[n];
       });
       acc.addmm_(probs.narrow(1, 0, len), weight.narrow(0, v0, len).to(acc_opts.dtype()));
     }
@@ -318,14 +327,8 @@ std::tuple<at::Tensor, at::Tensor> bwd_impl(const at::Tensor& grad_out, const at
   const int64_t ld = probs.size(1);
   for (int64_t v0 = 0; v0 < V; v0 += kChunk) {
     const int64_t len = std::min(kChunk, V - v0);
-    at::parallel_for(0, N, row_grain(len), [&](int64_t n0, int64_t n1) {
-      std::vector<acc_t> x(len);
-      for (int64_t n = n0; n < n1; ++n) {
-        load_row(logits, n, v0, len, x.data());
-        acc_t* p = probs_p + n * ld;
-        for (int64_t j = 0; j < len; ++j) p[j] = x[j] >= thr_p[n] ? std::exp(x[j] * inv_t - lse_p[n]) : acc_t(0);
-      }
-    });
+    probs_chunk(logits, N, v0, len, thr_p, probs_p, ld,
+                [&](int64_t n, acc_t x) { return std::exp(x * inv_t - lse_p[n]); });
     const at::Tensor p_chunk = probs.narrow(1, 0, len);
     const at::Tensor w_chunk = weight.narrow(0, v0, len).to(acc_opts.dtype());
     if (need_logits) {

@@ -162,6 +162,14 @@ inline void dot_rows(T* s, const T* q, const T* K, int64_t stride, int64_t n, in
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Ask for rows [0, n) (n <= 0: none) of a row-strided block, D elements each, to be brought into the cache.
+template <typename T>
+inline void prefetch_rows(const T* base, int64_t stride, int64_t n, int64_t D) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < D * (int64_t)sizeof(T); d += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(base + j * stride) + d);
+}
+
 // Rows [0, n) of a row-strided cache block as acc_t rows: the cache itself when no conversion is needed,
 // else converted into buf (ld = D).
 template <typename scalar_t, typename acc_t>
@@ -330,14 +338,11 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
         int64_t kst = 0, vst = 0;
         const acc_t* Kr = nullptr;
         const acc_t* Vr = nullptr;
+        // The next block's rows: D-long pieces Hkv * D apart, which the hardware prefetcher misses.
+        const int64_t n_next = std::min(kKeyBlock, kv_end - k0 - kKeyBlock);
+        prefetch_rows(kblock + kKeyBlock * ks[1], ks[1], n_next, D);
+        prefetch_rows(vblock + kKeyBlock * vs[1], vs[1], n_next, D);
         if (few_rows) {
-          // Memory-bound: ask for the next block's rows (64 strided rows the hardware prefetcher misses).
-          for (int64_t j = 0; j < std::min(kKeyBlock, kv_end - k0 - kKeyBlock); ++j) {
-            for (int64_t d = 0; d < D * (int64_t)sizeof(scalar_t); d += 64) {
-              __builtin_prefetch(reinterpret_cast<const char*>(kblock + (kKeyBlock + j) * ks[1]) + d);
-              __builtin_prefetch(reinterpret_cast<const char*>(vblock + (kKeyBlock + j) * vs[1]) + d);
-            }
-          }
           Kr = row_view(kblock, ks[1], nk, D, Kt.data(), kst);
           Vr = row_view(vblock, vs[1], nk, D, Vb.data(), vst);
           for (int64_t i = 0; i < M; ++i)
@@ -684,8 +689,15 @@ void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tenso
         while (i0 < M && hi[i0] < k0) ++i0;
         const int64_t Mi = M - i0;
         if (Mi == 0) continue;
-        load_block(kc + b * ks[0] + k0 * ks[1] + g * ks[2], ks[1], nk, D, Dp, Kb.data(), Kt.data());
-        load_block(vc + b * vs[0] + k0 * vs[1] + g * vs[2], vs[1], nk, D, Dp, (acc_t*)nullptr, Vt.data());
+        const scalar_t* kblock = kc + b * ks[0] + k0 * ks[1] + g * ks[2];
+        const scalar_t* vblock = vc + b * vs[0] + k0 * vs[1] + g * vs[2];
+        const int64_t n_next = std::min(kKeyBlock, kv_end - k0 - kKeyBlock);
+        prefetch_rows(kblock + kKeyBlock * ks[1], ks[1], n_next, D);
+        prefetch_rows(vblock + kKeyBlock * vs[1], vs[1], n_next, D);
+        prefetch_rows(gk + ((b * Tmax + k0 + kKeyBlock) * Hkv + g) * D, Hkv * D, n_next, D);
+        prefetch_rows(gv + ((b * Tmax + k0 + kKeyBlock) * Hkv + g) * D, Hkv * D, n_next, D);
+        load_block(kblock, ks[1], nk, D, Dp, Kb.data(), Kt.data());
+        load_block(vblock, vs[1], nk, D, Dp, (acc_t*)nullptr, Vt.data());
         gemm(S.data(), kKeyBlock, Q.data() + i0 * Dp, Dp, Kt.data(), kKeyBlock, Mi, np, D, false);
         gemm(dP.data(), kKeyBlock, dO.data() + i0 * Dp, Dp, Vt.data(), kKeyBlock, Mi, np, D, false);
         for (int64_t r = 0; r < Mi; ++r) {

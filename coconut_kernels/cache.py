@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.latent_attention import append_and_attend, grad_accumulators, kernels, latent_attention, new_rows_grads
+from .ops.latent_attention import NewRows, append_and_attend, grad_accumulators, kernels, latent_attention
 
 __all__ = ["KVCache"]
 
@@ -33,6 +33,26 @@ class _Generation:
         self.grad_kv = [None] * n_layers  # per layer: (dK, dV) accumulators, alive only during the backward
         self.max_new = 0  # most rows appended by one differentiable pass: the accumulators' padding
         self.valid = True  # False once reset/crop started a new generation
+
+
+class _PassLengths:
+    """The lengths one pass runs at, shared by its layers: copies of cache.seqlens (advance() changes it in place
+    before the backward runs) and of new_seqlens, and the NewRows index its backward takes the new rows' gradients
+    with, computed by the first layer that needs it."""
+
+    __slots__ = ("key", "seqlens", "new_seqlens", "_rows")
+
+    def __init__(self, key, seqlens, new_seqlens):
+        self.key = key
+        self.seqlens = seqlens.clone()
+        self.new_seqlens = None if new_seqlens is None else new_seqlens.clone()
+        self._rows = None
+
+    def rows(self, leftpad, n_rows: int, Tmax: int) -> NewRows:
+        r = self._rows
+        if r is None or r.n_rows != n_rows or r.Tmax != Tmax or r.leftpad is not leftpad:
+            r = self._rows = NewRows(self.seqlens, leftpad, self.new_seqlens, n_rows, Tmax)
+        return r
 
 
 class KVCache:
@@ -102,6 +122,15 @@ class KVCache:
             self._train.valid = False
         self._train = _Generation(self.k, self.v, self.leftpad, self.n_layers)
         self._chain = [None] * self.n_layers  # per layer: the ordering token output by its last differentiable pass
+        self._pass = None  # the _PassLengths of the pass being run
+
+    def _pass_lengths(self, new_seqlens) -> _PassLengths:
+        """The current pass's lengths: the same object for every layer until seqlens or new_seqlens change."""
+        key = (self.seqlens._version, new_seqlens, None if new_seqlens is None else new_seqlens._version)
+        p = self._pass
+        if p is None or p.key[0] != key[0] or p.key[1] is not key[1] or p.key[2] != key[2]:
+            p = self._pass = _PassLengths(key, self.seqlens, new_seqlens)
+        return p
 
     def attend(self, layer: int, q, k_new, v_new, *, new_seqlens=None, rotary_cos=None, rotary_sin=None,
                rotary_interleaved=False, softmax_scale=None, causal=True):
@@ -116,7 +145,7 @@ class KVCache:
                                     rotary_interleaved=rotary_interleaved)
         self._train.max_new = max(self._train.max_new, q.shape[1])
         out, self._chain[layer] = _CachedAttention.apply(self._chain[layer], q, k_new, v_new, self, layer,
-                                                         new_seqlens, rot, scale, causal)
+                                                         self._pass_lengths(new_seqlens), rot, scale, causal)
         return out
 
 
@@ -134,15 +163,13 @@ class _CachedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, chain, q, k_new, v_new, cache, layer, new_seqlens, rot, scale, causal):
+    def forward(ctx, chain, q, k_new, v_new, cache, layer, lengths, rot, scale, causal):
         k_cache, v_cache = cache.k[layer], cache.v[layer]
-        seqlens = cache.seqlens.clone()  # advance() changes cache.seqlens in place before this backward runs
-        new_seqlens = None if new_seqlens is None else new_seqlens.clone()
-        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, seqlens, cache.leftpad, new_seqlens, *rot,
-                                     scale, causal)
+        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, lengths.seqlens, cache.leftpad,
+                                     lengths.new_seqlens, *rot, scale, causal)
         ctx.save_for_backward(q, out, lse)
         ctx.state, ctx.layer = cache._train, layer
-        ctx.lengths = (seqlens, new_seqlens)
+        ctx.lengths = lengths
         ctx.rot, ctx.scale, ctx.causal = rot, scale, causal
         ctx.first = chain is None
         ctx.n_rows, ctx.new_dtype = k_new.shape[1], k_new.dtype
@@ -157,7 +184,8 @@ class _CachedAttention(torch.autograd.Function):
                 f"KVCache.attend(layer={layer}): the cache was reset or cropped after this pass's forward and "
                 "before its backward; the rows it attended are gone. Run backward before reset()/crop().")
         q, out, lse = ctx.saved_tensors
-        seqlens, new_seqlens = ctx.lengths
+        lengths = ctx.lengths
+        seqlens, new_seqlens = lengths.seqlens, lengths.new_seqlens
         k_cache, v_cache = state.k[layer], state.v[layer]
         grad_kv = state.grad_kv[layer]
         if grad_chain is None or grad_kv is None:
@@ -172,9 +200,13 @@ class _CachedAttention(torch.autograd.Function):
             _, _, bwd = kernels(q.device)
             dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, state.leftpad, new_seqlens,
                      *ctx.rot, ctx.scale, ctx.causal, grad_kv[0], grad_kv[1])
-        dk, dv = new_rows_grads(grad_kv[0] if ctx.needs_input_grad[2] else None,
-                                grad_kv[1] if ctx.needs_input_grad[3] else None, seqlens, state.leftpad,
-                                new_seqlens, ctx.n_rows, *ctx.rot, ctx.new_dtype)
+        dk = dv = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            rows = lengths.rows(state.leftpad, ctx.n_rows, k_cache.shape[1])
+            if ctx.needs_input_grad[2]:
+                dk = rows.take(grad_kv[0], *ctx.rot, dtype=ctx.new_dtype)
+            if ctx.needs_input_grad[3]:
+                dv = rows.take(grad_kv[1], dtype=ctx.new_dtype)
         if ctx.first:
             state.grad_kv[layer] = None
         chain_grad = None if ctx.first else torch.zeros((), dtype=q.dtype, device=q.device)

@@ -97,40 +97,64 @@ def grad_accumulators(k_cache, pad_rows: int):
     return one(), one()
 
 
+class NewRows:
+    """Where a pass's new rows sit in accumulators made by grad_accumulators: sequence b's rows
+    cache_seqlens[b] + t, t < n_rows, are the window of the flat (B * Tmax + pad, Hkv * D) buffer that starts at
+    row b * Tmax + cache_seqlens[b]; rows t >= new_seqlens[b] or past Tmax are masked. Computed once per pass
+    and reused by every layer (KVCache) and for both accumulators. No host sync."""
+
+    __slots__ = ("n_rows", "Tmax", "start", "valid", "rows", "leftpad", "_masks")
+
+    def __init__(self, cache_seqlens, cache_leftpad, new_seqlens, n_rows: int, Tmax: int):
+        device = cache_seqlens.device
+        B = cache_seqlens.shape[0]
+        self.n_rows, self.Tmax, self.leftpad = n_rows, Tmax, cache_leftpad
+        t = torch.arange(n_rows, device=device)
+        self.rows = cache_seqlens.long()[:, None] + t  # (B, n_rows)
+        valid = self.rows < Tmax
+        if new_seqlens is not None:
+            valid &= t < new_seqlens.long()[:, None]
+        self.valid = valid[:, :, None, None]
+        self.start = torch.arange(0, B * Tmax, Tmax, device=device) + cache_seqlens.long().clamp(0, Tmax)
+        self._masks = {}
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        m = self._masks.get(dtype)
+        if m is None:
+            m = self._masks[dtype] = self.valid.to(dtype)
+        return m
+
+    def take(self, acc, rotary_cos=None, rotary_sin=None, rotary_interleaved=False, dtype=None):
+        """The new rows of one accumulator (B, n_rows, Hkv, D), un-rotated when rotary tables are given (keys),
+        cast to dtype (default: the accumulator's)."""
+        B, Tmax = acc.shape[:2]
+        row = acc[0, 0].numel()
+        if Tmax != self.Tmax or acc.storage_offset() != 0 or \
+                acc.untyped_storage().nbytes() < (B * Tmax + self.n_rows) * row * acc.element_size():
+            raise RuntimeError("NewRows.take needs accumulators from grad_accumulators padded by n_rows rows")
+        # One index_select copies whole windows (an elementwise gather was ~10x slower on CPU).
+        windows = acc.as_strided((B * Tmax, self.n_rows * row), (row, 1))
+        g = windows.index_select(0, self.start).view(B, self.n_rows, *acc.shape[2:]).mul_(self.mask(acc.dtype))
+        if rotary_cos is not None:
+            pos = self.rows if self.leftpad is None else self.rows - self.leftpad.long()[:, None]
+            g = reference.apply_rotary_reference(g, rotary_cos, rotary_sin, pos, rotary_interleaved, inverse=True)
+        return g if dtype is None else g.to(dtype)
+
+
 def new_rows_grads(grad_k, grad_v, cache_seqlens, cache_leftpad, new_seqlens, n_rows, rotary_cos, rotary_sin,
-                   rotary_interleaved, dtype):
+                   rotary_interleaved, dtype, index: NewRows | None = None):
     """The gradients of the appended rows k_new, v_new (B, n_rows, Hkv, D), taken from accumulators made by
     grad_accumulators (padded by >= n_rows rows) at rows cache_seqlens[b] + t (zero for t >= new_seqlens[b]),
     the keys' un-rotated when rotary tables are given, cast to `dtype`. Either accumulator may be None (its
-    gradient is then None). No host sync."""
+    gradient is then None). `index`: a NewRows of these lengths, reused instead of recomputed. No host sync."""
     ref = grad_k if grad_k is not None else grad_v
     if ref is None:
         return None, None
-    B, Tmax = ref.shape[:2]
-    row = ref[0, 0].numel()
-    t = torch.arange(n_rows, device=ref.device)
-    rows = cache_seqlens.long()[:, None] + t  # (B, n_rows)
-    valid = rows < Tmax
-    if new_seqlens is not None:
-        valid &= t < new_seqlens.long()[:, None]
-    valid = valid[:, :, None, None].to(ref.dtype)
-    # Sequence b's rows are the window of the flat buffer starting at row b * Tmax + cache_seqlens[b]: one
-    # index_select copies whole windows (an elementwise gather was ~10x slower on CPU).
-    start = torch.arange(0, B * Tmax, Tmax, device=ref.device) + cache_seqlens.long().clamp(0, Tmax)
-
-    def take(acc, rotate):
-        if acc is None:
-            return None
-        if acc.storage_offset() != 0 or acc.untyped_storage().nbytes() < (B * Tmax + n_rows) * row * acc.element_size():
-            raise RuntimeError("new_rows_grads needs accumulators from grad_accumulators padded by n_rows rows")
-        windows = acc.as_strided((B * Tmax, n_rows * row), (row, 1))
-        g = windows.index_select(0, start).view(B, n_rows, *acc.shape[2:]).mul_(valid)
-        if rotate and rotary_cos is not None:
-            pos = rows if cache_leftpad is None else rows - cache_leftpad.long()[:, None]
-            g = reference.apply_rotary_reference(g, rotary_cos, rotary_sin, pos, rotary_interleaved, inverse=True)
-        return g.to(dtype)
-
-    return take(grad_k, True), take(grad_v, False)
+    if index is None:
+        index = NewRows(cache_seqlens, cache_leftpad, new_seqlens, n_rows, ref.shape[1])
+    dk = None if grad_k is None else index.take(grad_k, rotary_cos, rotary_sin, rotary_interleaved, dtype)
+    dv = None if grad_v is None else index.take(grad_v, dtype=dtype)
+    return dk, dv
 
 
 # ---- standalone op with autograd ----------------------------------------------------------------------------

@@ -182,3 +182,85 @@ def test_double_backward_under_autocast_raises():
             y = ours(x).float().pow(2).sum()
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(y, [x], create_graph=True)
+
+
+# ---- mlp(): the feed-forward as one node ----------------------------------------------------------------------
+
+
+def _mlp_layers(act, bias, seed=7):
+    torch.manual_seed(seed)
+    d_ff = 24
+    fc = Linear(16, 2 * d_ff if act == "swiglu" else d_ff, bias=bias, dtype=torch.float64)
+    proj = Linear(d_ff, 16, bias=bias, dtype=torch.float64)
+    return fc, proj
+
+
+def _mlp_chain(fc, proj, act, x0, rows_per_pass, fused):
+    """A chain of passes like a COCONUT step, each pass's input the previous pass's last output row: mlp() inside
+    batched_weight_grads() (fused) or the plain composition of nn.Linear and the activation."""
+    plain_fc, plain_proj = (nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=m.weight.dtype)
+                            for m in (fc, proj))
+    plain_fc.load_state_dict(fc.state_dict())
+    plain_proj.load_state_dict(proj.state_dict())
+    mods = (fc, proj) if fused else (plain_fc, plain_proj)
+    outs, prev = [], None
+    with batched_weight_grads() if fused else torch.enable_grad():
+        for p, n in enumerate(rows_per_pass):
+            x = x0[:, :n] if prev is None else torch.cat([prev, x0[:, p:p + n - 1]], 1)
+            if fused:
+                h = linear_mod.mlp(x, fc, proj, act)
+                assert type(h.grad_fn).__name__ == "_DeferredMLPBackward"  # the fused node, not the fallback
+            else:
+                h = plain_proj(linear_mod.ACTIVATIONS[act][0](plain_fc(x)))
+            outs.append(h)
+            prev = torch.tanh(h[:, -1:])
+    loss = sum((o * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum() for o in outs)
+    return loss, mods
+
+
+@pytest.mark.parametrize("act", sorted(linear_mod.ACTIVATIONS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_mlp_gradients_match_the_plain_composition(act, bias):
+    fc, proj = _mlp_layers(act, bias)
+    x0 = torch.randn(3, 40, 16, dtype=torch.float64)
+    got = {}
+    for fused in (True, False):
+        x = x0.clone().requires_grad_()
+        loss, mods = _mlp_chain(fc, proj, act, x, [30, 1, 1, 1, 4], fused)
+        loss.backward()
+        got[fused] = [loss.detach(), x.grad] + [p.grad for m in mods for p in m.parameters()]
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "swiglu"])
+def test_mlp_double_backward_gradient_penalty(act):
+    fc, proj = _mlp_layers(act, True)
+    x0 = torch.randn(2, 9, 16, dtype=torch.float64)
+    got = {}
+    for fused in (True, False):
+        x = x0.clone().requires_grad_()
+        loss, mods = _mlp_chain(fc, proj, act, x, [6, 1, 2], fused)
+        (gx,) = torch.autograd.grad(loss, [x], create_graph=True)
+        (loss + gx.pow(2).sum()).backward()
+        got[fused] = [x.grad] + [p.grad for m in mods for p in m.parameters()]
+        for m in mods:
+            m.zero_grad(set_to_none=True)
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_mlp_plain_path_under_autocast_and_for_frozen_layers():
+    fc, proj = _mlp_layers("gelu_tanh", True)
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    with batched_weight_grads():
+        fc.weight.requires_grad_(False)
+        y = linear_mod.mlp(x, fc, proj, "gelu_tanh")
+        assert type(y.grad_fn).__name__ != "_DeferredMLPBackward"
+        y.sum().backward()
+        assert fc.weight.grad is None and fc.bias.grad is not None and proj.weight.grad is not None
+        fc.weight.requires_grad_(True)
+    fc32, proj32 = fc.float(), proj.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16), batched_weight_grads():
+        y = linear_mod.mlp(x.detach().float(), fc32, proj32, "gelu_tanh")
+    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "_DeferredMLPBackward"

@@ -7,23 +7,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import CausalLM
-from .linear import Linear
+from .linear import Linear, mlp
 
-# HF's activation_function names -> the function (gelu_new is the tanh approximation)
-_ACTIVATIONS = {
-    "gelu_new": partial(F.gelu, approximate="tanh"),
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
+# HF's activation_function names -> models.linear.ACTIVATIONS (gelu_new is the tanh approximation)
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+                "silu": "silu"}
 
 
 @dataclass
@@ -97,7 +90,7 @@ class GPT2Block(nn.Module):
         q, k, v = self.c_attn(self.ln_1(x)).view(B, n, 3, self.n_head, self.head_dim).unbind(2)
         a = cache.attend(self.layer, q, k, v, new_seqlens=new_seqlens, softmax_scale=self.softmax_scale)
         x = x + self.c_proj(a.reshape(B, n, d))
-        return x + self.mlp_proj(self.act(self.c_fc(self.ln_2(x))))
+        return x + mlp(self.ln_2(x), self.c_fc, self.mlp_proj, self.act)
 
 
 class GPT2(CausalLM):

@@ -9,11 +9,10 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import CausalLM
-from .linear import Linear
+from .linear import Linear, mlp
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -191,8 +190,7 @@ class LlamaBlock(nn.Module):
         a = cache.attend(self.layer, q.view(B, n, Hq, D), k.view(B, n, Hkv, D), v.view(B, n, Hkv, D),
                          new_seqlens=new_seqlens, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False)
         x = x + self.o_proj(a.reshape(B, n, Hq * D))
-        gate, up = self.gate_up_proj(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        return x + mlp(self.mlp_norm(x), self.gate_up_proj, self.down_proj, "swiglu")
 
 
 class Llama(CausalLM):

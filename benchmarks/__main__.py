@@ -74,7 +74,9 @@ def _points(cases):
 
 def run_scenario(scn, settings: dict, info: dict, progress) -> list[dict]:
     """Time every case of a scenario. The providers of one point run interleaved, one repetition each in
-    turn, so that a load change on a shared machine hits each of them alike and the ratios stay fair."""
+    turn, so that a load change on a shared machine hits each of them alike and the ratios stay fair; the
+    order reverses every repetition, so that no provider always inherits the caches and memory state of the
+    same predecessor."""
     device = settings["device"]
     rows = []
     for group in _points(scn.cases(settings)):
@@ -91,7 +93,7 @@ def run_scenario(scn, settings: dict, info: dict, progress) -> list[dict]:
         times = {id(c): [] for c in group}
         for r in range(max((c.reps for c in group), default=0)):
             progress(f"{scn.name}: {group[0].x_name}={group[0].x_value}: repetition {r + 1}")
-            for case in group:
+            for case in (group if r % 2 == 0 else group[::-1]):
                 if r < case.reps and id(case) in steps:
                     t = _optional(case, scn, progress, harness.time_step, steps[id(case)], 1, 0, device)
                     if t is None:

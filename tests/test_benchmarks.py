@@ -95,9 +95,9 @@ def test_interleaved_run_drops_a_failing_optional_provider_only():
     rows = run_scenario(Scenario("s", "test", cases), settings, info, messages.append)
     assert {r["provider"] for r in rows} == {"ours", "floor"}
     assert sum("failed" in m for m in messages) == 3
-    # interleaved: after the warm-ups, ours and floor alternate
+    # interleaved after the warm-ups, one repetition each in turn, the order reversed every repetition
     timed = [c for c in calls if c in ("ours", "floor")][2:]
-    assert timed[:4] == ["ours", "floor", "ours", "floor"]
+    assert timed[:6] == ["ours", "floor", "floor", "ours", "ours", "floor"]
 
     def bad(settings):
         yield Case("s", "ours", "B", 1, provider("ours", "warmup"), reps=1, extra={"memory": False})

@@ -143,10 +143,72 @@ class KVCache:
                                     causal=causal, cache_leftpad=self.leftpad, new_seqlens=new_seqlens,
                                     rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                                     rotary_interleaved=rotary_interleaved)
-        self._train.max_new = max(self._train.max_new, q.shape[1])
-        out, self._chain[layer] = _CachedAttention.apply(self._chain[layer], q, k_new, v_new, self, layer,
-                                                         self._pass_lengths(new_seqlens), rot, scale, causal)
+        chain, lengths = self._differentiable_pass(layer, q.shape[1], new_seqlens)
+        out, self._chain[layer] = _CachedAttention.apply(chain, q, k_new, v_new, self, layer, lengths, rot, scale,
+                                                         causal)
         return out
+
+    def _differentiable_pass(self, layer: int, n_rows: int, new_seqlens):
+        """(the layer's chain token, the pass's lengths) for a differentiable pass of n_rows new rows; the caller
+        stores the token its pass outputs in self._chain[layer]."""
+        self._train.max_new = max(self._train.max_new, n_rows)
+        return self._chain[layer], self._pass_lengths(new_seqlens)
+
+
+class _Attended:
+    """One differentiable pass of one layer, as its backward needs it: the forward appends k_new/v_new and attends
+    q (run); the backward gives the gradients of q, k_new, v_new (backward). The state of _CachedAttention's
+    ctx, shared with the model layer's fused attention node (models.linear.attention)."""
+
+    __slots__ = ("state", "layer", "lengths", "rot", "scale", "causal", "first", "n_rows", "new_dtype")
+
+    @classmethod
+    def run(cls, cache, layer, lengths, chain, q, k_new, v_new, rot, scale, causal):
+        """(record, out, lse): append + attend for the layer's next pass; `chain` is the layer's chain token."""
+        self = cls()
+        out, lse = append_and_attend(q, k_new, v_new, cache.k[layer], cache.v[layer], lengths.seqlens, cache.leftpad,
+                                     lengths.new_seqlens, *rot, scale, causal)
+        self.state, self.layer, self.lengths = cache._train, layer, lengths
+        self.rot, self.scale, self.causal = rot, scale, causal
+        self.first = chain is None
+        self.n_rows, self.new_dtype = k_new.shape[1], k_new.dtype
+        return self, out, lse
+
+    def backward(self, q, out, lse, grad_out, grad_chain, want_dk: bool, want_dv: bool):
+        """(dq, dk, dv, chain gradient); see _CachedAttention for the order and the accumulators."""
+        state, layer, lengths = self.state, self.layer, self.lengths
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"KVCache.attend(layer={layer}): double backward (create_graph=True) through the "
+                               "cached attention is not supported: its backward kernels have no derivative")
+        if not state.valid:
+            raise RuntimeError(
+                f"KVCache.attend(layer={layer}): the cache was reset or cropped after this pass's forward and "
+                "before its backward; the rows it attended are gone. Run backward before reset()/crop().")
+        k_cache, v_cache = state.k[layer], state.v[layer]
+        grad_kv = state.grad_kv[layer]
+        if grad_chain is None or grad_kv is None:
+            if grad_kv is None:
+                grad_kv = grad_accumulators(k_cache, state.max_new)
+            else:  # left over from a backward that stopped before the first pass
+                grad_kv[0].zero_()
+                grad_kv[1].zero_()
+            state.grad_kv[layer] = grad_kv
+        dq = None
+        if grad_out is not None:
+            _, _, bwd = kernels(q.device)
+            dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, lengths.seqlens, state.leftpad,
+                     lengths.new_seqlens, *self.rot, self.scale, self.causal, grad_kv[0], grad_kv[1])
+        dk = dv = None
+        if want_dk or want_dv:
+            rows = lengths.rows(state.leftpad, self.n_rows, k_cache.shape[1])
+            if want_dk:
+                dk = rows.take(grad_kv[0], *self.rot, dtype=self.new_dtype)
+            if want_dv:
+                dv = rows.take(grad_kv[1], dtype=self.new_dtype)
+        if self.first:
+            state.grad_kv[layer] = None
+        chain_grad = None if self.first else torch.zeros((), dtype=q.dtype, device=q.device)
+        return dq, dk, dv, chain_grad
 
 
 class _CachedAttention(torch.autograd.Function):
@@ -164,50 +226,14 @@ class _CachedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chain, q, k_new, v_new, cache, layer, lengths, rot, scale, causal):
-        k_cache, v_cache = cache.k[layer], cache.v[layer]
-        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, lengths.seqlens, cache.leftpad,
-                                     lengths.new_seqlens, *rot, scale, causal)
+        ctx.pass_, out, lse = _Attended.run(cache, layer, lengths, chain, q, k_new, v_new, rot, scale, causal)
         ctx.save_for_backward(q, out, lse)
-        ctx.state, ctx.layer = cache._train, layer
-        ctx.lengths = lengths
-        ctx.rot, ctx.scale, ctx.causal = rot, scale, causal
-        ctx.first = chain is None
-        ctx.n_rows, ctx.new_dtype = k_new.shape[1], k_new.dtype
         ctx.set_materialize_grads(False)
         return out, q.new_zeros(())
 
     @staticmethod
     def backward(ctx, grad_out, grad_chain):
-        state, layer = ctx.state, ctx.layer
-        if not state.valid:
-            raise RuntimeError(
-                f"KVCache.attend(layer={layer}): the cache was reset or cropped after this pass's forward and "
-                "before its backward; the rows it attended are gone. Run backward before reset()/crop().")
         q, out, lse = ctx.saved_tensors
-        lengths = ctx.lengths
-        seqlens, new_seqlens = lengths.seqlens, lengths.new_seqlens
-        k_cache, v_cache = state.k[layer], state.v[layer]
-        grad_kv = state.grad_kv[layer]
-        if grad_chain is None or grad_kv is None:
-            if grad_kv is None:
-                grad_kv = grad_accumulators(k_cache, state.max_new)
-            else:  # left over from a backward that stopped before the first pass
-                grad_kv[0].zero_()
-                grad_kv[1].zero_()
-            state.grad_kv[layer] = grad_kv
-        dq = None
-        if grad_out is not None:
-            _, _, bwd = kernels(q.device)
-            dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, state.leftpad, new_seqlens,
-                     *ctx.rot, ctx.scale, ctx.causal, grad_kv[0], grad_kv[1])
-        dk = dv = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            rows = lengths.rows(state.leftpad, ctx.n_rows, k_cache.shape[1])
-            if ctx.needs_input_grad[2]:
-                dk = rows.take(grad_kv[0], *ctx.rot, dtype=ctx.new_dtype)
-            if ctx.needs_input_grad[3]:
-                dv = rows.take(grad_kv[1], dtype=ctx.new_dtype)
-        if ctx.first:
-            state.grad_kv[layer] = None
-        chain_grad = None if ctx.first else torch.zeros((), dtype=q.dtype, device=q.device)
+        dq, dk, dv, chain_grad = ctx.pass_.backward(q, out, lse, grad_out, grad_chain, ctx.needs_input_grad[2],
+                                                    ctx.needs_input_grad[3])
         return chain_grad, dq, dk, dv, None, None, None, None, None, None

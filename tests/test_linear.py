@@ -264,3 +264,63 @@ def test_mlp_plain_path_under_autocast_and_for_frozen_layers():
     with torch.autocast("cpu", dtype=torch.bfloat16), batched_weight_grads():
         y = linear_mod.mlp(x.detach().float(), fc32, proj32, "gelu_tanh")
     assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != "_DeferredMLPBackward"
+
+
+# ---- attention(): the attention as one node --------------------------------------------------------------------
+
+
+def _attention_chain(qkv, out, x0, fused, rows_per_pass, ragged):
+    """Passes through one KVCache layer, each fed the previous pass's last output row; GQA (4 query heads on 2
+    kv heads), rotary, and (ragged) a pass whose second sequence appends fewer rows."""
+    from coconut_kernels.cache import KVCache
+
+    Hq, Hkv, D = 4, 2, 8
+    B = x0.shape[0]
+    cache = KVCache(1, B, sum(rows_per_pass), Hkv, D, dtype=torch.float64)
+    angles = torch.arange(64, dtype=torch.float64)[:, None] * torch.linspace(0.05, 1.0, D // 2, dtype=torch.float64)
+    cos, sin = angles.cos(), angles.sin()
+    outs, prev = [], None
+    with batched_weight_grads() if fused else torch.enable_grad():
+        for p, n in enumerate(rows_per_pass):
+            x = x0[:, :n] if prev is None else torch.cat([prev, x0[:, p:p + n - 1]], 1)
+            counts = torch.full((B,), n, dtype=torch.int32)
+            if ragged and n > 1 and p > 0:
+                counts[1] = n - 1
+            y = linear_mod.attention(x, qkv, out, cache, 0, (Hq, Hkv, D), new_seqlens=counts, rotary_cos=cos,
+                                     rotary_sin=sin, softmax_scale=0.3)
+            assert (type(y.grad_fn).__name__ == "_DeferredAttentionBackward") == fused  # fused node vs fallback
+            cache.advance(counts)
+            valid = (torch.arange(n)[None, :] < counts[:, None])[:, :, None].to(y.dtype)
+            outs.append(y * valid)
+            prev = torch.tanh(y[:, :1])
+    return sum((o * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum() for o in outs)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_attention_gradients_match_the_plain_composition(bias, ragged):
+    torch.manual_seed(11)
+    qkv = Linear(16, (4 + 2 * 2) * 8, bias=bias, dtype=torch.float64)
+    out = Linear(4 * 8, 16, bias=bias, dtype=torch.float64)
+    x0 = torch.randn(3, 12, 16, dtype=torch.float64)
+    got = {}
+    for fused in (True, False):
+        for m in (qkv, out):
+            m.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        loss = _attention_chain(qkv, out, x, fused, [7, 1, 1, 3], ragged)
+        loss.backward()
+        got[fused] = [loss.detach(), x.grad] + [p.grad.clone() for m in (qkv, out) for p in m.parameters()]
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_double_backward_through_the_cached_attention_raises():
+    torch.manual_seed(12)
+    qkv = Linear(16, (4 + 2 * 2) * 8, dtype=torch.float64)
+    out = Linear(4 * 8, 16, dtype=torch.float64)
+    for fused in (True, False):
+        x = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True)
+        loss = _attention_chain(qkv, out, x, fused, [4, 1], ragged=False)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(loss, [x], create_graph=True)

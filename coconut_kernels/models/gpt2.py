@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .base import CausalLM
-from .linear import Linear, mlp
+from .linear import Linear, attention, mlp
 
 # HF's activation_function names -> models.linear.ACTIVATIONS (gelu_new is the tanh approximation)
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
@@ -86,10 +86,9 @@ class GPT2Block(nn.Module):
         self.softmax_scale = scale
 
     def forward(self, x, cache, new_seqlens):
-        B, n, d = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).view(B, n, 3, self.n_head, self.head_dim).unbind(2)
-        a = cache.attend(self.layer, q, k, v, new_seqlens=new_seqlens, softmax_scale=self.softmax_scale)
-        x = x + self.c_proj(a.reshape(B, n, d))
+        heads = (self.n_head, self.n_head, self.head_dim)
+        x = x + attention(self.ln_1(x), self.c_attn, self.c_proj, cache, self.layer, heads, new_seqlens=new_seqlens,
+                          softmax_scale=self.softmax_scale)
         return x + mlp(self.ln_2(x), self.c_fc, self.mlp_proj, self.act)
 
 

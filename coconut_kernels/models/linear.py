@@ -15,10 +15,11 @@ double backward adds the second-order gradient that reaches the weight through d
 
 Outside the context (and for frozen weights, or with grad disabled) `Linear` is `nn.Linear`.
 
-`mlp(x, fc, proj, act)` is a block's feed-forward, proj(act(fc(x))). Inside the context it is one autograd node
-(forward and backward of both projections and the activation, weight gradients deferred as above) instead of
+`mlp(x, fc, proj, act)` is a block's feed-forward, proj(act(fc(x))), and `attention(x, qkv, out, cache, ...)` its
+attention, out(attend(split(qkv(x)))) through the KV cache. Inside the context each is one autograd node
+(forward and backward of both projections and what lies between, weight gradients deferred as above) instead of
 five or more: a one-row pass costs little work and many small ops, so the nodes and ops that fusing saves are a
-measurable part of it. Under autocast, or with a frozen projection, it is the plain composition.
+measurable part of it. Under autocast, or with a frozen projection, they are the plain compositions.
 
 Consequences to know: with DistributedDataParallel every weight gradient arrives at the end of the backward, so
 DDP cannot overlap its all-reduce with the backward of the later layers; the aliases of a layer's weight are
@@ -35,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Linear", "batched_weight_grads", "mlp", "ACTIVATIONS"]
+from ..cache import _Attended
+
+__all__ = ["Linear", "batched_weight_grads", "mlp", "attention", "ACTIVATIONS"]
 
 # A pass with at least this many rows gets its own product; smaller ones are concatenated into one.
 _OWN_PRODUCT_ROWS = 512
@@ -217,11 +220,19 @@ ACTIVATIONS = {
 }
 
 
-def mlp(x: torch.Tensor, fc: Linear, proj: Linear, act: str) -> torch.Tensor:
-    """proj(ACTIVATIONS[act](fc(x))): one autograd node inside batched_weight_grads() (see the module docstring)."""
+def _fused_session(x: torch.Tensor, *layers: Linear) -> "_Session | None":
+    """The session when a fused node may run: grad on, no autocast, every layer's parameters trainable."""
     session = _SESSION.get()
     if session is None or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or \
-            not (_trainable(fc) and _trainable(proj)):
+            not all(_trainable(m) for m in layers):
+        return None
+    return session
+
+
+def mlp(x: torch.Tensor, fc: Linear, proj: Linear, act: str) -> torch.Tensor:
+    """proj(ACTIVATIONS[act](fc(x))): one autograd node inside batched_weight_grads() (see the module docstring)."""
+    session = _fused_session(x, fc, proj)
+    if session is None:
         return proj(ACTIVATIONS[act][0](fc(x)))
     e1, w1, b1 = session.entry(fc)
     e2, w2, b2 = session.entry(proj)
@@ -256,3 +267,69 @@ class _DeferredMLP(torch.autograd.Function):
         if _in_this_backward(g1):
             e1.add(x.reshape(-1, x.shape[-1]), dh.reshape(-1, dh.shape[-1]), ctx.with_bias[0])
         return dx, None, None, None, None, None, None, None
+
+
+# ---- the attention as one node ---------------------------------------------------------------------------------
+
+
+def attention(x: torch.Tensor, qkv: Linear, out: Linear, cache, layer: int, heads: tuple[int, int, int], *,
+              new_seqlens=None, softmax_scale=None, rotary_cos=None, rotary_sin=None,
+              rotary_interleaved=False) -> torch.Tensor:
+    """out(cache.attend(layer, q, k, v, ...)) with [q | k | v] = qkv(x) (B, n, (Hq + 2 Hkv) D) for heads = (Hq, Hkv,
+    D): one autograd node inside batched_weight_grads() (see the module docstring), the same values and gradients
+    as the plain composition."""
+    B, n, _ = x.shape
+    Hq, Hkv, D = heads
+    session = _fused_session(x, qkv, out)
+    if session is None:
+        q, k, v = qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        a = cache.attend(layer, q.view(B, n, Hq, D), k.view(B, n, Hkv, D), v.view(B, n, Hkv, D),
+                         new_seqlens=new_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                         rotary_interleaved=rotary_interleaved, softmax_scale=softmax_scale)
+        return out(a.reshape(B, n, Hq * D))
+    e1, w1, b1 = session.entry(qkv)
+    e2, w2, b2 = session.entry(out)
+    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    chain, lengths = cache._differentiable_pass(layer, n, new_seqlens)
+    y, cache._chain[layer] = _DeferredAttention.apply(chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads,
+                                                      (rotary_cos, rotary_sin, rotary_interleaved), scale)
+    return y
+
+
+class _DeferredAttention(torch.autograd.Function):
+    """y = attend(split(x W1^T + b1)) W2^T + b2 through the cache (one pass of one layer, like _CachedAttention,
+    whose chain token it takes and outputs). Backward returns the input gradient only and gives each projection's
+    (input, output gradient) rows to its entry, as _DeferredLinear does."""
+
+    @staticmethod
+    def forward(ctx, chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads, rot, scale):
+        B, n, _ = x.shape
+        Hq, Hkv, D = heads
+        q, k, v = F.linear(x, w1, b1).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, n, Hq, D)
+        ctx.pass_, o, lse = _Attended.run(cache, layer, lengths, chain, q, k.view(B, n, Hkv, D),
+                                          v.view(B, n, Hkv, D), rot, scale, True)
+        ctx.save_for_backward(x, q, o, lse, w1, w2)
+        ctx.entries, ctx.gathers = (e1, e2), (w1.grad_fn, w2.grad_fn)
+        ctx.with_bias = (b1 is not None, b2 is not None)
+        ctx.set_materialize_grads(False)
+        return F.linear(o.reshape(B, n, Hq * D), w2, b2), x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, dy, grad_chain):
+        x, q, o, lse, w1, w2 = ctx.saved_tensors
+        B, n, Hq, D = q.shape
+        (e1, e2), (g1, g2) = ctx.entries, ctx.gathers
+        grad_out = None
+        if dy is not None:
+            grad_out = (dy @ w2).view(B, n, Hq, D)
+            if _in_this_backward(g2):
+                e2.add(o.reshape(B * n, Hq * D), dy.reshape(B * n, -1), ctx.with_bias[1])
+        dq, dk, dv, chain_grad = ctx.pass_.backward(q, o, lse, grad_out, grad_chain, True, True)
+        if dq is None:  # only later passes' attention reached this pass's keys and values
+            dq = torch.zeros_like(q)
+        dqkv = torch.cat([dq.reshape(B, n, -1), dk.reshape(B, n, -1), dv.reshape(B, n, -1)], dim=-1)
+        if _in_this_backward(g1):
+            e1.add(x.reshape(B * n, -1), dqkv.view(B * n, -1), ctx.with_bias[0])
+        dx = dqkv @ w1 if ctx.needs_input_grad[1] else None
+        return chain_grad, dx, *([None] * 12)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .base import CausalLM
-from .linear import Linear, mlp
+from .linear import Linear, attention, mlp
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -184,12 +184,9 @@ class LlamaBlock(nn.Module):
         self.down_proj = Linear(c.d_ff, c.d_model, bias=c.mlp_bias)
 
     def forward(self, x, cache, new_seqlens, cos, sin):
-        B, n, _ = x.shape
-        Hq, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv_proj(self.attn_norm(x)).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-        a = cache.attend(self.layer, q.view(B, n, Hq, D), k.view(B, n, Hkv, D), v.view(B, n, Hkv, D),
-                         new_seqlens=new_seqlens, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False)
-        x = x + self.o_proj(a.reshape(B, n, Hq * D))
+        heads = (self.n_head, self.n_kv_head, self.head_dim)
+        x = x + attention(self.attn_norm(x), self.qkv_proj, self.o_proj, cache, self.layer, heads,
+                          new_seqlens=new_seqlens, rotary_cos=cos, rotary_sin=sin)
         return x + mlp(self.mlp_norm(x), self.gate_up_proj, self.down_proj, "swiglu")
 
 

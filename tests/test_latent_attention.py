@@ -191,6 +191,14 @@ def test_gradcheck(opts):
     torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)
 
 
+def test_double_backward_raises():
+    c = make_case(2, 3, 4, 2, 8, 10, seed=2)
+    q, k, v = (c[n].requires_grad_() for n in ("q", "k_new", "v_new"))
+    out = latent_attention(q, k, v, c["k_cache"], c["v_cache"], c["cache_seqlens"], **entry_kwargs(c))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.pow(2).sum(), [q], create_graph=True)
+
+
 def test_entry_gradients_match_reference_autograd():
     c = make_case(2, 5, 4, 2, 32, 30, rotary_dim=16, leftpad=True, ragged=True, seed=4)
     c32 = cast(c, torch.float32)

@@ -181,6 +181,9 @@ class _LatentAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        if torch.is_grad_enabled():
+            raise RuntimeError("latent_attention: double backward (create_graph=True) is not supported: its "
+                               "backward kernels have no derivative")
         q, out, lse = ctx.saved_tensors
         k_cache, v_cache = ctx.cache
         seqlens, leftpad, new_seqlens = ctx.lengths

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .ops.latent_attention import NewRows, append_and_attend, grad_accumulators, kernels, latent_attention
+from .ops.latent_attention import (NewRows, append_and_attend, grad_accumulators, kernels, latent_attention,
+                                   no_double_backward)
 
 __all__ = ["KVCache"]
 
@@ -69,6 +70,7 @@ class KVCache:
     is one cache plus each pass's q, out and lse. Rows a pass has read must not be rewritten before its
     backward: reset() and crop() between a forward and its backward raise in the backward; advance each
     sequence by the number of rows it really appended (new_seqlens), or later passes attend unwritten rows.
+    Double backward (create_graph=True) through attend raises: the backward kernels have no derivative.
     """
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, *,
@@ -125,10 +127,15 @@ class KVCache:
         self._pass = None  # the _PassLengths of the pass being run
 
     def _pass_lengths(self, new_seqlens) -> _PassLengths:
-        """The current pass's lengths: the same object for every layer until seqlens or new_seqlens change."""
-        key = (self.seqlens._version, new_seqlens, None if new_seqlens is None else new_seqlens._version)
+        """The current pass's lengths: the same object for every layer until seqlens or new_seqlens change (in
+        place through torch ops, which bump their version counters, or by rebinding)."""
+        if new_seqlens is not None and new_seqlens.is_inference():  # no version counter: nothing to key on
+            return _PassLengths(None, self.seqlens, new_seqlens)
+        key = (self.seqlens, self.seqlens._version, new_seqlens,
+               None if new_seqlens is None else new_seqlens._version)
         p = self._pass
-        if p is None or p.key[0] != key[0] or p.key[1] is not key[1] or p.key[2] != key[2]:
+        if p is None or p.key is None or p.key[0] is not key[0] or p.key[1] != key[1] or \
+                p.key[2] is not key[2] or p.key[3] != key[3]:
             p = self._pass = _PassLengths(key, self.seqlens, new_seqlens)
         return p
 
@@ -178,8 +185,7 @@ class _Attended:
         """(dq, dk, dv, chain gradient); see _CachedAttention for the order and the accumulators."""
         state, layer, lengths = self.state, self.layer, self.lengths
         if torch.is_grad_enabled():
-            raise RuntimeError(f"KVCache.attend(layer={layer}): double backward (create_graph=True) through the "
-                               "cached attention is not supported: its backward kernels have no derivative")
+            raise no_double_backward(f"KVCache.attend(layer={layer})")
         if not state.valid:
             raise RuntimeError(
                 f"KVCache.attend(layer={layer}): the cache was reset or cropped after this pass's forward and "

@@ -315,3 +315,38 @@ def test_training_steps_do_not_leak_caches():
         del cache, outs
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_one_new_seqlens_tensor_across_passes():
+    """The layers of a pass share its lengths (KVCache._pass_lengths); a caller that passes one new_seqlens tensor
+    to every pass, changed in place between passes or left as it is, must get each pass at its own lengths: the
+    same outputs and gradients as with a fresh tensor per pass."""
+    torch.manual_seed(21)
+    B, H, D = 2, 2, 8
+    passes = [(3, [3, 2]), (1, [1, 1]), (1, [1, 1]), (2, [2, 1])]
+    inputs = [[torch.randn(B, n, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+              for n, _ in passes]
+
+    def run(reuse_tensor):
+        cache = KVCache(2, B, 8, H, D, dtype=torch.float64)
+        shared = torch.zeros(B, dtype=torch.int32)
+        outs = []
+        for (n, counts), (q, k, v) in zip(passes, inputs):
+            c = torch.tensor(counts, dtype=torch.int32)
+            if reuse_tensor:
+                if not torch.equal(shared, c):
+                    shared.copy_(c)
+                c = shared
+            for layer in range(2):
+                outs.append(cache.attend(layer, q * (layer + 1), k, v, new_seqlens=c))
+            cache.advance(c)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, [t for qkv in inputs for t in qkv])
+        return [o.detach() for o in outs], grads
+
+    outs, grads = run(True)
+    ref_outs, ref_grads = run(False)
+    for a, b in zip(outs + list(grads), ref_outs + list(ref_grads)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the rows past new_seqlens are empty: the lengths in force were each pass's own
+    assert all(torch.all(o[1, counts[1]:] == 0) for o, (n, counts) in zip(outs[::2], passes))

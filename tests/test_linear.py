@@ -1,5 +1,6 @@
-"""models.Linear inside batched_weight_grads(): the weight and bias gradients, taken once per layer over every
-pass's rows, equal nn.Linear's per-pass gradients summed by autograd."""
+"""models.linear inside batched_weight_grads(): Linear's weight and bias gradients, taken once per layer over every
+pass's rows, equal nn.Linear's per-pass gradients summed by autograd; the fused mlp() and attention() nodes give
+the values and gradients of the plain compositions."""
 import gc
 
 import pytest
@@ -270,8 +271,8 @@ def test_mlp_plain_path_under_autocast_and_for_frozen_layers():
 
 
 def _attention_chain(qkv, out, x0, fused, rows_per_pass, ragged):
-    """Passes through one KVCache layer, each fed the previous pass's last output row; GQA (4 query heads on 2
-    kv heads), rotary, and (ragged) a pass whose second sequence appends fewer rows."""
+    """Passes through one KVCache layer, each fed (through tanh) the previous pass's first output row; GQA (4 query
+    heads on 2 kv heads), rotary, and (ragged) a pass whose second sequence appends fewer rows."""
     from coconut_kernels.cache import KVCache
 
     Hq, Hkv, D = 4, 2, 8
@@ -324,3 +325,79 @@ def test_double_backward_through_the_cached_attention_raises():
         loss = _attention_chain(qkv, out, x, fused, [4, 1], ragged=False)
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(loss, [x], create_graph=True)
+
+
+def test_attention_pass_whose_output_no_loss_uses():
+    """A pass whose output is not in the loss (its backward gets no output gradient) still passes on the gradient
+    that later passes' attention sends to its keys and values."""
+    torch.manual_seed(14)
+    from coconut_kernels.cache import KVCache
+
+    qkv = Linear(16, (4 + 2 * 2) * 8, dtype=torch.float64)
+    out = Linear(4 * 8, 16, dtype=torch.float64)
+    x0 = torch.randn(2, 6, 16, dtype=torch.float64)
+    got = {}
+    for fused in (True, False):
+        for m in (qkv, out):
+            m.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        cache = KVCache(1, 2, 6, 2, 8, dtype=torch.float64)
+        with batched_weight_grads() if fused else torch.enable_grad():
+            linear_mod.attention(x[:, :4], qkv, out, cache, 0, (4, 2, 8))  # output unused
+            cache.advance(4)
+            y = linear_mod.attention(x[:, 4:], qkv, out, cache, 0, (4, 2, 8))
+        y.pow(2).sum().backward()
+        got[fused] = [x.grad] + [p.grad.clone() for m in (qkv, out) for p in m.parameters()]
+    assert got[True][0][:, :4].abs().sum() > 0  # the keys of the unused pass did receive a gradient
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_nodes_keep_no_step_alive():
+    """mlp() and attention() inside batched_weight_grads(): once a step's graph is gone, no entry and no cache
+    survives (a cycle through autograd's C++ nodes would be invisible to the gc)."""
+    import weakref
+
+    from coconut_kernels.cache import KVCache
+
+    torch.manual_seed(13)
+    qkv, out = Linear(16, 48, dtype=torch.float64), Linear(16, 16, dtype=torch.float64)
+    fc, proj = _mlp_layers("gelu_tanh", True)
+    refs = []
+    for _ in range(3):
+        cache = KVCache(1, 2, 8, 2, 8, dtype=torch.float64)
+        h = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+        with batched_weight_grads():
+            for n in (3, 1):
+                y = linear_mod.attention(h[:, -n:], qkv, out, cache, 0, (2, 2, 8))
+                cache.advance(n)
+                h = linear_mod.mlp(y, fc, proj, "gelu_tanh")
+        h.pow(2).sum().backward()
+        refs.append(weakref.ref(cache))
+        del cache, y, h
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert not [o for o in gc.get_objects() if type(o) is linear_mod._Entry]
+
+
+def test_fused_nodes_step_aside_for_hooks_and_overrides():
+    """A forward hook on a projection, or a KVCache subclass overriding attend, must run: the plain path."""
+    from coconut_kernels.cache import KVCache
+
+    calls = []
+
+    class Logged(KVCache):
+        def attend(self, *args, **kwargs):
+            calls.append("attend")
+            return super().attend(*args, **kwargs)
+
+    torch.manual_seed(15)
+    qkv, out = Linear(16, 48, dtype=torch.float64), Linear(16, 16, dtype=torch.float64)
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    with batched_weight_grads():
+        y = linear_mod.attention(x, qkv, out, Logged(1, 2, 8, 2, 8, dtype=torch.float64), 0, (2, 2, 8))
+        assert calls == ["attend"] and type(y.grad_fn).__name__ != "_DeferredAttentionBackward"
+        handle = out.register_forward_hook(lambda m, i, o: calls.append("hook"))
+        y = linear_mod.attention(x, qkv, out, KVCache(1, 2, 8, 2, 8, dtype=torch.float64), 0, (2, 2, 8))
+        handle.remove()
+        assert calls[-1] == "hook" and type(y.grad_fn).__name__ != "_DeferredAttentionBackward"

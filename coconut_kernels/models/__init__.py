@@ -18,7 +18,7 @@ Interface (both families)::
                           # max_position, norm_eps, tie_embeddings, d_ff, model_type, + family fields
     model.embed(input_ids) -> (B, n, d)              # token embeddings only (no positions)
     model.forward_embeds(x, cache, *, position_ids=None, new_seqlens=None) -> (B, n, d)
-        # every layer on input embeddings x against `cache` (cache.attend per layer; the cache is NOT
+        # every layer on input embeddings x against `cache` (its attention per layer; the cache is NOT
         # advanced: call cache.advance(n) after), returns the hidden state BEFORE the final norm.
         # GPT-2 adds wpe[position_ids]; default position_ids = cache.seqlens - cache.leftpad + arange(n)
         # (clamped at 0 for pads). Llama: rotary inside the kernel, position = cache row - leftpad;
@@ -34,7 +34,8 @@ Interface (both families)::
 
 The layers' projections are `models.linear.Linear`: nn.Linear, except inside `batched_weight_grads()` (which
 LatentLM's multi-pass forward uses), where the small passes' rows are multiplied once per layer for the weight
-gradient instead of one weight-sized product and sum per pass.
+gradient instead of one weight-sized product and sum per pass, and where a block's attention and feed-forward
+(`models.linear.attention`, `models.linear.mlp`) are one autograd node each.
 
 Not implemented: dropout (the layers have none: train COCONUT with dropout 0), sliding-window
 attention (Mistral / Qwen2 with a window: new_cache refuses caches longer than the window), rope types

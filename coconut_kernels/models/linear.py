@@ -11,7 +11,8 @@ pass's (X, dY) rows are kept (the inputs autograd saves anyway, and their output
 per layer, which runs after the backward of every pass that used the layer, multiplies the kept rows as one
 concatenated product and returns dW = sum_p dY_p^T X_p (and the bias gradient).
 A backward that does not reach the weights (autograd.grad with respect to inputs only) keeps nothing, and a
-double backward adds the second-order gradient that reaches the weight through dx = dy W.
+double backward adds the second-order gradient that reaches the weight through dx = dy W (except through the
+cached attention, whose backward raises under create_graph=True).
 
 Outside the context (and for frozen weights, or with grad disabled) `Linear` is `nn.Linear`.
 
@@ -36,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import _Attended
+from ..cache import KVCache, _Attended
+from ..ops.latent_attention import no_double_backward
 
 __all__ = ["Linear", "batched_weight_grads", "mlp", "attention", "ACTIVATIONS"]
 
@@ -122,6 +124,13 @@ def _trainable(module: Linear) -> bool:
     return module.weight.requires_grad and (module.bias is None or module.bias.requires_grad)
 
 
+def _give_rows(gather, entry: _Entry, x: torch.Tensor, dy: torch.Tensor, with_bias: bool) -> None:
+    """A backward's (input, output gradient) rows of one layer to its entry, when this backward runs the layer's
+    _Gather node (else no node would take them: e.g. a gradient w.r.t. the inputs only)."""
+    if _in_this_backward(gather):
+        entry.add(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), with_bias)
+
+
 def _in_this_backward(node) -> bool:
     """Whether the running backward will execute `node` (False for e.g. autograd.grad w.r.t. inputs only)."""
     try:
@@ -184,8 +193,7 @@ class _DeferredLinear(torch.autograd.Function):
                                "batched_weight_grads() or without autocast")
         dy = dy.to(weight.dtype)
         dx = dy @ weight if ctx.needs_input_grad[0] else None
-        if _in_this_backward(ctx.gather):  # else no _Gather would take the rows (e.g. grad w.r.t. x only)
-            ctx.entry.add(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), ctx.with_bias)
+        _give_rows(ctx.gather, ctx.entry, x, dy, ctx.with_bias)
         return dx, None, None, None
 
 
@@ -220,17 +228,25 @@ ACTIVATIONS = {
 }
 
 
+def _plain_module(m: nn.Module) -> bool:
+    """No forward hooks and no overridden forward: calling the module is F.linear on its parameters."""
+    return type(m).forward is Linear.forward and not (m._forward_hooks or m._forward_pre_hooks)
+
+
 def _fused_session(x: torch.Tensor, *layers: Linear) -> "_Session | None":
-    """The session when a fused node may run: grad on, no autocast, every layer's parameters trainable."""
+    """The session when a fused node may run: grad on, no autocast, every layer trainable and plain (a fused node
+    never calls the modules, so their hooks or overrides would be skipped), no global module hooks."""
     session = _SESSION.get()
     if session is None or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or \
-            not all(_trainable(m) for m in layers):
+            not all(_trainable(m) and _plain_module(m) for m in layers) or \
+            nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return None
     return session
 
 
 def mlp(x: torch.Tensor, fc: Linear, proj: Linear, act: str) -> torch.Tensor:
-    """proj(ACTIVATIONS[act](fc(x))): one autograd node inside batched_weight_grads() (see the module docstring)."""
+    """proj(ACTIVATIONS[act][0](fc(x))): one autograd node inside batched_weight_grads() (see the module
+    docstring)."""
     session = _fused_session(x, fc, proj)
     if session is None:
         return proj(ACTIVATIONS[act][0](fc(x)))
@@ -262,10 +278,8 @@ class _DeferredMLP(torch.autograd.Function):
         dh = backward_act(dy @ w2, h)
         dx = dh @ w1 if ctx.needs_input_grad[0] else None
         (e1, e2), (g1, g2) = ctx.entries, ctx.gathers
-        if _in_this_backward(g2):
-            e2.add(a.reshape(-1, a.shape[-1]), dy.reshape(-1, dy.shape[-1]), ctx.with_bias[1])
-        if _in_this_backward(g1):
-            e1.add(x.reshape(-1, x.shape[-1]), dh.reshape(-1, dh.shape[-1]), ctx.with_bias[0])
+        _give_rows(g2, e2, a, dy, ctx.with_bias[1])
+        _give_rows(g1, e1, x, dh, ctx.with_bias[0])
         return dx, None, None, None, None, None, None, None
 
 
@@ -280,11 +294,11 @@ def attention(x: torch.Tensor, qkv: Linear, out: Linear, cache, layer: int, head
     as the plain composition."""
     B, n, _ = x.shape
     Hq, Hkv, D = heads
-    session = _fused_session(x, qkv, out)
+    # a KVCache subclass may override attend: the fused node would skip it
+    session = _fused_session(x, qkv, out) if type(cache).attend is KVCache.attend else None
     if session is None:
-        q, k, v = qkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-        a = cache.attend(layer, q.view(B, n, Hq, D), k.view(B, n, Hkv, D), v.view(B, n, Hkv, D),
-                         new_seqlens=new_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        q, k, v = _split_heads(qkv(x), heads)
+        a = cache.attend(layer, q, k, v, new_seqlens=new_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                          rotary_interleaved=rotary_interleaved, softmax_scale=softmax_scale)
         return out(a.reshape(B, n, Hq * D))
     e1, w1, b1 = session.entry(qkv)
@@ -296,6 +310,14 @@ def attention(x: torch.Tensor, qkv: Linear, out: Linear, cache, layer: int, head
     return y
 
 
+def _split_heads(qkv: torch.Tensor, heads: tuple[int, int, int]):
+    """q (B, n, Hq, D), k and v (B, n, Hkv, D): views of [q | k | v] (B, n, (Hq + 2 Hkv) D)."""
+    B, n, _ = qkv.shape
+    Hq, Hkv, D = heads
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    return q.view(B, n, Hq, D), k.view(B, n, Hkv, D), v.view(B, n, Hkv, D)
+
+
 class _DeferredAttention(torch.autograd.Function):
     """y = attend(split(x W1^T + b1)) W2^T + b2 through the cache (one pass of one layer, like _CachedAttention,
     whose chain token it takes and outputs). Backward returns the input gradient only and gives each projection's
@@ -304,32 +326,29 @@ class _DeferredAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads, rot, scale):
         B, n, _ = x.shape
-        Hq, Hkv, D = heads
-        q, k, v = F.linear(x, w1, b1).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, n, Hq, D)
-        ctx.pass_, o, lse = _Attended.run(cache, layer, lengths, chain, q, k.view(B, n, Hkv, D),
-                                          v.view(B, n, Hkv, D), rot, scale, True)
+        q, k, v = _split_heads(F.linear(x, w1, b1), heads)
+        ctx.pass_, o, lse = _Attended.run(cache, layer, lengths, chain, q, k, v, rot, scale, True)
         ctx.save_for_backward(x, q, o, lse, w1, w2)
         ctx.entries, ctx.gathers = (e1, e2), (w1.grad_fn, w2.grad_fn)
         ctx.with_bias = (b1 is not None, b2 is not None)
         ctx.set_materialize_grads(False)
-        return F.linear(o.reshape(B, n, Hq * D), w2, b2), x.new_zeros(())
+        return F.linear(o.reshape(B, n, -1), w2, b2), x.new_zeros(())
 
     @staticmethod
     def backward(ctx, dy, grad_chain):
+        if torch.is_grad_enabled():  # before any rows reach an entry that no _Gather would then clear
+            raise no_double_backward(f"models.linear.attention(layer={ctx.pass_.layer})")
         x, q, o, lse, w1, w2 = ctx.saved_tensors
         B, n, Hq, D = q.shape
         (e1, e2), (g1, g2) = ctx.entries, ctx.gathers
         grad_out = None
         if dy is not None:
             grad_out = (dy @ w2).view(B, n, Hq, D)
-            if _in_this_backward(g2):
-                e2.add(o.reshape(B * n, Hq * D), dy.reshape(B * n, -1), ctx.with_bias[1])
+            _give_rows(g2, e2, o.reshape(B, n, Hq * D), dy, ctx.with_bias[1])
         dq, dk, dv, chain_grad = ctx.pass_.backward(q, o, lse, grad_out, grad_chain, True, True)
         if dq is None:  # only later passes' attention reached this pass's keys and values
             dq = torch.zeros_like(q)
         dqkv = torch.cat([dq.reshape(B, n, -1), dk.reshape(B, n, -1), dv.reshape(B, n, -1)], dim=-1)
-        if _in_this_backward(g1):
-            e1.add(x.reshape(B * n, -1), dqkv.view(B * n, -1), ctx.with_bias[0])
+        _give_rows(g1, e1, x, dqkv, ctx.with_bias[0])
         dx = dqkv @ w1 if ctx.needs_input_grad[1] else None
         return chain_grad, dx, *([None] * 12)

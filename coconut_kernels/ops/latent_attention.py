@@ -83,10 +83,16 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_le
     return fwd(q, k_cache, v_cache, *args, softmax_scale, causal)
 
 
+def no_double_backward(where: str) -> RuntimeError:
+    """The error of a backward run with create_graph=True through the attention."""
+    return RuntimeError(f"{where}: double backward (create_graph=True) through the attention is not supported: "
+                        "its backward kernels have no derivative")
+
+
 def grad_accumulators(k_cache, pad_rows: int):
     """Zeroed dK, dV accumulators (the cache's shape; fp32, fp64 for fp64 caches) for latent_attention_bwd.
 
-    Each is the head of a flat buffer with `pad_rows` spare rows behind it, so that new_rows_grads can take any
+    Each is the head of a flat buffer with `pad_rows` spare rows behind it, so that NewRows.take can take any
     sequence's new rows as one window of the buffer even where they run past Tmax (masked rows)."""
     B, T, H, D = k_cache.shape
 
@@ -142,16 +148,15 @@ class NewRows:
 
 
 def new_rows_grads(grad_k, grad_v, cache_seqlens, cache_leftpad, new_seqlens, n_rows, rotary_cos, rotary_sin,
-                   rotary_interleaved, dtype, index: NewRows | None = None):
+                   rotary_interleaved, dtype):
     """The gradients of the appended rows k_new, v_new (B, n_rows, Hkv, D), taken from accumulators made by
     grad_accumulators (padded by >= n_rows rows) at rows cache_seqlens[b] + t (zero for t >= new_seqlens[b]),
     the keys' un-rotated when rotary tables are given, cast to `dtype`. Either accumulator may be None (its
-    gradient is then None). `index`: a NewRows of these lengths, reused instead of recomputed. No host sync."""
+    gradient is then None). No host sync."""
     ref = grad_k if grad_k is not None else grad_v
     if ref is None:
         return None, None
-    if index is None:
-        index = NewRows(cache_seqlens, cache_leftpad, new_seqlens, n_rows, ref.shape[1])
+    index = NewRows(cache_seqlens, cache_leftpad, new_seqlens, n_rows, ref.shape[1])
     dk = None if grad_k is None else index.take(grad_k, rotary_cos, rotary_sin, rotary_interleaved, dtype)
     dv = None if grad_v is None else index.take(grad_v, dtype=dtype)
     return dk, dv
@@ -182,8 +187,7 @@ class _LatentAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         if torch.is_grad_enabled():
-            raise RuntimeError("latent_attention: double backward (create_graph=True) is not supported: its "
-                               "backward kernels have no derivative")
+            raise no_double_backward("latent_attention")
         q, out, lse = ctx.saved_tensors
         k_cache, v_cache = ctx.cache
         seqlens, leftpad, new_seqlens = ctx.lengths
@@ -242,7 +246,7 @@ def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softma
     ``KVCache`` to train through several passes). lse is not differentiable.
 
     Not supported: dropout, alibi, sliding windows, softcapping, paged caches, gradients w.r.t. lse or the
-    rotary tables, fp64 on CUDA. Validation of the lengths' values (cache_seqlens + n ≤ Tmax, rotary table
+    rotary tables, double backward (raises), fp64 on CUDA. Validation of the lengths' values (cache_seqlens + n ≤ Tmax, rotary table
     length, ...) runs always on CPU and on CUDA only with COCONUT_DEBUG=1 (it needs a host sync); the kernels
     never write outside the cache.
 

@@ -162,7 +162,7 @@ inline void dot_rows(T* s, const T* q, const T* K, int64_t stride, int64_t n, in
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Ask for rows [0, n) (n <= 0: none) of a row-strided block, D elements each, to be brought into the cache.
+// Ask for rows [0, n) of a row-strided block, D elements each, to be brought into the cache.
 template <typename T>
 inline void prefetch_rows(const T* base, int64_t stride, int64_t n, int64_t D) {
   for (int64_t j = 0; j < n; ++j)
@@ -339,9 +339,11 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
         const acc_t* Kr = nullptr;
         const acc_t* Vr = nullptr;
         // The next block's rows: D-long pieces Hkv * D apart, which the hardware prefetcher misses.
-        const int64_t n_next = std::min(kKeyBlock, kv_end - k0 - kKeyBlock);
-        prefetch_rows(kblock + kKeyBlock * ks[1], ks[1], n_next, D);
-        prefetch_rows(vblock + kKeyBlock * vs[1], vs[1], n_next, D);
+        if (k0 + kKeyBlock < kv_end) {
+          const int64_t n_next = std::min(kKeyBlock, kv_end - k0 - kKeyBlock);
+          prefetch_rows(kblock + kKeyBlock * ks[1], ks[1], n_next, D);
+          prefetch_rows(vblock + kKeyBlock * vs[1], vs[1], n_next, D);
+        }
         if (few_rows) {
           Kr = row_view(kblock, ks[1], nk, D, Kt.data(), kst);
           Vr = row_view(vblock, vs[1], nk, D, Vb.data(), vst);
@@ -691,11 +693,13 @@ void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tenso
         if (Mi == 0) continue;
         const scalar_t* kblock = kc + b * ks[0] + k0 * ks[1] + g * ks[2];
         const scalar_t* vblock = vc + b * vs[0] + k0 * vs[1] + g * vs[2];
-        const int64_t n_next = std::min(kKeyBlock, kv_end - k0 - kKeyBlock);
-        prefetch_rows(kblock + kKeyBlock * ks[1], ks[1], n_next, D);
-        prefetch_rows(vblock + kKeyBlock * vs[1], vs[1], n_next, D);
-        prefetch_rows(gk + ((b * Tmax + k0 + kKeyBlock) * Hkv + g) * D, Hkv * D, n_next, D);
-        prefetch_rows(gv + ((b * Tmax + k0 + kKeyBlock) * Hkv + g) * D, Hkv * D, n_next, D);
+        if (k0 + kKeyBlock < kv_end) {  // the next block (K/V, and the accumulator rows it will update)
+          const int64_t n_next = std::min(kKeyBlock, kv_end - k0 - kKeyBlock);
+          prefetch_rows(kblock + kKeyBlock * ks[1], ks[1], n_next, D);
+          prefetch_rows(vblock + kKeyBlock * vs[1], vs[1], n_next, D);
+          prefetch_rows(gk + ((b * Tmax + k0 + kKeyBlock) * Hkv + g) * D, Hkv * D, n_next, D);
+          prefetch_rows(gv + ((b * Tmax + k0 + kKeyBlock) * Hkv + g) * D, Hkv * D, n_next, D);
+        }
         load_block(kblock, ks[1], nk, D, Dp, Kb.data(), Kt.data());
         load_block(vblock, vs[1], nk, D, Dp, (acc_t*)nullptr, Vt.data());
         gemm(S.data(), kKeyBlock, Q.data() + i0 * Dp, Dp, Kt.data(), kKeyBlock, Mi, np, D, false);

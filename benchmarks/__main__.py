@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, choices=["gpt2-tiny", "gpt2-4x256", "gpt2-small"],
                     help="model of the train_step and generate scenarios (default gpt2-4x256; --quick: gpt2-tiny)")
     ap.add_argument("--official", default=None, metavar="PATH",
-                    help="also run a checkout of the reference repository (needs transformers 4.46)")
+                    help="also run a checkout of the reference repository (its coconut.py; the current one runs with "
+                         "transformers 5.x, older ones need 4.46)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"), help="output folder")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args(argv)

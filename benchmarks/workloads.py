@@ -79,7 +79,8 @@ def collate(examples: list[dict], vocab: int, layout: str = "aligned", device="c
 
 def official_coconut(path: str, hf_model, sp: Special, eos: int | None = None):
     """The `Coconut` class of a checkout of the reference repository at `path` (its coconut.py), wrapping the
-    same transformers model. It was written for transformers 4.46; newer releases may reject its cache tuples."""
+    same transformers model. Its current coconut.py crops the cache through transformers' `Cache.layers` (runs
+    with transformers 5.x); checkouts from before that change pass cache tuples and need transformers 4.46."""
     import importlib.util
     from pathlib import Path
 

@@ -104,3 +104,19 @@ def test_interleaved_run_drops_a_failing_optional_provider_only():
 
     with pytest.raises(RuntimeError, match="broken"):
         run_scenario(Scenario("s", "test", bad), settings, info, messages.append)
+
+
+def test_official_option_loads_a_checkouts_coconut_py(tmp_path):
+    """--official PATH runs the `Coconut` class of PATH/coconut.py on the same model and batch as the other
+    providers (here a stand-in checkout whose Coconut is the benchmark's re-implementation: the same loss)."""
+    from benchmarks.bench_train_step import _steps
+
+    (tmp_path / "coconut.py").write_text("from benchmarks.reference_coconut import ReferenceCoconut as Coconut\n")
+    providers = _steps("gpt2-tiny", 2, 2, torch.device("cpu"), torch.float32, official=str(tmp_path), q_len=(12, 16))
+    assert providers["official checkout"][0] == "other"
+    losses = {name: providers[name][1]()().item() for name in ("official checkout", "reference", "coconut_kernels")}
+    assert losses["official checkout"] == losses["reference"]
+    assert abs(losses["coconut_kernels"] - losses["reference"]) < 1e-4 * abs(losses["reference"])
+    with pytest.raises(FileNotFoundError, match="no coconut.py"):
+        _steps("gpt2-tiny", 2, 2, torch.device("cpu"), torch.float32, official=str(tmp_path / "missing"),
+               q_len=(12, 16))["official checkout"][1]()

@@ -297,29 +297,39 @@ def _attention_chain(qkv, out, x0, fused, rows_per_pass, ragged):
     return sum((o * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum() for o in outs)
 
 
+def _attention_layers(seed, bias=True):
+    torch.manual_seed(seed)
+    return (Linear(16, (4 + 2 * 2) * 8, bias=bias, dtype=torch.float64),
+            Linear(4 * 8, 16, bias=bias, dtype=torch.float64))
+
+
+def _assert_fused_matches_plain(layers, x0, loss_of):
+    """loss_of(x, fused) run inside batched_weight_grads() (fused) and outside: the same loss, input gradient and
+    parameter gradients. Returns the fused run's gradients."""
+    got = {}
+    for fused in (True, False):
+        for m in layers:
+            m.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        loss = loss_of(x, fused)
+        loss.backward()
+        got[fused] = [loss.detach(), x.grad] + [p.grad.clone() for m in layers for p in m.parameters()]
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    return got[True][1:]
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("ragged", [False, True])
 def test_attention_gradients_match_the_plain_composition(bias, ragged):
-    torch.manual_seed(11)
-    qkv = Linear(16, (4 + 2 * 2) * 8, bias=bias, dtype=torch.float64)
-    out = Linear(4 * 8, 16, bias=bias, dtype=torch.float64)
+    qkv, out = _attention_layers(11, bias)
     x0 = torch.randn(3, 12, 16, dtype=torch.float64)
-    got = {}
-    for fused in (True, False):
-        for m in (qkv, out):
-            m.zero_grad(set_to_none=True)
-        x = x0.clone().requires_grad_()
-        loss = _attention_chain(qkv, out, x, fused, [7, 1, 1, 3], ragged)
-        loss.backward()
-        got[fused] = [loss.detach(), x.grad] + [p.grad.clone() for m in (qkv, out) for p in m.parameters()]
-    for a, b in zip(got[True], got[False]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    _assert_fused_matches_plain((qkv, out), x0,
+                                lambda x, fused: _attention_chain(qkv, out, x, fused, [7, 1, 1, 3], ragged))
 
 
 def test_double_backward_through_the_cached_attention_raises():
-    torch.manual_seed(12)
-    qkv = Linear(16, (4 + 2 * 2) * 8, dtype=torch.float64)
-    out = Linear(4 * 8, 16, dtype=torch.float64)
+    qkv, out = _attention_layers(12)
     for fused in (True, False):
         x = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True)
         loss = _attention_chain(qkv, out, x, fused, [4, 1], ragged=False)
@@ -330,27 +340,20 @@ def test_double_backward_through_the_cached_attention_raises():
 def test_attention_pass_whose_output_no_loss_uses():
     """A pass whose output is not in the loss (its backward gets no output gradient) still passes on the gradient
     that later passes' attention sends to its keys and values."""
-    torch.manual_seed(14)
     from coconut_kernels.cache import KVCache
 
-    qkv = Linear(16, (4 + 2 * 2) * 8, dtype=torch.float64)
-    out = Linear(4 * 8, 16, dtype=torch.float64)
-    x0 = torch.randn(2, 6, 16, dtype=torch.float64)
-    got = {}
-    for fused in (True, False):
-        for m in (qkv, out):
-            m.zero_grad(set_to_none=True)
-        x = x0.clone().requires_grad_()
+    qkv, out = _attention_layers(14)
+
+    def loss_of(x, fused):
         cache = KVCache(1, 2, 6, 2, 8, dtype=torch.float64)
         with batched_weight_grads() if fused else torch.enable_grad():
             linear_mod.attention(x[:, :4], qkv, out, cache, 0, (4, 2, 8))  # output unused
             cache.advance(4)
             y = linear_mod.attention(x[:, 4:], qkv, out, cache, 0, (4, 2, 8))
-        y.pow(2).sum().backward()
-        got[fused] = [x.grad] + [p.grad.clone() for m in (qkv, out) for p in m.parameters()]
-    assert got[True][0][:, :4].abs().sum() > 0  # the keys of the unused pass did receive a gradient
-    for a, b in zip(got[True], got[False]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        return y.pow(2).sum()
+
+    x_grad = _assert_fused_matches_plain((qkv, out), torch.randn(2, 6, 16, dtype=torch.float64), loss_of)[0]
+    assert x_grad[:, :4].abs().sum() > 0  # the keys of the unused pass did receive a gradient
 
 
 def test_fused_nodes_keep_no_step_alive():

@@ -358,7 +358,8 @@ def test_attention_pass_whose_output_no_loss_uses():
 
 def test_fused_nodes_keep_no_step_alive():
     """mlp() and attention() inside batched_weight_grads(): once a step's graph is gone, no entry and no cache
-    survives (a cycle through autograd's C++ nodes would be invisible to the gc)."""
+    survives (a cycle through autograd's C++ nodes would be invisible to the gc), also after a double backward
+    that the attention refused."""
     import weakref
 
     from coconut_kernels.cache import KVCache
@@ -367,17 +368,22 @@ def test_fused_nodes_keep_no_step_alive():
     qkv, out = Linear(16, 48, dtype=torch.float64), Linear(16, 16, dtype=torch.float64)
     fc, proj = _mlp_layers("gelu_tanh", True)
     refs = []
-    for _ in range(3):
+    for step in range(3):
         cache = KVCache(1, 2, 8, 2, 8, dtype=torch.float64)
-        h = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+        h = x
         with batched_weight_grads():
             for n in (3, 1):
                 y = linear_mod.attention(h[:, -n:], qkv, out, cache, 0, (2, 2, 8))
                 cache.advance(n)
                 h = linear_mod.mlp(y, fc, proj, "gelu_tanh")
-        h.pow(2).sum().backward()
+        if step == 1:  # a refused double backward, after the MLP nodes kept rows that hold graphs
+            with pytest.raises(RuntimeError, match="double backward"):
+                torch.autograd.grad(h.pow(2).sum(), [x, proj.weight], create_graph=True)
+        else:
+            h.pow(2).sum().backward()
         refs.append(weakref.ref(cache))
-        del cache, y, h
+        del cache, y, h, x
     gc.collect()
     assert all(r() is None for r in refs)
     assert not [o for o in gc.get_objects() if type(o) is linear_mod._Entry]

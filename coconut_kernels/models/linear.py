@@ -119,6 +119,13 @@ class _Session:
         entry, weight, bias = self.entry(module)
         return _DeferredLinear.apply(x, weight, bias, entry)
 
+    def abandon(self) -> None:
+        """Drop every entry's kept rows: a backward that stops with an error never runs the _Gather nodes that would,
+        and rows kept by a double backward hold graphs that reach back to the entries (a cycle the gc cannot see)."""
+        for entry, _, _ in self.entries.values():
+            entry.rows, entry.dw, entry.db = [], None, None
+            entry.casts.clear()
+
 
 def _trainable(module: Linear) -> bool:
     return module.weight.requires_grad and (module.bias is None or module.bias.requires_grad)
@@ -306,7 +313,7 @@ def attention(x: torch.Tensor, qkv: Linear, out: Linear, cache, layer: int, head
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
     chain, lengths = cache._differentiable_pass(layer, n, new_seqlens)
     y, cache._chain[layer] = _DeferredAttention.apply(chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads,
-                                                      (rotary_cos, rotary_sin, rotary_interleaved), scale)
+                                                      (rotary_cos, rotary_sin, rotary_interleaved), scale, session)
     return y
 
 
@@ -324,19 +331,20 @@ class _DeferredAttention(torch.autograd.Function):
     (input, output gradient) rows to its entry, as _DeferredLinear does."""
 
     @staticmethod
-    def forward(ctx, chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads, rot, scale):
+    def forward(ctx, chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads, rot, scale, session):
         B, n, _ = x.shape
         q, k, v = _split_heads(F.linear(x, w1, b1), heads)
         ctx.pass_, o, lse = _Attended.run(cache, layer, lengths, chain, q, k, v, rot, scale, True)
         ctx.save_for_backward(x, q, o, lse, w1, w2)
-        ctx.entries, ctx.gathers = (e1, e2), (w1.grad_fn, w2.grad_fn)
+        ctx.entries, ctx.gathers, ctx.session = (e1, e2), (w1.grad_fn, w2.grad_fn), session
         ctx.with_bias = (b1 is not None, b2 is not None)
         ctx.set_materialize_grads(False)
         return F.linear(o.reshape(B, n, -1), w2, b2), x.new_zeros(())
 
     @staticmethod
     def backward(ctx, dy, grad_chain):
-        if torch.is_grad_enabled():  # before any rows reach an entry that no _Gather would then clear
+        if torch.is_grad_enabled():
+            ctx.session.abandon()  # rows the later nodes of this backward already kept
             raise no_double_backward(f"models.linear.attention(layer={ctx.pass_.layer})")
         x, q, o, lse, w1, w2 = ctx.saved_tensors
         B, n, Hq, D = q.shape
@@ -351,4 +359,4 @@ class _DeferredAttention(torch.autograd.Function):
         dqkv = torch.cat([dq.reshape(B, n, -1), dk.reshape(B, n, -1), dv.reshape(B, n, -1)], dim=-1)
         _give_rows(g1, e1, x, dqkv, ctx.with_bias[0])
         dx = dqkv @ w1 if ctx.needs_input_grad[1] else None
-        return chain_grad, dx, *([None] * 12)
+        return chain_grad, dx, *([None] * 13)

@@ -231,7 +231,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="coconut-bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a smoke run of every scenario (tiny model, short prompts, 2-3 repetitions; seconds on a CPU)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run of every scenario (tiny model, short prompts, 2-3 repetitions; seconds on a CPU)")
     ap.add_argument("--scenario", action="append", help="run only this scenario (repeatable)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],

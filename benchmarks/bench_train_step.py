@@ -66,7 +66,7 @@ def cases(settings: dict):
     device, dtype, quick = settings["device"], settings["dtype"], settings["quick"]
     size = settings.get("model") or ("gpt2-tiny" if quick else "gpt2-4x256")
     sizes = settings["sizes"] or ([2] if quick else [8, 32] if device.type == "cuda" else [4, 8])
-    # Small batches repeat more (seconds per rep, and a noisier median); the reference at B=32 takes ~45 s a step.
+    # Small batches repeat more (seconds per rep, and a noisier median); the reference at B=32 takes ~35-45 s a step.
     reps_for = (lambda B: 2) if quick else (lambda B: 7 if B <= 8 else 3)
     q_len = (40, 60) if quick else (280, 330)  # --quick: short questions, a smoke run of the same code
     for B in sizes:

@@ -19,8 +19,9 @@ Outside the context (and for frozen weights, or with grad disabled) `Linear` is 
 `mlp(x, fc, proj, act)` is a block's feed-forward, proj(act(fc(x))), and `attention(x, qkv, out, cache, ...)` its
 attention, out(attend(split(qkv(x)))) through the KV cache. Inside the context each is one autograd node
 (forward and backward of both projections and what lies between, weight gradients deferred as above) instead of
-five or more: a one-row pass costs little work and many small ops, so the nodes and ops that fusing saves are a
-measurable part of it. Under autocast, or with a frozen projection, they are the plain compositions.
+five or more: a one-row pass is little work in many small ops (A/B at B=8, the 4-layer model: a few ms less per
+step, near the machine's noise; benchmarks/RESULTS.md). Under autocast, with a frozen projection, or where hooks or an overridden forward/attend
+must run, they are the plain compositions.
 
 Consequences to know: with DistributedDataParallel every weight gradient arrives at the end of the backward, so
 DDP cannot overlap its all-reduce with the backward of the later layers; the aliases of a layer's weight are
@@ -94,6 +95,11 @@ class _Entry:
         else:
             self.accumulate(x, dy, with_bias)
 
+    def clear(self) -> None:
+        """Drop the kept rows, the summed products and the casts (the step's backward is done with them)."""
+        self.rows, self.dw, self.db = [], None, None
+        self.casts.clear()
+
     def accumulate(self, x: torch.Tensor, dy: torch.Tensor, with_bias: bool) -> None:
         """dw += dy^T x, db += sum(dy)."""
         self.dw = dy.t() @ x if self.dw is None else self.dw.addmm_(dy.t(), x)
@@ -123,8 +129,7 @@ class _Session:
         """Drop every entry's kept rows: a backward that stops with an error never runs the _Gather nodes that would,
         and rows kept by a double backward hold graphs that reach back to the entries (a cycle the gc cannot see)."""
         for entry, _, _ in self.entries.values():
-            entry.rows, entry.dw, entry.db = [], None, None
-            entry.casts.clear()
+            entry.clear()
 
 
 def _trainable(module: Linear) -> bool:
@@ -164,8 +169,7 @@ class _Gather(torch.autograd.Function):
             xs, dys = zip(*entry.rows)
             entry.accumulate(torch.cat(xs), torch.cat(dys), ctx.needs_input_grad[2])
         dw, db = entry.dw, entry.db
-        entry.rows, entry.dw, entry.db = [], None, None
-        entry.casts.clear()
+        entry.clear()
         if grad_weight is not None:
             dw = grad_weight if dw is None else dw + grad_weight
         if grad_bias is not None:
@@ -300,7 +304,7 @@ def attention(x: torch.Tensor, qkv: Linear, out: Linear, cache, layer: int, head
     D): one autograd node inside batched_weight_grads() (see the module docstring), the same values and gradients
     as the plain composition."""
     B, n, _ = x.shape
-    Hq, Hkv, D = heads
+    Hq, _, D = heads
     # a KVCache subclass may override attend: the fused node would skip it
     session = _fused_session(x, qkv, out) if type(cache).attend is KVCache.attend else None
     if session is None:

@@ -147,21 +147,6 @@ class NewRows:
         return g if dtype is None else g.to(dtype)
 
 
-def new_rows_grads(grad_k, grad_v, cache_seqlens, cache_leftpad, new_seqlens, n_rows, rotary_cos, rotary_sin,
-                   rotary_interleaved, dtype):
-    """The gradients of the appended rows k_new, v_new (B, n_rows, Hkv, D), taken from accumulators made by
-    grad_accumulators (padded by >= n_rows rows) at rows cache_seqlens[b] + t (zero for t >= new_seqlens[b]),
-    the keys' un-rotated when rotary tables are given, cast to `dtype`. Either accumulator may be None (its
-    gradient is then None). No host sync."""
-    ref = grad_k if grad_k is not None else grad_v
-    if ref is None:
-        return None, None
-    index = NewRows(cache_seqlens, cache_leftpad, new_seqlens, n_rows, ref.shape[1])
-    dk = None if grad_k is None else index.take(grad_k, rotary_cos, rotary_sin, rotary_interleaved, dtype)
-    dv = None if grad_v is None else index.take(grad_v, dtype=dtype)
-    return dk, dv
-
-
 # ---- standalone op with autograd ----------------------------------------------------------------------------
 
 
@@ -196,8 +181,9 @@ class _LatentAttention(torch.autograd.Function):
         gk, gv = grad_accumulators(k_cache, ctx.n_rows)
         dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, leftpad, new_seqlens, cos, sin,
                  interleaved, scale, causal, gk, gv)
-        dk, dv = new_rows_grads(gk, gv, seqlens, leftpad, new_seqlens, ctx.n_rows, cos, sin, interleaved,
-                                ctx.new_dtype)
+        rows = NewRows(seqlens, leftpad, new_seqlens, ctx.n_rows, k_cache.shape[1])
+        dk = rows.take(gk, cos, sin, interleaved, ctx.new_dtype)
+        dv = rows.take(gv, dtype=ctx.new_dtype)
         return dq, dk, dv, *([None] * 10)
 
 
@@ -246,9 +232,9 @@ def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softma
     ``KVCache`` to train through several passes). lse is not differentiable.
 
     Not supported: dropout, alibi, sliding windows, softcapping, paged caches, gradients w.r.t. lse or the
-    rotary tables, double backward (raises), fp64 on CUDA. Validation of the lengths' values (cache_seqlens + n ≤ Tmax, rotary table
-    length, ...) runs always on CPU and on CUDA only with COCONUT_DEBUG=1 (it needs a host sync); the kernels
-    never write outside the cache.
+    rotary tables, double backward (raises), fp64 on CUDA. Validation of the lengths' values (cache_seqlens + n
+    ≤ Tmax, rotary table length, ...) runs always on CPU and on CUDA only with COCONUT_DEBUG=1 (it needs a host
+    sync); the kernels never write outside the cache.
 
     Returns out (B, Sq, Hq, D) in q's dtype, or (out, lse) with return_lse.
     """

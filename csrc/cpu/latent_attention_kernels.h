@@ -275,6 +275,22 @@ inline void finish_row(scalar_t* dst, const acc_t* o, int64_t D, acc_t m, acc_t 
 
 // ---- forward ----------------------------------------------------------------------------------------------
 
+// The data of a forward call (fwd_kernel and decode_kernel).
+template <typename scalar_t>
+struct FwdPointers {
+  using acc_t = typename acc_type<scalar_t>::type;
+  const scalar_t *q, *k, *v;
+  scalar_t* out;
+  acc_t* lse;
+  at::IntArrayRef ks, vs;  // cache strides
+  acc_t scale, neg_inf;
+  FwdPointers(const at::Tensor& q_, const at::Tensor& kc, const at::Tensor& vc, at::Tensor& o, at::Tensor& l,
+              double softmax_scale)
+      : q(q_.data_ptr<scalar_t>()), k(kc.data_ptr<scalar_t>()), v(vc.data_ptr<scalar_t>()),
+        out(o.data_ptr<scalar_t>()), lse(l.data_ptr<acc_t>()), ks(kc.strides()), vs(vc.strides()),
+        scale(static_cast<acc_t>(softmax_scale)), neg_inf(-std::numeric_limits<acc_t>::infinity()) {}
+};
+
 // One task = (sequence, kv head, chunk of query positions); its M = positions x group rows share each key
 // block: S = Q K^T and O += P V run as register-tiled block products.
 template <typename scalar_t>
@@ -285,14 +301,12 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Dp = round_up(D, kNR);
   const int64_t n_chunks = (Sq + kQueryChunk - 1) / kQueryChunk;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kc = k_cache.data_ptr<scalar_t>();
-  const scalar_t* vc = v_cache.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  acc_t* lp = lse.data_ptr<acc_t>();
-  const auto ks = k_cache.strides(), vs = v_cache.strides();
-  const acc_t scale = static_cast<acc_t>(softmax_scale);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const FwdPointers<scalar_t> P(q, k_cache, v_cache, out, lse, softmax_scale);
+  const scalar_t *qp = P.q, *kc = P.k, *vc = P.v;
+  scalar_t* op = P.out;
+  acc_t* lp = P.lse;
+  const auto ks = P.ks, vs = P.vs;
+  const acc_t scale = P.scale, neg_inf = P.neg_inf;
 
   const int64_t work = G * std::min(Sq, kQueryChunk) * mean_keys(len, B) * D;
   at::parallel_for(0, B * Hkv * n_chunks, grain_for(work), [&](int64_t begin, int64_t end) {
@@ -451,14 +465,12 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   using acc_t = typename acc_type<scalar_t>::type;
   const int64_t B = q.size(0), Hq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2), G = Hq / Hkv;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kc = k_cache.data_ptr<scalar_t>();
-  const scalar_t* vc = v_cache.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  acc_t* lp = lse.data_ptr<acc_t>();
-  const auto ks = k_cache.strides(), vs = v_cache.strides();
-  const acc_t scale = static_cast<acc_t>(softmax_scale);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const FwdPointers<scalar_t> P(q, k_cache, v_cache, out, lse, softmax_scale);
+  const scalar_t *qp = P.q, *kc = P.k, *vc = P.v;
+  scalar_t* op = P.out;
+  acc_t* lp = P.lse;
+  const auto ks = P.ks, vs = P.vs;
+  const acc_t scale = P.scale, neg_inf = P.neg_inf;
   const DecodeSplits splits(len, B, k_cache.size(1));
   const int64_t n_split = splits.n, W = 2 + D;  // per split and head: max, sum, unnormalised output
   std::vector<acc_t> part(n_split > 1 ? B * n_split * Hq * W : 0);

@@ -1,0 +1,17 @@
+"""The library's error types: one family, so that callers can catch every user error of the library at once.
+
+`CoconutError` subclasses `ValueError`, so code written against the earlier `ValueError`s keeps working. A
+message names the argument (or file, record, key, flag) and what was expected.
+"""
+
+
+class CoconutError(ValueError):
+    """A bad argument, configuration, file or state given to coconut_kernels."""
+
+
+class ConfigError(CoconutError):
+    """A training/evaluation configuration or command-line value that cannot be used."""
+
+
+class CheckpointError(CoconutError):
+    """A checkpoint, model folder or save folder that cannot be read, written or used as asked."""

@@ -169,7 +169,8 @@ class LatentLM(nn.Module):
         latent step), "entropy" / ("entropy", tau, m[, max]) (after m consecutive steps with entropy < tau);
         ("eot", max) and the entropy form's max raise the latent budget above the prompt's k.
         Sampling: greedy (do_sample=False) or temperature / top_k / top_p with an optional seeded generator.
-        On CUDA with use_cuda_graph the model step is captured once as a CUDA graph over static buffers;
+        On CUDA with use_cuda_graph the model step is captured once as a CUDA graph over static buffers (if
+        the capture or its first replay raises, one RuntimeWarning and eager decoding, with the same output);
         the loop syncs the host only to check, every few steps, whether every example has ended.
 
         Returns GenerateOutput: tokens (B, max_new_tokens) padded with pad_token_id (default: EOS), lengths

@@ -115,13 +115,15 @@ class DecodeState:
     n_out: torch.Tensor        # (B,) tokens written
     n_latents: torch.Tensor    # (B,) latent steps taken
     low_run: torch.Tensor      # (B,) consecutive low-entropy latent steps (entropy rule)
+    rows: torch.Tensor         # (B,) arange: the row index of the output writes
 
     @classmethod
     def start(cls, plan: DecodePlan, forced: torch.Tensor, max_new_tokens: int, pad_token_id: int):
         B, device = forced.shape[0], forced.device
         zeros = [torch.zeros(B, dtype=torch.long, device=device) for _ in range(4)]
         return cls(plan.latent_budget, zeros[0], forced[:, 0].clone(), torch.zeros(B, dtype=torch.bool, device=device),
-                   torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device), *zeros[1:])
+                   torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device), *zeros[1:],
+                   torch.arange(B, device=device))
 
     def inputs(self, forced: torch.Tensor, plan: DecodePlan):
         """(token, thinking, forced) of this step: whether each example feeds a vector (thinking), a prompt row
@@ -151,8 +153,7 @@ class DecodeState:
         token or its own previous token, or its last latent with no prompt after it."""
         emit = ~self.done & torch.where(in_lat, (self.latent_left <= 0) & (plan.forced_len == 0),
                                         self.forced_pos >= plan.forced_len)
-        max_new = self.tokens.shape[1]
-        rows = torch.arange(self.tokens.shape[0], device=sampled.device)
+        max_new, rows = self.tokens.shape[1], self.rows
         slot = self.n_out.clamp(max=max_new - 1)
         self.tokens[rows, slot] = torch.where(emit, sampled, self.tokens[rows, slot])
         self.n_out = self.n_out + emit.long()

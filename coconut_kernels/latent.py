@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from . import latent_decode
 from .feedback import Feedback, resolve_feedback
-from .latent_decode import GenerateOutput, parse_stop, sample_tokens
+from .latent_decode import GenerateOutput, Sampling, parse_stop, sample_tokens
 from .latent_plan import IGNORE_INDEX, BatchPlan, PassRows, pass_rows, plan_batch
 from .latent_steps import feed_hidden, forward_rows, head_logits, labelled_loss, pass_input
 from .models.linear import batched_weight_grads
@@ -33,7 +33,7 @@ class LatentOutput:
 
 
 @dataclass
-class _Kept:
+class KeptRows:
     """What the passes keep for the loss and the logits: the pre-norm hidden rows that have a label with those
     labels, and (return_logits) every real row with its (example, column)."""
     hidden: list[torch.Tensor] = field(default_factory=list)
@@ -56,6 +56,23 @@ def check_forward_args(input_ids, attention_mask, labels, position_ids) -> None:
     for name, t in (("attention_mask", attention_mask), ("labels", labels), ("position_ids", position_ids)):
         if t is not None and t.shape != input_ids.shape:
             raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+
+
+def check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p) -> None:
+    """LatentLM.generate's argument checks (before any work)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
 
 
 class LatentLM(nn.Module):
@@ -119,13 +136,13 @@ class LatentLM(nn.Module):
         return plan, pass_rows(plan, labels_h, input_ids.shape[1], input_ids.device)
 
     def run_passes(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, plan: BatchPlan,
-                   passes: list[PassRows], *, with_logits: bool = False) -> _Kept:
+                   passes: list[PassRows], *, with_logits: bool = False) -> KeptRows:
         """Run the plan's passes against one fresh cache: each pass's input rows (the latent step writes the
         vectors the previous pass fed), the model over them, then the feedback its hidden state produces."""
         model = self.model
         cache = model.new_cache(plan.batch, max(plan.max_len, 1), device=input_ids.device)
         embeds = model.embed(input_ids)
-        fed, kept = None, _Kept()
+        fed, kept = None, KeptRows()
         # Several passes under grad: each layer's weight gradient is one product over every pass's rows
         # (models.linear), not one per pass plus a sum.
         multi_pass = torch.is_grad_enabled() and sum(rows.width > 0 for rows in passes) > 1
@@ -177,12 +194,12 @@ class LatentLM(nn.Module):
         (EOS included when emitted), n_latents, and with return_latents the vector fed at every latent step
         and its top-5 read-out through the LM head (probabilities, ids).
         """
+        fb = self.feedback if feedback is None else resolve_feedback(feedback, self.model.config.d_model)
+        rule = parse_stop(stop)
+        check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
-        return latent_decode.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                      eos_token_id=eos, feedback=feedback, stop=stop,
-                                      return_latents=return_latents, use_cuda_graph=use_cuda_graph,
-                                      generator=generator,
-                                      pad_token_id=eos if pad_token_id is None else pad_token_id)
-
-
+        sampling = Sampling(do_sample, temperature, top_k, top_p, generator)
+        return latent_decode.generate(self, fb, rule, sampling, input_ids, attention_mask,
+                                      max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                      pad_token_id=eos if pad_token_id is None else pad_token_id,
+                                      return_latents=return_latents, use_cuda_graph=use_cuda_graph)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .feedback import Feedback, resolve_feedback
+from .feedback import Feedback
 from .latent_plan import BatchPlan, DecodePlan, plan_batch, plan_decode
 from .latent_steps import forward_rows, head_logits, thought_vector
 
@@ -86,7 +86,8 @@ def parse_stop(stop) -> StopRule:
     if stop is None or stop == "fixed":
         return StopRule("fixed")
     if isinstance(stop, dict):
-        return StopRule(**stop) if stop.get("kind") in ("fixed", "eot", "entropy") else parse_stop(stop.get("kind", "?"))
+        kind = stop.get("kind")
+        return StopRule(**stop) if kind in ("fixed", "eot", "entropy") else parse_stop(stop.get("kind", "?"))
     if stop == "eot":
         return StopRule("eot")
     if stop == "entropy":
@@ -143,7 +144,8 @@ class DecodeState:
         elif rule.kind == "entropy":
             logp = logits.log_softmax(-1)
             ent = -(logp.exp() * logp).sum(-1)
-            self.low_run = torch.where(in_lat & (ent < rule.threshold), self.low_run + 1, torch.zeros_like(self.low_run))
+            low = in_lat & (ent < rule.threshold)
+            self.low_run = torch.where(low, self.low_run + 1, torch.zeros_like(self.low_run))
             stop_now = in_lat & (self.low_run >= rule.patience)
         self.latent_left = torch.where(stop_now, torch.zeros_like(self.latent_left), self.latent_left - in_lat.long())
         self.forced_pos = self.forced_pos + in_forced.long()
@@ -217,7 +219,7 @@ class _Decoder:
         try:
             self.capture(tokens, fed, use_fed, active)
             return self.replay()
-        except Exception as err:  # noqa: BLE001 - any failure of the graph path leaves the eager one
+        except Exception as err:  # any failure of the graph path: the eager path shares none of its state
             warnings.warn(f"generate: CUDA-graph capture of the decode step failed ({type(err).__name__}: {err}); "
                           "decoding eagerly (use_cuda_graph=False skips the attempt)", RuntimeWarning, stacklevel=2)
             self.use_graph, self.graph = False, None
@@ -226,23 +228,6 @@ class _Decoder:
 
 
 # ---- generation ----------------------------------------------------------------------------------------------
-
-
-def check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p) -> None:
-    """generate's argument checks (before any work)."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
-                         f"got {tuple(attention_mask.shape)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
 
 
 def _check_markers(lm, fb: Feedback, rule: StopRule, plan: BatchPlan, ids: torch.Tensor) -> None:
@@ -350,19 +335,16 @@ class _Generation:
         return res
 
 
-def generate(lm, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-             feedback, stop, return_latents, use_cuda_graph, generator, pad_token_id, check_every: int = 4,
+def generate(lm, fb: Feedback, rule: StopRule, sampling: Sampling, input_ids, attention_mask, *, max_new_tokens: int,
+             eos_token_id: int, pad_token_id: int, return_latents: bool, use_cuda_graph: bool, check_every: int = 4,
              readout_k: int = 5) -> GenerateOutput:
-    """LatentLM.generate (see there), on a resolved eos and pad id."""
-    fb = lm.feedback if feedback is None else resolve_feedback(feedback, lm.model.config.d_model)
-    rule = parse_stop(stop)
-    check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    """LatentLM.generate (see there) on checked arguments: plan (the prompts' markers checked), prefill, decode."""
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     ids_h, max_pos = input_ids.cpu(), lm.model.config.max_position
     plan = plan_batch(ids_h, mask.cpu(), None, lm.latent_token_id if fb.sequential else -1, max_pos)
     _check_markers(lm, fb, rule, plan, ids_h)
     dplan = plan_decode(plan, max_new_tokens, rule.max_latents, max_pos, input_ids.shape[1], input_ids.device)
-    run = _Generation(lm, fb, rule, Sampling(do_sample, temperature, top_k, top_p, generator), dplan, input_ids,
-                      eos_token_id, use_cuda_graph, _Readout(readout_k) if return_latents else None)
+    run = _Generation(lm, fb, rule, sampling, dplan, input_ids, eos_token_id, use_cuda_graph,
+                      _Readout(readout_k) if return_latents else None)
     with torch.no_grad():
         return run.run(max_new_tokens, pad_token_id, check_every)

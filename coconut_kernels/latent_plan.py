@@ -4,6 +4,12 @@ rows are, which rows every pass computes, and (generation) each example's phases
 Training (`LatentLM.forward`), `generate`, and the schedules built on them read their positions from here; the
 steps that run a plan are in `latent_steps` (shared) and `latent_decode` (generation). Coordinates: an
 example's *local row* r is its r-th real token; its *global column* is leftpad + r.
+
+Only the sequential schedule exists today (`BatchPlan.passes`: prefill, one latent row per pass, answer). Other
+schedules are other pass lists over the same rows: a Jacobi schedule is the prefill pass, T passes that each
+recompute every example's n thought rows (fed from the previous iteration's hidden states one row up), then the
+answer pass, so a PassSpan of kind LATENT may span several rows and `PassRows` then names a fed row per thought,
+not only an example's first row.
 """
 from __future__ import annotations
 
@@ -67,7 +73,8 @@ def _check_latents(is_latent, mask, labels, n_lat, first_lat, last_lat, length, 
         raise ValueError(f"an example has {int(length.max())} tokens, more than the model's {max_positions} positions")
     bad = (n_lat > 0) & (first_lat == leftpad)
     if bool(bad.any()):
-        raise ValueError(f"example {int(bad.nonzero()[0])} starts with a latent token: a latent needs a previous position")
+        raise ValueError(f"example {int(bad.nonzero()[0])} starts with a latent token: a latent needs a previous "
+                         "position")
 
 
 def _sequential_passes(first: torch.Tensor, n_lat: torch.Tensor, length: torch.Tensor) -> list[PassSpan]:

@@ -1,5 +1,5 @@
-"""What a training run is built from: its records (read or generated), its tokenizer and its LatentLM
-(a fresh config, a Hugging Face checkpoint folder or a coconut-train checkpoint).
+"""What a training run is built from besides its data: its tokenizer, its LatentLM (a fresh config, a Hugging
+Face checkpoint folder or a coconut-train checkpoint) and its optimizer.
 
 `coconut_kernels.train` calls these once per process; every process builds the same thing from the same
 config, so no data or weights have to be broadcast.
@@ -7,7 +7,6 @@ config, so no data or weights have to be broadcast.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import torch
@@ -17,8 +16,6 @@ from ..data import (
     HFTokenizer,
     WordTokenizer,
     concept_nouns,
-    generate_dataset,
-    load_records,
     load_tokenizer,
     person_names,
 )
@@ -26,37 +23,7 @@ from ..latent import LatentLM
 from .checkpoint import TOKENIZER, is_checkpoint, load_weights, read_model_config
 from .config import TrainConfig
 
-__all__ = ["load_data", "build_tokenizer", "build_lm", "check_stages"]
-
-
-def load_data(cfg: TrainConfig) -> tuple[list[dict], list[dict], str]:
-    """(train records, validation records, where the validation records come from)."""
-    if cfg.train_path is not None:
-        train = _read(cfg.train_path, cfg.max_train_records, "train_path")
-    else:
-        train = generate_dataset(cfg.generate_train, seed=cfg.data_seed)
-    if cfg.val_path is not None and (Path(cfg.val_path).is_file() or cfg.val_if_missing == "error"):
-        val, source = _read(cfg.val_path, cfg.max_val_records, "val_path"), cfg.val_path
-    else:
-        val = generate_dataset(cfg.generate_val, seed=cfg.data_seed + 1)
-        source = f"generated ({cfg.generate_val} problems, seed {cfg.data_seed + 1})"
-        if cfg.max_val_records is not None:
-            val = val[: cfg.max_val_records]
-    if not train:
-        raise ValueError("training data: no records (train_path empty or generate_train 0)")
-    if not val:
-        raise ValueError(f"validation data: no records ({source})")
-    return train, val, source
-
-
-def _read(path: str, max_records: int | None, key: str) -> list[dict]:
-    if not Path(path).is_file():
-        raise ValueError(f"config key {key!r}: data file {path} not found")
-    try:
-        return load_records(path, max_records)
-    except ValueError as e:
-        msg = str(e)
-        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+__all__ = ["build_tokenizer", "build_lm", "make_optimizer"]
 
 
 def build_tokenizer(cfg: TrainConfig, train: list[dict], checkpoint: Path | None):
@@ -148,32 +115,13 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
     return lm
 
 
-def check_stages(cfg: TrainConfig, train: list[dict], val: list[dict]) -> None:
-    """A stage past every record's steps replaces nothing more: refuse a curriculum or an evaluation stage
-    that the data cannot give meaning to, naming the stage and the longest record."""
-    if not cfg.uses_latents:
-        return
-    for name, records, stage in (("max_latent_stage", train, cfg.max_latent_stage),
-                                 ("eval_stage", val, cfg.eval_stage)):
-        if stage is None:
-            continue
-        longest = max(range(len(records)), key=lambda i: len(records[i]["steps"]))
-        n = len(records[longest]["steps"])
-        if stage > n:
-            which = "training" if records is train else "validation"
-            raise ValueError(f"config key {name!r}: stage {stage} is past the data's steps: the longest "
-                             f"{which} record (record {longest}) has {n} reasoning steps")
-
-
-def device_of(cfg: TrainConfig, local_rank: int) -> torch.device:
-    if cfg.device is not None:
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def world_info() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment (0, 1, 0 when not launched by it)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+def make_optimizer(cfg: TrainConfig, lm: LatentLM) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: weight decay on matrices and embeddings, none on biases and
+    norm weights."""
+    decay, no_decay = [], []
+    for p in lm.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)

@@ -14,12 +14,17 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
 
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .context import RunContext
+
 __all__ = ["save_checkpoint", "load_weights", "load_trainer_state", "latest_checkpoint", "read_model_config",
-           "is_checkpoint"]
+           "is_checkpoint", "resume_path", "save_run"]
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
@@ -132,3 +137,38 @@ def load_trainer_state(path: str | Path) -> dict:
         if key not in state:
             raise ValueError(f"{file}: trainer state lacks {key!r}")
     return state
+
+
+def resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint `cfg.resume` names: None (a fresh run), save_dir's latest, or the given folder."""
+    if cfg.resume is False:
+        return None
+    if cfg.resume is True:
+        path = latest_checkpoint(cfg.save_dir)
+        if path is None:
+            raise ValueError(f"config key 'resume': no checkpoint in save_dir {cfg.save_dir}")
+        return path
+    path = Path(cfg.resume)
+    if not path.is_dir():
+        raise ValueError(f"config key 'resume': checkpoint folder {path} not found")
+    return path
+
+
+def save_run(ctx: RunContext, optimizer, step: int, epoch: int, batches_done: int) -> None:
+    """Checkpoint the run at optimizer step `step`, `batches_done` micro-batches into `epoch`; every rank
+    calls it (the full state dicts are collective under FSDP), rank 0 writes."""
+    model_state = ctx.par.model_state()
+    optim_state = ctx.par.optimizer_state(optimizer)
+    if ctx.rank == 0:
+        trainer_state = {"step": step, "epoch": epoch, "batches_done": batches_done, "world_size": ctx.world,
+                         "optimizer": optim_state, "torch_rng": torch.get_rng_state(), "method": ctx.cfg.method}
+        ctx.last_checkpoint = save_checkpoint(
+            ctx.cfg.save_dir, step, model_state, ctx.lm.model.config, _family(ctx.lm.model), ctx.tokenizer,
+            trainer_state, ctx.cfg.to_dict(), keep=ctx.cfg.keep_checkpoints)
+    ctx.par.barrier()
+
+
+def _family(model) -> str:
+    from ..models import GPT2
+
+    return "gpt2" if isinstance(model, GPT2) else "llama"

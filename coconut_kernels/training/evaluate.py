@@ -5,14 +5,19 @@ world-th record; the counts are summed).
 """
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from ..data import StageConfig, TokenizedRecord, build_prompt, is_correct
 
-__all__ = ["evaluate"]
+if TYPE_CHECKING:
+    from .context import RunContext
+
+__all__ = ["evaluate", "evaluate_stage"]
 
 
 @torch.no_grad()
@@ -52,3 +57,24 @@ def evaluate(lm, records: list[TokenizedRecord], stage: int, stage_config: Stage
     lm.train(was_training)
     return {"accuracy": correct / max(n, 1), "mean_new_tokens": tokens / max(n, 1), "correct": correct, "n": n,
             "samples": samples}
+
+
+def evaluate_stage(ctx: RunContext, step: int, epoch: int, stage: int) -> dict:
+    """Evaluate the run's model on the validation split at `stage`, log the row (and print it with a few
+    samples on rank 0); every rank calls it."""
+    cfg, data = ctx.cfg, ctx.data
+    with ctx.par.whole() as lm:
+        res = evaluate(lm, data.val, stage, data.stage_config, data.tokenizer, data.collator,
+                       batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, device=ctx.device,
+                       bf16=cfg.bf16, rank=ctx.rank, world=ctx.world)
+    row = {"step": step, "epoch": epoch, "stage": stage, "accuracy": res["accuracy"],
+           "mean_new_tokens": res["mean_new_tokens"], "correct": res["correct"], "n": res["n"],
+           "elapsed_s": ctx.elapsed()}
+    ctx.log.eval(row)
+    ctx.evals.append(row)
+    if ctx.rank == 0:
+        print(f"[eval] epoch {epoch} stage {stage}: accuracy {100 * row['accuracy']:.1f}% "
+              f"({row['correct']}/{row['n']}), {row['mean_new_tokens']:.1f} new tokens", file=sys.stderr)
+        for s in res["samples"]:
+            print(f"  [{'ok' if s['correct'] else 'x '}] {s['output']!r}", file=sys.stderr)
+    return row

@@ -1,0 +1,163 @@
+"""The training loop: epochs of the curriculum, micro-batches accumulated into optimizer steps, the learning
+rate schedule, the per-step log row, evaluation after the epochs that ask for it, and checkpoints (every
+`save_every_steps`, at every epoch's end, and where `max_steps` stops the run).
+
+At epoch e the stage is `cfg.stage_of_epoch(e)`; with `reset_optimizer` AdamW restarts its moments when the
+stage changes. A resumed run continues from the checkpoint's step, epoch and micro-batch.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from .build import make_optimizer
+from .checkpoint import save_run
+from .config import TrainConfig
+from .context import RunContext
+from .evaluate import evaluate_stage
+
+__all__ = ["train", "lr_at"]
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up, then `lr_schedule`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def train(ctx: RunContext) -> None:
+    """Run the curriculum from the start or from `ctx.state`, up to num_epochs or max_steps."""
+    _Loop(ctx).run()
+
+
+class _Loop:
+    def __init__(self, ctx: RunContext):
+        self.ctx, cfg = ctx, ctx.cfg
+        self.optimizer = make_optimizer(cfg, ctx.lm)
+        self.steps_per_epoch = math.ceil(ctx.data.n_micro / cfg.grad_accum_steps)
+        self.total_steps = self.steps_per_epoch * cfg.num_epochs
+        self.step, self.start_epoch, self.skip = 0, 0, 0
+        self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+        self.params = [p for p in ctx.lm.parameters() if p.requires_grad]
+        self._reset_sums()
+
+    def _reset_sums(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.ctx.device)
+        self.tokens = 0
+
+    def _restore(self) -> None:
+        st, ctx = self.ctx.state, self.ctx
+        if st["batches_done"] and st.get("world_size", 1) != ctx.world:
+            raise ValueError(f"{ctx.resume_from}: saved mid-epoch by {st.get('world_size')} processes; resume "
+                             f"it with the same number (got {ctx.world})")
+        self.step, self.start_epoch, self.skip = st["step"], st["epoch"], st["batches_done"]
+        ctx.par.load_optimizer(self.optimizer, st["optimizer"])
+        torch.set_rng_state(st["torch_rng"])
+
+    def _done(self) -> bool:
+        max_steps = self.ctx.cfg.max_steps
+        return max_steps is not None and self.step >= max_steps
+
+    def run(self) -> None:
+        if self.ctx.state is not None:
+            self._restore()
+        if self._done():
+            return
+        for epoch in range(self.start_epoch, self.ctx.cfg.num_epochs):
+            if self._epoch(epoch):
+                break
+
+    def _epoch(self, epoch: int) -> bool:
+        """Train one epoch (from micro-batch `skip` when resuming); True when the run stops here."""
+        ctx, cfg = self.ctx, self.ctx.cfg
+        stage = cfg.stage_of_epoch(epoch)
+        if self.skip == 0 and epoch > 0 and cfg.reset_optimizer and stage != cfg.stage_of_epoch(epoch - 1):
+            self.optimizer = make_optimizer(cfg, ctx.lm)
+        batches = ctx.data.epoch_batches(epoch, stage)
+        show = cfg.progress and ctx.rank == 0
+        bar = _progress(show, self.steps_per_epoch, self.skip // cfg.grad_accum_steps, f"epoch {epoch} stage {stage}")
+        self._reset_sums()
+        for b in range(self.skip, ctx.data.n_micro):
+            if not self._micro_batch(batches[b], b):
+                continue
+            loss, lr = self._optimizer_step(epoch, stage)
+            bar.update(1)
+            if self.step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            more = b + 1 < ctx.data.n_micro
+            if self._done() and more:
+                bar.close()
+                save_run(ctx, self.optimizer, self.step, epoch, b + 1)
+                return True
+            if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 and more:
+                save_run(ctx, self.optimizer, self.step, epoch, b + 1)
+        bar.close()
+        self.skip = 0
+        if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch == cfg.num_epochs - 1:
+            evaluate_stage(ctx, self.step, epoch, stage)
+        save_run(ctx, self.optimizer, self.step, epoch + 1, 0)
+        return self._done()
+
+    def _micro_batch(self, examples: list, b: int) -> bool:
+        """Forward and backward of micro-batch `b`; True when it closes an accumulation group."""
+        ctx, accum = self.ctx, self.ctx.cfg.grad_accum_steps
+        group_start = b - b % accum
+        group = min(accum, ctx.data.n_micro - group_start)
+        last_in_group = b == group_start + group - 1
+        batch = {k: v.to(ctx.device) for k, v in ctx.data.collator(examples).items()}
+        with ctx.par.no_sync(last_in_group):
+            with self.autocast:
+                out = ctx.par.module(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                     batch["position_ids"])
+            (out.loss / group).backward()
+        self.loss_sum += out.loss.detach() / group
+        self.tokens += int(batch["attention_mask"].sum())
+        return last_in_group
+
+    def _optimizer_step(self, epoch: int, stage: int) -> tuple[float, float]:
+        """Apply the accumulated gradients; log the step. Returns (mean loss over the ranks, lr)."""
+        ctx, cfg = self.ctx, self.ctx.cfg
+        lr = lr_at(cfg, self.step, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        # the mean of the ranks' losses, every rank's tokens
+        totals = ctx.par.sum(torch.stack([self.loss_sum, torch.tensor(float(self.tokens), device=ctx.device)]))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        loss, tokens = float(totals[0]) / ctx.world, int(totals[1])
+        ctx.losses.append((self.step, loss))
+        ctx.log.train({"step": self.step, "epoch": epoch, "stage": stage, "loss": loss, "lr": lr,
+                       "grad_norm": float(norm), "tokens": tokens, "elapsed_s": ctx.elapsed()})
+        self._reset_sums()
+        return loss, lr
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(show: bool, total: int, initial: int, desc: str):
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)

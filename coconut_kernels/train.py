@@ -23,8 +23,9 @@ from .training.context import RunContext
 from .training.data import check_stages, load_data, prepare_data
 from .training.distributed import Parallel, device_of, process_group, world_info
 from .training.evaluate import evaluate_stage
-from .training.loop import train
+from .training.loop import Loop
 from .training.metrics import MetricsLog, format_eval_table
+from .training.savedir import SaveDirPlan, check_resume_config, check_save_dir, claim_save_dir
 
 __all__ = ["main", "run"]
 
@@ -41,35 +42,63 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: TrainConfig) -> dict:
     """Train (or only evaluate) as `cfg` says; returns {"losses": [(step, loss)], "evals": [rows],
-    "checkpoint": path or None, "val_source": str}. Joins torchrun's process group when WORLD_SIZE > 1."""
+    "checkpoint": path or None, "val_source": str}. Joins torchrun's process group when WORLD_SIZE > 1.
+    Every check (config, data, model, resume checkpoint, save folder) passes before anything is written."""
     rank, world, local_rank = world_info()
     device = device_of(cfg, local_rank)
     with process_group(world, device):
-        ctx = _prepare(cfg, rank, world, device)
-        if cfg.only_eval:
+        ctx, plan = _prepare(cfg, rank, world, device)
+        loop = None if cfg.only_eval else Loop(ctx)
+        if loop is not None and loop.finished:
+            return _nothing_to_do(ctx)
+        _open(ctx, plan)
+        if loop is None:
             stage = cfg.eval_stage if cfg.eval_stage is not None else cfg.stage_of_epoch(max(cfg.num_epochs - 1, 0))
             evaluate_stage(ctx, 0, -1, stage)
         else:
-            train(ctx)
+            loop.run()
         return _finish(ctx)
 
 
-def _prepare(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> RunContext:
-    """Everything a run needs, built and checked (data against the curriculum and the model, the resume
-    checkpoint) before the metric log is opened."""
+def _prepare(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> tuple[RunContext, SaveDirPlan]:
+    """Everything a run needs, built and checked (the resume checkpoint and its config, the data against
+    the curriculum and the model, the save folder), reading only."""
     t0 = time.perf_counter()
     resume_from = resume_path(cfg)
-    state = load_trainer_state(resume_from) if resume_from and not cfg.only_eval else None
+    if resume_from is not None:
+        check_resume_config(cfg, resume_from)
+    state = load_trainer_state(resume_from) if resume_from is not None else None
     train_records, val_records, val_source = load_data(cfg)
     check_stages(cfg, train_records, val_records)
     tokenizer = build_tokenizer(cfg, train_records, resume_from)
     lm = build_lm(cfg, tokenizer, resume_from).to(device)
     data = prepare_data(cfg, train_records, val_records, val_source, tokenizer, lm.model.config.max_position,
                         rank, world)
+    plan = check_save_dir(cfg, resume_from)
     par = Parallel(lm, cfg.dist, rank, world, device, wrap=not cfg.only_eval)
-    log = MetricsLog(cfg.save_dir, rank == 0, cfg.tensorboard, resume_step=state["step"] if state else None)
-    return RunContext(cfg=cfg, device=device, data=data, lm=lm, par=par, log=log, resume_from=resume_from,
-                      state=state, t0=t0)
+    ctx = RunContext(cfg=cfg, device=device, data=data, lm=lm, par=par, resume_from=resume_from, state=state,
+                     t0=t0)
+    return ctx, plan
+
+
+def _open(ctx: RunContext, plan: SaveDirPlan) -> None:
+    """Take the save folder (every rank has checked it first) and open the metric log."""
+    ctx.par.barrier()
+    if ctx.rank == 0:
+        claim_save_dir(plan)
+    ctx.par.barrier()
+    ctx.run_id = plan.run_id
+    ctx.log = MetricsLog(ctx.cfg.save_dir, ctx.rank == 0, ctx.cfg.tensorboard,
+                         resume_step=ctx.state["step"] if ctx.state else None)
+
+
+def _nothing_to_do(ctx: RunContext) -> dict:
+    """A resume with no step left: say so and leave the folder as it is."""
+    if ctx.rank == 0:
+        print(f"coconut-train: {ctx.resume_from} is at step {ctx.state['step']}, epoch {ctx.state['epoch']}: "
+              f"nothing left to train (max_steps {ctx.cfg.max_steps}, num_epochs {ctx.cfg.num_epochs}); "
+              f"{ctx.cfg.save_dir} is unchanged", file=sys.stderr)
+    return {"losses": [], "evals": [], "checkpoint": ctx.resume_from, "val_source": ctx.data.val_source}
 
 
 def _finish(ctx: RunContext) -> dict:

@@ -152,14 +152,14 @@ def test_failed_save_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(WordTokenizer, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True))
+        run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True, resume_override=["num_epochs"]))
     assert latest_checkpoint(cfg.save_dir) == good
     assert (good / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in Path(cfg.save_dir).glob("step-*")) == [good.name]
     assert not list(Path(cfg.save_dir).glob(".tmp-*"))  # the partial folder is cleaned up
     # the good checkpoint still resumes
     monkeypatch.undo()
-    out = run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True))
+    out = run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True, resume_override=["num_epochs"]))
     assert [s for s, _ in out["losses"]] == [4, 5, 6]
 
 
@@ -303,10 +303,10 @@ def test_unreadable_checkpoints(tmp_path):
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     with pytest.raises(ValueError, match=f"{weights}: unreadable checkpoint weights"):
-        run(tiny(tmp_path, resume=True))
+        run(tiny(tmp_path, num_epochs=1, eval_every=0, resume=True))
     (ckpt / "trainer_state.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="trainer_state.pt: unreadable trainer state"):
-        run(tiny(tmp_path, resume=True))
+        run(tiny(tmp_path, num_epochs=1, eval_every=0, resume=True))
     with pytest.raises(ValueError, match="checkpoint folder .*nowhere not found"):
         run(tiny(tmp_path, resume=str(tmp_path / "nowhere")))
     with pytest.raises(ValueError, match="no checkpoint in save_dir"):

@@ -21,6 +21,13 @@ from ..feedback import MODES
 __all__ = ["TrainConfig", "load_config", "config_parser"]
 
 _SCHEDULES = ("constant", "linear", "cosine")
+# Keys a resumed run may change freely (where and how the run stops, saves, logs and evaluates); every other
+# key must equal the checkpoint's unless listed in resume_override.
+RESUME_FREE = ("resume", "resume_override", "overwrite", "save_dir", "max_steps", "save_every_steps",
+               "keep_checkpoints", "dist", "device", "progress", "log_every", "tensorboard", "eval_every",
+               "eval_batch_size", "max_new_tokens", "eval_stage", "only_eval")
+# Keys that cannot change on resume: the weights and vocabulary come from the checkpoint.
+RESUME_FIXED = ("model", "init_from", "tokenizer", "method", "feedback")
 
 
 @dataclass
@@ -72,6 +79,8 @@ class TrainConfig:
     save_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
     keep_checkpoints: int = 2
     resume: Any = False  # false | true (latest in save_dir) | a checkpoint folder
+    resume_override: list = field(default_factory=list)  # keys a resumed run may change (e.g. [lr, num_epochs])
+    overwrite: bool = False  # a fresh run in a save_dir holding another run moves that run aside (never deletes)
     dist: str = "ddp"  # ddp | fsdp (used when launched by torchrun with more than one process)
     device: str | None = None  # None: cuda when available, else cpu
     progress: bool = True
@@ -120,9 +129,25 @@ class TrainConfig:
             raise ValueError(f"config key 'max_grad_norm': expected None or > 0, got {self.max_grad_norm}")
         if not isinstance(self.resume, (bool, str)):
             raise ValueError(f"config key 'resume': expected true, false or a checkpoint folder, got {self.resume!r}")
+        self._check_resume_keys()
         if "family" in self.model and self.model["family"] not in ("gpt2", "llama"):
             raise ValueError(f"config key 'model.family': expected 'gpt2' or 'llama', got {self.model['family']!r}")
         self.stage_config()  # the curriculum knobs' own checks
+
+    def _check_resume_keys(self) -> None:
+        names = [f.name for f in dataclasses.fields(self)]
+        for key in self.resume_override:
+            if key not in names:
+                raise _unknown_key(str(key), "config key 'resume_override'")
+            if key in RESUME_FIXED:
+                raise ValueError(f"config key 'resume_override': {key!r} cannot change on resume (the weights and "
+                                 f"vocabulary come from the checkpoint); start a new run with init_from instead")
+        if self.overwrite and self.resume is not False:
+            raise ValueError("config keys 'overwrite' and 'resume': overwrite moves the run in save_dir aside for a "
+                             "fresh run; it cannot be combined with resume")
+        if self.only_eval and self.resume is not False:
+            raise ValueError("config keys 'only_eval' and 'resume': to evaluate a checkpoint, give it as init_from "
+                             "(only_eval writes its results to a fresh save_dir)")
 
     def stage_config(self) -> StageConfig:
         try:
@@ -156,7 +181,8 @@ def _choice(name: str, value: str, choices) -> None:
         raise ValueError(f"config key {name!r}: expected one of {tuple(choices)}, got {value!r}")
 
 
-_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,), "Any": (object,)}
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,), "list": (list,),
+          "Any": (object,)}
 
 
 def _check_type(name: str, value, annotation: str) -> None:

@@ -25,9 +25,10 @@ class RunContext:
     data: RunData
     lm: LatentLM
     par: Parallel
-    log: MetricsLog
     resume_from: Path | None = None  # the checkpoint the weights (and, when training, the position) come from
     state: dict | None = None  # its trainer state when training resumes
+    run_id: str | None = None  # the save folder's run (training.savedir)
+    log: MetricsLog | None = None  # opened once every check has passed (training.savedir.claim_save_dir)
     t0: float = field(default_factory=time.perf_counter)
     losses: list[tuple[int, float]] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)

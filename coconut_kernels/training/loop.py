@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .context import RunContext
 from .evaluate import evaluate_stage
 
-__all__ = ["train", "lr_at"]
+__all__ = ["Loop", "lr_at"]
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -33,12 +33,10 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def train(ctx: RunContext) -> None:
-    """Run the curriculum from the start or from `ctx.state`, up to num_epochs or max_steps."""
-    _Loop(ctx).run()
+class Loop:
+    """The curriculum from the start or from `ctx.state` (restored here, before anything is written), up to
+    num_epochs or max_steps: `run()` trains."""
 
-
-class _Loop:
     def __init__(self, ctx: RunContext):
         self.ctx, cfg = ctx, ctx.cfg
         self.optimizer = make_optimizer(cfg, ctx.lm)
@@ -48,6 +46,8 @@ class _Loop:
         self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
         self.params = [p for p in ctx.lm.parameters() if p.requires_grad]
         self._reset_sums()
+        if ctx.state is not None:
+            self._restore()
 
     def _reset_sums(self) -> None:
         self.loss_sum = torch.zeros((), device=self.ctx.device)
@@ -66,10 +66,13 @@ class _Loop:
         max_steps = self.ctx.cfg.max_steps
         return max_steps is not None and self.step >= max_steps
 
+    @property
+    def finished(self) -> bool:
+        """Whether the run has no step left to take (a resume at or past max_steps or the last epoch)."""
+        return self._done() or self.start_epoch >= self.ctx.cfg.num_epochs
+
     def run(self) -> None:
-        if self.ctx.state is not None:
-            self._restore()
-        if self._done():
+        if self.finished:
             return
         for epoch in range(self.start_epoch, self.ctx.cfg.num_epochs):
             if self._epoch(epoch):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ._cli import run_cli
 from .training.build import build_lm, build_tokenizer
 from .training.checkpoint import load_trainer_state, resume_path
 from .training.config import TrainConfig, parse_args
@@ -31,12 +32,13 @@ __all__ = ["main", "run"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(argv)
-        run(cfg)
-    except ValueError as e:
-        print(f"coconut-train: error: {e}", file=sys.stderr)
-        return 2
+    """The console script: a user error prints ``coconut-train: error: ...`` and returns 2 (the traceback
+    only with ``--debug``)."""
+    return run_cli("coconut-train", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    run(parse_args(argv))
     return 0
 
 

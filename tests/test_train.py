@@ -175,30 +175,37 @@ def test_only_eval_and_init_from_a_checkpoint(tmp_path, capsys):
     assert len(rows) == 1 and int(rows[0]["stage"]) == 2
 
 
-def test_init_from_a_hugging_face_folder_adds_the_latent_markers(tmp_path):
+def make_hf_folder(folder: Path, records: list[dict]) -> int:
+    """A small random-weight Hugging Face GPT-2 folder (config.json, model.safetensors, a word-level
+    tokenizer.json covering `records`); returns its vocabulary size."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import models, pre_tokenizers
 
-    records = generate_dataset(10, seed=5)
     words = sorted({w for r in records for t in [r["question"], r["answer"], *r["steps"]]
                     for w in t.replace(".", " . ").replace("?", " ? ").split()})
     vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", "\n", "#", "###", *words])}
     tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    folder = tmp_path / "hf"
     folder.mkdir()
     tok.save(str(folder / "tokenizer.json"))
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(vocab), n_positions=512, n_embd=32,
                                                               n_layer=2, n_head=2))
     hf.save_pretrained(str(folder))
+    return len(vocab)
+
+
+def test_init_from_a_hugging_face_folder_adds_the_latent_markers(tmp_path):
+    records = generate_dataset(10, seed=5)
+    folder = tmp_path / "hf"
+    n_vocab = make_hf_folder(folder, records)
     data = tmp_path / "train.json"
     save_records(records, data)
     out = run(tiny(tmp_path, init_from=str(folder), train_path=str(data), num_epochs=1, max_new_tokens=4))
     assert len(out["losses"]) == 3
     weights_vocab = json.loads((out["checkpoint"] / "model_config.json").read_text())["vocab_size"]
-    assert weights_vocab == len(vocab) + 3
+    assert weights_vocab == n_vocab + 3
 
 
 # ---------------------------------------------------------------------------------------------------------

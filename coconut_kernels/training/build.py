@@ -7,6 +7,8 @@ config, so no data or weights have to be broadcast.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from ..data import (
     load_tokenizer,
     person_names,
 )
+from ..errors import CheckpointError, ConfigError
 from ..latent import LatentLM
 from .checkpoint import TOKENIZER, is_checkpoint, load_weights, read_model_config
 from .config import TrainConfig
@@ -30,13 +33,14 @@ def build_tokenizer(cfg: TrainConfig, train: list[dict], checkpoint: Path | None
     """The checkpoint's tokenizer when resuming or starting from one of ours; else `tokenizer`; else the
     Hugging Face checkpoint's; else a word tokenizer of the training data plus every ProsQA concept noun and
     person name (so a generated or published validation split has no unknown words)."""
+    _check_init_from(cfg)
     source = checkpoint if checkpoint is not None else (
         Path(cfg.init_from) if cfg.init_from and is_checkpoint(cfg.init_from) else None)
     if source is not None:
         return load_tokenizer(source / TOKENIZER)
     if cfg.tokenizer is not None:
         if not Path(cfg.tokenizer).exists():
-            raise ValueError(f"config key 'tokenizer': {cfg.tokenizer} not found")
+            raise ConfigError(f"config key 'tokenizer': {cfg.tokenizer} not found")
         return load_tokenizer(cfg.tokenizer)
     if cfg.init_from is not None:
         return HFTokenizer.load(cfg.init_from)
@@ -52,13 +56,18 @@ def _model_from_dict(spec: dict, vocab_size: int, where: str):
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(spec.keys() - names)
     if unknown:
-        raise ValueError(f"{where}: config key(s) {', '.join('model.' + k for k in unknown)} do not exist for "
-                         f"family {family!r}; valid: {', '.join(sorted(names))}")
+        raise ConfigError(f"{where}: config key(s) {', '.join('model.' + k for k in unknown)} do not exist for "
+                          f"family {family!r}; valid: {', '.join(sorted(names))}")
     spec.setdefault("vocab_size", vocab_size)
+    _check_dims(spec, config_cls, where)
     if spec["vocab_size"] < vocab_size:
-        raise ValueError(f"{where}: model.vocab_size {spec['vocab_size']} is smaller than the tokenizer's "
-                         f"{vocab_size}")
-    return model_cls(config_cls(**spec))
+        raise ConfigError(f"{where}: model.vocab_size {spec['vocab_size']} is smaller than the tokenizer's "
+                          f"{vocab_size}")
+    try:
+        config = config_cls(**spec)
+    except (TypeError, ValueError) as e:  # the model config's own checks (e.g. d_model a multiple of n_head)
+        raise ConfigError(f"{where}: {e}") from None
+    return model_cls(config)
 
 
 def _grow_vocab(model: nn.Module, vocab_size: int) -> None:
@@ -86,8 +95,6 @@ def _grow_vocab(model: nn.Module, vocab_size: int) -> None:
 def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
     """The LatentLM to train, in fp32 on the CPU (the caller moves it). Weights: the resume checkpoint's,
     else init_from's (ours or Hugging Face's), else a fresh `model` config initialised from `seed`."""
-    from ..models import from_pretrained
-
     ours = checkpoint if checkpoint is not None else (
         Path(cfg.init_from) if cfg.init_from and is_checkpoint(cfg.init_from) else None)
     torch.manual_seed(cfg.seed)
@@ -95,12 +102,7 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
         spec = read_model_config(ours)
         model = _model_from_dict(spec, tokenizer.vocab_size, f"checkpoint {ours}")
     elif cfg.init_from is not None:
-        if not Path(cfg.init_from).is_dir():
-            raise ValueError(f"config key 'init_from': {cfg.init_from} is not a folder")
-        try:
-            model = from_pretrained(cfg.init_from, dtype=torch.float32)
-        except (OSError, KeyError, ValueError) as e:
-            raise ValueError(f"init_from {cfg.init_from}: cannot load the checkpoint ({e})") from None
+        model = _load_hf(cfg)
         _grow_vocab(model, tokenizer.vocab_size)
     else:
         model = _model_from_dict(cfg.model, tokenizer.vocab_size, "config key 'model'")
@@ -111,8 +113,53 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
         try:
             lm.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"{ours}: weights do not fit the model ({e})") from None
+            raise CheckpointError(f"{ours}: weights do not fit the model ({e})") from None
     return lm
+
+
+def _check_init_from(cfg: TrainConfig) -> None:
+    if cfg.init_from is not None and not Path(cfg.init_from).is_dir():
+        what = "is not a folder" if Path(cfg.init_from).exists() else "does not exist"
+        raise CheckpointError(f"config key 'init_from': the folder {cfg.init_from} {what}")
+
+
+def _load_hf(cfg: TrainConfig):
+    """The model of the Hugging Face folder `init_from` in fp32; an unreadable file is named."""
+    from ..models import from_pretrained
+
+    _check_init_from(cfg)
+    folder = Path(cfg.init_from)
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text())
+    except OSError as e:
+        raise CheckpointError(f"config key 'init_from': {config}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise CheckpointError(f"config key 'init_from': {config}: not valid JSON ({e})") from None
+    try:
+        return from_pretrained(folder, dtype=torch.float32)
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"config key 'init_from': {folder}: cannot load the checkpoint ({e})") from None
+    except Exception as e:  # safetensors raises its own error types for a truncated or corrupt file
+        weights = [p.name for p in sorted(folder.glob("*.safetensors"))] or ["model.safetensors"]
+        raise CheckpointError(f"config key 'init_from': {folder / weights[0]}: unreadable weights "
+                              f"({type(e).__name__}: {e})") from None
+
+
+# integer fields of a model config that are sizes (>= 1 when given); float fields must be finite and > 0
+_SIZES = ("vocab_size", "n_layer", "n_head", "d_model", "max_position", "d_ff", "n_kv_head", "head_dim",
+          "sliding_window")
+
+
+def _check_dims(spec: dict, config_cls, where: str) -> None:
+    floats = {f.name for f in dataclasses.fields(config_cls) if str(f.type).startswith("float")}
+    for key, value in spec.items():
+        if key in _SIZES and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{where}: model.{key}: expected an int >= 1, got {value!r}")
+        if key in floats and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
+            raise ConfigError(f"{where}: model.{key}: expected a finite number > 0, got {value!r}")
 
 
 def make_optimizer(cfg: TrainConfig, lm: LatentLM) -> torch.optim.Optimizer:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 import yaml
 
+from ..errors import CheckpointError
+
 if TYPE_CHECKING:
     from .config import TrainConfig
     from .context import RunContext
@@ -144,9 +146,9 @@ def read_model_config(path: str | Path) -> dict:
     try:
         cfg = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: unreadable checkpoint model config ({e})") from None
+        raise CheckpointError(f"{file}: unreadable checkpoint model config ({e})") from None
     if not isinstance(cfg, dict) or "family" not in cfg:
-        raise ValueError(f"{file}: not a coconut-train model config (no 'family')")
+        raise CheckpointError(f"{file}: not a coconut-train model config (no 'family')")
     return cfg
 
 
@@ -155,25 +157,25 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
     file = Path(path) / WEIGHTS
     if not file.is_file():
-        raise ValueError(f"{file}: checkpoint weights not found")
+        raise CheckpointError(f"{file}: checkpoint weights not found")
     try:
         return load_file(str(file))
     except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
-        raise ValueError(f"{file}: unreadable checkpoint weights ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{file}: unreadable checkpoint weights ({type(e).__name__}: {e})") from None
 
 
 def load_trainer_state(path: str | Path) -> dict:
     file = Path(path) / STATE
     if not file.is_file():
-        raise ValueError(f"{file}: trainer state not found (a weights-only checkpoint cannot be resumed; "
+        raise CheckpointError(f"{file}: trainer state not found (a weights-only checkpoint cannot be resumed; "
                          f"use init_from)")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{file}: unreadable trainer state ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{file}: unreadable trainer state ({type(e).__name__}: {e})") from None
     for key in ("step", "epoch", "batches_done", "optimizer"):
         if key not in state:
-            raise ValueError(f"{file}: trainer state lacks {key!r}")
+            raise CheckpointError(f"{file}: trainer state lacks {key!r}")
     return state
 
 
@@ -184,11 +186,11 @@ def resume_path(cfg: TrainConfig) -> Path | None:
     if cfg.resume is True:
         path = latest_checkpoint(cfg.save_dir)
         if path is None:
-            raise ValueError(f"config key 'resume': no checkpoint in save_dir {cfg.save_dir}")
+            raise CheckpointError(f"config key 'resume': no checkpoint in save_dir {cfg.save_dir}")
         return path
     path = Path(cfg.resume)
     if not path.is_dir():
-        raise ValueError(f"config key 'resume': checkpoint folder {path} not found")
+        raise CheckpointError(f"config key 'resume': checkpoint folder {path} not found")
     return path
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from ..data import METHODS, StageConfig
+from ..errors import ConfigError
 from ..feedback import MODES
 
 __all__ = ["TrainConfig", "load_config", "config_parser"]
@@ -68,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     collate: str = "ragged"  # ragged (no compute on pads) | aligned (the official left padding)
     max_steps: int | None = None  # stop (and checkpoint) after this many optimizer steps
+    skip_nonfinite: bool = False  # a NaN/inf loss or gradient norm skips the step (logged) instead of stopping
     # --- evaluation -------------------------------------------------------------------------------------
     eval_every: int = 1  # epochs; 0: only at the end
     eval_batch_size: int = 64
@@ -101,10 +104,13 @@ class TrainConfig:
                 except ValueError:
                     pass
             _check_type(f.name, getattr(self, f.name), f.type)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key {f.name!r}: expected a finite number, got {value}")
         if self.method not in METHODS:
-            raise ValueError(f"config key 'method': expected one of {METHODS}, got {self.method!r}")
+            raise ConfigError(f"config key 'method': expected one of {METHODS}, got {self.method!r}")
         if self.feedback not in MODES:
-            raise ValueError(f"config key 'feedback': expected one of {sorted(MODES)}, got {self.feedback!r}")
+            raise ConfigError(f"config key 'feedback': expected one of {sorted(MODES)}, got {self.feedback!r}")
         _choice("collate", self.collate, ("ragged", "aligned"))
         _choice("dist", self.dist, ("ddp", "fsdp"))
         _choice("lr_schedule", self.lr_schedule, _SCHEDULES)
@@ -112,26 +118,27 @@ class TrainConfig:
         for name in ("epochs_per_stage", "batch_size", "grad_accum_steps", "eval_batch_size", "max_new_tokens",
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"config key {name!r}: expected an int >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"config key {name!r}: expected an int >= 1, got {getattr(self, name)}")
         for name in ("num_epochs", "warmup_steps", "eval_every", "save_every_steps", "generate_train",
                      "generate_val"):
             if getattr(self, name) < 0:
-                raise ValueError(f"config key {name!r}: expected an int >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"config key {name!r}: expected an int >= 0, got {getattr(self, name)}")
         for name in ("max_steps", "max_train_records", "max_val_records", "eval_stage"):
             v = getattr(self, name)
             if v is not None and v < (1 if name != "eval_stage" else 0):
-                raise ValueError(f"config key {name!r}: expected None or a positive int, got {v}")
+                raise ConfigError(f"config key {name!r}: expected None or a positive int, got {v}")
         if self.lr <= 0:
-            raise ValueError(f"config key 'lr': expected > 0, got {self.lr}")
+            raise ConfigError(f"config key 'lr': expected > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"config key 'weight_decay': expected >= 0, got {self.weight_decay}")
+            raise ConfigError(f"config key 'weight_decay': expected >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"config key 'max_grad_norm': expected None or > 0, got {self.max_grad_norm}")
+            raise ConfigError(f"config key 'max_grad_norm': expected None or > 0, got {self.max_grad_norm}")
         if not isinstance(self.resume, (bool, str)):
-            raise ValueError(f"config key 'resume': expected true, false or a checkpoint folder, got {self.resume!r}")
+            raise ConfigError(f"config key 'resume': expected true, false or a checkpoint folder, got {self.resume!r}")
         self._check_resume_keys()
+        _check_device(self.device)
         if "family" in self.model and self.model["family"] not in ("gpt2", "llama"):
-            raise ValueError(f"config key 'model.family': expected 'gpt2' or 'llama', got {self.model['family']!r}")
+            raise ConfigError(f"config key 'model.family': expected 'gpt2' or 'llama', got {self.model['family']!r}")
         self.stage_config()  # the curriculum knobs' own checks
 
     def _check_resume_keys(self) -> None:
@@ -140,13 +147,13 @@ class TrainConfig:
             if key not in names:
                 raise _unknown_key(str(key), "config key 'resume_override'")
             if key in RESUME_FIXED:
-                raise ValueError(f"config key 'resume_override': {key!r} cannot change on resume (the weights and "
+                raise ConfigError(f"config key 'resume_override': {key!r} cannot change on resume (the weights and "
                                  f"vocabulary come from the checkpoint); start a new run with init_from instead")
         if self.overwrite and self.resume is not False:
-            raise ValueError("config keys 'overwrite' and 'resume': overwrite moves the run in save_dir aside for a "
+            raise ConfigError("config keys 'overwrite' and 'resume': overwrite moves the run in save_dir aside for a "
                              "fresh run; it cannot be combined with resume")
         if self.only_eval and self.resume is not False:
-            raise ValueError("config keys 'only_eval' and 'resume': to evaluate a checkpoint, give it as init_from "
+            raise ConfigError("config keys 'only_eval' and 'resume': to evaluate a checkpoint, give it as init_from "
                              "(only_eval writes its results to a fresh save_dir)")
 
     def stage_config(self) -> StageConfig:
@@ -154,7 +161,7 @@ class TrainConfig:
             return StageConfig(method=self.method, c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
                                pad_latent_to_max=self.pad_latent_to_max, uniform_prob=self.uniform_prob)
         except ValueError as e:
-            raise ValueError(f"config key {e}") from None
+            raise ConfigError(f"config key {e}") from None
 
     @property
     def feedback_mode(self) -> str:
@@ -176,9 +183,21 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"config key 'device': expected a torch device such as cpu, cuda or cuda:1, "
+                         f"got {device!r}") from None
+
+
 def _choice(name: str, value: str, choices) -> None:
     if value not in choices:
-        raise ValueError(f"config key {name!r}: expected one of {tuple(choices)}, got {value!r}")
+        raise ConfigError(f"config key {name!r}: expected one of {tuple(choices)}, got {value!r}")
 
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,), "list": (list,),
@@ -190,7 +209,7 @@ def _check_type(name: str, value, annotation: str) -> None:
     if value is None:
         if "None" in kinds:
             return
-        raise ValueError(f"config key {name!r}: must not be null")
+        raise ConfigError(f"config key {name!r}: must not be null")
     for k in kinds:
         if k == "None":
             continue
@@ -199,14 +218,14 @@ def _check_type(name: str, value, annotation: str) -> None:
         if isinstance(value, allowed) and not (k in ("int", "float") and isinstance(value, bool)):
             return
     want = " or ".join(k for k in kinds)
-    raise ValueError(f"config key {name!r}: expected {want}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"config key {name!r}: expected {want}, got {type(value).__name__} {value!r}")
 
 
-def _unknown_key(key: str, where: str) -> ValueError:
+def _unknown_key(key: str, where: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     close = difflib.get_close_matches(key, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"{where}: config key {key!r} does not exist{hint}; valid keys: {', '.join(names)}")
+    return ConfigError(f"{where}: config key {key!r} does not exist{hint}; valid keys: {', '.join(names)}")
 
 
 def _expand(v):
@@ -221,13 +240,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f)
         except OSError as e:
-            raise ValueError(f"config file {path}: cannot read ({e.strerror})") from None
+            raise ConfigError(f"config file {path}: cannot read ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {path}: not valid YAML ({e})") from None
+            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"config file {path}: expected a mapping of keys to values, got {type(data).__name__}")
+            raise ConfigError(f"config file {path}: expected a mapping of keys to values, got {type(data).__name__}")
         values.update(data)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in values:
@@ -253,6 +272,8 @@ def config_parser() -> argparse.ArgumentParser:
         description="COCONUT curriculum trainer: YAML config and/or --key value flags (values parsed as YAML).",
     )
     p.add_argument("config", nargs="?", help="YAML config file (keys: the flags below, without --)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error (not a config key)")
     for f in dataclasses.fields(TrainConfig):
         p.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(f.type),
                        type=_yaml_value, help=f"(default: {_default(f)})")
@@ -276,7 +297,8 @@ def _default(f: dataclasses.Field):
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(config_parser().parse_args(argv))
+    args.pop("debug", None)  # the console script's flag (coconut_kernels._cli), not a config key
     path = args.pop("config")
     if path is not None and not Path(path).is_file():
-        raise ValueError(f"config file {path}: not found")
+        raise ConfigError(f"config file {path}: not found")
     return load_config(path, args)

@@ -22,6 +22,7 @@ from ..data import (
     load_records,
     tokenize_records,
 )
+from ..errors import ConfigError
 from .config import TrainConfig
 
 __all__ = ["load_data", "check_stages", "RunData", "prepare_data"]
@@ -41,20 +42,20 @@ def load_data(cfg: TrainConfig) -> tuple[list[dict], list[dict], str]:
         if cfg.max_val_records is not None:
             val = val[: cfg.max_val_records]
     if not train:
-        raise ValueError("training data: no records (train_path empty or generate_train 0)")
+        raise ConfigError("training data: no records (train_path empty or generate_train 0)")
     if not val:
-        raise ValueError(f"validation data: no records ({source})")
+        raise ConfigError(f"validation data: no records ({source})")
     return train, val, source
 
 
 def _read(path: str, max_records: int | None, key: str) -> list[dict]:
     if not Path(path).is_file():
-        raise ValueError(f"config key {key!r}: data file {path} not found")
+        raise ConfigError(f"config key {key!r}: data file {path} not found")
     try:
         return load_records(path, max_records)
     except ValueError as e:
         msg = str(e)
-        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
 
 
 def check_stages(cfg: TrainConfig, train: list[dict], val: list[dict]) -> None:
@@ -70,7 +71,7 @@ def check_stages(cfg: TrainConfig, train: list[dict], val: list[dict]) -> None:
         n = len(records[longest]["steps"])
         if stage > n:
             which = "training" if records is train else "validation"
-            raise ValueError(f"config key {name!r}: stage {stage} is past the data's steps: the longest "
+            raise ConfigError(f"config key {name!r}: stage {stage} is past the data's steps: the longest "
                              f"{which} record (record {longest}) has {n} reasoning steps")
 
 
@@ -115,7 +116,7 @@ def prepare_data(cfg: TrainConfig, train: list[dict], val: list[dict], val_sourc
     # every rank takes the same number of examples (a whole multiple of the world size) each epoch
     per_rank = len(train_tok) // world
     if per_rank == 0:
-        raise ValueError(f"training data: {len(train_tok)} records cannot be shared by {world} processes")
+        raise ConfigError(f"training data: {len(train_tok)} records cannot be shared by {world} processes")
     return RunData(train=train_tok, val=val_tok, val_source=val_source,
                    tokenizer=tokenizer, stage_config=stage_config, collator=collator_cls.from_tokenizer(tokenizer),
                    batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world, per_rank=per_rank,
@@ -133,5 +134,5 @@ def _check_lengths(cfg: TrainConfig, train: list[TokenizedRecord], stage_config:
         for stage in range(last + 1):
             n = len(build_example(rec, stage, plain, tokenizer).input_ids)
             if n > limit:
-                raise ValueError(f"training record {rec.idx}: {n} tokens at stage {stage}, more than the "
+                raise ConfigError(f"training record {rec.idx}: {n} tokens at stage {stage}, more than the "
                                  f"model's max_position {limit}")

@@ -10,6 +10,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
 from .config import TrainConfig
 
 __all__ = ["world_info", "device_of", "process_group", "Parallel"]
@@ -22,8 +23,15 @@ def world_info() -> tuple[int, int, int]:
 
 
 def device_of(cfg: TrainConfig, local_rank: int) -> torch.device:
+    """`cfg.device` (checked against this machine), else this rank's GPU when there is one, else the CPU."""
     if cfg.device is not None:
-        return torch.device(cfg.device)
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"config key 'device': {cfg.device!r} asked for, but CUDA is not available here")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"config key 'device': {cfg.device!r} asked for, but this machine has "
+                              f"{torch.cuda.device_count()} GPU(s)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

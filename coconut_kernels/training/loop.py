@@ -12,6 +12,7 @@ from contextlib import nullcontext
 
 import torch
 
+from ..errors import CoconutError
 from .build import make_optimizer
 from .checkpoint import save_run
 from .config import TrainConfig
@@ -126,25 +127,38 @@ class Loop:
         return last_in_group
 
     def _optimizer_step(self, epoch: int, stage: int) -> tuple[float, float]:
-        """Apply the accumulated gradients; log the step. Returns (mean loss over the ranks, lr)."""
+        """Apply the accumulated gradients (unless the loss or gradient norm is not finite); log the step.
+        Returns (mean loss over the ranks, lr)."""
         ctx, cfg = self.ctx, self.ctx.cfg
         lr = lr_at(cfg, self.step, self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        # the mean of the ranks' losses, every rank's tokens
-        totals = ctx.par.sum(torch.stack([self.loss_sum, torch.tensor(float(self.tokens), device=ctx.device)]))
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        loss, tokens = float(totals[0]) / ctx.world, int(totals[1])
+        # the mean of the ranks' losses, every rank's tokens (the same on every rank, as is the norm)
+        totals = ctx.par.sum(torch.stack([self.loss_sum, torch.tensor(float(self.tokens), device=ctx.device)]))
+        loss, tokens, norm = float(totals[0]) / ctx.world, int(totals[1]), float(norm)
+        skipped = not (math.isfinite(loss) and math.isfinite(norm))
+        if skipped and not cfg.skip_nonfinite:
+            self._stop_nonfinite(loss, norm, epoch, stage)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
         ctx.losses.append((self.step, loss))
         ctx.log.train({"step": self.step, "epoch": epoch, "stage": stage, "loss": loss, "lr": lr,
-                       "grad_norm": float(norm), "tokens": tokens, "elapsed_s": ctx.elapsed()})
+                       "grad_norm": norm, "tokens": tokens, "skipped": int(skipped), "elapsed_s": ctx.elapsed()})
         self._reset_sums()
         return loss, lr
+
+    def _stop_nonfinite(self, loss: float, norm: float, epoch: int, stage: int) -> None:
+        """Stop before the bad update is applied or checkpointed: the last good checkpoint stays `latest`."""
+        last = self.ctx.last_checkpoint or self.ctx.resume_from
+        kept = f"the last checkpoint, {last}, is unchanged" if last else "no checkpoint was written"
+        raise CoconutError(f"step {self.step + 1} (epoch {epoch}, stage {stage}): the loss is {loss} and the "
+                           f"gradient norm {norm}; the run stopped before applying it ({kept}). Lower lr, set "
+                           f"max_grad_norm, or set skip_nonfinite: true to skip such steps")
 
 
 class _NoBar:

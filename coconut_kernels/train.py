@@ -73,7 +73,9 @@ def _prepare(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> t
     train_records, val_records, val_source = load_data(cfg)
     check_stages(cfg, train_records, val_records)
     tokenizer = build_tokenizer(cfg, train_records, resume_from)
-    lm = build_lm(cfg, tokenizer, resume_from).to(device)
+    lm = build_lm(cfg, tokenizer, resume_from)
+    # bf16: the whole model (and so AdamW's state) in bf16, as the official run.py; else fp32 weights
+    lm = lm.to(device=device, dtype=torch.bfloat16 if cfg.compute_precision == "bf16" else None)
     data = prepare_data(cfg, train_records, val_records, val_source, tokenizer, lm.model.config.max_position,
                         rank, world)
     plan = check_save_dir(cfg, resume_from)

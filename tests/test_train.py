@@ -8,6 +8,7 @@ fails with an error naming what is wrong. A failed save never replaces a good ch
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,8 +85,9 @@ def test_aligned_and_ragged_collation_give_the_same_curve(tmp_path):
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
 
 
-def test_grad_accumulation_bf16_and_schedule(tmp_path):
-    out = run(tiny(tmp_path, grad_accum_steps=2, bf16=True, lr_schedule="cosine", num_epochs=2, eval_every=0))
+def test_grad_accumulation_bf16_autocast_and_schedule(tmp_path):
+    out = run(tiny(tmp_path, grad_accum_steps=2, precision="bf16-autocast", lr_schedule="cosine", num_epochs=2,
+                   eval_every=0))
     rows = read_csv(tmp_path / "run" / "train_log.csv")
     assert len(rows) == 4  # 3 micro-batches per epoch -> 2 optimizer steps (the last one alone)
     lrs = [float(r["lr"]) for r in rows]
@@ -212,8 +214,11 @@ def test_init_from_a_hugging_face_folder_adds_the_latent_markers(tmp_path):
 # Configuration and bad input
 
 
+MODEL_FLAG = ["--model", json.dumps(TINY_MODEL)]
+
+
 def _error_of(argv, capsys) -> str:
-    assert main(argv) == 2
+    assert main([*MODEL_FLAG, *argv]) == 2
     return capsys.readouterr().err
 
 
@@ -356,3 +361,56 @@ def test_two_process_gloo_ddp_and_fsdp(tmp_path):
     assert curves["ddp"][-1] < curves["ddp"][0]
     # FSDP (sharded gradients and optimizer state) takes the same steps as DDP
     torch.testing.assert_close(torch.tensor(curves["fsdp"]), torch.tensor(curves["ddp"]), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The official recipe is the default; every deviation is a named key
+
+
+def test_defaults_are_the_official_recipe(tmp_path):
+    cfg = TrainConfig(model=TINY_MODEL)
+    assert cfg.max_grad_norm is None and cfg.weight_decay_scope == "all" and cfg.compute_precision == "fp32"
+    assert cfg.reset_optimizer and cfg.reset_optimizer_every == "epoch" and cfg.lr == 1e-4
+    with pytest.raises(ValueError, match="no model to train: set init_from .* or model to a fresh random one"):
+        TrainConfig()
+    assert TrainConfig(bf16=True, model=TINY_MODEL).compute_precision == "bf16"
+    assert TrainConfig(precision="bf16-autocast", model=TINY_MODEL).compute_precision == "bf16-autocast"
+    with pytest.raises(ValueError, match="'bf16' and 'precision'"):
+        TrainConfig(bf16=True, precision="bf16-autocast", model=TINY_MODEL)
+    with pytest.raises(ValueError, match="'precision': expected one of"):
+        TrainConfig(precision="fp16", model=TINY_MODEL)
+
+
+def test_weight_decay_scope():
+    from coconut_kernels.latent import LatentLM
+    from coconut_kernels.models import GPT2, GPT2Config
+    from coconut_kernels.training.build import make_optimizer
+
+    lm = LatentLM(GPT2(GPT2Config(vocab_size=40, n_layer=1, n_head=2, d_model=8, max_position=16)), 37, 38, 39, 0)
+    n_params = len(list(lm.parameters()))
+    biases = [p for p in lm.parameters() if p.ndim < 2]
+    assert biases
+    opt = make_optimizer(TrainConfig(model=TINY_MODEL, weight_decay=0.1), lm)  # official: one group, all decayed
+    assert [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups] == [(n_params, 0.1)]
+    opt = make_optimizer(TrainConfig(model=TINY_MODEL, weight_decay=0.1, weight_decay_scope="matrices"), lm)
+    assert [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups] == [
+        (n_params - len(biases), 0.1), (len(biases), 0.0)]
+
+
+def test_bf16_casts_the_whole_model(tmp_path):
+    out = run(tiny(tmp_path, bf16=True, num_epochs=1, eval_every=0, lr=1e-2))
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out["checkpoint"] / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in weights.values() if t.is_floating_point())
+    losses = [loss for _, loss in out["losses"]]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_reset_optimizer_every_epoch_or_stage(tmp_path):
+    # two epochs at stage 0: the official reset restarts AdamW at epoch 1, the per-stage one does not
+    kw = dict(num_epochs=2, epochs_per_stage=2, eval_every=0, warmup_steps=0)
+    every_epoch = [x for _, x in run(tiny(tmp_path / "e", **kw))["losses"]]
+    every_stage = [x for _, x in run(tiny(tmp_path / "s", reset_optimizer_every="stage", **kw))["losses"]]
+    assert every_epoch[:4] == every_stage[:4]  # epoch 0 and the first step of epoch 1 (same weights)
+    assert every_epoch[4:] != every_stage[4:]

@@ -163,12 +163,11 @@ def _check_dims(spec: dict, config_cls, where: str) -> None:
 
 
 def make_optimizer(cfg: TrainConfig, lm: LatentLM) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: weight decay on matrices and embeddings, none on biases and
-    norm weights."""
-    decay, no_decay = [], []
-    for p in lm.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over the trainable parameters with `weight_decay` on all of them (the official run.py), or
+    with `weight_decay_scope: matrices` only on matrices and embeddings (none on biases and norm weights)."""
+    params = [p for p in lm.parameters() if p.requires_grad]
+    if cfg.weight_decay_scope == "all":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr)

@@ -23,6 +23,7 @@ from ..feedback import MODES
 __all__ = ["TrainConfig", "load_config", "config_parser"]
 
 _SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 # Keys a resumed run may change freely (where and how the run stops, saves, logs and evaluates); every other
 # key must equal the checkpoint's unless listed in resume_override.
 RESUME_FREE = ("resume", "resume_override", "overwrite", "save_dir", "max_steps", "save_every_steps",
@@ -46,8 +47,7 @@ class TrainConfig:
     tokenizer: str | None = None  # a tokenizer file/folder; None: init_from's, else a word tokenizer of the data
     # --- model ------------------------------------------------------------------------------------------
     init_from: str | None = None  # a Hugging Face checkpoint folder or a coconut-train checkpoint
-    model: dict = field(default_factory=lambda: {"family": "gpt2", "n_layer": 2, "n_head": 2, "d_model": 64,
-                                                 "max_position": 512})
+    model: dict | None = None  # a fresh random model: {family: gpt2|llama, n_layer: .., ...}; one of init_from / model
     feedback: str = "hidden"  # hidden | projected | soft | mixture | pause (pause_as_thought forces pause)
     # --- method and curriculum (the official knobs) -------------------------------------------------------
     method: str = "coconut"  # coconut | cot | no_cot | no_thoughts | pause_as_thought
@@ -56,17 +56,20 @@ class TrainConfig:
     max_latent_stage: int = 6
     pad_latent_to_max: bool = True
     uniform_prob: float = 0.0
-    reset_optimizer: bool = True  # fresh AdamW moments when the stage changes
+    reset_optimizer: bool = True  # fresh AdamW moments (see reset_optimizer_every)
+    reset_optimizer_every: str = "epoch"  # epoch (the official run.py) | stage (only when the stage changes)
     num_epochs: int = 7
     # --- optimisation -----------------------------------------------------------------------------------
     lr: float = 1e-4
-    weight_decay: float = 0.01  # on matrices and embeddings; none on biases and norm weights
+    weight_decay: float = 0.01
+    weight_decay_scope: str = "all"  # all parameters (the official AdamW) | matrices (not biases, norm weights)
     warmup_steps: int = 0  # linear warm-up over this many optimizer steps
     lr_schedule: str = "constant"  # after warm-up: constant | linear | cosine (to 0 at the last step)
-    max_grad_norm: float | None = 1.0  # None: no clipping
+    max_grad_norm: float | None = None  # None: no clipping (the official run.py)
     batch_size: int = 32  # per process
     grad_accum_steps: int = 1
-    bf16: bool = False  # bf16 autocast; the weights and optimizer state stay fp32
+    bf16: bool = False  # the official key: true casts the whole model (weights, optimizer state) to bf16
+    precision: str | None = None  # fp32 | bf16 (= bf16: true) | bf16-autocast (fp32 weights); None: from bf16
     seed: int = 0
     collate: str = "ragged"  # ragged (no compute on pads) | aligned (the official left padding)
     max_steps: int | None = None  # stop (and checkpoint) after this many optimizer steps
@@ -115,6 +118,9 @@ class TrainConfig:
         _choice("dist", self.dist, ("ddp", "fsdp"))
         _choice("lr_schedule", self.lr_schedule, _SCHEDULES)
         _choice("val_if_missing", self.val_if_missing, ("error", "generate"))
+        _choice("weight_decay_scope", self.weight_decay_scope, ("all", "matrices"))
+        _choice("reset_optimizer_every", self.reset_optimizer_every, ("epoch", "stage"))
+        self._check_precision()
         for name in ("epochs_per_stage", "batch_size", "grad_accum_steps", "eval_batch_size", "max_new_tokens",
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
@@ -137,9 +143,27 @@ class TrainConfig:
             raise ConfigError(f"config key 'resume': expected true, false or a checkpoint folder, got {self.resume!r}")
         self._check_resume_keys()
         _check_device(self.device)
-        if "family" in self.model and self.model["family"] not in ("gpt2", "llama"):
+        if self.model is not None and self.model.get("family", "gpt2") not in ("gpt2", "llama"):
             raise ConfigError(f"config key 'model.family': expected 'gpt2' or 'llama', got {self.model['family']!r}")
         self.stage_config()  # the curriculum knobs' own checks
+        if self.model is None and self.init_from is None:
+            raise ConfigError("no model to train: set init_from to a Hugging Face checkpoint folder (e.g. GPT-2, as "
+                              "the official recipe) or a coconut-train checkpoint, or model to a fresh random "
+                              "one, e.g. model: {family: gpt2, n_layer: 4, n_head: 4, d_model: 64, max_position: "
+                              "512}")
+
+    def _check_precision(self) -> None:
+        if self.precision is None:
+            return
+        _choice("precision", self.precision, PRECISIONS)
+        if self.bf16 and self.precision != "bf16":
+            raise ConfigError(f"config keys 'bf16' and 'precision': bf16: true means precision: bf16 (the whole "
+                              f"model cast), not {self.precision!r}; set only one of them")
+
+    @property
+    def compute_precision(self) -> str:
+        """fp32, bf16 (the model cast to bf16, as the official run.py) or bf16-autocast (fp32 weights)."""
+        return self.precision if self.precision is not None else ("bf16" if self.bf16 else "fp32")
 
     def _check_resume_keys(self) -> None:
         names = [f.name for f in dataclasses.fields(self)]

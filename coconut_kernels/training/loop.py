@@ -2,8 +2,8 @@
 rate schedule, the per-step log row, evaluation after the epochs that ask for it, and checkpoints (every
 `save_every_steps`, at every epoch's end, and where `max_steps` stops the run).
 
-At epoch e the stage is `cfg.stage_of_epoch(e)`; with `reset_optimizer` AdamW restarts its moments when the
-stage changes. A resumed run continues from the checkpoint's step, epoch and micro-batch.
+At epoch e the stage is `cfg.stage_of_epoch(e)`; with `reset_optimizer` AdamW restarts its moments every
+epoch (or, with `reset_optimizer_every: stage`, when the stage changes). A resumed run continues from the checkpoint's step, epoch and micro-batch.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ class Loop:
         self.steps_per_epoch = math.ceil(ctx.data.n_micro / cfg.grad_accum_steps)
         self.total_steps = self.steps_per_epoch * cfg.num_epochs
         self.step, self.start_epoch, self.skip = 0, 0, 0
-        self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+        autocast = cfg.compute_precision == "bf16-autocast"
+        self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
         self.params = [p for p in ctx.lm.parameters() if p.requires_grad]
         self._reset_sums()
         if ctx.state is not None:
@@ -83,7 +84,7 @@ class Loop:
         """Train one epoch (from micro-batch `skip` when resuming); True when the run stops here."""
         ctx, cfg = self.ctx, self.ctx.cfg
         stage = cfg.stage_of_epoch(epoch)
-        if self.skip == 0 and epoch > 0 and cfg.reset_optimizer and stage != cfg.stage_of_epoch(epoch - 1):
+        if self.skip == 0 and epoch > 0 and self._resets(epoch):
             self.optimizer = make_optimizer(cfg, ctx.lm)
         batches = ctx.data.epoch_batches(epoch, stage)
         show = cfg.progress and ctx.rank == 0
@@ -109,6 +110,14 @@ class Loop:
             evaluate_stage(ctx, self.step, epoch, stage)
         save_run(ctx, self.optimizer, self.step, epoch + 1, 0)
         return self._done()
+
+    def _resets(self, epoch: int) -> bool:
+        """Whether AdamW restarts at the start of `epoch` (> 0): every epoch, as the official run.py, or only
+        when the stage changes."""
+        cfg = self.ctx.cfg
+        if not cfg.reset_optimizer:
+            return False
+        return cfg.reset_optimizer_every == "epoch" or cfg.stage_of_epoch(epoch) != cfg.stage_of_epoch(epoch - 1)
 
     def _micro_batch(self, examples: list, b: int) -> bool:
         """Forward and backward of micro-batch `b`; True when it closes an accumulation group."""

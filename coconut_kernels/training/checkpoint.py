@@ -63,8 +63,16 @@ def save_checkpoint(save_dir: str | Path, step: int, model_state: dict, model_co
     else:
         os.replace(tmp, final)
         _point_latest(save_dir, final.name)
+    _clean_leftovers(save_dir)
     _prune(save_dir, keep, run_id)
     return final
+
+
+def _clean_leftovers(save_dir: Path) -> None:
+    """Remove the temporary folders of saves that died half-way (now that `latest` names a newer one)."""
+    for p in save_dir.iterdir():
+        if p.is_dir() and p.name.startswith((".tmp-step-", ".bridge-step-", ".old-step-")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _write_folder(folder: Path, model_state: dict, model_config, family: str, tokenizer,
@@ -87,6 +95,8 @@ def _replace_named(save_dir: Path, tmp: Path, final: Path) -> None:
     """Re-saving a step that exists (a resume from an earlier checkpoint): swap the complete new folder in
     so that ``latest`` names a complete folder at every moment, even if the process dies mid-swap."""
     bridge = save_dir / f".bridge-{final.name}-{os.getpid()}"
+    if bridge.exists():
+        shutil.rmtree(bridge)
     shutil.copytree(tmp, bridge, copy_function=os.link)  # hard links: no data copied
     _point_latest(save_dir, bridge.name)
     old = save_dir / f".old-{final.name}-{os.getpid()}"

@@ -10,6 +10,7 @@ schedule), evaluation (`training.evaluate`: exact match after "###", sharded by 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ._cli import run_cli
+from .errors import CheckpointError
 from .training.build import build_lm, build_tokenizer
 from .training.checkpoint import load_trainer_state, resume_path
 from .training.config import TrainConfig, parse_args
@@ -49,7 +51,12 @@ def run(cfg: TrainConfig) -> dict:
     rank, world, local_rank = world_info()
     device = device_of(cfg, local_rank)
     with process_group(world, device):
-        ctx, plan = _prepare(cfg, rank, world, device)
+        return _run(cfg, rank, world, device)
+
+
+def _run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    ctx, plan = _prepare(cfg, rank, world, device)
+    try:
         loop = None if cfg.only_eval else Loop(ctx)
         if loop is not None and loop.finished:
             return _nothing_to_do(ctx)
@@ -60,6 +67,8 @@ def run(cfg: TrainConfig) -> dict:
         else:
             loop.run()
         return _finish(ctx)
+    finally:
+        ctx.par.close()
 
 
 def _prepare(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> tuple[RunContext, SaveDirPlan]:
@@ -88,9 +97,15 @@ def _prepare(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> t
 def _open(ctx: RunContext, plan: SaveDirPlan) -> None:
     """Take the save folder (every rank has checked it first) and open the metric log."""
     ctx.par.barrier()
+    error = None
     if ctx.rank == 0:
-        claim_save_dir(plan)
-    ctx.par.barrier()
+        try:
+            claim_save_dir(plan)
+        except CheckpointError as e:
+            error = e
+    # every rank learns whether rank 0 took the folder (a bare barrier would leave the others waiting)
+    if not ctx.par.all_ok(error is None):
+        raise error or CheckpointError(f"config key 'save_dir': rank 0 could not take {plan.save_dir}")
     ctx.run_id = plan.run_id
     ctx.log = MetricsLog(ctx.cfg.save_dir, ctx.rank == 0, ctx.cfg.tensorboard,
                          resume_step=ctx.state["step"] if ctx.state else None)
@@ -114,8 +129,10 @@ def _finish(ctx: RunContext) -> dict:
                    "final_loss": ctx.losses[-1][1] if ctx.losses else None,
                    "wall_s": round(ctx.elapsed(), 1), "world_size": ctx.world,
                    "checkpoint": str(ctx.last_checkpoint) if ctx.last_checkpoint else None}
-        Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.save_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        # written whole, then renamed: a run killed here leaves the earlier summary.json, not half of one
+        tmp = Path(cfg.save_dir) / f".summary.json-{os.getpid()}"
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(tmp, Path(cfg.save_dir) / "summary.json")
     ctx.log.close()
     return {"losses": ctx.losses, "evals": ctx.evals, "checkpoint": ctx.last_checkpoint,
             "val_source": ctx.data.val_source}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -336,7 +337,16 @@ def _torchrun(tmp_path, *flags) -> subprocess.CompletedProcess:
            "--model", json.dumps(TINY_MODEL), "--max_latent_stage", "1", "--num_epochs", "2", "--lr", "3e-3",
            "--batch_size", "4", "--eval_batch_size", "4", "--max_new_tokens", "12", "--progress", "false",
            "--tensorboard", "false", "--save_dir", str(tmp_path / "run"), *flags]
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # its own session, so that a timeout kills the workers too, not only torchrun's agent
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun {flags} did not finish in 300 s; its stderr:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_two_process_gloo_ddp_and_fsdp(tmp_path):

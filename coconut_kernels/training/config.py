@@ -28,7 +28,7 @@ PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 # key must equal the checkpoint's unless listed in resume_override.
 RESUME_FREE = ("resume", "resume_override", "overwrite", "save_dir", "max_steps", "save_every_steps",
                "keep_checkpoints", "dist", "device", "progress", "log_every", "tensorboard", "eval_every",
-               "eval_batch_size", "max_new_tokens", "eval_stage", "only_eval")
+               "eval_batch_size", "max_new_tokens", "eval_stage")
 # Keys that cannot change on resume: the weights and vocabulary come from the checkpoint.
 RESUME_FIXED = ("model", "init_from", "tokenizer", "method", "feedback")
 
@@ -121,6 +121,21 @@ class TrainConfig:
         _choice("weight_decay_scope", self.weight_decay_scope, ("all", "matrices"))
         _choice("reset_optimizer_every", self.reset_optimizer_every, ("epoch", "stage"))
         self._check_precision()
+        self._check_ranges()
+        if not isinstance(self.resume, (bool, str)):
+            raise ConfigError(f"config key 'resume': expected true, false or a checkpoint folder, got {self.resume!r}")
+        self._check_resume_keys()
+        _check_device(self.device)
+        if self.model is not None and self.model.get("family", "gpt2") not in ("gpt2", "llama"):
+            raise ConfigError(f"config key 'model.family': expected 'gpt2' or 'llama', got {self.model['family']!r}")
+        self.stage_config()  # the curriculum knobs' own checks
+        if self.model is None and self.init_from is None:
+            raise ConfigError("no model to train: set init_from to a Hugging Face checkpoint folder (e.g. GPT-2, as "
+                              "the official recipe) or a coconut-train checkpoint, or model to a fresh random "
+                              "one, e.g. model: {family: gpt2, n_layer: 4, n_head: 4, d_model: 64, max_position: "
+                              "512}")
+
+    def _check_ranges(self) -> None:
         for name in ("epochs_per_stage", "batch_size", "grad_accum_steps", "eval_batch_size", "max_new_tokens",
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
@@ -139,18 +154,6 @@ class TrainConfig:
             raise ConfigError(f"config key 'weight_decay': expected >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"config key 'max_grad_norm': expected None or > 0, got {self.max_grad_norm}")
-        if not isinstance(self.resume, (bool, str)):
-            raise ConfigError(f"config key 'resume': expected true, false or a checkpoint folder, got {self.resume!r}")
-        self._check_resume_keys()
-        _check_device(self.device)
-        if self.model is not None and self.model.get("family", "gpt2") not in ("gpt2", "llama"):
-            raise ConfigError(f"config key 'model.family': expected 'gpt2' or 'llama', got {self.model['family']!r}")
-        self.stage_config()  # the curriculum knobs' own checks
-        if self.model is None and self.init_from is None:
-            raise ConfigError("no model to train: set init_from to a Hugging Face checkpoint folder (e.g. GPT-2, as "
-                              "the official recipe) or a coconut-train checkpoint, or model to a fresh random "
-                              "one, e.g. model: {family: gpt2, n_layer: 4, n_head: 4, d_model: 64, max_position: "
-                              "512}")
 
     def _check_precision(self) -> None:
         if self.precision is None:

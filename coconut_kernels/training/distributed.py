@@ -128,6 +128,19 @@ class Parallel:
             dist.all_reduce(t)
         return t
 
+    def all_ok(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank (a collective: every rank calls it)."""
+        if self.world == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        return float(self.sum(flag)) == 0.0
+
+    def close(self) -> None:
+        """Drop the DDP wrapper while the process group is still alive: a DDP object freed after
+        `destroy_process_group` takes the group's last reference and tears gloo down with the GIL held,
+        which can deadlock with gloo's work thread (seen under load)."""
+        self.module = self.lm
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -55,6 +55,10 @@ def test_fresh_run_refuses_a_folder_holding_another_run(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds run \w+ .*resume: true to continue it, or overwrite: true "
                                               r"to move it aside to .*run\.old-\w+ \(nothing is deleted\)"):
         run(quick(tmp_path, seed=1))
+    # an evaluation's results would mix into the run's logs as well; resuming is no choice there
+    with pytest.raises(CheckpointError, match=r"holds run \w+ .*; set overwrite: true") as e:
+        run(quick(tmp_path, init_from=str(latest_checkpoint(save)), only_eval=True))
+    assert "resume" not in str(e.value)
     assert snapshot(save) == before
 
 

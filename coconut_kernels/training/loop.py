@@ -3,7 +3,8 @@ rate schedule, the per-step log row, evaluation after the epochs that ask for it
 `save_every_steps`, at every epoch's end, and where `max_steps` stops the run).
 
 At epoch e the stage is `cfg.stage_of_epoch(e)`; with `reset_optimizer` AdamW restarts its moments every
-epoch (or, with `reset_optimizer_every: stage`, when the stage changes). A resumed run continues from the checkpoint's step, epoch and micro-batch.
+epoch (or, with `reset_optimizer_every: stage`, when the stage changes). A resumed run continues from the
+checkpoint's step, epoch and micro-batch.
 """
 from __future__ import annotations
 

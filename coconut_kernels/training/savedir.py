@@ -90,11 +90,12 @@ def check_save_dir(cfg: TrainConfig, checkpoint: Path | None) -> SaveDirPlan:
         return SaveDirPlan(save_dir, ckpt_id or _new_id(), _aside(save_dir, folder_id))
     what = f"run {folder_id}" if folder_id else "a run"
     shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-    resume_hint = "resume: true to continue it" if checkpoint is None else \
+    resume = "resume: true to continue it" if checkpoint is None else \
         f"resume: true to continue that run instead of {checkpoint}"
-    raise CheckpointError(
-        f"config key 'save_dir': {save_dir} holds {what} ({shown}); set {resume_hint}, or overwrite: true to "
-        f"move it aside to {_aside(save_dir, folder_id)} (nothing is deleted), or choose another save_dir")
+    choices = [] if cfg.only_eval else [resume]
+    choices.append(f"overwrite: true to move it aside to {_aside(save_dir, folder_id)} (nothing is deleted)")
+    raise CheckpointError(f"config key 'save_dir': {save_dir} holds {what} ({shown}); set {', or '.join(choices)}, "
+                          f"or choose another save_dir")
 
 
 def claim_save_dir(plan: SaveDirPlan) -> None:

@@ -96,6 +96,15 @@ def test_resume_from_another_runs_checkpoint_into_a_taken_folder(tmp_path):
     assert snapshot(tmp_path / "b" / "run") == before
 
 
+def test_resume_a_checkpoint_into_a_new_folder_continues_its_run(tmp_path):
+    ckpt = run(quick(tmp_path / "a", max_steps=2))["checkpoint"]
+    source = snapshot(tmp_path / "a")
+    out = run(quick(tmp_path / "b", resume=str(ckpt)))
+    assert [s for s, _ in out["losses"]] == [3]
+    assert run_id(tmp_path / "b" / "run") == run_id(tmp_path / "a" / "run") == run_id(out["checkpoint"])
+    assert snapshot(tmp_path / "a") == source  # the source run is only read
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pruning and latest
 

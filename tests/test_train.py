@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,33 @@ def test_steps_lower_the_loss(tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_a_trivially_learnable_answer_is_learned(tmp_path):
+    """Accuracy that means something: every training record ends in the same answer, so 20 steps teach it and
+    greedy decoding through the latent stage gets (nearly) all validation problems right (measured: 8/8 for
+    seeds 0-3), where the untrained model gets none; validation records whose answer differs score 0."""
+    rng = random.Random(0)
+    names, nouns = ["Tom", "Ann", "Bob", "Sam", "Eve", "Max"], ["lempus", "wumpus", "zorpus", "yumpus"]
+    records = []
+    for _ in range(24):
+        name, a, b, c = rng.choice(names), *rng.sample(nouns, 3)
+        records.append({"question": f"{name} is a {a}. Every {a} is a {b}. Is {name} a {b} or {c}?",
+                        "steps": [f"{name} is a {b}."], "answer": "Tom is a wumpus."})
+    save_records(records[:16], tmp_path / "train.json")
+    save_records(records[16:], tmp_path / "val.json")
+    save_records([dict(r, answer="Tom is a zorpus.") for r in records[16:]], tmp_path / "other.json")
+    cfg = dict(train_path=str(tmp_path / "train.json"), max_latent_stage=1, epochs_per_stage=5, num_epochs=10,
+               lr=1e-2, batch_size=8, eval_batch_size=8, max_new_tokens=8, warmup_steps=0, eval_every=0)
+    untrained = run(tiny(tmp_path / "untrained", val_path=str(tmp_path / "val.json"), only_eval=True, eval_stage=1,
+                         **cfg))["evals"][0]
+    assert untrained["n"] == 8 and untrained["accuracy"] == 0.0
+    out = run(tiny(tmp_path, val_path=str(tmp_path / "val.json"), **cfg))
+    (final,) = out["evals"]
+    assert final["stage"] == 1 and final["n"] == 8 and final["accuracy"] >= 0.75, final
+    other = run(tiny(tmp_path / "other", val_path=str(tmp_path / "other.json"), init_from=str(out["checkpoint"]),
+                     only_eval=True, eval_stage=1, **cfg))["evals"][0]
+    assert other["n"] == 8 and other["accuracy"] == 0.0
+
+
 @pytest.mark.parametrize("method", ["coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought"])
 def test_every_method_runs_the_curriculum(tmp_path, method):
     out = run(tiny(tmp_path, method=method))
@@ -67,15 +95,26 @@ def test_every_method_runs_the_curriculum(tmp_path, method):
     expected = [0, 1, 2] if method in ("coconut", "no_thoughts", "pause_as_thought") else [0, 0, 0]
     assert sorted(set(stages)) == sorted(set(expected))
     assert [e["stage"] for e in out["evals"]] == expected
-    for e in out["evals"]:
-        assert e["n"] == 4 and 0.0 <= e["accuracy"] <= 1.0 and e["mean_new_tokens"] >= 1
-    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in out["losses"])
+    for e in out["evals"]:  # what the accuracy means: test_a_trivially_learnable_answer_is_learned
+        assert e["n"] == 4 and e["mean_new_tokens"] >= 1
+    losses = [loss for _, loss in out["losses"]]
+    assert len(losses) == 9 and losses[-1] < 0.9 * losses[0], losses  # ~0.8x in 9 steps, stage changes included
+
+
+@pytest.fixture(scope="module")
+def hidden_feedback_losses(tmp_path_factory):
+    return [loss for _, loss in run(tiny(tmp_path_factory.mktemp("hidden"), num_epochs=2, eval_every=0))["losses"]]
 
 
 @pytest.mark.parametrize("feedback", ["projected", "soft", "mixture"])
-def test_feedback_modes_train(tmp_path, feedback):
-    out = run(tiny(tmp_path, feedback=feedback, num_epochs=2, eval_every=0))
-    assert len(out["losses"]) == 6 and all(loss == loss for _, loss in out["losses"])
+def test_feedback_modes_train(tmp_path, feedback, hidden_feedback_losses):
+    """The trainer hands the mode to the model: the stage-0 epoch (no latents) takes exactly the steps of the
+    default "hidden" mode, the stage-1 epoch does not. (That each mode's loss and gradients are right:
+    tests/test_latent.py::test_feedback_modes_train_like_a_plain_loop.)"""
+    losses = [loss for _, loss in run(tiny(tmp_path, feedback=feedback, num_epochs=2, eval_every=0))["losses"]]
+    assert len(losses) == 6 and losses[:3] == hidden_feedback_losses[:3]
+    assert all(a != b for a, b in zip(losses[3:], hidden_feedback_losses[3:])), (losses, hidden_feedback_losses)
+    assert losses[-1] < losses[0]
 
 
 def test_aligned_and_ragged_collation_give_the_same_curve(tmp_path):
@@ -85,12 +124,16 @@ def test_aligned_and_ragged_collation_give_the_same_curve(tmp_path):
 
 
 def test_grad_accumulation_bf16_and_schedule(tmp_path):
-    out = run(tiny(tmp_path, grad_accum_steps=2, bf16=True, lr_schedule="cosine", num_epochs=2, eval_every=0))
+    cfg = dict(grad_accum_steps=2, lr_schedule="cosine", num_epochs=2, eval_every=0)
+    out = run(tiny(tmp_path, bf16=True, **cfg))
     rows = read_csv(tmp_path / "run" / "train_log.csv")
     assert len(rows) == 4  # 3 micro-batches per epoch -> 2 optimizer steps (the last one alone)
     lrs = [float(r["lr"]) for r in rows]
     assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warm-up then cosine decay
-    assert all(loss == loss for _, loss in out["losses"])
+    # bf16 autocast takes the fp32 run's steps: every logged loss within 2e-3 relative (measured: <= 6e-5)
+    fp32 = run(tiny(tmp_path / "fp32", **cfg))["losses"]
+    torch.testing.assert_close(torch.tensor([x for _, x in out["losses"]]), torch.tensor([x for _, x in fp32]),
+                               rtol=2e-3, atol=0)
     # the weights stay fp32 under bf16 autocast
     from safetensors.torch import load_file
 

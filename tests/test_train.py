@@ -208,7 +208,10 @@ def test_failed_save_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
 
 def test_only_eval_and_init_from_a_checkpoint(tmp_path, capsys):
     trained = run(tiny(tmp_path, num_epochs=3))
-    samples = capsys.readouterr().err.rsplit("[eval]", 1)[1].splitlines()[1:]  # the last evaluation's outputs
+    def last_samples(err):  # the generated outputs printed by the last evaluation ("  [ok] '...'" / "  [x ] '...'")
+        return [line for line in err.rsplit("[eval]", 1)[1].splitlines() if line.startswith("  [")]
+
+    samples = last_samples(capsys.readouterr().err)
     ckpt = trained["checkpoint"]
     out = run(tiny(tmp_path / "eval", init_from=str(ckpt), only_eval=True, eval_stage=2))
     assert out["evals"][0]["accuracy"] == trained["evals"][-1]["accuracy"]
@@ -216,7 +219,7 @@ def test_only_eval_and_init_from_a_checkpoint(tmp_path, capsys):
     # Both figures are 0% and max_new_tokens for any model this small: the same generated text shows the weights
     # are the checkpoint's.
     printed = capsys.readouterr()
-    assert len(samples) == 3 and printed.err.rsplit("[eval]", 1)[1].splitlines()[1:] == samples
+    assert len(samples) == 3 and last_samples(printed.err) == samples
     printed = printed.out
     assert "accuracy" in printed and "stage" in printed
     rows = read_csv(tmp_path / "eval" / "run" / "eval_log.csv")

@@ -134,6 +134,7 @@ def test_grad_accumulation_bf16_and_schedule(tmp_path):
     fp32 = run(tiny(tmp_path / "fp32", **cfg))["losses"]
     torch.testing.assert_close(torch.tensor([x for _, x in out["losses"]]), torch.tensor([x for _, x in fp32]),
                                rtol=2e-3, atol=0)
+    assert all(a != b for (_, a), (_, b) in zip(out["losses"], fp32))  # and it did run in bf16
     # the weights stay fp32 under bf16 autocast
     from safetensors.torch import load_file
 

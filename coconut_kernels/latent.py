@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import validation
 from .feedback import Feedback, HiddenFeedback, resolve_feedback
 from .loss import linear_cross_entropy
 from .models.linear import batched_weight_grads
@@ -111,6 +112,7 @@ class LatentLM(nn.Module):
 
     def __init__(self, model: nn.Module, latent_token_id: int, start_latent_id: int, end_latent_id: int,
                  eos_token_id: int, *, feedback: str | Feedback = "hidden"):
+        validation.check_latent_lm(model, latent_token_id, start_latent_id, end_latent_id, eos_token_id, feedback)
         super().__init__()
         self.model = model
         self.latent_token_id = latent_token_id
@@ -149,6 +151,8 @@ class LatentLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
                 return_logits: bool = False) -> LatentOutput:
+        validation.check_inputs(input_ids, attention_mask, labels, position_ids,
+                                device=self.model.lm_head_weight.device)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         for name, t in (("attention_mask", attention_mask), ("labels", labels), ("position_ids", position_ids)):
@@ -162,6 +166,7 @@ class LatentLM(nn.Module):
         ids_h, mask_h = input_ids.cpu(), attention_mask.cpu()
         labels_h = labels.cpu() if labels is not None else None
         latent_id = self.latent_token_id if self.feedback.sequential else -1
+        validation.check_batch(ids_h, mask_h, labels_h, position_ids, **validation.batch_rules(self, latent_id))
         plan = plan_batch(ids_h, mask_h, labels_h, latent_id, self.model.config.max_position)
 
         # Host-side index tensors of every pass, moved to the device in one copy.
@@ -266,6 +271,10 @@ class LatentLM(nn.Module):
         (EOS included when emitted), n_latents, and with return_latents the vector fed at every latent step
         and its top-5 read-out through the LM head (probabilities, ids).
         """
+        validation.check_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                  do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, feedback=feedback, stop=stop,
+                                  return_latents=return_latents, use_cuda_graph=use_cuda_graph, generator=generator)
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
         return _generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos, feedback=feedback,
@@ -316,6 +325,7 @@ class _Stop:
 def parse_stop(stop) -> _Stop:
     """stop: None / "fixed" (the prompt's latent count), "eot", ("eot", max), "entropy", ("entropy", tau, m),
     ("entropy", tau, m, max), or a dict with those keys (kind, threshold, patience, max_latents)."""
+    validation.check_stop(stop)
     if stop is None or stop == "fixed":
         return _Stop("fixed")
     if isinstance(stop, dict):
@@ -399,6 +409,8 @@ def _generate(lm: "LatentLM", input_ids, attention_mask, *, max_new_tokens, do_s
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     ids_h, mask_h = input_ids.cpu(), mask.cpu()
     latent_id = lm.latent_token_id if fb.sequential else -1
+    validation.check_batch(ids_h, mask_h, None, None, **validation.batch_rules(lm, latent_id),
+                           max_new_tokens=max_new_tokens, stop=stop)
     plan = plan_batch(ids_h, mask_h, None, latent_id, model.config.max_position)
     k = plan.n_latents
     if rule.kind != "fixed" and bool((k == 0).any()):

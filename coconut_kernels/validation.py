@@ -189,6 +189,23 @@ def _range(t: torch.Tensor, name: str, size: int, what: str, allowed: int | None
         raise CoconutError(f"{name}{list(at)} = {int(t[at])} is out of range: expected {what} in [0, {size}){also}")
 
 
+def _mask_values(mask: torch.Tensor) -> None:
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        at = _first(bad)
+        raise CoconutError(f"attention_mask{list(at)} = {mask[at].item()}: expected only 0 and 1")
+
+
+def check_ids(input_ids: torch.Tensor, position_ids, vocab_size: int, max_position: int, attention_mask=None) -> None:
+    """Values of a plain model call (`model(input_ids, position_ids, attention_mask)`): token ids in
+    [0, vocab_size), positions in [0, max_position), mask of 0/1 (a host sync for CUDA tensors)."""
+    _range(input_ids, "input_ids", vocab_size, "token ids")
+    if position_ids is not None:
+        _range(position_ids, "position_ids", max_position, "positions")
+    if attention_mask is not None:
+        _mask_values(attention_mask)
+
+
 def check_batch(ids_h: torch.Tensor, mask_h: torch.Tensor, labels_h: torch.Tensor | None, position_ids, *,
                 vocab_size: int, max_position: int, latent_id: int, start_latent_id: int, end_latent_id: int,
                 max_new_tokens: int | None = None, stop=None) -> None:
@@ -209,10 +226,7 @@ def check_batch(ids_h: torch.Tensor, mask_h: torch.Tensor, labels_h: torch.Tenso
         _range(labels_h, "labels", vocab_size, "token ids", allowed=IGNORE_INDEX)
     if isinstance(position_ids, torch.Tensor) and (position_ids.device.type == "cpu" or debug_checks()):
         _range(position_ids.cpu(), "position_ids", max_position, "positions")
-    bad = (mask_h != 0) & (mask_h != 1)
-    if bool(bad.any()):
-        at = _first(bad)
-        raise CoconutError(f"attention_mask{list(at)} = {mask_h[at].item()}: expected only 0 and 1")
+    _mask_values(mask_h)
     mask = mask_h.to(torch.bool)
     length = mask.sum(1)
     if bool((length == 0).any()):

@@ -20,3 +20,9 @@ class CheckpointError(CoconutError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint folder or one of its files that does not exist (also a FileNotFoundError, as before)."""
+
+
+def library_error(e: ValueError) -> CoconutError:
+    """A compiled kernel's argument check (a ValueError naming the argument, from TORCH_CHECK_VALUE in csrc/) as
+    the CoconutError the Python entry points raise."""
+    return e if isinstance(e, CoconutError) else CoconutError(str(e))

@@ -96,6 +96,15 @@ def check_dtype(dtype, name: str = "dtype", *, floating: bool = True) -> torch.d
     return dtype
 
 
+def check_tensor_args(optional: tuple[str, ...] = (), **tensors) -> None:
+    """Each keyword argument is a torch.Tensor (or None when its name is in `optional`): the ops check this before
+    the schema's argument parser, whose errors do not say what was expected."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) and not (t is None and name in optional):
+            raise CoconutError(f"{name} must be a torch.Tensor{' or None' if name in optional else ''}, got "
+                               f"{type(t).__name__}")
+
+
 # ---- LatentLM construction -------------------------------------------------------------------------------------
 
 

@@ -73,7 +73,7 @@ class CausalLM(nn.Module):
                 left = torch.arange(T, device=input_ids.device)[None, :] >= leftpad[:, None]
                 if not torch.equal(attention_mask.bool(), left):
                     raise CoconutError("attention_mask must be 0 on a prefix of each row and 1 after it "
-                                     "(left padding only)")
+                                       "(left padding only)")
         cache = self.new_cache(B, T, leftpad=leftpad)
         return self.logits(self.forward_embeds(self.embed(input_ids), cache, position_ids=position_ids))
 

@@ -123,7 +123,7 @@ class GPT2(CausalLM):
     def prepare_cache(self, max_len: int, device: torch.device) -> None:
         if max_len > self.config.max_position:
             raise CoconutError(f"GPT-2 has {self.config.max_position} learned positions; a cache of "
-                             f"max_len={max_len} would need more")
+                               f"max_len={max_len} would need more")
 
     def forward_embeds(self, x: torch.Tensor, cache, *, position_ids: torch.Tensor | None = None,
                        new_seqlens: torch.Tensor | None = None) -> torch.Tensor:

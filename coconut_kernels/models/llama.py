@@ -51,7 +51,7 @@ class LlamaConfig:
         if self.head_dim is None:
             if self.d_model % self.n_head:
                 raise CoconutError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head}) "
-                                 "unless head_dim is given")
+                                   "unless head_dim is given")
             self.head_dim = self.d_model // self.n_head
         if self.n_head % self.n_kv_head:
             raise CoconutError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
@@ -219,7 +219,7 @@ class Llama(CausalLM):
         window = self.config.sliding_window
         if window is not None and max_len > window:
             raise CoconutError(f"sliding-window attention is not implemented: a cache of max_len={max_len} "
-                             f"exceeds the model's sliding_window={window}")
+                               f"exceeds the model's sliding_window={window}")
         self.rotary_tables(max_len, device, self.embed_tokens.weight.dtype)
 
     def rotary_tables(self, n_positions: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

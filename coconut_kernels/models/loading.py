@@ -65,12 +65,12 @@ def _family(hf: dict):
     architectures = hf.get("architectures") or []
     if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise CheckpointError(f"unsupported model_type {model_type!r} (architectures {architectures}); "
-                         f"supported: {sorted(FAMILIES)}")
+                              f"supported: {sorted(FAMILIES)}")
     config_cls, model_cls, known = FAMILIES[model_type]
     unknown = [a for a in architectures if a not in known]
     if unknown:
         raise CheckpointError(f"unsupported architecture(s) {unknown} for model_type {model_type!r}; "
-                         f"supported: {list(known)}")
+                              f"supported: {list(known)}")
     return config_cls, model_cls
 
 
@@ -127,7 +127,7 @@ def _convert(tensors: dict, model_cls, config, where: str) -> dict[str, torch.Te
     unexpected = sorted(k for k in named.keys() - needed if not model_cls.hf_ignored.search(k))
     if unexpected:
         raise CheckpointError(f"{where} has tensors {model_cls.__name__} does not use (an unsupported variant of "
-                         f"the architecture?): {unexpected}")
+                              f"the architecture?): {unexpected}")
     return {ours: fn(*(named[n] for n in names)) if fn else named[names[0]] for ours, (names, fn) in plan.items()}
 
 

@@ -329,6 +329,10 @@ def check_sampling(*, vocab_size: int, max_new_tokens, do_sample, temperature, t
     check_stop(stop)
 
 
+def _budget(max_latents, name: str = "stop max (latent budget)") -> int | None:
+    return None if max_latents is None else check_int(max_latents, name, low=1)
+
+
 def check_stop(stop) -> tuple[str, float, int, int | None]:
     """A stop rule as (kind, threshold, patience, max_latents); the grammar is `latent.parse_stop`'s: None /
     "fixed", "eot", ("eot", max), "entropy", ("entropy", tau, m[, max]) or a dict of those keys."""
@@ -351,35 +355,31 @@ def check_stop(stop) -> tuple[str, float, int, int | None]:
             raise CoconutError(f"stop['kind'] must be one of {STOP_KINDS}, got {kind!r}")
         threshold = check_real(stop.get("threshold", 0.0), "stop['threshold']", low=0.0)
         patience = check_int(stop.get("patience", 1), "stop['patience']", low=1)
-        max_latents = stop.get("max_latents")
-        if max_latents is not None:
-            max_latents = check_int(max_latents, "stop['max_latents']", low=1)
-        return kind, threshold, patience, max_latents
+        return kind, threshold, patience, _budget(stop.get("max_latents"), "stop['max_latents']")
     if isinstance(stop, (tuple, list)) and stop and isinstance(stop[0], str) and stop[0] in ("eot", "entropy"):
         if stop[0] == "eot":
             if len(stop) > 2:
                 raise CoconutError(f"stop ('eot', max) takes at most one number, got {stop!r}")
-            max_latents = check_int(stop[1], "stop max (latent budget)", low=1) if len(stop) > 1 else None
-            return "eot", 0.0, 1, max_latents
+            return "eot", 0.0, 1, _budget(stop[1] if len(stop) > 1 else None)
         if not 2 <= len(stop) <= 4:
             raise CoconutError(f"stop ('entropy', tau, m[, max]) takes one to three numbers, got {stop!r}")
         threshold = check_real(stop[1], "stop tau (entropy threshold)", low=0.0)
         patience = check_int(stop[2], "stop m (patience)", low=1) if len(stop) > 2 else 1
-        max_latents = check_int(stop[3], "stop max (latent budget)", low=1) if len(stop) > 3 else None
-        return "entropy", threshold, patience, max_latents
+        return "entropy", threshold, patience, _budget(stop[3] if len(stop) > 3 else None)
     raise CoconutError(f"stop must be {grammar}; got {stop!r}")
 
 
 # ---- model configurations --------------------------------------------------------------------------------------
 
 
-def check_model_config(config, ints: tuple[str, ...], reals: tuple[str, ...] = ()) -> None:
-    """A model config's sizes are ints >= 1 (None allowed where the field defaults) and its named reals finite
-    and >= 0 (eps, theta, init std)."""
+def check_model_config(config, ints: tuple[str, ...], reals: tuple[str, ...] = (),
+                       optional: tuple[str, ...] = ()) -> None:
+    """A model config's sizes are ints >= 1 (None allowed for the `optional` ones, which have a derived default)
+    and its named reals finite and >= 0 (eps, init std)."""
     where = type(config).__name__
     for name in ints:
         value = getattr(config, name)
-        if value is not None:
+        if value is not None or name not in optional:
             check_int(value, f"{where}.{name}", low=1)
     for name in reals:
         check_real(getattr(config, name), f"{where}.{name}", low=0.0)

@@ -39,7 +39,7 @@ class GPT2Config:
 
     def __post_init__(self):
         check_model_config(self, ("vocab_size", "n_layer", "n_head", "d_model", "max_position", "d_ff"),
-                           ("norm_eps", "initializer_range"))
+                           ("norm_eps", "initializer_range"), optional=("d_ff",))
         if self.d_model % self.n_head:
             raise CoconutError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
         if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:

@@ -44,7 +44,8 @@ class LlamaConfig:
 
     def __post_init__(self):
         check_model_config(self, ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "n_kv_head", "head_dim",
-                                  "max_position", "sliding_window"), ("norm_eps", "initializer_range"))
+                                  "max_position", "sliding_window"), ("norm_eps", "initializer_range"),
+                           optional=("n_kv_head", "head_dim", "sliding_window"))
         check_real(self.rope_theta, f"{type(self).__name__}.rope_theta", low=0.0, low_open=True)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head

@@ -5,15 +5,12 @@ backend choice; the kernels are csrc/cpu/soft_embedding.cpp (CPU) and coconut_ke
 """
 from __future__ import annotations
 
-import math
-import operator
-
 import torch
 
 from ..backend import get_backend
 from ..errors import CoconutError
-from ..validation import check_bool, check_tensor_args
 from ..reference import soft_embedding_reference
+from ..validation import check_bool, check_int, check_real, check_tensor_args
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -91,16 +88,9 @@ def _check(logits, weight, temperature, top_k, top_p) -> int:
             "weight must be float64 exactly when logits is float64, "
             f"got logits {logits.dtype} and weight {weight.dtype}"
         )
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise CoconutError(f"temperature must be a finite number > 0, got {temperature!r}")
-    try:
-        top_k = operator.index(top_k)
-    except TypeError:
-        raise CoconutError(f"top_k must be an int, got {top_k!r}") from None
-    if not 0 <= top_k <= V:
-        raise CoconutError(f"top_k must be in [0, V] = [0, {V}], got {top_k}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise CoconutError(f"top_p must be in (0, 1], got {top_p!r}")
+    check_real(temperature, "temperature", low=0.0, low_open=True)
+    top_k = check_int(top_k, "top_k", low=0, high=V)
+    check_real(top_p, "top_p", low=0.0, high=1.0, low_open=True)
     return top_k
 
 

@@ -152,7 +152,7 @@ class LatentLM(nn.Module):
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
                 return_logits: bool = False) -> LatentOutput:
         validation.check_inputs(input_ids, attention_mask, labels, position_ids,
-                                device=self.model.lm_head_weight.device)
+                                device=self.model.lm_head_weight.device, return_logits=return_logits)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         for name, t in (("attention_mask", attention_mask), ("labels", labels), ("position_ids", position_ids)):

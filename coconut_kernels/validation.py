@@ -22,6 +22,7 @@ IGNORE_INDEX = -100
 _INDEX_DTYPES = (torch.int32, torch.int64)
 STOP_KINDS = ("fixed", "eot", "entropy")
 _STOP_KEYS = ("kind", "threshold", "patience", "max_latents")
+MIN_TEMPERATURE = 1e-6
 
 
 # ---- scalars ---------------------------------------------------------------------------------------------------
@@ -157,8 +158,11 @@ def _tensor(t, name: str) -> None:
         raise CoconutError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def check_inputs(input_ids, attention_mask=None, labels=None, position_ids=None, *, device=None) -> None:
-    """Types, shapes, dtypes and devices of a batch; reads no values (no device sync). device: the model's."""
+def check_inputs(input_ids, attention_mask=None, labels=None, position_ids=None, *, device=None, **flags) -> None:
+    """Types, shapes, dtypes and devices of a batch; reads no values (no device sync). device: the model's;
+    flags: boolean keyword arguments of the call (e.g. return_logits)."""
+    for name, value in flags.items():
+        check_bool(value, name)
     _tensor(input_ids, "input_ids")
     if input_ids.dim() != 2:
         raise CoconutError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -289,8 +293,9 @@ def check_batch(ids_h: torch.Tensor, mask_h: torch.Tensor, labels_h: torch.Tenso
     budget = k_max if max_latents is None else max(k_max, max_latents)
     total = length + max_new_tokens + (budget - n_lat)
     if int(total.max()) > max_position:
-        raise CoconutError(f"max_new_tokens: prompt + latents + max_new_tokens = {int(total.max())} positions exceed "
-                           f"the model's {max_position}")
+        budget = "" if max_latents is None else f" (stop's latent budget {max_latents})"
+        raise CoconutError(f"max_new_tokens: prompt + latents{budget} + max_new_tokens = {int(total.max())} positions "
+                           f"exceed the model's {max_position}")
 
 
 # ---- generate --------------------------------------------------------------------------------------------------
@@ -314,7 +319,8 @@ def check_sampling(*, vocab_size: int, max_new_tokens, do_sample, temperature, t
     """generate's scalar arguments: types, finiteness and ranges (eos_token_id / pad_token_id None: the model's)."""
     check_int(max_new_tokens, "max_new_tokens", low=1)
     check_bool(do_sample, "do_sample")
-    check_real(temperature, "temperature", low=0.0, low_open=True)
+    # Below MIN_TEMPERATURE, logits / temperature overflow float32 (NaN probabilities); greedy is do_sample=False.
+    check_real(temperature, "temperature", low=MIN_TEMPERATURE)
     check_int(top_k, "top_k", low=0)
     check_real(top_p, "top_p", low=0.0, high=1.0, low_open=True)
     if eos_token_id is not None:

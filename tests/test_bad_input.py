@@ -17,7 +17,8 @@ from coconut_kernels import (CheckpointError, CheckpointNotFoundError, CoconutEr
                              latent_attention, latent_feedback, latent_feedback_, linear_cross_entropy,
                              soft_embedding)
 from coconut_kernels.feedback import ProjectedFeedback, SoftFeedback
-from coconut_kernels.models import GPT2, GPT2Config, LlamaConfig, from_pretrained
+from coconut_kernels.models import GPT2, GPT2Config, Llama, LlamaConfig, from_pretrained
+from coconut_kernels.validation import MIN_TEMPERATURE
 
 V, MAXPOS = 16, 32
 BOT, LAT, EOT, EOS = 12, 13, 14, 15
@@ -213,7 +214,7 @@ def test_labels_at_latents_and_too_long_rows():
 
 GENERATE_BAD = {
     "max_new_tokens": bad_ints(1),
-    "temperature": bad_reals(0.0, low_open=True),
+    "temperature": bad_reals(MIN_TEMPERATURE),  # below it logits / temperature overflow float32
     "top_p": bad_reals(0.0, 1.0, low_open=True),
     "top_k": bad_ints(0),
     "do_sample": st.one_of(st.integers(), st.text(max_size=2), st.none()),
@@ -283,6 +284,11 @@ def test_model_config_sizes(family, data):
 def test_model_config_reals(family, field, data):
     cls = GPT2Config if family == "gpt2" else LlamaConfig
     raises_clear(lambda: cls(**{field: data.draw(bad_reals(0.0))}), field)
+
+
+def test_model_classes_take_their_config():
+    raises_clear(lambda: GPT2({"vocab_size": 4}), "config")
+    raises_clear(lambda: Llama(GPT2Config()), "config")
 
 
 def test_model_config_relations():

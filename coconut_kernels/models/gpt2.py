@@ -105,6 +105,8 @@ class GPT2(CausalLM):
     hf_ignored = re.compile(r"(^|\.)attn\.(masked_)?bias$|^lm_head\.weight$")
 
     def __init__(self, config: GPT2Config):
+        if not isinstance(config, GPT2Config):
+            raise CoconutError(f"config must be a GPT2Config, got {type(config).__name__}")
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)

@@ -204,6 +204,8 @@ class Llama(CausalLM):
     hf_ignored = re.compile(r"rotary_emb\.inv_freq$|^lm_head\.weight$")
 
     def __init__(self, config: LlamaConfig):
+        if not isinstance(config, LlamaConfig):
+            raise CoconutError(f"config must be a LlamaConfig, got {type(config).__name__}")
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)

@@ -168,5 +168,5 @@ def from_pretrained(source, dtype: torch.dtype | None = None, device=None) -> GP
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # shapes that contradict the config
-        raise CheckpointError(f"{where}: its tensors do not match its config: {e}") from None
+        raise CheckpointError(f"{where}: its tensors do not match its config (config.json): {e}") from None
     return model

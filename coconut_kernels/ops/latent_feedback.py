@@ -241,6 +241,9 @@ def latent_feedback_(embeds: torch.Tensor, hidden: torch.Tensor, batch_idx: torc
     Returns embeds.
     """
     _check_types(embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight, bias, eps)
+    if torch.is_grad_enabled() and embeds.requires_grad and embeds.is_leaf:
+        raise CoconutError("embeds is a leaf tensor that requires grad: latent_feedback_ would write it in place; "
+                           "use latent_feedback")
     backend = _backend_of(embeds.device)
     if backend == "torch":
         return reference.latent_feedback_reference_(embeds, hidden, batch_idx, dst_pos, src_pos, norm=norm,

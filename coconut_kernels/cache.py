@@ -6,38 +6,28 @@ from __future__ import annotations
 
 import torch
 
-from .backend import debug_checks
 from .errors import CoconutError
 from .ops.latent_attention import (NewRows, append_and_attend, grad_accumulators, kernels, latent_attention,
                                    no_double_backward)
-from .validation import check_device, check_dtype, check_int
+from .validation import check_device, check_dtype, check_int, host_checks
 
 __all__ = ["KVCache"]
-
-
-def _host_checks(t: torch.Tensor) -> bool:
-    """Whether to check t's values: host data always; CUDA data under COCONUT_DEBUG=1 (a sync), never while a
-    CUDA graph is being captured (generate captures advance())."""
-    return t.device.type == "cpu" or (debug_checks() and not torch.cuda.is_current_stream_capturing())
 
 
 def _as_lengths(x, batch: int, device, name: str = "lengths", high: int | None = None) -> torch.Tensor:
     """x (an int, a sequence of ints or an integer tensor) as a (batch,) int32 tensor on device, its values in
     [0, high] (read on the host: always for host data, for CUDA tensors under COCONUT_DEBUG=1)."""
-    if isinstance(x, bool) or isinstance(x, torch.Tensor) and (x.dtype == torch.bool or x.is_floating_point()
-                                                                or x.is_complex()):
-        raise CoconutError(f"{name} must be an int or integer tensor, got {x!r}")
     try:
         t = torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError) as e:
         raise CoconutError(f"{name} must be an int or have shape ({batch},), got {x!r} ({e})") from None
-    if t.dtype == torch.bool or not (t.dtype.is_signed or t.dtype == torch.uint8) or t.is_floating_point():
-        raise CoconutError(f"{name} must hold ints, got {t.dtype}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise CoconutError(f"{name} must be an int or integer tensor, got {x!r}")
     if t.dim() == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
         raise CoconutError(f"{name} must be an int or have shape ({batch},), got shape {tuple(t.shape)}")
-    if _host_checks(t):
+    if host_checks(t):
         bad = (t < 0) | (t > high) if high is not None else t < 0
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
@@ -147,7 +137,7 @@ class KVCache:
         n_new >= 0 and seqlens + n_new <= max_len are checked for host data, and for CUDA tensors under
         COCONUT_DEBUG=1 (a host sync)."""
         n = _as_lengths(n_new, self.batch, self.seqlens.device, "n_new", self.max_len)
-        if _host_checks(self.seqlens):
+        if host_checks(self.seqlens):
             over = self.seqlens + n > self.max_len
             if bool(over.any()):
                 b = int(over.nonzero()[0])

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .backend import debug_checks
 from .errors import CoconutError
-from .validation import check_int, check_tensor_args
+from .validation import check_int, check_tensor_args, host_checks
 
 # Elements of one (chunk, V) logits block in fp32: 32M -> 128 MiB.
 _BLOCK_ELEMENTS = 1 << 25
@@ -106,7 +105,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise CoconutError(f"{name} must be on hidden's device ({hidden.device}), got {t.device}")
-    if targets.device.type == "cpu" or debug_checks():  # a host sync on CUDA
+    if host_checks(targets):
         bad = ((targets < 0) | (targets >= weight.shape[0])) & (targets != -100)
         if bool(bad.any()):
             i = int(bad.nonzero()[0])

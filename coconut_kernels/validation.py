@@ -25,6 +25,12 @@ _STOP_KEYS = ("kind", "threshold", "patience", "max_latents")
 MIN_TEMPERATURE = 1e-6
 
 
+def host_checks(t: torch.Tensor) -> bool:
+    """Whether to check t's values: host data always; CUDA data under COCONUT_DEBUG=1 (a host sync), never while
+    a CUDA graph is being captured (generate captures KVCache.advance)."""
+    return t.device.type == "cpu" or (debug_checks() and not torch.cuda.is_current_stream_capturing())
+
+
 # ---- scalars ---------------------------------------------------------------------------------------------------
 
 
@@ -237,7 +243,7 @@ def check_batch(ids_h: torch.Tensor, mask_h: torch.Tensor, labels_h: torch.Tenso
     _range(ids_h, "input_ids", vocab_size, "token ids")
     if labels_h is not None:
         _range(labels_h, "labels", vocab_size, "token ids", allowed=IGNORE_INDEX)
-    if isinstance(position_ids, torch.Tensor) and (position_ids.device.type == "cpu" or debug_checks()):
+    if isinstance(position_ids, torch.Tensor) and host_checks(position_ids):
         _range(position_ids.cpu(), "position_ids", max_position, "positions")
     _mask_values(mask_h)
     mask = mask_h.to(torch.bool)

@@ -11,7 +11,7 @@ from torch import nn
 from ..backend import debug_checks
 from ..cache import KVCache
 from ..errors import CoconutError
-from ..validation import check_device, check_dtype, check_ids, check_inputs, check_int
+from ..validation import check_device, check_dtype, check_ids, check_inputs, check_int, host_checks
 
 
 class CausalLM(nn.Module):
@@ -63,7 +63,7 @@ class CausalLM(nn.Module):
         attention_mask (B, T) of 0/1 may only pad on the LEFT (the pads become the cache's leftpad); pad
         positions get logits of no meaning. position_ids only matter for GPT-2 (see forward_embeds)."""
         check_inputs(input_ids, attention_mask, None, position_ids, device=self.embed_tokens.weight.device)
-        if input_ids.device.type == "cpu" or debug_checks():
+        if host_checks(input_ids):
             check_ids(input_ids, position_ids, self.config.vocab_size, self.config.max_position, attention_mask)
         B, T = input_ids.shape
         leftpad = None

@@ -199,16 +199,21 @@ def _first(bad: torch.Tensor) -> tuple[int, ...]:
 
 
 def _range(t: torch.Tensor, name: str, size: int, what: str, allowed: int | None = None) -> None:
-    bad = (t < 0) | (t >= size)
-    if allowed is not None:
-        bad &= t != allowed
-    if bool(bad.any()):
-        at = _first(bad)
-        also = f" or {allowed}" if allowed is not None else ""
-        raise CoconutError(f"{name}{list(at)} = {int(t[at])} is out of range: expected {what} in [0, {size}){also}")
+    x = t if allowed is None else t.masked_fill(t == allowed, 0)
+    lo, hi = torch.aminmax(x)  # one pass when all is well; the bad entry is looked for only then
+    if int(lo) >= 0 and int(hi) < size:
+        return
+    at = _first((x < 0) | (x >= size))
+    also = f" or {allowed}" if allowed is not None else ""
+    raise CoconutError(f"{name}{list(at)} = {int(t[at])} is out of range: expected {what} in [0, {size}){also}")
 
 
 def _mask_values(mask: torch.Tensor) -> None:
+    if mask.dtype == torch.bool:
+        return
+    lo, hi = torch.aminmax(mask)
+    if not mask.is_floating_point() and int(lo) >= 0 and int(hi) <= 1:  # integers in [0, 1]: nothing else to see
+        return
     bad = (mask != 0) & (mask != 1)
     if bool(bad.any()):
         at = _first(bad)

@@ -23,6 +23,6 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 def library_error(e: ValueError) -> CoconutError:
-    """A compiled kernel's argument check (a ValueError naming the argument, from TORCH_CHECK_VALUE in csrc/) as
-    the CoconutError the Python entry points raise."""
+    """A kernel's own argument check (a ValueError naming the argument: TORCH_CHECK_VALUE in csrc/, the Triton
+    wrappers) as the CoconutError the Python entry points raise."""
     return e if isinstance(e, CoconutError) else CoconutError(str(e))

@@ -159,17 +159,12 @@ def batch_rules(lm, latent_id: int) -> dict:
 # ---- batches (forward and generate) ----------------------------------------------------------------------------
 
 
-def _tensor(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise CoconutError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def check_inputs(input_ids, attention_mask=None, labels=None, position_ids=None, *, device=None, **flags) -> None:
     """Types, shapes, dtypes and devices of a batch; reads no values (no device sync). device: the model's;
     flags: boolean keyword arguments of the call (e.g. return_logits)."""
     for name, value in flags.items():
         check_bool(value, name)
-    _tensor(input_ids, "input_ids")
+    check_tensor_args(input_ids=input_ids)
     if input_ids.dim() != 2:
         raise CoconutError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -182,7 +177,7 @@ def check_inputs(input_ids, attention_mask=None, labels=None, position_ids=None,
     for name, t in (("attention_mask", attention_mask), ("labels", labels), ("position_ids", position_ids)):
         if t is None:
             continue
-        _tensor(t, name)
+        check_tensor_args(**{name: t})
         if t.shape != input_ids.shape:
             raise CoconutError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
         if t.device != input_ids.device:

@@ -13,7 +13,6 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CoconutError
 from ..validation import check_device, check_dtype
-
 from .gpt2 import GPT2, GPT2Config
 from .llama import Llama, LlamaConfig
 
@@ -47,7 +46,7 @@ def _hf_config_dict(source) -> tuple[dict, str]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
-            raise CheckpointNotFoundError(f"checkpoint folder {path} does not exist")
+            raise CheckpointNotFoundError(f"{path} does not exist (expected a checkpoint folder or its config.json)")
         if path.is_dir():
             path = path / "config.json"
         hf = _read_json(path, "config.json")

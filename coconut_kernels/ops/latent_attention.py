@@ -73,19 +73,19 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_le
     """kv_cache_append_ then latent_attention_fwd: (out, lse). Every argument is checked before the cache is
     written (the compiled composite op does it in C++), so a rejected call leaves the cache unchanged."""
     args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
-    if get_backend(q.device) in ("cpu", "cuda"):
-        try:
+    try:
+        if get_backend(q.device) in ("cpu", "cuda"):
             return torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args,
                                                               softmax_scale, causal)
-        except ValueError as e:
-            raise library_error(e) from None
-    if q.dim() != 4 or k_new.dim() != 4 or q.shape[:2] != k_new.shape[:2] or q.shape[3] != k_new.shape[3] \
-            or q.shape[2] % k_new.shape[2] != 0:
-        raise CoconutError(f"q {tuple(q.shape)} must be (B, Sq, Hq, D) with B, Sq, D as k_new {tuple(k_new.shape)} "
-                           "and Hq a multiple of its head count")
-    append, fwd, _ = kernels(q.device)
-    append(k_cache, v_cache, k_new, v_new, *args)
-    return fwd(q, k_cache, v_cache, *args, softmax_scale, causal)
+        if q.dim() != 4 or k_new.dim() != 4 or q.shape[:2] != k_new.shape[:2] or q.shape[3] != k_new.shape[3] \
+                or q.shape[2] % k_new.shape[2] != 0:
+            raise CoconutError(f"q {tuple(q.shape)} must be (B, Sq, Hq, D) with B, Sq, D as k_new "
+                               f"{tuple(k_new.shape)} and Hq a multiple of its head count")
+        append, fwd, _ = kernels(q.device)
+        append(k_cache, v_cache, k_new, v_new, *args)
+        return fwd(q, k_cache, v_cache, *args, softmax_scale, causal)
+    except ValueError as e:  # the kernels' own argument checks (C++ TORCH_CHECK_VALUE, Triton wrappers)
+        raise library_error(e) from None
 
 
 def no_double_backward(where: str) -> RuntimeError:

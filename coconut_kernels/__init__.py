@@ -7,7 +7,7 @@ import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, befo
 from . import _C  # noqa: F401  (registers torch.ops.coconut.*)
 from .backend import get_backend, set_backend
 from .cache import KVCache
-from .errors import CheckpointError, CoconutError, ConfigError
+from .errors import CheckpointError, CheckpointNotFoundError, CoconutError, ConfigError
 from .feedback import Feedback
 from .latent import GenerateOutput, LatentLM, LatentOutput
 from .loss import linear_cross_entropy
@@ -18,6 +18,6 @@ from .ops.soft_embedding import soft_embedding
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "CoconutError", "ConfigError", "Feedback", "GenerateOutput", "KVCache", "LatentLM", "LatentOutput", "get_backend", "latent_attention",
+    "CheckpointError", "CheckpointNotFoundError", "CoconutError", "ConfigError", "Feedback", "GenerateOutput", "KVCache", "LatentLM", "LatentOutput", "get_backend", "latent_attention",
     "latent_feedback", "latent_feedback_", "linear_cross_entropy", "set_backend", "soft_embedding", "__version__",
 ]

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from .errors import CoconutError
+
 BACKENDS = ("cuda", "triton", "torch")
 _backend: str | None = None
 
@@ -19,7 +21,7 @@ def set_backend(name: str | None) -> None:
     """Select the implementation used for CUDA tensors; None restores the default."""
     global _backend
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+        raise CoconutError(f"backend must be one of {BACKENDS} or None, got {name!r}")
     _backend = name
 
 
@@ -41,7 +43,7 @@ def get_backend(device: torch.device | str) -> str:
     if name is None:
         return "cuda" if has_cuda_kernels() else "triton"
     if name not in BACKENDS:
-        raise ValueError(f"COCONUT_BACKEND must be one of {BACKENDS}, got {name!r}")
+        raise CoconutError(f"COCONUT_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
 
 

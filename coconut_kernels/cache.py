@@ -6,19 +6,32 @@ from __future__ import annotations
 
 import torch
 
+from .errors import CoconutError
 from .ops.latent_attention import (NewRows, append_and_attend, grad_accumulators, kernels, latent_attention,
                                    no_double_backward)
+from .validation import check_device, check_dtype, check_int, host_checks
 
 __all__ = ["KVCache", "AttendedPass"]
 
 
-def _as_lengths(x, batch: int, device) -> torch.Tensor:
-    t = torch.as_tensor(x, device=device)
+def _as_lengths(x, batch: int, device, name: str, high: int) -> torch.Tensor:
+    """x (an int, a sequence of ints or an integer tensor) as a (batch,) int32 tensor on device, its values in
+    [0, high] (read on the host: always for host data, for CUDA tensors under COCONUT_DEBUG=1)."""
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CoconutError(f"{name} must be an int or have shape ({batch},), got {x!r} ({e})") from None
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise CoconutError(f"{name} must be an int or integer tensor, got {x!r}")
     if t.dim() == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
-        raise ValueError(f"lengths must be an int or have shape ({batch},), got {tuple(t.shape)}")
-    return t.to(torch.int32)
+        raise CoconutError(f"{name} must be an int or have shape ({batch},), got shape {tuple(t.shape)}")
+    if host_checks(t):
+        for i, n in enumerate(t.tolist()):  # (B,) values: a Python loop costs less than tensor ops here
+            if not 0 <= n <= high:
+                raise CoconutError(f"{name}[{i}] = {n} is out of range: expected [0, {high}]")
+    return t.to(device=device, dtype=torch.int32)
 
 
 class _Generation:
@@ -75,7 +88,10 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype = torch.float32, device=None, leftpad=None):
-        shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
+        shape = tuple(check_int(v, n, low=1) for v, n in zip((n_layers, batch, max_len, n_kv_heads, head_dim), (
+            "n_layers", "batch", "max_len", "n_kv_heads", "head_dim")))
+        check_dtype(dtype)
+        check_device(device)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
@@ -98,25 +114,33 @@ class KVCache:
 
     def reset(self, leftpad=None) -> None:
         """Empty the cache (seqlens = 0) for a new batch, with new left padding (default none)."""
+        if leftpad is not None:
+            leftpad = _as_lengths(leftpad, self.batch, self.leftpad.device, "leftpad", self.max_len)
         self.seqlens.zero_()
         if leftpad is None:
             self.leftpad.zero_()
         else:
-            self.leftpad.copy_(_as_lengths(leftpad, self.batch, self.leftpad.device))
+            self.leftpad.copy_(leftpad)
         self._new_generation()
 
     def crop(self, lengths) -> None:
         """Keep only the first `lengths` rows (int or (B,) tensor) of each sequence: seqlens = min(seqlens,
         lengths)."""
-        torch.minimum(self.seqlens, _as_lengths(lengths, self.batch, self.seqlens.device), out=self.seqlens)
+        lengths = _as_lengths(lengths, self.batch, self.seqlens.device, "lengths", self.max_len)
+        torch.minimum(self.seqlens, lengths, out=self.seqlens)
         self._new_generation()
 
     def advance(self, n_new) -> None:
-        """After all layers of a pass: seqlens += n_new (int or (B,) int tensor, e.g. the pass's new_seqlens)."""
-        if isinstance(n_new, torch.Tensor):
-            self.seqlens.add_(n_new.to(self.seqlens.dtype))
-        else:
-            self.seqlens.add_(int(n_new))
+        """After all layers of a pass: seqlens += n_new (int or (B,) int tensor, e.g. the pass's new_seqlens).
+        n_new >= 0 and seqlens + n_new <= max_len are checked for host data, and for CUDA tensors under
+        COCONUT_DEBUG=1 (a host sync)."""
+        n = _as_lengths(n_new, self.batch, self.seqlens.device, "n_new", self.max_len)
+        if host_checks(self.seqlens):
+            for b, (s, m) in enumerate(zip(self.seqlens.tolist(), n.tolist())):
+                if s + m > self.max_len:
+                    raise CoconutError(f"n_new[{b}] = {m} would take sequence {b} from {s} rows past the cache's "
+                                       f"max_len={self.max_len}")
+        self.seqlens.add_(n)
 
     def _new_generation(self) -> None:
         self.generation += 1
@@ -143,6 +167,8 @@ class KVCache:
                rotary_interleaved=False, softmax_scale=None, causal=True):
         """Append k_new/v_new (B, Sq, Hkv, D) to layer `layer` at seqlens and attend q (B, Sq, Hq, D) to it; see
         coconut_kernels.latent_attention for the mask, rotary and new_seqlens semantics. Returns out like q."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise CoconutError(f"layer must be an int in [0, {self.n_layers}), got {layer!r}")
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         rot = (rotary_cos, rotary_sin, rotary_interleaved)
         if not (torch.is_grad_enabled() and (q.requires_grad or k_new.requires_grad or v_new.requires_grad)):

@@ -12,6 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import CoconutError
+from .validation import check_int, check_real
+
 
 class Feedback(nn.Module):
     """Base: `forward(normed, logits, token, embedding, generator) -> (n, d)`.
@@ -39,7 +42,9 @@ class ProjectedFeedback(Feedback):
 
     def __init__(self, d_model: int, d_hidden: int | None = None, eps: float = 1e-5):
         super().__init__()
-        d_hidden = d_hidden or d_model
+        check_int(d_model, "d_model", low=1)
+        d_hidden = check_int(d_model if d_hidden is None else d_hidden, "d_hidden", low=1)
+        check_real(eps, "eps", low=0.0)
         self.proj = nn.Sequential(nn.Linear(d_model, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_model),
                                   nn.LayerNorm(d_model, eps=eps))
 
@@ -62,10 +67,12 @@ class SoftFeedback(Feedback):
     def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, noise: str | None = None,
                  noise_scale: float = 1.0):
         super().__init__()
-        if noise not in (None, "gumbel", "dirichlet"):
-            raise ValueError(f"noise must be None, 'gumbel' or 'dirichlet', got {noise!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if noise is not None and (not isinstance(noise, str) or noise not in ("gumbel", "dirichlet")):
+            raise CoconutError(f"noise must be None, 'gumbel' or 'dirichlet', got {noise!r}")
+        check_real(temperature, "temperature", low=0.0, low_open=True)
+        check_int(top_k, "top_k", low=0)
+        check_real(top_p, "top_p", low=0.0, high=1.0, low_open=True)
+        check_real(noise_scale, "noise_scale", low=0.0, low_open=noise == "dirichlet")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.noise, self.noise_scale = noise, noise_scale
 
@@ -118,6 +125,6 @@ def resolve_feedback(feedback, d_model: int) -> Feedback:
     """A Feedback from a mode name (`projected` gets a fresh d_model x d_model projection) or a module."""
     if isinstance(feedback, Feedback):
         return feedback
-    if feedback not in MODES:
-        raise ValueError(f"feedback must be one of {sorted(MODES)} or a Feedback module, got {feedback!r}")
+    if not isinstance(feedback, str) or feedback not in MODES:
+        raise CoconutError(f"feedback must be one of {sorted(MODES)} or a Feedback module, got {feedback!r}")
     return MODES[feedback](d_model) if feedback == "projected" else MODES[feedback]()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from . import latent_decode
+from . import latent_decode, validation
 from .feedback import Feedback, resolve_feedback
 from .latent_decode import GenerateOutput, Sampling, parse_stop, sample_tokens
 from .latent_plan import IGNORE_INDEX, BatchPlan, PassRows, pass_rows, plan_batch
@@ -49,32 +49,6 @@ class KeptRows:
             self.logit_rows.append((h2.index_select(0, valid), valid // rows.width, rows.col_flat[valid]))
 
 
-def check_forward_args(input_ids, attention_mask, labels, position_ids) -> None:
-    """LatentLM.forward's argument checks (before any work)."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-    for name, t in (("attention_mask", attention_mask), ("labels", labels), ("position_ids", position_ids)):
-        if t is not None and t.shape != input_ids.shape:
-            raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-
-
-def check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p) -> None:
-    """LatentLM.generate's argument checks (before any work)."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
-                         f"got {tuple(attention_mask.shape)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-
-
 class LatentLM(nn.Module):
     """COCONUT on a model of `coconut_kernels.models`: multi-pass training forward with feedback of the last
     hidden state at every latent token.
@@ -95,6 +69,7 @@ class LatentLM(nn.Module):
 
     def __init__(self, model: nn.Module, latent_token_id: int, start_latent_id: int, end_latent_id: int,
                  eos_token_id: int, *, feedback: str | Feedback = "hidden"):
+        validation.check_latent_lm(model, latent_token_id, start_latent_id, end_latent_id, eos_token_id, feedback)
         super().__init__()
         self.model = model
         self.latent_token_id = latent_token_id
@@ -116,23 +91,27 @@ class LatentLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
                 return_logits: bool = False) -> LatentOutput:
-        check_forward_args(input_ids, attention_mask, labels, position_ids)
+        validation.check_inputs(input_ids, attention_mask, labels, position_ids,
+                                device=self.model.lm_head_weight.device, return_logits=return_logits)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        plan, passes = self.plan_passes(input_ids, attention_mask, labels)
+        plan, passes = self.plan_passes(input_ids, attention_mask, labels, position_ids)
         kept = self.run_passes(input_ids, position_ids, plan, passes, with_logits=return_logits)
         loss, n_tok = (None, 0) if labels is None else labelled_loss(self.model, kept.hidden, kept.targets)
         logits = self._scatter_logits(kept.logit_rows, input_ids) if return_logits else None
         return LatentOutput(loss=loss, logits=logits, n_tokens=n_tok)
 
     def plan_passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    labels: torch.Tensor | None = None) -> tuple[BatchPlan, list[PassRows]]:
+                    labels: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> tuple[BatchPlan, list[PassRows]]:
         """The batch's plan, and every pass's index tensors on input_ids' device (one copy). The training step's
-        one host sync: the pass structure depends on where the latents are."""
+        one host sync: the pass structure depends on where the latents are; the batch's values are checked on
+        the same host copies (validation.check_batch)."""
         ids_h, mask_h = input_ids.cpu(), attention_mask.cpu()
         labels_h = labels.cpu() if labels is not None else None
         latent_id = self.latent_token_id if self.feedback.sequential else -1
-        plan = plan_batch(ids_h, mask_h, labels_h, latent_id, self.model.config.max_position)
+        validation.check_batch(ids_h, mask_h, labels_h, position_ids, **validation.batch_rules(self, latent_id))
+        plan = plan_batch(ids_h, mask_h, latent_id)
         return plan, pass_rows(plan, labels_h, input_ids.shape[1], input_ids.device)
 
     def run_passes(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, plan: BatchPlan,
@@ -194,9 +173,12 @@ class LatentLM(nn.Module):
         (EOS included when emitted), n_latents, and with return_latents the vector fed at every latent step
         and its top-5 read-out through the LM head (probabilities, ids).
         """
+        validation.check_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                  do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, feedback=feedback, stop=stop,
+                                  return_latents=return_latents, use_cuda_graph=use_cuda_graph, generator=generator)
         fb = self.feedback if feedback is None else resolve_feedback(feedback, self.model.config.d_model)
         rule = parse_stop(stop)
-        check_generate_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
         sampling = Sampling(do_sample, temperature, top_k, top_p, generator)
         return latent_decode.generate(self, fb, rule, sampling, input_ids, attention_mask,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import validation
 from .feedback import Feedback
 from .latent_plan import BatchPlan, DecodePlan, plan_batch, plan_decode
 from .latent_steps import forward_rows, head_logits, thought_vector
@@ -83,6 +84,7 @@ class StopRule:
 def parse_stop(stop) -> StopRule:
     """stop: None / "fixed" (the prompt's latent count), "eot", ("eot", max), "entropy", ("entropy", tau, m),
     ("entropy", tau, m, max), or a dict with those keys (kind, threshold, patience, max_latents)."""
+    validation.check_stop(stop)
     if stop is None or stop == "fixed":
         return StopRule("fixed")
     if isinstance(stop, dict):
@@ -230,26 +232,6 @@ class _Decoder:
 # ---- generation ----------------------------------------------------------------------------------------------
 
 
-def _check_markers(lm, fb: Feedback, rule: StopRule, plan: BatchPlan, ids: torch.Tensor) -> None:
-    """Every prompt with latents reads `question <bot> <latent>... <eot>` (CPU tensors)."""
-    k, T = plan.n_latents, ids.shape[1]
-    if rule.kind != "fixed" and bool((k == 0).any()):
-        raise ValueError(f"stop={rule.kind!r} needs <bot> <latent>... <eot> in every prompt: example "
-                         f"{int((k == 0).nonzero()[0])} has no latent tokens")
-    if not (fb.sequential and bool((k > 0).any())):
-        return
-    first = plan.leftpad + torch.where(k > 0, plan.passes[0].count, 0)    # column of the first latent
-    bot_ok = ids.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0] == lm.start_latent_id
-    after = first + k
-    eot_ok = (ids.gather(1, after.clamp(max=T - 1)[:, None])[:, 0] == lm.end_latent_id) & (
-        after < plan.leftpad + plan.length)
-    bad = (k > 0) & ~(bot_ok & eot_ok)
-    if bool(bad.any()):
-        raise ValueError(f"prompt {int(bad.nonzero()[0])} must read question <bot> <latent>... <eot>: its latents "
-                         f"are not between start_latent_id {lm.start_latent_id} and end_latent_id "
-                         f"{lm.end_latent_id}")
-
-
 class _Readout:
     """return_latents: the vector fed at every latent step and its top-k read-out through the LM head."""
 
@@ -340,9 +322,12 @@ def generate(lm, fb: Feedback, rule: StopRule, sampling: Sampling, input_ids, at
              readout_k: int = 5) -> GenerateOutput:
     """LatentLM.generate (see there) on checked arguments: plan (the prompts' markers checked), prefill, decode."""
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    ids_h, max_pos = input_ids.cpu(), lm.model.config.max_position
-    plan = plan_batch(ids_h, mask.cpu(), None, lm.latent_token_id if fb.sequential else -1, max_pos)
-    _check_markers(lm, fb, rule, plan, ids_h)
+    ids_h, mask_h, max_pos = input_ids.cpu(), mask.cpu(), lm.model.config.max_position
+    latent_id = lm.latent_token_id if fb.sequential else -1
+    validation.check_batch(ids_h, mask_h, None, None, **validation.batch_rules(lm, latent_id),
+                           max_new_tokens=max_new_tokens, stop_kind=rule.kind,
+                           max_latents=rule.max_latents)
+    plan = plan_batch(ids_h, mask_h, latent_id)
     dplan = plan_decode(plan, max_new_tokens, rule.max_latents, max_pos, input_ids.shape[1], input_ids.device)
     run = _Generation(lm, fb, rule, sampling, dplan, input_ids, eos_token_id, use_cuda_graph,
                       _Readout(readout_k) if return_latents else None)

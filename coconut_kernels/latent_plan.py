@@ -51,32 +51,6 @@ class BatchPlan:
         return self.leftpad.shape[0]
 
 
-def _check_layout(mask: torch.Tensor, length: torch.Tensor, leftpad: torch.Tensor, cols: torch.Tensor) -> None:
-    last = torch.where(mask, cols, -1).max(1).values
-    holes = (last + 1 - leftpad) != length
-    if bool(holes.any()):
-        b = int(holes.nonzero()[0])
-        raise ValueError(f"attention_mask row {b} must be zeros (left padding), then ones, then zeros (right "
-                         f"padding); got holes in the ones")
-
-
-def _check_latents(is_latent, mask, labels, n_lat, first_lat, last_lat, length, leftpad, max_positions) -> None:
-    if bool((is_latent & ~mask).any()):
-        raise ValueError("input_ids has latent tokens at padded positions (attention_mask 0)")
-    bad = (n_lat > 0) & (last_lat - first_lat + 1 != n_lat)
-    if bool(bad.any()):
-        raise ValueError(f"the latent tokens of example {int(bad.nonzero()[0])} are not contiguous")
-    if labels is not None and bool((is_latent & (labels != IGNORE_INDEX)).any()):
-        raise ValueError(f"labels must be {IGNORE_INDEX} at latent positions (example "
-                         f"{int((is_latent & (labels != IGNORE_INDEX)).any(1).nonzero()[0])})")
-    if int(length.max()) > max_positions:
-        raise ValueError(f"an example has {int(length.max())} tokens, more than the model's {max_positions} positions")
-    bad = (n_lat > 0) & (first_lat == leftpad)
-    if bool(bad.any()):
-        raise ValueError(f"example {int(bad.nonzero()[0])} starts with a latent token: a latent needs a previous "
-                         "position")
-
-
 def _sequential_passes(first: torch.Tensor, n_lat: torch.Tensor, length: torch.Tensor) -> list[PassSpan]:
     """The passes of the sequential schedule (see BatchPlan) from each example's first latent row."""
     k = int(n_lat.max())
@@ -91,22 +65,18 @@ def _sequential_passes(first: torch.Tensor, n_lat: torch.Tensor, length: torch.T
     return passes
 
 
-def plan_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-               latent_id: int, max_positions: int) -> BatchPlan:
-    """Validate a batch (CPU tensors) and plan its passes (see BatchPlan). latent_id -1: no latent rows (one
-    plain pass, e.g. pause feedback)."""
+def plan_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_id: int) -> BatchPlan:
+    """Plan the passes (see BatchPlan) of a batch that `validation.check_batch` accepted (CPU tensors).
+    latent_id -1: no latent rows (one plain pass, e.g. pause feedback)."""
     B, T = input_ids.shape
     mask = attention_mask.to(torch.bool)
     length = mask.sum(1)
     cols = torch.arange(T)
     first = torch.where(mask, cols, T).min(1).values
     leftpad = torch.where(length > 0, first, 0)
-    _check_layout(mask, length, leftpad, cols)
     is_latent = input_ids == latent_id
     n_lat = is_latent.sum(1)
     first_lat = torch.where(is_latent, cols, T).min(1).values
-    last_lat = torch.where(is_latent, cols, -1).max(1).values
-    _check_latents(is_latent, mask, labels, n_lat, first_lat, last_lat, length, leftpad, max_positions)
     s = first_lat - leftpad
     return BatchPlan(leftpad, length, n_lat, s, _sequential_passes(s, n_lat, length), int(length.max()))
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .errors import CoconutError
+from .validation import check_int, check_tensor_args, host_checks
+
 # Elements of one (chunk, V) logits block in fp32: 32M -> 128 MiB.
 _BLOCK_ELEMENTS = 1 << 25
 
@@ -75,17 +78,37 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          chunk_size: int | None = None) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, chunked over rows.
 
-    hidden (M, d), weight (V, d), bias (V,) or None, targets (M,) int64 with -100 for ignored rows.
+    hidden (M, d), weight (V, d), bias (V,) or None, targets (M,) int64 with -100 for ignored rows (their range
+    is checked for CPU tensors, for CUDA ones under COCONUT_DEBUG=1).
     reduction "mean" (over rows whose target is not -100, 0 when there are none) or "sum". Logits are
     formed in the weight's dtype and reduced in fp32 (fp64 for fp64 inputs). Never materialises more than one (chunk, V) block;
     chunk_size defaults to 32M / V rows. Differentiable w.r.t. hidden, weight and bias (the gradients are
     computed in the forward, so call backward at most once).
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    check_tensor_args(("bias",), hidden=hidden, weight=weight, targets=targets, bias=bias)
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum"):
+        raise CoconutError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_size is not None:
+        check_int(chunk_size, "chunk_size", low=1)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be (M, d) and weight (V, d) with the same d, got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
+        raise CoconutError(f"hidden must be (M, d) and weight (V, d) with the same d, got {tuple(hidden.shape)} "
+                           f"and {tuple(weight.shape)}")
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
+        raise CoconutError(f"hidden and weight must share one floating dtype, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_floating_point()):
+        raise CoconutError(f"bias must be a float ({weight.shape[0]},) tensor (weight's V), got {bias.dtype} "
+                           f"{tuple(bias.shape)}")
     if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+        raise CoconutError(f"targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise CoconutError(f"targets must be int64 or int32, got {targets.dtype}")
+    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise CoconutError(f"{name} must be on hidden's device ({hidden.device}), got {t.device}")
+    if host_checks(targets):
+        bad = ((targets < 0) | (targets >= weight.shape[0])) & (targets != -100)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise CoconutError(f"targets[{i}] = {int(targets[i])} is out of range: expected -100 or a class in "
+                               f"[0, {weight.shape[0]})")
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, reduction, torch.is_grad_enabled())

@@ -36,7 +36,7 @@ def batch(leftpad):
 
 def test_plan_of_a_ragged_batch():
     ids, mask, labels = batch([0, 0, 0])
-    plan = plan_batch(ids, mask, labels, LAT, max_positions=64)
+    plan = plan_batch(ids, mask, LAT)
     assert plan.leftpad.tolist() == [0, 0, 0] and plan.length.tolist() == [10, 8, 5]
     assert plan.n_latents.tolist() == [2, 3, 0] and plan.first_latent[:2].tolist() == [4, 2]
     assert [p.kind for p in plan.passes] == [PREFILL, LATENT, LATENT, ANSWER]
@@ -49,8 +49,8 @@ def test_plan_of_a_ragged_batch():
 
 
 def test_plan_of_an_aligned_batch_is_the_ragged_one_shifted():
-    ragged = plan_batch(*batch([0, 0, 0]), LAT, max_positions=64)
-    aligned = plan_batch(*batch([0, 2, 0]), LAT, max_positions=64)  # first latents both at column 4
+    ragged = plan_batch(*batch([0, 0, 0])[:2], LAT)
+    aligned = plan_batch(*batch([0, 2, 0])[:2], LAT)  # first latents both at column 4
     assert aligned.leftpad.tolist() == [0, 2, 0]
     for a, r in zip(aligned.passes, ragged.passes):
         assert a.kind == r.kind and torch.equal(a.start, r.start) and torch.equal(a.count, r.count)
@@ -60,7 +60,7 @@ def test_plan_of_an_aligned_batch_is_the_ragged_one_shifted():
 
 def test_pass_rows_of_a_ragged_batch():
     ids, mask, labels = batch([0, 0, 0])
-    plan = plan_batch(ids, mask, labels, LAT, max_positions=64)
+    plan = plan_batch(ids, mask, LAT)
     rows = pass_rows(plan, labels, ids.shape[1], "cpu")
     assert [r.width for r in rows] == [5, 1, 1, 5]
     assert [r.count.tolist() for r in rows] == [p.count.tolist() for p in plan.passes]
@@ -81,7 +81,7 @@ def test_pass_rows_of_a_ragged_batch():
 
 def test_plan_without_latents_is_one_prefill_pass():
     ids, mask, labels = batch([0, 0, 0])
-    plan = plan_batch(ids, mask, labels, -1, max_positions=64)  # pause feedback: no latent rows
+    plan = plan_batch(ids, mask, -1)  # pause feedback: no latent rows
     assert [p.kind for p in plan.passes] == [PREFILL]
     assert plan.passes[0].count.tolist() == [10, 8, 5]
 
@@ -92,7 +92,7 @@ def test_decode_plan_phases_and_budget():
     T = max(map(len, prompts))
     ids = torch.tensor([r + [PAD] * (T - len(r)) for r in prompts])
     mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in prompts])
-    plan = plan_batch(ids, mask, None, LAT, max_positions=64)
+    plan = plan_batch(ids, mask, LAT)
     fixed = plan_decode(plan, max_new_tokens=4, max_latents=None, max_positions=64, T=T, device="cpu")
     assert fixed.prefill.tolist() == [4, 2, 4]  # up to the first latent; all but the last token without one
     assert fixed.width == 4 and fixed.prefill_cols.tolist()[1] == [0, 1, 2, 3]

@@ -11,7 +11,8 @@ Interface (both families)::
         # a folder with config.json + model.safetensors (or model.safetensors.index.json and its shards),
         # or a transformers model object (config + state_dict, tensors copied). The family is picked
         # from model_type; unsupported model types / architectures / options and missing or unused
-        # tensors raise ValueError naming them. dtype None keeps the checkpoint's dtype.
+        # tensors raise CheckpointError (a ValueError) naming them, a missing folder or file
+        # CheckpointNotFoundError (also a FileNotFoundError). dtype None keeps the checkpoint's dtype.
     load_config(path_or_dict_or_hf_config) -> GPT2Config | LlamaConfig
 
     model.config          # dataclass: vocab_size, n_layer, n_head, n_kv_head, d_model, head_dim,

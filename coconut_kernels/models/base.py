@@ -10,6 +10,8 @@ from torch import nn
 
 from ..backend import debug_checks
 from ..cache import KVCache
+from ..errors import CoconutError
+from ..validation import check_device, check_dtype, check_ids, check_inputs, check_int, host_checks
 
 
 class CausalLM(nn.Module):
@@ -41,8 +43,11 @@ class CausalLM(nn.Module):
         """An empty KV cache for this model. dtype None: the autocast dtype when autocast is on for the
         device (the projections then produce k/v in that dtype), else the parameters' dtype; device None:
         the parameters' device."""
+        check_int(batch, "batch", low=1)
+        check_int(max_len, "max_len", low=1)
+        check_dtype(dtype)
         w = self.embed_tokens.weight
-        device = torch.device(device or w.device)
+        device = check_device(device) or w.device
         self.prepare_cache(max_len, device)
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
@@ -57,18 +62,18 @@ class CausalLM(nn.Module):
 
         attention_mask (B, T) of 0/1 may only pad on the LEFT (the pads become the cache's leftpad); pad
         positions get logits of no meaning. position_ids only matter for GPT-2 (see forward_embeds)."""
+        check_inputs(input_ids, attention_mask, None, position_ids, device=self.embed_tokens.weight.device)
+        if host_checks(input_ids):
+            check_ids(input_ids, position_ids, self.config.vocab_size, self.config.max_position, attention_mask)
         B, T = input_ids.shape
         leftpad = None
         if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
-                                 f"got {tuple(attention_mask.shape)}")
             leftpad = (T - attention_mask.sum(-1)).to(torch.int32)
             if input_ids.device.type == "cpu" or debug_checks():
                 left = torch.arange(T, device=input_ids.device)[None, :] >= leftpad[:, None]
                 if not torch.equal(attention_mask.bool(), left):
-                    raise ValueError("attention_mask must be 0 on a prefix of each row and 1 after it "
-                                     "(left padding only)")
+                    raise CoconutError("attention_mask must be 0 on a prefix of each row and 1 after it "
+                                       "(left padding only)")
         cache = self.new_cache(B, T, leftpad=leftpad)
         return self.logits(self.forward_embeds(self.embed(input_ids), cache, position_ids=position_ids))
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import CoconutError
+from ..validation import check_model_config
 from .base import CausalLM
 from .linear import Linear, attention, mlp
 
@@ -36,10 +38,12 @@ class GPT2Config:
     model_type: str = "gpt2"
 
     def __post_init__(self):
+        check_model_config(self, ("vocab_size", "n_layer", "n_head", "d_model", "max_position", "d_ff"),
+                           ("norm_eps", "initializer_range"), optional=("d_ff",))
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"unsupported GPT-2 activation {self.activation!r}; supported: {sorted(_ACTIVATIONS)}")
+            raise CoconutError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+        if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
+            raise CoconutError(f"unsupported GPT-2 activation {self.activation!r}; supported: {sorted(_ACTIVATIONS)}")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
 
@@ -55,7 +59,7 @@ class GPT2Config:
     def from_hf(cls, hf: dict) -> "GPT2Config":
         """From a Hugging Face GPT-2 config.json dict; raises on options this model does not implement."""
         if hf.get("add_cross_attention"):
-            raise ValueError("GPT-2 with cross-attention (add_cross_attention) is not supported")
+            raise CoconutError("GPT-2 with cross-attention (add_cross_attention) is not supported")
         return cls(
             vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"],
             max_position=hf["n_positions"], d_ff=hf.get("n_inner"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
@@ -101,6 +105,8 @@ class GPT2(CausalLM):
     hf_ignored = re.compile(r"(^|\.)attn\.(masked_)?bias$|^lm_head\.weight$")
 
     def __init__(self, config: GPT2Config):
+        if not isinstance(config, GPT2Config):
+            raise CoconutError(f"config must be a GPT2Config, got {type(config).__name__}")
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
@@ -118,8 +124,8 @@ class GPT2(CausalLM):
 
     def prepare_cache(self, max_len: int, device: torch.device) -> None:
         if max_len > self.config.max_position:
-            raise ValueError(f"GPT-2 has {self.config.max_position} learned positions; a cache of "
-                             f"max_len={max_len} would need more")
+            raise CoconutError(f"GPT-2 has {self.config.max_position} learned positions; a cache of "
+                               f"max_len={max_len} would need more")
 
     def forward_embeds(self, x: torch.Tensor, cache, *, position_ids: torch.Tensor | None = None,
                        new_seqlens: torch.Tensor | None = None) -> torch.Tensor:

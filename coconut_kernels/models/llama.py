@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import CoconutError
+from ..validation import check_model_config, check_real
 from .base import CausalLM
 from .linear import Linear, attention, mlp
 
@@ -41,20 +43,24 @@ class LlamaConfig:
     model_type: str = "llama"
 
     def __post_init__(self):
+        check_model_config(self, ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "n_kv_head", "head_dim",
+                                  "max_position", "sliding_window"), ("norm_eps", "initializer_range"),
+                           optional=("n_kv_head", "head_dim", "sliding_window"))
+        check_real(self.rope_theta, f"{type(self).__name__}.rope_theta", low=0.0, low_open=True)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
             if self.d_model % self.n_head:
-                raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head}) "
-                                 "unless head_dim is given")
+                raise CoconutError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head}) "
+                                   "unless head_dim is given")
             self.head_dim = self.d_model // self.n_head
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+            raise CoconutError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+            raise CoconutError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
-            raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {ROPE_TYPES}")
+            raise CoconutError(f"unsupported rope_scaling type {rope_type!r}; supported: {ROPE_TYPES}")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
@@ -62,16 +68,16 @@ class LlamaConfig:
         `rope_theta` or 5.x `rope_parameters`); raises on options this model does not implement."""
         model_type = hf["model_type"]
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu)")
+            raise CoconutError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu)")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         if any(isinstance(v, dict) for v in rope.values()):
-            raise ValueError("per-layer-type rope parameters are not supported")
+            raise CoconutError("per-layer-type rope parameters are not supported")
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         rope.pop("type", None)
         partial_rotary = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         if partial_rotary != 1.0:
-            raise ValueError(f"partial rotary embeddings (partial_rotary_factor={partial_rotary}) are not supported")
+            raise CoconutError(f"partial rotary embeddings (partial_rotary_factor={partial_rotary}) are not supported")
         if rope_type in ("llama3", "yarn"):
             rope.setdefault("original_max_position_embeddings",
                             hf.get("original_max_position_embeddings", hf["max_position_embeddings"]))
@@ -198,6 +204,8 @@ class Llama(CausalLM):
     hf_ignored = re.compile(r"rotary_emb\.inv_freq$|^lm_head\.weight$")
 
     def __init__(self, config: LlamaConfig):
+        if not isinstance(config, LlamaConfig):
+            raise CoconutError(f"config must be a LlamaConfig, got {type(config).__name__}")
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
@@ -213,8 +221,8 @@ class Llama(CausalLM):
     def prepare_cache(self, max_len: int, device: torch.device) -> None:
         window = self.config.sliding_window
         if window is not None and max_len > window:
-            raise ValueError(f"sliding-window attention is not implemented: a cache of max_len={max_len} "
-                             f"exceeds the model's sliding_window={window}")
+            raise CoconutError(f"sliding-window attention is not implemented: a cache of max_len={max_len} "
+                               f"exceeds the model's sliding_window={window}")
         self.rotary_tables(max_len, device, self.embed_tokens.weight.dtype)
 
     def rotary_tables(self, n_positions: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

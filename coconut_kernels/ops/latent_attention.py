@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..backend import get_backend
+from ..errors import CoconutError, library_error
+from ..validation import check_bool, check_real, check_tensor_args
 
 __all__ = ["latent_attention"]
 
@@ -72,16 +74,19 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_le
     """kv_cache_append_ then latent_attention_fwd: (out, lse). Every argument is checked before the cache is
     written (the compiled composite op does it in C++), so a rejected call leaves the cache unchanged."""
     args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
-    if get_backend(q.device) in ("cpu", "cuda"):
-        return torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args, softmax_scale,
-                                                          causal)
-    if q.dim() != 4 or k_new.dim() != 4 or q.shape[:2] != k_new.shape[:2] or q.shape[3] != k_new.shape[3] \
-            or q.shape[2] % k_new.shape[2] != 0:
-        raise ValueError(f"q {tuple(q.shape)} must be (B, Sq, Hq, D) with B, Sq, D as k_new {tuple(k_new.shape)} "
-                         "and Hq a multiple of its head count")
-    append, fwd, _ = kernels(q.device)
-    append(k_cache, v_cache, k_new, v_new, *args)
-    return fwd(q, k_cache, v_cache, *args, softmax_scale, causal)
+    try:
+        if get_backend(q.device) in ("cpu", "cuda"):
+            return torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args,
+                                                              softmax_scale, causal)
+        if q.dim() != 4 or k_new.dim() != 4 or q.shape[:2] != k_new.shape[:2] or q.shape[3] != k_new.shape[3] \
+                or q.shape[2] % k_new.shape[2] != 0:
+            raise CoconutError(f"q {tuple(q.shape)} must be (B, Sq, Hq, D) with B, Sq, D as k_new "
+                               f"{tuple(k_new.shape)} and Hq a multiple of its head count")
+        append, fwd, _ = kernels(q.device)
+        append(k_cache, v_cache, k_new, v_new, *args)
+        return fwd(q, k_cache, v_cache, *args, softmax_scale, causal)
+    except ValueError as e:  # the kernels' own argument checks (C++ TORCH_CHECK_VALUE, Triton wrappers)
+        raise library_error(e) from None
 
 
 def no_double_backward(where: str) -> RuntimeError:
@@ -259,6 +264,13 @@ def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softma
 
     Returns out (B, Sq, Hq, D) in q's dtype, or (out, lse) with return_lse.
     """
+    check_tensor_args(("cache_leftpad", "new_seqlens", "rotary_cos", "rotary_sin"), q=q, k_new=k_new, v_new=v_new,
+                      k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+                      new_seqlens=new_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    if softmax_scale is not None:
+        check_real(softmax_scale, "softmax_scale", low=0.0, low_open=True)
+    for flag, name in ((causal, "causal"), (rotary_interleaved, "rotary_interleaved"), (return_lse, "return_lse")):
+        check_bool(flag, name)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
     if torch.is_grad_enabled() and (q.requires_grad or k_new.requires_grad or v_new.requires_grad):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..backend import debug_checks, get_backend
+from ..errors import CoconutError, library_error
+from ..validation import check_real, check_tensor_args
 
 _NORMS = ("none", "layernorm", "rmsnorm")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -20,54 +22,63 @@ def _check_args(embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight, bias,
     """Shape/dtype/device checks, no look at index values (the compiled kernels make the same checks in
     csrc/latent_feedback.cpp; this copy serves the fake kernels and the Triton path)."""
     if norm not in _NORMS:
-        raise ValueError(f'norm must be "none", "layernorm" or "rmsnorm", got {norm!r}')
+        raise CoconutError(f'norm must be "none", "layernorm" or "rmsnorm", got {norm!r}')
     batched = batch_idx is not None
     rank = 3 if batched else 2
     for t, name, layout in ((embeds, out_name, "(B, T, d)"), (hidden, "hidden", "(B, S, d)")):
         if t.dim() != rank:
             layout = layout + " when batch_idx is given" if batched else "(rows, d) when batch_idx is None"
-            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+            raise CoconutError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
     if hidden.dtype not in _FLOATS:
-        raise ValueError(f"hidden must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
+        raise CoconutError(f"hidden must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
     if embeds.dtype != hidden.dtype:
-        raise ValueError(f"{out_name} must have hidden's dtype ({hidden.dtype}), got {embeds.dtype}")
+        raise CoconutError(f"{out_name} must have hidden's dtype ({hidden.dtype}), got {embeds.dtype}")
     if embeds.device != hidden.device:
-        raise ValueError(f"{out_name} must be on hidden's device ({hidden.device}), got {embeds.device}")
+        raise CoconutError(f"{out_name} must be on hidden's device ({hidden.device}), got {embeds.device}")
     d = hidden.shape[-1]
     if embeds.shape[-1] != d:
-        raise ValueError(f"{out_name}'s last dim ({embeds.shape[-1]}) must equal hidden's ({d})")
+        raise CoconutError(f"{out_name}'s last dim ({embeds.shape[-1]}) must equal hidden's ({d})")
     if d < 1:
-        raise ValueError(f"hidden's last dim d must be >= 1, got {d}")
+        raise CoconutError(f"hidden's last dim d must be >= 1, got {d}")
     if batched and embeds.shape[0] != hidden.shape[0]:
-        raise ValueError(f"{out_name} and hidden must have the same batch size B, got {embeds.shape[0]} and "
-                         f"{hidden.shape[0]}")
+        raise CoconutError(f"{out_name} and hidden must have the same batch size B, got {embeds.shape[0]} and "
+                           f"{hidden.shape[0]}")
     n = dst_pos.shape[0] if dst_pos.dim() == 1 else -1
     for t, name in ((dst_pos, "dst_pos"), (src_pos, "src_pos")) + (((batch_idx, "batch_idx"),) if batched else ()):
         if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (N,), got shape {tuple(t.shape)}")
+            raise CoconutError(f"{name} must be 1-D (N,), got shape {tuple(t.shape)}")
         if t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+            raise CoconutError(f"{name} must be int32 or int64, got {t.dtype}")
         if t.device != hidden.device:
-            raise ValueError(f"{name} must be on hidden's device ({hidden.device}), got {t.device}")
+            raise CoconutError(f"{name} must be on hidden's device ({hidden.device}), got {t.device}")
         if t.shape[0] != n:
-            raise ValueError(f"{name} must have N = {n} elements (dst_pos's length), got {t.shape[0]}")
+            raise CoconutError(f"{name} must have N = {n} elements (dst_pos's length), got {t.shape[0]}")
     if norm == "none" and (weight is not None or bias is not None):
-        raise ValueError('weight and bias must be None when norm="none"')
+        raise CoconutError('weight and bias must be None when norm="none"')
     if norm == "rmsnorm" and bias is not None:
-        raise ValueError('bias must be None when norm="rmsnorm" (RMSNorm has no bias)')
+        raise CoconutError('bias must be None when norm="rmsnorm" (RMSNorm has no bias)')
     for p, name in ((weight, "weight"), (bias, "bias")):
         if p is None:
             continue
         if p.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (d,), got shape {tuple(p.shape)}")
+            raise CoconutError(f"{name} must be 1-D (d,), got shape {tuple(p.shape)}")
         if p.shape[0] != d:
-            raise ValueError(f"{name} must have d = {d} elements (hidden's last dim), got {p.shape[0]}")
+            raise CoconutError(f"{name} must have d = {d} elements (hidden's last dim), got {p.shape[0]}")
         if p.device != hidden.device:
-            raise ValueError(f"{name} must be on hidden's device ({hidden.device}), got {p.device}")
+            raise CoconutError(f"{name} must be on hidden's device ({hidden.device}), got {p.device}")
         if p.dtype not in (hidden.dtype, torch.float32):
-            raise ValueError(f"{name} must have hidden's dtype ({hidden.dtype}) or float32, got {p.dtype}")
+            raise CoconutError(f"{name} must have hidden's dtype ({hidden.dtype}) or float32, got {p.dtype}")
     if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+        raise CoconutError(f"eps must be >= 0, got {eps}")
+
+
+def _check_types(embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight, bias, eps):
+    """Python types of the arguments, before the op's schema parser (whose errors say less)."""
+    check_tensor_args(("batch_idx", "weight", "bias"), embeds=embeds, hidden=hidden, batch_idx=batch_idx,
+                      dst_pos=dst_pos, src_pos=src_pos, weight=weight, bias=bias)
+    if not isinstance(norm, str):
+        raise CoconutError(f'norm must be "none", "layernorm" or "rmsnorm", got {norm!r}')
+    check_real(eps, "eps", low=0.0)
 
 
 def _check_indices(embeds, hidden, batch_idx, dst_pos, src_pos):
@@ -82,11 +93,11 @@ def _check_indices(embeds, hidden, batch_idx, dst_pos, src_pos):
         bad = ((t < 0) | (t >= size)).nonzero()
         if bad.numel():
             i = int(bad[0, 0])
-            raise ValueError(f"{name}[{i}] = {int(t[i])} is out of range [0, {size})")
+            raise CoconutError(f"{name}[{i}] = {int(t[i])} is out of range [0, {size})")
     key = dst_pos.long() + (batch_idx.long() * t_len if batched else 0)
     if key.unique().numel() != key.numel():
-        raise ValueError("duplicate destination: two (batch_idx, dst_pos) entries write the same row of embeds; "
-                         "destinations must be unique")
+        raise CoconutError("duplicate destination: two (batch_idx, dst_pos) entries write the same row of embeds; "
+                           "destinations must be unique")
 
 
 def _forward_(backend, embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight, bias, eps):
@@ -98,8 +109,11 @@ def _forward_(backend, embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight
             _check_indices(embeds, hidden, batch_idx, dst_pos, src_pos)
         latent_feedback_fwd(embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight, bias, eps)
     else:
-        torch.ops.coconut.latent_feedback_.default(embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight, bias,
-                                                   eps)
+        try:
+            torch.ops.coconut.latent_feedback_.default(embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight,
+                                                       bias, eps)
+        except ValueError as e:
+            raise library_error(e) from None
 
 
 def _backward(backend, grad, hidden, batch_idx, dst_pos, src_pos, norm, weight, bias, eps):
@@ -219,12 +233,16 @@ def latent_feedback_(embeds: torch.Tensor, hidden: torch.Tensor, batch_idx: torc
         in-place rules apply: embeds may not be a leaf that requires grad (use latent_feedback).
     Backends: CPU tensors run the C++ kernels; CUDA tensors run coconut_kernels.get_backend(device)
         ("cuda" C++, "triton", or "torch" = reference.py).
-    Errors (ValueError naming the argument): ranks, dtypes, devices, d, weight/bias shape, norm name, index
-        dtype; index range and duplicate destinations are checked always on CPU and under COCONUT_DEBUG=1 on
-        CUDA (a host sync). Without it a GPU kernel skips bad rows: it never writes out of bounds.
+    Errors (CoconutError, a ValueError, naming the argument): ranks, dtypes, devices, d, weight/bias shape, norm
+        name, index dtype; index range and duplicate destinations are checked always on CPU and under
+        COCONUT_DEBUG=1 on CUDA (a host sync). Without it a GPU kernel skips bad rows: it never writes out of bounds.
     Not supported: embeds and hidden sharing memory (rows read while being written), negative indices.
     Returns embeds.
     """
+    _check_types(embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight, bias, eps)
+    if torch.is_grad_enabled() and embeds.requires_grad and embeds.is_leaf:
+        raise CoconutError("embeds is a leaf tensor that requires grad: latent_feedback_ would write it in place; "
+                           "use latent_feedback")
     backend = _backend_of(embeds.device)
     if backend == "torch":
         from .. import reference  # the "torch" backend (backend.py) runs the tests' oracle itself, for debugging
@@ -251,10 +269,14 @@ def latent_feedback(embeds: torch.Tensor, hidden: torch.Tensor, batch_idx: torch
     backend it is the single op torch.ops.coconut.latent_feedback (autograd and fake kernel registered, so
     it traces under torch.compile(fullgraph=True)).
     """
+    _check_types(embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight, bias, eps)
     backend = _backend_of(embeds.device)
     if backend in ("cpu", "cuda"):
-        return torch.ops.coconut.latent_feedback.default(embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight,
-                                                         bias, eps)
+        try:
+            return torch.ops.coconut.latent_feedback.default(embeds, hidden, batch_idx, dst_pos, src_pos, norm,
+                                                             weight, bias, eps)
+        except ValueError as e:
+            raise library_error(e) from None
     if backend == "torch":
         from .. import reference  # the "torch" backend (backend.py) runs the tests' oracle itself, for debugging
 

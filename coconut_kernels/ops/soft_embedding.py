@@ -5,12 +5,11 @@ backend choice; the kernels are csrc/cpu/soft_embedding.cpp (CPU) and coconut_ke
 """
 from __future__ import annotations
 
-import math
-import operator
-
 import torch
 
 from ..backend import get_backend
+from ..errors import CoconutError
+from ..validation import check_bool, check_int, check_real, check_tensor_args
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -66,37 +65,31 @@ torch.library.register_autograd("coconut::soft_embedding_fwd", _backward, setup_
 
 
 def _check(logits, weight, temperature, top_k, top_p) -> int:
+    check_tensor_args(logits=logits, weight=weight)
     if logits.dim() < 2:
-        raise ValueError(f"logits must be (N, V) or (B, S, V) (at least 2-D), got shape {tuple(logits.shape)}")
+        raise CoconutError(f"logits must be (N, V) or (B, S, V) (at least 2-D), got shape {tuple(logits.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (V, d), got shape {tuple(weight.shape)}")
+        raise CoconutError(f"weight must be 2-D (V, d), got shape {tuple(weight.shape)}")
     V = logits.shape[-1]
     if V < 1:
-        raise ValueError(f"logits must have at least one column (the vocabulary), got shape {tuple(logits.shape)}")
+        raise CoconutError(f"logits must have at least one column (the vocabulary), got shape {tuple(logits.shape)}")
     if weight.shape[0] != V:
-        raise ValueError(f"weight must have {V} rows (logits' vocabulary size), got shape {tuple(weight.shape)}")
+        raise CoconutError(f"weight must have {V} rows (logits' vocabulary size), got shape {tuple(weight.shape)}")
     if weight.device != logits.device:
-        raise ValueError(f"weight must be on logits' device ({logits.device}), got {weight.device}")
+        raise CoconutError(f"weight must be on logits' device ({logits.device}), got {weight.device}")
     for t, name in ((logits, "logits"), (weight, "weight")):
         if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+            raise CoconutError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
         if t.dtype == torch.float64 and t.device.type != "cpu":
-            raise ValueError(f"{name}: float64 is supported on CPU only, got a float64 tensor on {t.device}")
+            raise CoconutError(f"{name}: float64 is supported on CPU only, got a float64 tensor on {t.device}")
     if (logits.dtype == torch.float64) != (weight.dtype == torch.float64):
-        raise ValueError(
+        raise CoconutError(
             "weight must be float64 exactly when logits is float64, "
             f"got logits {logits.dtype} and weight {weight.dtype}"
         )
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    try:
-        top_k = operator.index(top_k)
-    except TypeError:
-        raise ValueError(f"top_k must be an int, got {top_k!r}") from None
-    if not 0 <= top_k <= V:
-        raise ValueError(f"top_k must be in [0, V] = [0, {V}], got {top_k}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    check_real(temperature, "temperature", low=0.0, low_open=True)
+    top_k = check_int(top_k, "top_k", low=0, high=V)
+    check_real(top_p, "top_p", low=0.0, high=1.0, low_open=True)
     return top_k
 
 
@@ -127,7 +120,8 @@ def soft_embedding(
             (float64 for float64).
         weight: (V, d) embedding matrix, float32 / float16 / bfloat16 (float64 with float64 logits only);
             it may differ from logits' dtype (e.g. fp32 logits, bf16 embeddings).
-        temperature: finite, > 0. top_k: int in [0, V]. top_p: float in (0, 1]. Else ValueError naming it.
+        temperature: finite, > 0. top_k: int in [0, V]. top_p: float in (0, 1]. Else CoconutError (a
+            ValueError) naming it.
         return_probs: also return the dense probabilities (logits' shape, float32 — float64 for float64 —
             zero outside the kept set), differentiable; e.g. for the entropy weighting of Mixture of Inputs.
 
@@ -153,6 +147,7 @@ def soft_embedding(
     give unspecified results.
     """
     top_k = _check(logits, weight, temperature, top_k, top_p)
+    check_bool(return_probs, "return_probs")
     if get_backend(logits.device) == "torch":
         from ..reference import soft_embedding_reference  # the "torch" backend runs the tests' oracle (backend.py)
 

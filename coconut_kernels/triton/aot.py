@@ -357,24 +357,31 @@ def _compile_one(i: int) -> dict:
 # ---- CUDA C++ ----------------------------------------------------------------------------------------------
 
 
-def cuda_rows(root: str) -> list[dict]:
-    """`nvcc -Xptxas -v` of every csrc/cuda/*.cu for sm_80 and sm_90 (torch include flags from
-    torch.utils.cpp_extension; compiling needs only the headers, not a CUDA build of torch)."""
-    from torch.utils.cpp_extension import include_paths
+def torch_includes(python: str) -> list[str]:
+    """Include folders for compiling against the torch of interpreter `python`: its headers, and the CUDA
+    headers its pip dependencies install (ATen/cuda/CUDAContext.h includes cusparse.h and friends)."""
+    code = ("import glob, os, sysconfig; from torch.utils.cpp_extension import include_paths; "
+            "site = sysconfig.get_paths()['purelib']; "
+            "print('\\n'.join(include_paths() + sorted(glob.glob(os.path.join(site, 'nvidia', '*', 'include')))))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
+    return [p for p in out.splitlines() if p]
 
-    nvcc = os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc") if os.environ.get("CUDA_HOME") else "nvcc"
-    incs = [f"-I{p}" for p in include_paths()] + [f"-I{os.path.join(root, 'csrc')}"]
-    for extra in os.environ.get("CPLUS_INCLUDE_PATH", "").split(":"):
-        if extra:
-            incs.append(f"-I{extra}")
+
+def cuda_rows(root: str, python: str = sys.executable) -> list[dict]:
+    """`nvcc -Xptxas -v` of every csrc/cuda/*.cu for sm_80 and sm_90 (flags as setup.py's, headers of the torch
+    of `python`; compiling needs the headers only, not a GPU)."""
+    cuda_home = os.environ.get("CUDA_HOME")
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else "nvcc"
+    incs = [f"-I{p}" for p in torch_includes(python)] + [f"-I{os.path.join(root, 'csrc')}"]
     rows = []
     src_dir = os.path.join(root, "csrc", "cuda")
     for cu in sorted(f for f in os.listdir(src_dir) if f.endswith(".cu")):
         for cc in TARGETS:
             with tempfile.TemporaryDirectory() as d:
                 cmd = [nvcc, "-c", os.path.join(src_dir, cu), "-o", os.path.join(d, "o.o"), "-std=c++17", "-O3",
-                       f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v", "--expt-relaxed-constexpr",
-                       "-DTORCH_EXTENSION_NAME=_C", "-D_GLIBCXX_USE_CXX11_ABI=1", *incs]
+                       "--use_fast_math", "-DCOCONUT_WITH_CUDA", "--expt-relaxed-constexpr",
+                       f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=_C",
+                       "-D_GLIBCXX_USE_CXX11_ABI=1", *incs]
                 r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 rows.append({"kind": "cuda", "kernel": cu, "target": f"sm_{cc}", "status": "compile error",
@@ -426,6 +433,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="every combination of options, not the CI subset")
     ap.add_argument("--cuda", action="store_true", help="add the CUDA C++ kernels (nvcc -Xptxas -v)")
     ap.add_argument("--no-triton", action="store_true", help="only the CUDA C++ kernels")
+    ap.add_argument("--torch-python", default=sys.executable,
+                    help="python whose torch headers (a CUDA build, for cusparse.h and co.) compile the .cu files")
+    ap.add_argument("--append", action="store_true", help="keep the --out rows of the kinds not compiled now")
     ap.add_argument("--targets", default="80,90")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=None, help="CSV to write (default: print the worst rows only)")
@@ -449,21 +459,29 @@ def main(argv=None) -> int:
         else:
             rows += [_progress(i, len(_TODO), _compile_one(i)) for i in range(len(_TODO))]
     if a.cuda:
-        rows += [r for r in cuda_rows(root) if int(r["target"][3:]) in ccs]
+        rows += [r for r in cuda_rows(root, a.torch_python) if int(r["target"][3:]) in ccs]
     stamp = {"commit": _git(root, "rev-parse", "--short=12", "HEAD"),
              "dirty": int(bool(_git(root, "status", "--porcelain", "--untracked-files=no"))),
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
              "triton": triton.__version__}
     for r in rows:
-        r.update(stamp)
+        if "commit" not in r:  # rows kept by --append have their own stamp
+            r.update(stamp)
         if r["status"] in ("compile error", "over shared-memory limit"):
             errors.append(f"{r['kernel']} [{r.get('config', '')}] {r['target']}: {r['status']} {r.get('error', '')}")
     if a.out:
+        if a.append and os.path.exists(a.out):  # keep the rows of the kinds this run did not compile
+            kinds = {r["kind"] for r in rows}
+            with open(a.out, newline="") as f:
+                rows += [r for r in csv.DictReader(f) if r["kind"] not in kinds]
         with open(a.out, "w", newline="") as f:
             w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
             w.writeheader()
             w.writerows(sorted(rows, key=lambda r: (r["kind"], r["kernel"], r.get("config", ""), r["target"])))
-    ok = [r for r in rows if "regs" in r]
+    ok = [r for r in rows if r.get("regs") not in (None, "")]
+    for r in ok:
+        for k in ("regs", "spill_stores", "spill_loads", "shared_bytes", "warps_per_sm"):
+            r[k] = int(r[k])
     print(f"{len(rows)} compiled kernels; worst by spills, shared memory, occupancy:")
     for key, label in ((lambda r: -(r["spill_stores"] + r["spill_loads"]), "spills"),
                        (lambda r: -r["shared_bytes"], "shared"), (lambda r: r["warps_per_sm"], "occupancy")):

@@ -148,12 +148,68 @@ def backends_for(op: str, device) -> list[str]:
     return out
 
 
+def summarize(out_dir: str) -> int:
+    """gpu_check.json from the files gpu_check.sh left in out_dir (env.txt, steps.csv, gpu_correctness.json,
+    sanitizer.log, gpu_attention.json), a one-screen summary, and the exit status: 1 on any correctness failure
+    (a failed row, or a failed tests / correctness / sanitizer step)."""
+    import csv
+
+    def load(name, default):
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            return default
+        with open(path) as f:
+            return json.load(f) if name.endswith(".json") else f.read()
+
+    with open(os.path.join(out_dir, "steps.csv")) as f:
+        steps = list(csv.DictReader(f))
+    correctness = load("gpu_correctness.json", [])
+    attention = load("gpu_attention.json", {})
+    timings = [r for r in attention.get("rows", []) if r.get("ms") == r.get("ms")]  # NaN-free
+    fastest = {}
+    for r in timings:
+        if r["name"].startswith(("decode", "multipass")):
+            best = fastest.get(r["name"])
+            if best is None or r["ms"] < best["ms"]:
+                fastest[r["name"]] = dict(backend=r["backend"], ms=r["ms"])
+    gating = ("tests_cuda", "tests_triton", "correctness", "sanitizer")
+    # A gating step that failed, timed out or was cut by the time budget fails the check; "skipped" means the
+    # step does not apply (no compute-sanitizer, or a dry run).
+    failed_steps = [s["step"] for s in steps if s["step"] in gating and s["rc"] not in ("0", "skipped")]
+    failed_rows = [r for r in correctness if not r["pass"] and not r.get("informational")]
+    report = dict(env=load("env.txt", ""), steps=steps, correctness=correctness,
+                  sanitizer=load("sanitizer.log", None), timings=timings, fastest=fastest,
+                  failed_steps=failed_steps, failed_rows=len(failed_rows),
+                  passed=not failed_steps and not failed_rows and bool(correctness))
+    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print("== gpu_check summary")
+    print(f"{'step':<16} {'rc':>6} {'s':>5}")
+    for st in steps:
+        print(f"{st['step']:<16} {st['rc']:>6} {st['seconds']:>5}")
+    worst = {}
+    for r in (r for r in correctness if not r.get("informational")):
+        key = (r["op"], r["backend"], r["dtype"])
+        err = float("inf") if r["max_err"] is None else r["max_err"]
+        worst[key] = max(worst.get(key, 0.0), err)
+    print(f"{'op':<17} {'backend':<7} {'dtype':<5} {'max err':>10} {'tol':>8}")
+    for (op, be, dt), err in sorted(worst.items()):
+        print(f"{op:<17} {be:<7} {dt:<5} {err:10.3g} {TOLERANCES[dt]:8.0e} {'ok' if err <= TOLERANCES[dt] else 'FAIL'}")
+    for name, best in sorted(fastest.items()):
+        print(f"fastest {name}: {best['backend']} ({best['ms']:.4g} ms)")
+    print("== PASSED" if report["passed"] else f"== FAILED (steps: {failed_steps}, rows: {len(failed_rows)})")
+    return 0 if report["passed"] else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpu_correctness.json")
     ap.add_argument("--small", action="store_true", help="small shapes only (sanitizer runs, dry run)")
     ap.add_argument("--backend", action="append", help="only these backends (repeatable)")
+    ap.add_argument("--summarize", metavar="DIR", help="write DIR/gpu_check.json from gpu_check.sh's outputs")
     a = ap.parse_args(argv)
+    if a.summarize:
+        return summarize(a.summarize)
     device = torch.device("cuda" if ON_GPU else "cpu")
     rows = []
     for op, (fn, sweep) in shapes(a.small or not ON_GPU).items():
@@ -167,6 +223,10 @@ def main(argv=None) -> int:
                     ck.set_backend(backend if device.type == "cuda" else None)
                     t0 = time.perf_counter()
                     row = dict(op=op, backend=backend, dtype=dname, shape=list(shape), tol=TOLERANCES[dname])
+                    if op == "soft_embedding" and backend == "torch" and dname != "fp32" and shape[4] < 1.0:
+                        # The reference path decides the nucleus in the input dtype (as Hugging Face does): in
+                        # bf16/fp16 its kept set may differ from the exact one, so its error is reported only.
+                        row["informational"] = True
                     try:
                         if device.type == "cpu" and backend != "cpu":
                             row["max_err"] = _forced(backend, fn, dtype, shape)
@@ -184,8 +244,8 @@ def main(argv=None) -> int:
                           f"tol={row['tol']:g} {'ok' if row['pass'] else 'FAIL ' + row.get('error', '')}", flush=True)
     with open(a.out, "w") as f:
         json.dump(rows, f, indent=1)
-    failed = [r for r in rows if not r["pass"]]
-    print(f"== correctness: {len(rows) - len(failed)}/{len(rows)} passed")
+    failed = [r for r in rows if not r["pass"] and not r.get("informational")]
+    print(f"== correctness: {len(rows) - len(failed)}/{len(rows)} passed (informational rows do not count)")
     return 1 if failed else 0
 
 

@@ -187,7 +187,7 @@ def scenarios(full: bool):
     else:
         att = [(dt, D, dict(rotary=True, group=4, Sq=300)) for dt, D in
                [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 128),
-                (torch.float16, 128)]]
+                (torch.float32, 256), (torch.float16, 128)]]
         att += [(torch.bfloat16, 128, dict(rotary=True, group=4, Sq=1, leftpad=True, new_seqlens=True)),
                 (torch.bfloat16, 64, dict(rotary=False, group=1, Sq=300))]
     for dtype, D, v in att:

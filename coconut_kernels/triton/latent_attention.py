@@ -401,6 +401,19 @@ def _dkdv_config(block_d: int, dtype: torch.dtype, cc: int) -> tuple[int, int, i
     return _DKDV_CONFIGS[(90 if cc >= 90 else 80, max(64, block_d), 4 if dtype == torch.float32 else 2)]
 
 
+def _kv_stages(block_m: int, block_n: int, block_d: int, dtype: torch.dtype, cc: int) -> int:
+    """num_stages of the kernels that stream K/V tiles (forward, dQ): each stage buffers one K and one V tile
+    in shared memory next to the q tile. Triton's default 3 stages of fp32 64 x 128 tiles need ~200 KB, past
+    sm_80's 163 KB: fewer stages where the estimate passes 85% of the target's limit (the AOT table checks
+    the result against the compiled kernels)."""
+    elem = torch.finfo(dtype).bits // 8
+    limit = (227 if cc >= 90 else 163) * 1024 * 0.85
+    for stages in (3, 2):
+        if stages * 2 * block_n * block_d * elem + block_m * block_d * elem <= limit:
+            return stages
+    return 1
+
+
 def kv_cache_append_triton(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens,
                            rotary_cos, rotary_sin, rotary_interleaved, *, block_m=16):
     """Write rows t < new_seqlens[b] of k_new (rotated) / v_new at cache rows cache_seqlens[b] + t, in place."""
@@ -453,7 +466,8 @@ def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpa
         stride_ro, seqlen_ro, Sq, Hq, Hkv, k_cache.shape[1], D, softmax_scale * LOG2E,
         GROUP=group, HAS_LEFTPAD=cache_leftpad is not None, HAS_NEW_SEQLENS=new_seqlens is not None,
         ROT_DIM=rot_dim, INTERLEAVED=bool(rotary_interleaved), CAUSAL=bool(causal), PRECISION=_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        num_stages=_kv_stages(block_m, block_n, _block_d(D), q.dtype, _capability(q.device)))
     return out, lse
 
 
@@ -498,7 +512,8 @@ def latent_attention_bwd_triton(grad_out, q, k_cache, v_cache, out, lse, cache_s
     dq_rot = torch.empty(dq.shape, dtype=torch.float32, device=q.device) if rot_dim else dq
     _bwd_dq_kernel[(triton.cdiv(Sq * group, block_m) * B * Hkv,)](
         q, k_cache, v_cache, grad_out, lse, delta, dq_rot, *lengths, *common, *dq_rot.stride()[:3],
-        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale, **flags)
+        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale, **flags,
+        num_stages=_kv_stages(block_m, block_n, block_d, q.dtype, _capability(q.device)))
     if rot_dim:
         _unrotate_kernel[(B * triton.cdiv(Sq * Hq, block_m),)](
             dq_rot, dq, lengths[0], lengths[1], lengths[3], lengths[4], *dq_rot.stride()[:3], *dq.stride()[:3],

@@ -442,6 +442,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     ccs = [int(c) for c in a.targets.split(",")]
+    # The state of the sources being compiled, taken before compiling (edits during a long run do not count).
+    stamp = {"commit": _git(root, "rev-parse", "--short=12", "HEAD"),
+             "dirty": int(bool(_git(root, "status", "--porcelain", "--untracked-files=no"))),
+             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+             "triton": triton.__version__}
     rows: list[dict] = []
     errors: list[str] = []
     if not a.no_triton:
@@ -460,10 +465,6 @@ def main(argv=None) -> int:
             rows += [_progress(i, len(_TODO), _compile_one(i)) for i in range(len(_TODO))]
     if a.cuda:
         rows += [r for r in cuda_rows(root, a.torch_python) if int(r["target"][3:]) in ccs]
-    stamp = {"commit": _git(root, "rev-parse", "--short=12", "HEAD"),
-             "dirty": int(bool(_git(root, "status", "--porcelain", "--untracked-files=no"))),
-             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-             "triton": triton.__version__}
     for r in rows:
         if "commit" not in r:  # rows kept by --append have their own stamp
             r.update(stamp)

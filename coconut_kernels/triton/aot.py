@@ -378,14 +378,15 @@ def cuda_rows(root: str, python: str = sys.executable) -> list[dict]:
     for cu in sorted(f for f in os.listdir(src_dir) if f.endswith(".cu")):
         for cc in TARGETS:
             with tempfile.TemporaryDirectory() as d:
-                cmd = [nvcc, "-c", os.path.join(src_dir, cu), "-o", os.path.join(d, "o.o"), "-std=c++17", "-O3",
+                cmd = [nvcc, "-c", os.path.join(src_dir, cu), "-o", os.path.join(d, "o.o"), "-std=c++20", "-O3",
                        "--use_fast_math", "-DCOCONUT_WITH_CUDA", "--expt-relaxed-constexpr",
                        f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=_C",
                        "-D_GLIBCXX_USE_CXX11_ABI=1", *incs]
                 r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
+                first = [ln for ln in r.stderr.splitlines() if "error" in ln] or ["nvcc failed"]
                 rows.append({"kind": "cuda", "kernel": cu, "target": f"sm_{cc}", "status": "compile error",
-                             "error": r.stderr.strip().splitlines()[-1][:300] if r.stderr.strip() else "nvcc failed"})
+                             "error": first[0].strip()[:300]})
                 continue
             for f in parse_ptxas(r.stderr):
                 name = demangle(f["function"])

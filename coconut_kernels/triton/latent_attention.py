@@ -383,8 +383,8 @@ def _capability(device) -> int:
 # Its loop streams q (with rotary: x, the partner x and the cos/sin tiles) and dO through shared memory, one
 # buffer per stage, next to the K/V tiles and the transposed P/dS operands; the default 3 stages of 64-row
 # tiles need ~288 KB at D=128 with rotary, past sm_80's 163 KB and sm_90's 227 KB per block. These choices
-# are the largest tiles / most stages that fit each target for every dtype with rotary on (the worst case),
-# checked by compiling them (python -m coconut_kernels.triton.aot, tests/test_gpu_static.py).
+# fit each target for every dtype with rotary on (the worst case), checked by compiling them (python -m
+# coconut_kernels.triton.aot, tests/test_gpu_static.py); they are not tuned for speed, which needs a GPU.
 _DKDV_CONFIGS = {
     # sm_80 (A100: 163 KB)
     (80, 64, 2): (64, 64, 4, 2), (80, 128, 2): (32, 64, 4, 3), (80, 256, 2): (16, 32, 4, 2),

@@ -389,9 +389,11 @@ def cuda_rows(root: str, python: str = sys.executable) -> list[dict]:
                              "error": first[0].strip()[:300]})
                 continue
             for f in parse_ptxas(r.stderr):
-                name = demangle(f["function"])
+                name = cuda_kernel_name(demangle(f["function"]))
+                # The feedback launcher bounds its block by the registers (maxThreadsPerBlock), as here.
+                by_regs = TARGETS[cc].regs_per_sm // (-(-max(f["regs"], 1) * 32 // 256) * 256)
                 row = {"kind": "cuda", "kernel": f"{cu}:{name}", "scenario": "", "config": "", "target": f"sm_{cc}",
-                       "num_warps": cuda_block_warps(name), "num_stages": "",
+                       "num_warps": min(cuda_block_warps(name), by_regs), "num_stages": "",
                        **{k: f[k] for k in ("regs", "spill_stores", "spill_loads", "stack")},
                        "shared_bytes": f["static_smem"], "grid": ""}
                 rows.append(_finish(row, TARGETS[cc], row["num_warps"]))
@@ -410,9 +412,25 @@ CUDA_BLOCK_THREADS = {"append_kernel": 128, "fwd_split_kernel": 128, "fwd_combin
                       "bwd_row_kernel": 128, "latent_feedback_fwd_kernel": 1024, "latent_feedback_bwd_kernel": 1024}
 
 
+def cuda_kernel_name(demangled: str) -> str:
+    """`append_kernel<float>` from `void coconut::(anonymous namespace)::append_kernel<float>(float*, ...)`."""
+    name = demangled.replace("(anonymous namespace)::", "")
+    name = re.sub(r"^void ", "", name)
+    depth, end = 0, len(name)
+    for i, ch in enumerate(name):  # cut the argument list: the first '(' outside template brackets
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            end = i
+            break
+    return name[:end].rsplit("coconut::", 1)[-1]
+
+
 def cuda_block_warps(name: str) -> int:
-    base = re.sub(r"<.*", "", name.split("(")[0]).rsplit("::", 1)[-1].split()[-1]
-    return CUDA_BLOCK_THREADS.get(base, 1024) // 32
+    base = name.split("<", 1)[0]
+    if base not in CUDA_BLOCK_THREADS:
+        raise KeyError(f"no block size known for CUDA kernel {name}: add it to CUDA_BLOCK_THREADS")
+    return CUDA_BLOCK_THREADS[base] // 32
 
 
 # ---- the table ---------------------------------------------------------------------------------------------

@@ -367,37 +367,42 @@ def torch_includes(python: str) -> list[str]:
     return [p for p in out.splitlines() if p]
 
 
-def cuda_rows(root: str, python: str = sys.executable) -> list[dict]:
-    """`nvcc -Xptxas -v` of every csrc/cuda/*.cu for sm_80 and sm_90 (flags as setup.py's, headers of the torch
-    of `python`; compiling needs the headers only, not a GPU)."""
+def cuda_rows(root: str, python: str = sys.executable, ccs=tuple(TARGETS), jobs: int = 2) -> list[dict]:
+    """`nvcc -Xptxas -v` of every csrc/cuda/*.cu for each target in `ccs`, `jobs` compilations at a time (flags
+    as setup.py's, headers of the torch of `python`; compiling needs the headers only, not a GPU)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     cuda_home = os.environ.get("CUDA_HOME")
     nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else "nvcc"
     incs = [f"-I{p}" for p in torch_includes(python)] + [f"-I{os.path.join(root, 'csrc')}"]
-    rows = []
     src_dir = os.path.join(root, "csrc", "cuda")
-    for cu in sorted(f for f in os.listdir(src_dir) if f.endswith(".cu")):
-        for cc in TARGETS:
-            with tempfile.TemporaryDirectory() as d:
-                cmd = [nvcc, "-c", os.path.join(src_dir, cu), "-o", os.path.join(d, "o.o"), "-std=c++20", "-O3",
-                       "--use_fast_math", "-DCOCONUT_WITH_CUDA", "--expt-relaxed-constexpr",
-                       f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=_C",
-                       "-D_GLIBCXX_USE_CXX11_ABI=1", *incs]
-                r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                first = [ln for ln in r.stderr.splitlines() if "error" in ln] or ["nvcc failed"]
-                rows.append({"kind": "cuda", "kernel": cu, "target": f"sm_{cc}", "status": "compile error",
-                             "error": first[0].strip()[:300]})
-                continue
-            for f in parse_ptxas(r.stderr):
-                name = cuda_kernel_name(demangle(f["function"]))
-                # The feedback launcher bounds its block by the registers (maxThreadsPerBlock), as here.
-                by_regs = TARGETS[cc].regs_per_sm // (-(-max(f["regs"], 1) * 32 // 256) * 256)
-                row = {"kind": "cuda", "kernel": f"{cu}:{name}", "scenario": "", "config": "", "target": f"sm_{cc}",
-                       "num_warps": min(cuda_block_warps(name), by_regs), "num_stages": "",
-                       **{k: f[k] for k in ("regs", "spill_stores", "spill_loads", "stack")},
-                       "shared_bytes": f["static_smem"], "grid": ""}
-                rows.append(_finish(row, TARGETS[cc], row["num_warps"]))
-    return rows
+
+    def one(cu: str, cc: int) -> list[dict]:
+        with tempfile.TemporaryDirectory() as d:
+            cmd = [nvcc, "-c", os.path.join(src_dir, cu), "-o", os.path.join(d, "o.o"), "-std=c++20", "-O3",
+                   "--use_fast_math", "-DCOCONUT_WITH_CUDA", "--expt-relaxed-constexpr",
+                   f"-gencode=arch=compute_{cc},code=sm_{cc}", "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=_C",
+                   "-D_GLIBCXX_USE_CXX11_ABI=1", *incs]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            first = [ln for ln in r.stderr.splitlines() if "error" in ln] or ["nvcc failed"]
+            return [{"kind": "cuda", "kernel": cu, "target": f"sm_{cc}", "status": "compile error",
+                     "error": first[0].strip()[:300]}]
+        out = []
+        for f in parse_ptxas(r.stderr):
+            name = cuda_kernel_name(demangle(f["function"]))
+            # The feedback launcher bounds its block by the registers (maxThreadsPerBlock), as here.
+            by_regs = TARGETS[cc].regs_per_sm // (-(-max(f["regs"], 1) * 32 // 256) * 256)
+            row = {"kind": "cuda", "kernel": f"{cu}:{name}", "scenario": "", "config": "", "target": f"sm_{cc}",
+                   "num_warps": min(cuda_block_warps(name), by_regs), "num_stages": "",
+                   **{k: f[k] for k in ("regs", "spill_stores", "spill_loads", "stack")},
+                   "shared_bytes": f["static_smem"], "grid": ""}
+            out.append(_finish(row, TARGETS[cc], row["num_warps"]))
+        return out
+
+    tasks = [(cu, cc) for cu in sorted(f for f in os.listdir(src_dir) if f.endswith(".cu")) for cc in ccs]
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return [row for rows in pool.map(lambda t: one(*t), tasks) for row in rows]
 
 
 def demangle(sym: str) -> str:
@@ -483,7 +488,7 @@ def main(argv=None) -> int:
         else:
             rows += [_progress(i, len(_TODO), _compile_one(i)) for i in range(len(_TODO))]
     if a.cuda:
-        rows += [r for r in cuda_rows(root, a.torch_python) if int(r["target"][3:]) in ccs]
+        rows += cuda_rows(root, a.torch_python, ccs, a.jobs)
     for r in rows:
         if "commit" not in r:  # rows kept by --append have their own stamp
             r.update(stamp)

@@ -7,14 +7,15 @@ dtypes, no data) while every @triton.jit kernel's `run` is replaced by a recorde
 exactly what a GPU would be asked to launch: the same arguments, constexprs, block sizes and num_warps /
 num_stages, specialized as Triton's JIT specializes them (i32 or i64 by value, 16-divisibility of pointers and
 integers). Each recorded launch is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc,
-32))` and its cubin measured with the bundled `cuobjdump` (registers, stack) and `ptxas -v` (spill bytes);
-the occupancy per SM follows from the registers, shared memory and warps against the A100 (sm_80) and H100 /
+32))`, Triton's own path, whose `ptxas -v` log gives the cubin's registers, spills and stack; the occupancy
+per SM follows from the registers, shared memory and warps against the A100 (sm_80) and H100 /
 H200 (sm_90) limits. With `--cuda`, every CUDA C++ kernel of csrc/cuda/ is compiled with `nvcc -Xptxas -v`
 for both targets and added to the same table.
 
 The process fails (exit 1) on any compile error, on a launch grid outside the hardware limits, or on a kernel
 that needs more shared memory than its target has. The default set is the representative one CI compiles
-(every kernel, every dtype and head dim at least once); `--full` adds every combination of the options.
+(every kernel and head dim, every dtype at least once; see `scenarios`); `--full` crosses every option. Run it
+without TRITON_INTERPRET (the interpreter replaces the kernels by Python functions).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and __name__ == "__main__":
     # The interpreter replaces @triton.jit kernels by Python functions: nothing to compile.
@@ -231,10 +232,6 @@ def record_all(items, cc: int | None = None) -> list[Launch]:
 
 
 # ---- compiling -----------------------------------------------------------------------------------------------
-
-
-def _bin(tool):
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
 def _specialize(la: Launch, cc: int):

@@ -124,3 +124,30 @@ def from_pretrained(source, dtype: torch.dtype | None = None, device=None) -> GP
         model = model_cls(config)
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def load_pretrained(source, *, tokenizer=None, dtype: torch.dtype | None = None, device=None,
+                    need_tokenizer: bool = True):
+    """(model, tokenizer) of a Hugging Face folder for `LatentLM.from_pretrained`: the model as
+    `from_pretrained` reads it, the folder's tokenizer (unless one is given) with the three latent markers,
+    and the model grown for them as `coconut_kernels.add_latent_tokens` does. The tokenizer is None when
+    the folder has none and ``need_tokenizer`` is False (the caller has every id)."""
+    from ..errors import CheckpointError
+    from ..interop.markers import add_folder_markers, add_latent_tokens, load_folder_tokenizer
+
+    folder = Path(source)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face checkpoint folder)")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
+    try:
+        model = from_pretrained(folder, dtype=dtype, device=device)
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
+    if tokenizer is not None:
+        add_latent_tokens(model, tokenizer)
+        return model, tokenizer
+    tokenizer, added = load_folder_tokenizer(folder, required=need_tokenizer)
+    if tokenizer is not None:
+        add_folder_markers(model, tokenizer, added)
+    return model, tokenizer

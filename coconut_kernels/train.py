@@ -253,7 +253,7 @@ class _Run:
 
         model = self._wrap()
         optimizer = self._optimizer()
-        step, start_epoch, skip = 0, 0, 0
+        step, start_epoch, skip = 0, cfg.start_epoch, 0
         if self.state is not None:
             st = self.state
             if st["batches_done"] and st.get("world_size", 1) != self.world:
@@ -268,6 +268,7 @@ class _Run:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
         params = [p for p in self.lm.parameters() if p.requires_grad]
         show = cfg.progress and self.rank == 0
+        best = 0.0
         for epoch in range(start_epoch, cfg.num_epochs):
             stage = cfg.stage_of_epoch(epoch)
             if (skip == 0 and epoch > 0 and cfg.reset_optimizer and stage != cfg.stage_of_epoch(epoch - 1)):
@@ -323,9 +324,12 @@ class _Run:
             bar.close()
             skip = 0
             last = epoch == cfg.num_epochs - 1
+            row = None
             if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
-                self._evaluate(step, epoch, stage)
-            self._save(optimizer, step, epoch + 1, 0)
+                row = self._evaluate(step, epoch, stage)
+            if not cfg.save_only_improve or (row is not None and row["accuracy"] > best):
+                best = row["accuracy"] if row is not None else best
+                self._save(optimizer, step, epoch + 1, 0)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
         return self._finish()

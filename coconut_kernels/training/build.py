@@ -21,6 +21,7 @@ from ..data import (
     person_names,
 )
 from ..interop.markers import add_latent_tokens, load_folder_tokenizer
+from ..interop.official import load_official_weights
 from ..latent import LatentLM
 from .checkpoint import TOKENIZER, is_checkpoint, load_weights, read_model_config
 from .config import TrainConfig
@@ -122,6 +123,8 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
             lm.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ValueError(f"{ours}: weights do not fit the model ({e})") from None
+    elif cfg.load_model_path is not None:
+        load_official_weights(lm, cfg.load_model_path, tokenizer)
     return lm
 
 

@@ -40,6 +40,7 @@ class TrainConfig:
     model: dict = field(default_factory=lambda: {"family": "gpt2", "n_layer": 2, "n_head": 2, "d_model": 64,
                                                  "max_position": 512})
     feedback: str = "hidden"  # hidden | projected | soft | mixture | pause (pause_as_thought forces pause)
+    load_model_path: str | None = None  # an official checkpoint_N file loaded over init_from's weights
     # --- method and curriculum (the official knobs) -------------------------------------------------------
     method: str = "coconut"  # coconut | cot | no_cot | no_thoughts | pause_as_thought
     c_thought: int = 1
@@ -49,6 +50,7 @@ class TrainConfig:
     uniform_prob: float = 0.0
     reset_optimizer: bool = True  # fresh AdamW moments when the stage changes
     num_epochs: int = 7
+    start_epoch: int = 0  # the official `resume: N`: the curriculum starts at epoch N (stage N // epochs_per_stage)
     # --- optimisation -----------------------------------------------------------------------------------
     lr: float = 1e-4
     weight_decay: float = 0.01  # on matrices and embeddings; none on biases and norm weights
@@ -71,6 +73,7 @@ class TrainConfig:
     save_dir: str = "runs/coconut"
     save_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
     keep_checkpoints: int = 2
+    save_only_improve: bool = False  # the end-of-epoch checkpoint only when the accuracy beats the best so far
     resume: Any = False  # false | true (latest in save_dir) | a checkpoint folder
     dist: str = "ddp"  # ddp | fsdp (used when launched by torchrun with more than one process)
     device: str | None = None  # None: cuda when available, else cpu
@@ -104,7 +107,7 @@ class TrainConfig:
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r}: expected an int >= 1, got {getattr(self, name)}")
-        for name in ("num_epochs", "warmup_steps", "eval_every", "save_every_steps", "generate_train",
+        for name in ("num_epochs", "start_epoch", "warmup_steps", "eval_every", "save_every_steps", "generate_train",
                      "generate_val"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r}: expected an int >= 0, got {getattr(self, name)}")
@@ -141,11 +144,12 @@ class TrainConfig:
         return self.method in ("coconut", "pause_as_thought", "no_thoughts")
 
     def stage_of_epoch(self, epoch: int) -> int:
-        """The official schedule: epoch // epochs_per_stage capped at max_latent_stage (+1 would mean "all
-        steps replaced", which the data layer handles the same way); cot and no_cot stay at stage 0."""
+        """The official schedule: epoch // epochs_per_stage; every stage past max_latent_stage lays the data
+        out alike (all steps replaced, max_latent_stage latents), so it is capped at max_latent_stage + 1;
+        cot and no_cot stay at stage 0."""
         if not self.uses_latents:
             return 0
-        return min(epoch // self.epochs_per_stage, self.max_latent_stage)
+        return min(epoch // self.epochs_per_stage, self.max_latent_stage + 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -213,7 +217,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         if key == "model" and isinstance(v, dict) and isinstance(values.get("model"), dict):
             v = {**values["model"], **v}  # --model '{d_model: 64}' changes one field of the file's model
         values[key] = v
-    for key in ("train_path", "val_path", "tokenizer", "init_from", "save_dir", "resume"):
+    for key in ("train_path", "val_path", "tokenizer", "init_from", "save_dir", "resume", "load_model_path"):
         if key in values:
             values[key] = _expand(values[key])
     return TrainConfig(**values)
@@ -227,6 +231,9 @@ def config_parser() -> argparse.ArgumentParser:
         description="COCONUT curriculum trainer: YAML config and/or --key value flags (values parsed as YAML).",
     )
     p.add_argument("config", nargs="?", help="YAML config file (keys: the flags below, without --)")
+    p.add_argument("--official", metavar="ARGS_YAML", default=None,
+                   help="an official COCONUT run config (facebookresearch/coconut args/*.yaml), read with run.py's "
+                        "meaning of each key; the flags below apply on top")
     for f in dataclasses.fields(TrainConfig):
         p.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(f.type),
                        type=_yaml_value, help=f"(default: {_default(f)})")
@@ -251,6 +258,13 @@ def _default(f: dataclasses.Field):
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(config_parser().parse_args(argv))
     path = args.pop("config")
+    official = args.pop("official")
+    if official is not None:
+        if path is not None:
+            raise ValueError(f"config file {path} and --official {official}: give one of them")
+        from ..interop.official import official_config
+
+        return official_config(official, args)
     if path is not None and not Path(path).is_file():
         raise ValueError(f"config file {path}: not found")
     return load_config(path, args)

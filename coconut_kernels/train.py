@@ -168,6 +168,21 @@ class _Run:
         bs = self.cfg.batch_size
         return [examples[i:i + bs] for i in range(0, len(examples), bs)]
 
+    def _loss_weight(self, batches: list[list], b: int, group_start: int, group: int) -> float:
+        """The factor of micro-batch b's mean loss in its optimizer step's gradient (see `loss_average`)."""
+        if self.cfg.loss_average == "micro_batch":
+            return 1.0 / group
+        if b == group_start:  # the group's labelled tokens, all processes (a resume starts at a group's start)
+            n = [sum(sum(t != -100 for t in ex.labels[1:]) for ex in batches[i])
+                 for i in range(group_start, group_start + group)]
+            total = torch.tensor(float(sum(n)), dtype=torch.float64, device=self.device)
+            if self.world > 1:
+                dist.all_reduce(total)
+            self._group_tokens = (n, group_start, float(total))
+        n, start, total = self._group_tokens
+        # DDP and FSDP average the processes' gradients: the world size undoes that mean
+        return n[b - start] / max(total, 1.0) * self.world
+
     # --------------------------------------------------------------------------------------------------
     def _model_state(self) -> dict:
         if self._is_fsdp():
@@ -287,8 +302,9 @@ class _Run:
                     with autocast:
                         out = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                     batch["position_ids"])
-                    (out.loss / group).backward()
-                loss_sum += out.loss.detach() / group
+                    weight = self._loss_weight(batches, b, group_start, group)
+                    (out.loss * weight).backward()
+                loss_sum += out.loss.detach() * weight
                 tokens += int(batch["attention_mask"].sum())
                 if not last_in_group:
                     continue

@@ -59,6 +59,10 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # None: no clipping
     batch_size: int = 32  # per process
     grad_accum_steps: int = 1
+    # how an optimizer step averages its loss: "micro_batch" (run.py: each micro-batch's token mean / the
+    # accumulation steps, then DDP's mean over processes) or "tokens" (every labelled token of the step
+    # weighs the same, across micro-batches and processes: k micro-batches of B/k = one batch of B)
+    loss_average: str = "micro_batch"
     bf16: bool = False  # bf16 autocast; the weights and optimizer state stay fp32
     seed: int = 0
     collate: str = "ragged"  # ragged (no compute on pads) | aligned (the official left padding)
@@ -100,6 +104,7 @@ class TrainConfig:
         if self.feedback not in MODES:
             raise ValueError(f"config key 'feedback': expected one of {sorted(MODES)}, got {self.feedback!r}")
         _choice("collate", self.collate, ("ragged", "aligned"))
+        _choice("loss_average", self.loss_average, ("micro_batch", "tokens"))
         _choice("dist", self.dist, ("ddp", "fsdp"))
         _choice("lr_schedule", self.lr_schedule, _SCHEDULES)
         _choice("val_if_missing", self.val_if_missing, ("error", "generate"))

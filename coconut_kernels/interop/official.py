@@ -162,7 +162,7 @@ def official_config(path, overrides: dict | None = None, *, report=None):
     except ValueError as e:
         raise ConfigError(f"official config {path}: {e}") from None
     for note in notes:
-        print(f"coconut-train: {path}: {note}", file=report or sys.stderr)
+        print(f"official config {path}: {note}", file=report or sys.stderr)
     return cfg
 
 

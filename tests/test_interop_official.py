@@ -2,9 +2,9 @@
 run.py's meaning, a run of one stage from such a file on a tiny model, and its `checkpoint_N` files (the
 `Coconut` wrapper's state dict or the bare model's) loaded for evaluation, generation and more training.
 
-When the official repository is on this machine (``COCONUT_OFFICIAL``: a checkout or its git directory;
-default: the mirror fetched by the project's tooling), every file of its ``args/`` is mapped and its `Coconut`
-class writes a checkpoint; otherwise those tests skip and the checkpoint is built as the class builds it.
+When the official repository is given (``COCONUT_OFFICIAL``: a checkout or its git directory), every file of
+its ``args/`` is mapped and its `Coconut` class writes a checkpoint; otherwise those tests skip and the
+checkpoint is built as the class builds it.
 """
 from __future__ import annotations
 
@@ -33,27 +33,29 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 ROOT = Path(__file__).resolve().parents[1]
-_MIRROR = Path(os.environ.get("COCONUT_OFFICIAL", "/work/.mirror/facebookresearch+coconut/repo"))
+_OFFICIAL = os.environ.get("COCONUT_OFFICIAL")
 
 
-def official_file(name: str) -> str | None:
-    """A file of the official repository (a checkout or a bare git directory), None when absent."""
-    if (_MIRROR / name).is_file():
-        return (_MIRROR / name).read_text()
-    if not (_MIRROR / "HEAD").is_file():
-        return None
-    out = subprocess.run(["git", f"--git-dir={_MIRROR}", "show", f"HEAD:{name}"], capture_output=True, text=True)
+def _git(*args) -> str | None:
+    out = subprocess.run(["git", f"--git-dir={_OFFICIAL}", *args], capture_output=True, text=True)
     return out.stdout if out.returncode == 0 else None
 
 
+def official_file(name: str) -> str | None:
+    """A file of the official repository (a checkout or a bare git directory), None when not given."""
+    if _OFFICIAL is None:
+        return None
+    if (Path(_OFFICIAL) / name).is_file():
+        return (Path(_OFFICIAL) / name).read_text()
+    return _git("show", f"HEAD:{name}") if (Path(_OFFICIAL) / "HEAD").is_file() else None
+
+
 def official_args() -> list[str]:
-    if not (_MIRROR / "HEAD").is_file() and not (_MIRROR / "args").is_dir():
+    if _OFFICIAL is None:
         return []
-    if (_MIRROR / "args").is_dir():
-        return sorted(f"args/{p.name}" for p in (_MIRROR / "args").glob("*.yaml"))
-    out = subprocess.run(["git", f"--git-dir={_MIRROR}", "ls-tree", "--name-only", "HEAD", "args/"],
-                         capture_output=True, text=True)
-    return sorted(out.stdout.split())
+    if (Path(_OFFICIAL) / "args").is_dir():
+        return sorted(f"args/{p.name}" for p in (Path(_OFFICIAL) / "args").glob("*.yaml"))
+    return sorted((_git("ls-tree", "--name-only", "HEAD", "args/") or "").split())
 
 
 def official_yaml(**changes) -> dict:
@@ -86,7 +88,7 @@ def word_folder(folder: Path, records: list[dict], family: str = "gpt2", seed: i
     else:
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=0,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, rope_theta=5e5, bos_token_id=0,
             eos_token_id=0, pad_token_id=0))
     hf.save_pretrained(str(folder))
     tok.save(str(folder / "tokenizer.json"))
@@ -278,7 +280,7 @@ def test_bad_checkpoints(tmp_path, gpt2_words):
     hf = _hf(gpt2_words)
     pickled = tmp_path / "checkpoint_pickle"
     torch.save({"model": hf.state_dict(), "args": argparse_namespace()}, pickled)
-    with pytest.raises(CheckpointError, match=f"{pickled}: holds objects other than tensors"):
+    with pytest.raises(CheckpointError, match=f"{pickled}: holds an object of type argparse.Namespace; reading it would run pickle"):
         read_official_checkpoint(pickled)
     small = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=hf.config.vocab_size, n_positions=512,
                                                                  n_embd=16, n_layer=2, n_head=2))

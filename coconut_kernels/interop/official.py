@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -183,8 +184,10 @@ def read_official_checkpoint(path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: holds objects other than tensors (it needs pickle, which is not run on a "
-                              f"checkpoint: {str(e).splitlines()[0]}); save its state_dict() instead") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"an object of type {found.group(1)}" if found else "objects other than tensors"
+        raise CheckpointError(f"{path}: holds {what}; reading it would run pickle, which is never done for a "
+                              f"checkpoint: save the model's state_dict() alone") from None
     except Exception as e:  # truncated or not a torch file
         raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):

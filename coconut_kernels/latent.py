@@ -96,7 +96,8 @@ class LatentLM(nn.Module):
     hidden state at every latent token.
 
         lm = LatentLM.from_pretrained(folder)                  # ids from the folder's tokenizer
-        lm = LatentLM(model, tokenizer=tok)  or  LatentLM(model, latent_token_id, start_latent_id, end_latent_id, eos_token_id)
+        lm = LatentLM(model, tokenizer=tok)                    # or the ids: LatentLM(model, latent_token_id,
+                                                               #     start_latent_id, end_latent_id, eos_token_id)
         out = lm(input_ids, attention_mask, labels, position_ids)    # out.loss
 
     Accepts the reference collator's batches (first latents aligned by left padding, pads with attention 0) and
@@ -125,7 +126,8 @@ class LatentLM(nn.Module):
 
     @property
     def tokenizer(self):
-        """The tokenizer the ids came from (the folder's for `from_pretrained`), None when ids were given."""
+        """The tokenizer the ids came from (the folder's for `from_pretrained`); None when the ids were given
+        without one."""
         return self._tokenizer
 
     @property

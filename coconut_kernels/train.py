@@ -26,7 +26,7 @@ from .data import AlignedCollator, RaggedCollator, build_example, tokenize_recor
 from .training.build import build_lm, build_tokenizer, check_stages, device_of, load_data, world_info
 from .training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .training.config import TrainConfig, parse_args
-from .training.evaluate import evaluate
+from .training.evaluate import evaluate, validation_loss
 from .training.metrics import MetricsLog, format_eval_table
 
 __all__ = ["main", "run"]
@@ -230,17 +230,22 @@ class _Run:
             res = evaluate(self.lm, self.val, stage, self.stage_config, self.tokenizer, self.collator,
                            batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, device=self.device,
                            bf16=cfg.bf16, rank=self.rank, world=self.world)
+            # run.py's validation loss: the stage's training layout of the validation records
+            loss = validation_loss(self.lm, self.val, stage, self.stage_config, self.tokenizer, self.collator,
+                                   batch_size=cfg.eval_batch_size, device=self.device, bf16=cfg.bf16)
         finally:
             if fsdp:
                 self.lm.reshard()
         row = {"step": step, "epoch": epoch, "stage": stage, "accuracy": res["accuracy"],
+               "cot_accuracy": res["cot_accuracy"], "val_loss": loss["val_loss"], "mean_latents": res["mean_latents"],
                "mean_new_tokens": res["mean_new_tokens"], "correct": res["correct"], "n": res["n"],
                "elapsed_s": round(time.perf_counter() - self.t0, 2)}
         self.log.eval(row)
         self.evals.append(row)
         if self.rank == 0:
             print(f"[eval] epoch {epoch} stage {stage}: accuracy {100 * row['accuracy']:.1f}% "
-                  f"({row['correct']}/{row['n']}), {row['mean_new_tokens']:.1f} new tokens", file=sys.stderr)
+                  f"({row['correct']}/{row['n']}), CoT match {100 * row['cot_accuracy']:.1f}%, validation loss "
+                  f"{row['val_loss']:.4f}, {row['mean_new_tokens']:.1f} new tokens", file=sys.stderr)
             for s in res["samples"]:
                 print(f"  [{'ok' if s['correct'] else 'x '}] {s['output']!r}", file=sys.stderr)
         return row

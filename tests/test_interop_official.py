@@ -301,3 +301,34 @@ def argparse_namespace():
     import argparse
 
     return argparse.Namespace(lr=1e-4)
+
+
+def test_stages_past_max_latent_stage_lay_the_data_out_as_run_py(records):
+    """run.py's stage is epoch // epochs_per_stage, uncapped: past max_latent_stage every step is replaced
+    (max_latent_stage latents with pad_latent_to_max), which stage max_latent_stage + 1 gives."""
+    from coconut_kernels.data import WordTokenizer, build_example, tokenize_records
+    from coconut_kernels.training import TrainConfig
+
+    cfg = TrainConfig(max_latent_stage=2, epochs_per_stage=1, num_epochs=9)
+    assert [cfg.stage_of_epoch(e) for e in range(6)] == [0, 1, 2, 3, 3, 3]
+    tok = WordTokenizer.from_records(records)
+    rec = max(tokenize_records(records, tok), key=lambda r: len(r.steps))
+    assert len(rec.steps) > 3
+    ex = build_example(rec, cfg.stage_of_epoch(8), cfg.stage_config(), tok)
+    assert ex.n_latents == 2 and ex.input_ids == rec.question + [tok.bot_id, tok.latent_id, tok.latent_id,
+                                                                  tok.eot_id] + rec.answer
+
+
+def test_save_only_improve_saves_as_run_py(tmp_path):
+    """run.py saves when the accuracy beats the best so far, which starts at 0: a model that never answers
+    right writes no checkpoint."""
+    from coconut_kernels.train import run
+    from coconut_kernels.training import TrainConfig
+
+    cfg = TrainConfig(generate_train=8, generate_val=2, model={"family": "gpt2", "n_layer": 1, "n_head": 2,
+                                                               "d_model": 16, "max_position": 512},
+                      max_latent_stage=1, num_epochs=2, batch_size=8, max_new_tokens=2, save_only_improve=True,
+                      progress=False, tensorboard=False, save_dir=str(tmp_path / "run"))
+    out = run(cfg)
+    assert [e["accuracy"] for e in out["evals"]] == [0.0, 0.0]
+    assert out["checkpoint"] is None and not list((tmp_path / "run").glob("step-*"))

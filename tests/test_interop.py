@@ -56,8 +56,8 @@ def gpt2_folder(folder: Path, *, n_embd: int = 32, n_layer: int = 2, n_positions
                 tokenizer_json=True) -> Path:
     """A stock-GPT-2-shaped checkpoint folder with random weights (what save_pretrained writes)."""
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=GPT2_VOCAB, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=2,
-                                  bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
+    cfg = transformers.GPT2Config(vocab_size=GPT2_VOCAB, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                  n_head=2, bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(str(folder))
     gpt2_tokenizer_files(folder, tokenizer_json=tokenizer_json)
     return folder

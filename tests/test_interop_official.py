@@ -8,7 +8,6 @@ checkpoint is built as the class builds it.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from coconut_kernels import CheckpointError, ConfigError, LatentLM
+from coconut_kernels import CheckpointError, ConfigError
 from coconut_kernels.data import generate_dataset, save_records
 from coconut_kernels.interop.official import (
     OFFICIAL_KEYS,
@@ -88,8 +87,8 @@ def word_folder(folder: Path, records: list[dict], family: str = "gpt2", seed: i
     else:
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, rope_theta=5e5, bos_token_id=0,
-            eos_token_id=0, pad_token_id=0))
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, rope_theta=5e5,
+            bos_token_id=0,            eos_token_id=0, pad_token_id=0))
     hf.save_pretrained(str(folder))
     tok.save(str(folder / "tokenizer.json"))
     return folder
@@ -270,8 +269,9 @@ def test_continued_training_from_an_official_checkpoint(tmp_path, records, gpt2_
     data = tmp_path / "train.json"
     save_records(records, data)
     assert main([f"--init_from={gpt2_words}", f"--load_model_path={ckpt}", f"--train_path={data}",
-                 f"--val_path={data}", "--max_val_records=2", "--num_epochs=1", "--batch_size=6", "--max_latent_stage=2",
-                 "--max_new_tokens=4", "--progress=false", "--tensorboard=false", f"--save_dir={tmp_path / 'run'}"]) == 0
+                 f"--val_path={data}", "--max_val_records=2", "--num_epochs=1", "--batch_size=6",
+                 "--max_latent_stage=2", "--max_new_tokens=4", "--progress=false", "--tensorboard=false",
+                 f"--save_dir={tmp_path / 'run'}"]) == 0
     rows = read_csv(tmp_path / "run" / "train_log.csv")
     assert len(rows) == 2 and all(float(r["loss"]) > 0 for r in rows)
 
@@ -280,14 +280,16 @@ def test_bad_checkpoints(tmp_path, gpt2_words):
     hf = _hf(gpt2_words)
     pickled = tmp_path / "checkpoint_pickle"
     torch.save({"model": hf.state_dict(), "args": argparse_namespace()}, pickled)
-    with pytest.raises(CheckpointError, match=f"{pickled}: holds an object of type argparse.Namespace; reading it would run pickle"):
+    with pytest.raises(CheckpointError,
+                       match=f"{pickled}: holds an object of type argparse.Namespace; reading it would run pickle"):
         read_official_checkpoint(pickled)
     small = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=hf.config.vocab_size, n_positions=512,
                                                                  n_embd=16, n_layer=2, n_head=2))
     mismatch = tmp_path / "checkpoint_small"
     torch.save({f"base_causallm.{k}": v for k, v in small.state_dict().items()}, mismatch)
+    V = hf.config.vocab_size
     with pytest.raises(CheckpointError, match=f"{mismatch}: key 'transformer.wte.weight' has shape "
-                                         f"\\({hf.config.vocab_size}, 16\\), the model needs \\({hf.config.vocab_size + 3}, 32\\)"):
+                                              f"\\({V}, 16\\), the model needs \\({V + 3}, 32\\)"):
         load_official_checkpoint(mismatch, gpt2_words)
     missing = tmp_path / "checkpoint_missing"
     torch.save({k: v for k, v in hf.state_dict().items() if "h.1." not in k}, missing)

@@ -18,7 +18,8 @@ from torch import nn
 from ..data.tokenizer import END_LATENT, LATENT, START_LATENT, HFTokenizer, Tokenizer, _config_eos
 from ..errors import CheckpointError, CoconutError
 
-__all__ = ["LatentIds", "MARKERS", "add_folder_markers", "add_latent_tokens", "check_latent_ids", "load_folder_tokenizer", "resolve_ids"]
+__all__ = ["LatentIds", "MARKERS", "add_folder_markers", "add_latent_tokens", "check_latent_ids",
+           "load_folder_tokenizer", "resolve_ids"]
 
 log = logging.getLogger("coconut_kernels")
 

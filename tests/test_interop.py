@@ -225,3 +225,32 @@ def test_markers_not_consecutive(tmp_path):
     with pytest.raises(CoconutError, match=r"odd: the latent markers exist but are not on consecutive ids "
                                            r"\(<\|start-latent\|>=1, <\|end-latent\|>=3, <\|latent\|>=5\)"):
         LatentLM.from_pretrained(folder)
+
+
+def test_vocabulary_padded_past_the_tokenizer(tmp_path):
+    """A model with more rows than its tokenizer has tokens (Qwen2's padded vocabulary): the markers take
+    the ids after the tokenizer's and their existing rows become the row of `<<`, as run.py sets them; the
+    trainer's init_from builds the same rows."""
+    from tokenizers import Tokenizer, models
+
+    from coconut_kernels.training import TrainConfig
+    from coconut_kernels.training.build import build_lm, build_tokenizer
+
+    words = ["<unk>", "a", "b", "<<", "</s>"]
+    folder = tmp_path / "padded"
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=16, n_positions=32, n_embd=8, n_layer=1,
+                                                              n_head=2, bos_token_id=4, eos_token_id=4))
+    hf.save_pretrained(str(folder))
+    Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")).save(
+        str(folder / "tokenizer.json"))
+    wte = hf.transformer.wte.weight.detach()
+    lm = LatentLM.from_pretrained(folder)
+    trained = build_lm(TrainConfig(init_from=str(folder)), build_tokenizer(TrainConfig(init_from=str(folder)), [], None),
+                       None)
+    for model in (lm.model, trained.model):
+        assert model.embed_tokens.weight.shape == (16, 8)
+        for i in (5, 6, 7):
+            torch.testing.assert_close(model.embed_tokens.weight[i], wte[3], rtol=0, atol=0)
+        torch.testing.assert_close(model.embed_tokens.weight[8:], wte[8:], rtol=0, atol=0)
+    assert lm.latent_ids == (5, 6, 7) and trained.latent_ids == (5, 6, 7)

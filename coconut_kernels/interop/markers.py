@@ -18,7 +18,7 @@ from torch import nn
 from ..data.tokenizer import END_LATENT, LATENT, START_LATENT, HFTokenizer, Tokenizer, _config_eos
 from ..errors import CheckpointError, CoconutError
 
-__all__ = ["LatentIds", "MARKERS", "add_folder_markers", "add_latent_tokens", "check_latent_ids",
+__all__ = ["LatentIds", "MARKERS", "add_latent_tokens", "check_latent_ids",
            "load_folder_tokenizer", "resolve_ids"]
 
 log = logging.getLogger("coconut_kernels")
@@ -81,20 +81,23 @@ def _ensure_markers(raw, where: str) -> tuple[LatentIds, set[int]]:
     return ids, added
 
 
-def load_folder_tokenizer(folder, *, required: bool = True) -> tuple[HFTokenizer | None, set[int]]:
-    """(the folder's tokenizer with the three markers, the marker ids that were not in its files).
-    ``required=False``: (None, set()) for a folder without tokenizer files."""
+def load_folder_tokenizer(folder, *, required: bool = True) -> HFTokenizer | None:
+    """The folder's tokenizer with the three markers (None for a folder without tokenizer files when not
+    ``required``). It remembers which markers its files lacked: `add_latent_tokens` initialises their rows
+    even where the model already has rows for those ids (a vocabulary padded past the tokenizer's)."""
     folder = Path(folder)
     raw = _raw_from_folder(folder)
     if raw is None:
         if not required:
-            return None, set()
+            return None
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         raise CheckpointError(f"{folder}: no tokenizer (expected tokenizer.json, or vocab.json + merges.txt; found "
                               f"{found}); pass latent_token_id, start_latent_id, end_latent_id and eos_token_id, "
                               f"or tokenizer=")
     _, added = _ensure_markers(raw, str(folder))
-    return HFTokenizer(raw, eos_token=_config_eos(folder)), added
+    tokenizer = HFTokenizer(raw, eos_token=_config_eos(folder))
+    tokenizer._new_marker_ids = added
+    return tokenizer
 
 
 def _markers_of(tokenizer, where: str) -> tuple[LatentIds, set[int], int | None, int]:
@@ -102,7 +105,9 @@ def _markers_of(tokenizer, where: str) -> tuple[LatentIds, set[int], int | None,
     if isinstance(tokenizer, HFTokenizer):
         raw = tokenizer._tok
         ids = LatentIds(tokenizer.bot_id, tokenizer.eot_id, tokenizer.latent_id)
-        return ids, set(), raw.token_to_id(INIT_TOKEN), tokenizer.vocab_size
+        # once: the rows are initialised by the first model grown with this tokenizer (idempotence)
+        added, tokenizer._new_marker_ids = getattr(tokenizer, "_new_marker_ids", set()), set()
+        return ids, added, raw.token_to_id(INIT_TOKEN), tokenizer.vocab_size
     if isinstance(tokenizer, Tokenizer):  # the word tokenizer: markers fixed in its vocabulary
         ids = LatentIds(tokenizer.bot_id, tokenizer.eot_id, tokenizer.latent_id)
         init = getattr(tokenizer, "_ids", {}).get(INIT_TOKEN)
@@ -179,12 +184,6 @@ def add_latent_tokens(model: nn.Module, tokenizer) -> LatentIds:
     the mean row when the tokenizer has no ``<<`` (logged). Calling it again changes nothing.
     """
     ids, added, init, vocab = _markers_of(tokenizer, "tokenizer")
-    return _add_rows(model, ids, added, init, vocab)
-
-
-def add_folder_markers(model: nn.Module, tokenizer: HFTokenizer, added: set[int]) -> LatentIds:
-    """`add_latent_tokens` for a tokenizer that `load_folder_tokenizer` gave the markers `added`."""
-    ids, _, init, vocab = _markers_of(tokenizer, "tokenizer")
     return _add_rows(model, ids, added, init, vocab)
 
 

@@ -133,7 +133,7 @@ def load_pretrained(source, *, tokenizer=None, dtype: torch.dtype | None = None,
     and the model grown for them as `coconut_kernels.add_latent_tokens` does. The tokenizer is None when
     the folder has none and ``need_tokenizer`` is False (the caller has every id)."""
     from ..errors import CheckpointError
-    from ..interop.markers import add_folder_markers, add_latent_tokens, load_folder_tokenizer
+    from ..interop.markers import add_latent_tokens, load_folder_tokenizer
 
     folder = Path(source)
     if not folder.is_dir():
@@ -144,12 +144,10 @@ def load_pretrained(source, *, tokenizer=None, dtype: torch.dtype | None = None,
         model = from_pretrained(folder, dtype=dtype, device=device)
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
+    if tokenizer is None:
+        tokenizer = load_folder_tokenizer(folder, required=need_tokenizer)
     if tokenizer is not None:
         add_latent_tokens(model, tokenizer)
-        return model, tokenizer
-    tokenizer, added = load_folder_tokenizer(folder, required=need_tokenizer)
-    if tokenizer is not None:
-        add_folder_markers(model, tokenizer, added)
     return model, tokenizer
 
 

@@ -72,7 +72,7 @@ def build_tokenizer(cfg: TrainConfig, train: list[dict], checkpoint: Path | None
             raise ValueError(f"config key 'tokenizer': {cfg.tokenizer} not found")
         return load_tokenizer(cfg.tokenizer)
     if cfg.init_from is not None:
-        return load_folder_tokenizer(cfg.init_from)[0]
+        return load_folder_tokenizer(cfg.init_from)
     return WordTokenizer.from_records(train, extra_tokens=concept_nouns() + person_names())
 
 

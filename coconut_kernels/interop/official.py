@@ -107,7 +107,7 @@ def official_config(path, overrides: dict | None = None, *, report=None):
     ``overrides`` (this library's keys) apply on top. Keys with no meaning here are reported once through
     ``report`` (default: stderr)."""
     from ..training.checkpoint import latest_checkpoint
-    from ..training.config import TrainConfig, load_config
+    from ..training.config import load_config
 
     path = Path(path)
     data = _read_yaml(path)
@@ -156,8 +156,6 @@ def official_config(path, overrides: dict | None = None, *, report=None):
         notes.append(f"key(s) {ignored} have no meaning here (wandb project, debug mode off): ignored")
     if unknown:
         notes.append(f"key(s) {unknown} are not read by run.py: ignored")
-    names = set(TrainConfig.__dataclass_fields__)
-    values = {k: v for k, v in values.items() if k in names}
     try:
         cfg = load_config(None, {**values, **overrides})
     except ValueError as e:

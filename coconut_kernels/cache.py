@@ -9,7 +9,7 @@ import torch
 from .ops.latent_attention import (NewRows, append_and_attend, grad_accumulators, kernels, latent_attention,
                                    no_double_backward)
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "AttendedPass"]
 
 
 def _as_lengths(x, batch: int, device) -> torch.Tensor:
@@ -150,22 +150,25 @@ class KVCache:
                                     causal=causal, cache_leftpad=self.leftpad, new_seqlens=new_seqlens,
                                     rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                                     rotary_interleaved=rotary_interleaved)
-        chain, lengths = self._differentiable_pass(layer, q.shape[1], new_seqlens)
-        out, self._chain[layer] = _CachedAttention.apply(chain, q, k_new, v_new, self, layer, lengths, rot, scale,
-                                                         causal)
+        return self.differentiable_pass(layer, q.shape[1], new_seqlens, lambda chain, lengths: _CachedAttention.apply(
+            chain, q, k_new, v_new, self, layer, lengths, rot, scale, causal))
+
+    def differentiable_pass(self, layer: int, n_rows: int, new_seqlens, node):
+        """Run `node(chain, lengths)` as layer `layer`'s next differentiable pass of n_rows new rows; returns its
+        output. `node` applies an autograd Function that takes `chain` (the layer's chain token, None for its
+        first pass) as an input, runs `AttendedPass.run(cache, layer, lengths, chain, ...)` in its forward and
+        the record's backward in its backward, and returns (out, its own chain token): the chain orders the
+        passes' backwards (see _CachedAttention). attend() is one such node; the model layer's fused attention
+        (models.linear.attention) is another."""
+        self._train.max_new = max(self._train.max_new, n_rows)
+        out, self._chain[layer] = node(self._chain[layer], self._pass_lengths(new_seqlens))
         return out
 
-    def _differentiable_pass(self, layer: int, n_rows: int, new_seqlens):
-        """(the layer's chain token, the pass's lengths) for a differentiable pass of n_rows new rows; the caller
-        stores the token its pass outputs in self._chain[layer]."""
-        self._train.max_new = max(self._train.max_new, n_rows)
-        return self._chain[layer], self._pass_lengths(new_seqlens)
 
-
-class _Attended:
+class AttendedPass:
     """One differentiable pass of one layer, as its backward needs it: the forward appends k_new/v_new and attends
-    q (run); the backward gives the gradients of q, k_new, v_new (backward). The state of _CachedAttention's
-    ctx, shared with the model layer's fused attention node (models.linear.attention)."""
+    q (run); the backward gives the gradients of q, k_new, v_new (backward). The state of every node that
+    KVCache.differentiable_pass runs (_CachedAttention's ctx, the model layer's fused attention node)."""
 
     __slots__ = ("state", "layer", "lengths", "rot", "scale", "causal", "first", "n_rows", "new_dtype")
 
@@ -232,7 +235,7 @@ class _CachedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chain, q, k_new, v_new, cache, layer, lengths, rot, scale, causal):
-        ctx.pass_, out, lse = _Attended.run(cache, layer, lengths, chain, q, k_new, v_new, rot, scale, causal)
+        ctx.pass_, out, lse = AttendedPass.run(cache, layer, lengths, chain, q, k_new, v_new, rot, scale, causal)
         ctx.save_for_backward(q, out, lse)
         ctx.set_materialize_grads(False)
         return out, q.new_zeros(())

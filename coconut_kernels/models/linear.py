@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache, _Attended
+from ..cache import AttendedPass, KVCache
 from ..ops.latent_attention import no_double_backward
 
 __all__ = ["Linear", "batched_weight_grads", "mlp", "attention", "ACTIVATIONS"]
@@ -315,10 +315,9 @@ def attention(x: torch.Tensor, qkv: Linear, out: Linear, cache, layer: int, head
     e1, w1, b1 = session.entry(qkv)
     e2, w2, b2 = session.entry(out)
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
-    chain, lengths = cache._differentiable_pass(layer, n, new_seqlens)
-    y, cache._chain[layer] = _DeferredAttention.apply(chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads,
-                                                      (rotary_cos, rotary_sin, rotary_interleaved), scale, session)
-    return y
+    rot = (rotary_cos, rotary_sin, rotary_interleaved)
+    return cache.differentiable_pass(layer, n, new_seqlens, lambda chain, lengths: _DeferredAttention.apply(
+        chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads, rot, scale, session))
 
 
 def _split_heads(qkv: torch.Tensor, heads: tuple[int, int, int]):
@@ -338,7 +337,7 @@ class _DeferredAttention(torch.autograd.Function):
     def forward(ctx, chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads, rot, scale, session):
         B, n, _ = x.shape
         q, k, v = _split_heads(F.linear(x, w1, b1), heads)
-        ctx.pass_, o, lse = _Attended.run(cache, layer, lengths, chain, q, k, v, rot, scale, True)
+        ctx.pass_, o, lse = AttendedPass.run(cache, layer, lengths, chain, q, k, v, rot, scale, True)
         ctx.save_for_backward(x, q, o, lse, w1, w2)
         ctx.entries, ctx.gathers, ctx.session = (e1, e2), (w1.grad_fn, w2.grad_fn), session
         ctx.with_bias = (b1 is not None, b2 is not None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
 from ..backend import get_backend
 
 __all__ = ["latent_attention"]
@@ -62,6 +61,8 @@ def kernels(device: torch.device):
         from ..triton import latent_attention as tri  # imported lazily: needs triton and a GPU (or the interpreter)
 
         return tri.kv_cache_append_triton, tri.latent_attention_fwd_triton, tri.latent_attention_bwd_triton
+    from .. import reference  # the "torch" backend (backend.py) runs the tests' oracle itself, for debugging
+
     return (reference.kv_cache_append_reference, reference.latent_attention_fwd_reference,
             reference.latent_attention_bwd_reference)
 
@@ -101,6 +102,26 @@ def grad_accumulators(k_cache, pad_rows: int):
         return buf[: B * T].view(B, T, H, D)
 
     return one(), one()
+
+
+def unrotate(x, cos, sin, positions, interleaved: bool = False):
+    """The inverse rotary rotation (angle -θ) of the first 2 * cos.shape[1] dims of x (B, S, H, D) at positions
+    (B, S): maps the gradient of rotated keys back to the un-rotated ones. NeoX pairs (i, i + half), or (2i, 2i+1)
+    when interleaved, as the kernels rotate. Positions are clamped into the table (their rows are masked)."""
+    half = cos.shape[1]
+    if half == 0:
+        return x
+    pos = positions.long().clamp(0, cos.shape[0] - 1)
+    c = cos.to(x.dtype)[pos][:, :, None, :]  # (B, S, 1, half)
+    s = sin.to(x.dtype)[pos][:, :, None, :]
+    rot, rest = x[..., : 2 * half], x[..., 2 * half :]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        y = torch.stack((x1 * c + x2 * s, x2 * c - x1 * s), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        y = torch.cat((x1 * c + x2 * s, x2 * c - x1 * s), dim=-1)
+    return torch.cat((y, rest), dim=-1)
 
 
 class NewRows:
@@ -143,7 +164,7 @@ class NewRows:
         g = windows.index_select(0, self.start).view(B, self.n_rows, *acc.shape[2:]).mul_(self.mask(acc.dtype))
         if rotary_cos is not None:
             pos = self.rows if self.leftpad is None else self.rows - self.leftpad.long()[:, None]
-            g = reference.apply_rotary_reference(g, rotary_cos, rotary_sin, pos, rotary_interleaved, inverse=True)
+            g = unrotate(g, rotary_cos, rotary_sin, pos, rotary_interleaved)
         return g if dtype is None else g.to(dtype)
 
 

@@ -11,7 +11,6 @@ import operator
 import torch
 
 from ..backend import get_backend
-from ..reference import soft_embedding_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -155,6 +154,8 @@ def soft_embedding(
     """
     top_k = _check(logits, weight, temperature, top_k, top_p)
     if get_backend(logits.device) == "torch":
+        from ..reference import soft_embedding_reference  # the "torch" backend runs the tests' oracle (backend.py)
+
         return soft_embedding_reference(
             logits, weight, temperature=temperature, top_k=top_k, top_p=top_p, return_probs=return_probs
         )

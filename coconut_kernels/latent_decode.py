@@ -1,0 +1,350 @@
+"""Batched latent decoding (`LatentLM.generate`): sampling, the stop rules of a thought, every example's state
+in the decode loop, and the decode step, captured once as a CUDA graph on a GPU.
+
+After one ragged prefill (`latent_plan.DecodePlan`), every step feeds one row per example: a fed-back vector
+while the example thinks, its remaining prompt tokens (<eot>) next, then its own sampled tokens. The examples
+move through these phases independently (per-sequence cache lengths), all on the device; the loop syncs the
+host only every few steps, to see whether every example has ended.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .feedback import Feedback
+from .latent_plan import BatchPlan, DecodePlan, plan_batch, plan_decode
+from .latent_steps import forward_rows, head_logits, thought_vector
+
+
+@dataclass
+class GenerateOutput:
+    tokens: torch.Tensor                      # (B, max_new_tokens) new tokens, pad_token_id after each end
+    lengths: torch.Tensor                     # (B,) new tokens per example (EOS included when emitted)
+    n_latents: torch.Tensor                   # (B,) latent steps each example ran
+    latents: torch.Tensor | None = None       # (B, max latents, d) the vector fed at every latent step
+    latent_topk_ids: torch.Tensor | None = None    # (B, max latents, k): what each thought decodes to
+    latent_topk_probs: torch.Tensor | None = None  # (B, max latents, k)
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """-inf outside the top-k and outside the smallest nucleus reaching top_p (the top token always stays)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy argmax, or a draw from softmax(filtered logits / temperature)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = _filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@dataclass
+class Sampling:
+    """How answer tokens are drawn (see sample_tokens)."""
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return sample_tokens(logits, do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
+                             top_p=self.top_p, generator=self.generator)
+
+
+# ---- stop rules ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StopRule:
+    """When a thought ends: "fixed" (the prompt's latent count), "eot" (<eot> is the argmax at a latent step) or
+    "entropy" (`patience` consecutive latent steps with entropy < threshold); max_latents raises the budget."""
+    kind: str              # "fixed" | "eot" | "entropy"
+    threshold: float = 0.0
+    patience: int = 1
+    max_latents: int | None = None
+
+
+def parse_stop(stop) -> StopRule:
+    """stop: None / "fixed" (the prompt's latent count), "eot", ("eot", max), "entropy", ("entropy", tau, m),
+    ("entropy", tau, m, max), or a dict with those keys (kind, threshold, patience, max_latents)."""
+    if stop is None or stop == "fixed":
+        return StopRule("fixed")
+    if isinstance(stop, dict):
+        kind = stop.get("kind")
+        return StopRule(**stop) if kind in ("fixed", "eot", "entropy") else parse_stop(stop.get("kind", "?"))
+    if stop == "eot":
+        return StopRule("eot")
+    if stop == "entropy":
+        return StopRule("entropy", threshold=0.1, patience=2)
+    if isinstance(stop, (tuple, list)) and stop and stop[0] in ("eot", "entropy"):
+        if stop[0] == "eot":
+            return StopRule("eot", max_latents=stop[1] if len(stop) > 1 else None)
+        return StopRule("entropy", threshold=float(stop[1]), patience=int(stop[2]) if len(stop) > 2 else 1,
+                        max_latents=stop[3] if len(stop) > 3 else None)
+    raise ValueError(f"stop must be None, 'fixed', 'eot', 'entropy', ('eot', max), ('entropy', tau, m[, max]) "
+                     f"or a dict; got {stop!r}")
+
+
+# ---- every example's state in the loop -----------------------------------------------------------------------
+
+
+@dataclass
+class DecodeState:
+    """Where each example is in its phases and the stop rule's state, on the device (no host sync): latent
+    steps left, position in its forced prompt rows, the run of low-entropy latent steps, and the output."""
+    latent_left: torch.Tensor  # (B,) latent steps the example may still take
+    forced_pos: torch.Tensor   # (B,) forced prompt rows already fed
+    next_token: torch.Tensor   # (B,) the token to feed once the prompt is used up
+    done: torch.Tensor         # (B,) bool: ended (EOS or max_new_tokens)
+    tokens: torch.Tensor       # (B, max_new_tokens) output, pad_token_id where not written
+    n_out: torch.Tensor        # (B,) tokens written
+    n_latents: torch.Tensor    # (B,) latent steps taken
+    low_run: torch.Tensor      # (B,) consecutive low-entropy latent steps (entropy rule)
+    rows: torch.Tensor         # (B,) arange: the row index of the output writes
+
+    @classmethod
+    def start(cls, plan: DecodePlan, forced: torch.Tensor, max_new_tokens: int, pad_token_id: int):
+        B, device = forced.shape[0], forced.device
+        zeros = [torch.zeros(B, dtype=torch.long, device=device) for _ in range(4)]
+        return cls(plan.latent_budget, zeros[0], forced[:, 0].clone(), torch.zeros(B, dtype=torch.bool, device=device),
+                   torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device), *zeros[1:],
+                   torch.arange(B, device=device))
+
+    def inputs(self, forced: torch.Tensor, plan: DecodePlan):
+        """(token, thinking, forced) of this step: whether each example feeds a vector (thinking), a prompt row
+        (forced: that row's token) or its last token."""
+        in_lat = (self.latent_left > 0) & ~self.done
+        in_forced = ~in_lat & (self.forced_pos < plan.forced_len)
+        tok = torch.where(in_forced, forced.gather(1, self.forced_pos.clamp(max=plan.n_forced - 1)[:, None])[:, 0],
+                          self.next_token)
+        return tok, in_lat, in_forced
+
+    def update_stop(self, rule: StopRule, logits: torch.Tensor, in_lat, in_forced, end_latent_id: int) -> None:
+        """Count the step's latents and forced rows, and end the thoughts the stop rule ends."""
+        self.n_latents += in_lat
+        stop_now = torch.zeros_like(in_lat)
+        if rule.kind == "eot":
+            stop_now = in_lat & (logits.argmax(-1) == end_latent_id)
+        elif rule.kind == "entropy":
+            logp = logits.log_softmax(-1)
+            ent = -(logp.exp() * logp).sum(-1)
+            low = in_lat & (ent < rule.threshold)
+            self.low_run = torch.where(low, self.low_run + 1, torch.zeros_like(self.low_run))
+            stop_now = in_lat & (self.low_run >= rule.patience)
+        self.latent_left = torch.where(stop_now, torch.zeros_like(self.latent_left), self.latent_left - in_lat.long())
+        self.forced_pos = self.forced_pos + in_forced.long()
+
+    def emit(self, sampled: torch.Tensor, in_lat, plan: DecodePlan, eos: int) -> None:
+        """Write the sampled token where this step's output is a new token: the example fed its last prompt
+        token or its own previous token, or its last latent with no prompt after it."""
+        emit = ~self.done & torch.where(in_lat, (self.latent_left <= 0) & (plan.forced_len == 0),
+                                        self.forced_pos >= plan.forced_len)
+        max_new, rows = self.tokens.shape[1], self.rows
+        slot = self.n_out.clamp(max=max_new - 1)
+        self.tokens[rows, slot] = torch.where(emit, sampled, self.tokens[rows, slot])
+        self.n_out = self.n_out + emit.long()
+        self.next_token = torch.where(emit, sampled, self.next_token)
+        self.done = self.done | (emit & (sampled == eos)) | (self.n_out >= max_new)
+
+
+# ---- the decode step -----------------------------------------------------------------------------------------
+
+
+def _graphs_supported(device: torch.device) -> bool:
+    """Whether the decode step may be captured as a CUDA graph on `device` (a seam the tests force on CPU)."""
+    return device.type == "cuda"
+
+
+class _Decoder:
+    """The decode step over one cache, eager or captured once as a CUDA graph over static buffers."""
+
+    def __init__(self, lm, B: int, max_len: int, device, use_graph: bool):
+        self.lm, self.model = lm, lm.model
+        self.cache = self.model.new_cache(B, max_len, device=device)
+        self.graph = None
+        self.use_graph = use_graph and _graphs_supported(torch.device(device))
+
+    def step(self, tokens: torch.Tensor, fed: torch.Tensor, use_fed: torch.Tensor, active: torch.Tensor):
+        """One row per example: fed[b] where use_fed[b] (a thought), else tokens[b]'s embedding; inactive
+        examples append nothing. Returns (normed, logits) of the row."""
+        x = self.model.embed(tokens[:, None])
+        x = torch.where(use_fed[:, None, None], fed[:, None].to(x.dtype), x)
+        h = forward_rows(self.model, x, self.cache, active)
+        normed = self.model.final_norm(h[:, 0])
+        return normed, head_logits(self.model, normed)
+
+    def capture(self, tokens, fed, use_fed, active):
+        """Capture `step` over these (static) buffers as a CUDA graph; replay() then reruns it."""
+        self.static_in = (tokens, fed, use_fed, active)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        seqlens = self.cache.seqlens.clone()
+        with torch.cuda.stream(s):
+            self.step(*self.static_in)  # warm up (allocations, autotuning) outside the graph
+        torch.cuda.current_stream().wait_stream(s)
+        self.cache.seqlens.copy_(seqlens)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the step (advance included) without running it
+            self.static_out = self.step(*self.static_in)
+
+    def replay(self):
+        self.graph.replay()
+        return self.static_out
+
+    def run(self, tokens, fed, use_fed, active):
+        """One decode step: replayed from the graph (captured at the first step) when graphs are on, else eager.
+        If the capture or the first replay raises, warn once and decode eagerly from then on, from the cache
+        lengths before the attempt (rows it wrote past them are rewritten): the output is the eager one."""
+        if not self.use_graph:
+            return self.step(tokens, fed, use_fed, active)
+        if self.graph is not None:
+            return self.replay()
+        seqlens = self.cache.seqlens.clone()
+        try:
+            self.capture(tokens, fed, use_fed, active)
+            return self.replay()
+        except Exception as err:  # any failure of the graph path: the eager path shares none of its state
+            warnings.warn(f"generate: CUDA-graph capture of the decode step failed ({type(err).__name__}: {err}); "
+                          "decoding eagerly (use_cuda_graph=False skips the attempt)", RuntimeWarning, stacklevel=2)
+            self.use_graph, self.graph = False, None
+            self.cache.seqlens.copy_(seqlens)
+        return self.step(tokens, fed, use_fed, active)
+
+
+# ---- generation ----------------------------------------------------------------------------------------------
+
+
+def _check_markers(lm, fb: Feedback, rule: StopRule, plan: BatchPlan, ids: torch.Tensor) -> None:
+    """Every prompt with latents reads `question <bot> <latent>... <eot>` (CPU tensors)."""
+    k, T = plan.n_latents, ids.shape[1]
+    if rule.kind != "fixed" and bool((k == 0).any()):
+        raise ValueError(f"stop={rule.kind!r} needs <bot> <latent>... <eot> in every prompt: example "
+                         f"{int((k == 0).nonzero()[0])} has no latent tokens")
+    if not (fb.sequential and bool((k > 0).any())):
+        return
+    first = plan.leftpad + torch.where(k > 0, plan.passes[0].count, 0)    # column of the first latent
+    bot_ok = ids.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0] == lm.start_latent_id
+    after = first + k
+    eot_ok = (ids.gather(1, after.clamp(max=T - 1)[:, None])[:, 0] == lm.end_latent_id) & (
+        after < plan.leftpad + plan.length)
+    bad = (k > 0) & ~(bot_ok & eot_ok)
+    if bool(bad.any()):
+        raise ValueError(f"prompt {int(bad.nonzero()[0])} must read question <bot> <latent>... <eot>: its latents "
+                         f"are not between start_latent_id {lm.start_latent_id} and end_latent_id "
+                         f"{lm.end_latent_id}")
+
+
+class _Readout:
+    """return_latents: the vector fed at every latent step and its top-k read-out through the LM head."""
+
+    def __init__(self, k: int):
+        self.k, self.latents, self.ids, self.probs = k, [], [], []
+
+    def record(self, model, fed: torch.Tensor, in_lat: torch.Tensor) -> None:
+        self.latents.append(torch.where(in_lat[:, None], fed, torch.zeros_like(fed)))
+        p = head_logits(model, fed.to(model.lm_head_weight.dtype)).softmax(-1).topk(self.k, dim=-1)
+        self.ids.append(p.indices)
+        self.probs.append(torch.where(in_lat[:, None], p.values, torch.zeros_like(p.values)))
+
+    def fill(self, res: GenerateOutput) -> None:
+        res.latents = torch.stack(self.latents, 1) if self.latents else None
+        res.latent_topk_ids = torch.stack(self.ids, 1) if self.ids else None
+        res.latent_topk_probs = torch.stack(self.probs, 1) if self.probs else None
+
+
+class _Generation:
+    """One generate call: the prefill, then the decode loop over a DecodeState."""
+
+    def __init__(self, lm, fb: Feedback, rule: StopRule, sampling: Sampling, plan: DecodePlan, input_ids,
+                 eos: int, use_cuda_graph: bool, readout: _Readout | None):
+        self.lm, self.model, self.fb, self.rule, self.sampling = lm, lm.model, fb, rule, sampling
+        self.plan, self.input_ids, self.eos, self.readout = plan, input_ids, eos, readout
+        B, device = input_ids.shape[0], input_ids.device
+        self.dec = _Decoder(lm, B, plan.total + 1, device, use_cuda_graph)
+        d, dtype = self.model.config.d_model, self.model.embed_tokens.weight.dtype
+        # Static step buffers (a CUDA graph replays over them).
+        self.s_tok = torch.zeros(B, dtype=torch.long, device=device)
+        self.s_fed = torch.zeros(B, d, dtype=dtype, device=device)
+        self.s_use = torch.zeros(B, dtype=torch.bool, device=device)
+        self.s_act = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def next_thought(self, normed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        B, model = normed.shape[0], self.model
+        if not self.fb.sequential:
+            return model.embed(torch.full((B,), self.lm.latent_token_id, device=normed.device))
+        return thought_vector(model, self.fb, normed, logits, self.sampling.generator).to(self.s_fed.dtype)
+
+    def prefill(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill pass (each prompt up to its first latent): (normed, logits) of each prompt's last
+        prefilled row (zeros where there is no prefill pass)."""
+        model, plan, ids = self.model, self.plan, self.input_ids
+        normed = torch.zeros_like(self.s_fed)
+        logits = torch.zeros(ids.shape[0], model.embed_tokens.weight.shape[0], device=ids.device)
+        if plan.width > 0:
+            h = forward_rows(model, model.embed(ids.gather(1, plan.prefill_cols)), self.dec.cache, plan.prefill)
+            last = h.gather(1, (plan.prefill - 1).clamp(min=0)[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
+            normed = model.final_norm(last)
+            logits = head_logits(model, normed)
+        return normed, logits
+
+    def step(self, it: int, state: DecodeState, forced: torch.Tensor) -> None:
+        """One decode step of every example: its input row, the model step, the stop rule, the next thought
+        (every example starts thinking at step 0 and has stopped by step max_latents, so later steps feed no
+        vector and a noisy feedback draws no random numbers for them), then the sampled token."""
+        plan = self.plan
+        tok, in_lat, in_forced = state.inputs(forced, plan)
+        self.s_tok.copy_(tok)
+        self.s_fed.copy_(self.fed)
+        self.s_use.copy_(in_lat)
+        self.s_act.copy_(~state.done)
+        normed, logits = self.dec.run(self.s_tok, self.s_fed, self.s_use, self.s_act)
+        if self.readout is not None and it < plan.max_latents:
+            self.readout.record(self.model, self.fed, in_lat)
+        state.update_stop(self.rule, logits, in_lat, in_forced, self.lm.end_latent_id)
+        if self.fb.sequential and it + 1 < plan.max_latents:
+            self.fed = self.next_thought(normed, logits)
+        state.emit(self.sampling(logits), in_lat, plan, self.eos)
+
+    def run(self, max_new_tokens: int, pad_token_id: int, check_every: int) -> GenerateOutput:
+        self.fed = self.next_thought(*self.prefill())
+        forced = self.input_ids.gather(1, self.plan.forced_cols)
+        state = DecodeState.start(self.plan, forced, max_new_tokens, pad_token_id)
+        for it in range(self.plan.max_steps):
+            self.step(it, state, forced)
+            if (it + 1) % check_every == 0 and bool(state.done.all()):  # the loop's only host sync
+                break
+        res = GenerateOutput(tokens=state.tokens, lengths=state.n_out, n_latents=state.n_latents)
+        if self.readout is not None:
+            self.readout.fill(res)
+        return res
+
+
+def generate(lm, fb: Feedback, rule: StopRule, sampling: Sampling, input_ids, attention_mask, *, max_new_tokens: int,
+             eos_token_id: int, pad_token_id: int, return_latents: bool, use_cuda_graph: bool, check_every: int = 4,
+             readout_k: int = 5) -> GenerateOutput:
+    """LatentLM.generate (see there) on checked arguments: plan (the prompts' markers checked), prefill, decode."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    ids_h, max_pos = input_ids.cpu(), lm.model.config.max_position
+    plan = plan_batch(ids_h, mask.cpu(), None, lm.latent_token_id if fb.sequential else -1, max_pos)
+    _check_markers(lm, fb, rule, plan, ids_h)
+    dplan = plan_decode(plan, max_new_tokens, rule.max_latents, max_pos, input_ids.shape[1], input_ids.device)
+    run = _Generation(lm, fb, rule, sampling, dplan, input_ids, eos_token_id, use_cuda_graph,
+                      _Readout(readout_k) if return_latents else None)
+    with torch.no_grad():
+        return run.run(max_new_tokens, pad_token_id, check_every)

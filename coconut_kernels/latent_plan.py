@@ -1,0 +1,213 @@
+"""The per-batch plan of a latent step, built once on the host: where each example's prefix, latent and answer
+rows are, which rows every pass computes, and (generation) each example's phases and latent budget.
+
+Training (`LatentLM.forward`), `generate`, and the schedules built on them read their positions from here; the
+steps that run a plan are in `latent_steps` (shared) and `latent_decode` (generation). Coordinates: an
+example's *local row* r is its r-th real token; its *global column* is leftpad + r.
+
+Only the sequential schedule exists today (`BatchPlan.passes`: prefill, one latent row per pass, answer). Other
+schedules are other pass lists over the same rows: a Jacobi schedule is the prefill pass, T passes that each
+recompute every example's n thought rows (fed from the previous iteration's hidden states one row up), then the
+answer pass, so a PassSpan of kind LATENT may span several rows and `PassRows` then names a fed row per thought,
+not only an example's first row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+PREFILL, LATENT, ANSWER = "prefill", "latent", "answer"
+
+
+@dataclass
+class PassSpan:
+    """One pass of the sequential schedule: example b computes its local rows [start[b], start[b] + count[b])."""
+    kind: str             # PREFILL (up to each first latent), LATENT (one latent row), ANSWER (last latent to end)
+    start: torch.Tensor   # (B,) local row of the pass's first token
+    count: torch.Tensor   # (B,) rows computed (0: the example idles in this pass)
+
+
+@dataclass
+class BatchPlan:
+    """Where every pass reads and writes, in each example's local coordinates (CPU tensors).
+
+    Pass 0 (PREFILL) runs each example up to its first latent (everything when it has none); pass i
+    (1 <= i < k_b, LATENT) runs the single latent row first_latent + i - 1, fed the hidden state of the row
+    before it; the last pass (index max k, ANSWER) runs from the last latent to the end. An example with fewer
+    latents idles in the passes between, so the long last segment runs once for all.
+    """
+    leftpad: torch.Tensor       # (B,) columns of left padding
+    length: torch.Tensor        # (B,) real tokens
+    n_latents: torch.Tensor     # (B,)
+    first_latent: torch.Tensor  # (B,) local row of the first latent (meaningless where n_latents is 0)
+    passes: list[PassSpan]
+    max_len: int                # longest example: the rows a cache needs
+
+    @property
+    def batch(self) -> int:
+        return self.leftpad.shape[0]
+
+
+def _check_layout(mask: torch.Tensor, length: torch.Tensor, leftpad: torch.Tensor, cols: torch.Tensor) -> None:
+    last = torch.where(mask, cols, -1).max(1).values
+    holes = (last + 1 - leftpad) != length
+    if bool(holes.any()):
+        b = int(holes.nonzero()[0])
+        raise ValueError(f"attention_mask row {b} must be zeros (left padding), then ones, then zeros (right "
+                         f"padding); got holes in the ones")
+
+
+def _check_latents(is_latent, mask, labels, n_lat, first_lat, last_lat, length, leftpad, max_positions) -> None:
+    if bool((is_latent & ~mask).any()):
+        raise ValueError("input_ids has latent tokens at padded positions (attention_mask 0)")
+    bad = (n_lat > 0) & (last_lat - first_lat + 1 != n_lat)
+    if bool(bad.any()):
+        raise ValueError(f"the latent tokens of example {int(bad.nonzero()[0])} are not contiguous")
+    if labels is not None and bool((is_latent & (labels != IGNORE_INDEX)).any()):
+        raise ValueError(f"labels must be {IGNORE_INDEX} at latent positions (example "
+                         f"{int((is_latent & (labels != IGNORE_INDEX)).any(1).nonzero()[0])})")
+    if int(length.max()) > max_positions:
+        raise ValueError(f"an example has {int(length.max())} tokens, more than the model's {max_positions} positions")
+    bad = (n_lat > 0) & (first_lat == leftpad)
+    if bool(bad.any()):
+        raise ValueError(f"example {int(bad.nonzero()[0])} starts with a latent token: a latent needs a previous "
+                         "position")
+
+
+def _sequential_passes(first: torch.Tensor, n_lat: torch.Tensor, length: torch.Tensor) -> list[PassSpan]:
+    """The passes of the sequential schedule (see BatchPlan) from each example's first latent row."""
+    k = int(n_lat.max())
+    zero = torch.zeros_like(n_lat)
+    has = n_lat > 0
+    passes = [PassSpan(PREFILL, zero, torch.where(has, first, length))]
+    for i in range(1, k):
+        passes.append(PassSpan(LATENT, torch.where(n_lat > i, first + i - 1, zero), (n_lat > i).long()))
+    if k > 0:
+        last = first + n_lat - 1
+        passes.append(PassSpan(ANSWER, torch.where(has, last, zero), torch.where(has, length - last, zero)))
+    return passes
+
+
+def plan_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+               latent_id: int, max_positions: int) -> BatchPlan:
+    """Validate a batch (CPU tensors) and plan its passes (see BatchPlan). latent_id -1: no latent rows (one
+    plain pass, e.g. pause feedback)."""
+    B, T = input_ids.shape
+    mask = attention_mask.to(torch.bool)
+    length = mask.sum(1)
+    cols = torch.arange(T)
+    first = torch.where(mask, cols, T).min(1).values
+    leftpad = torch.where(length > 0, first, 0)
+    _check_layout(mask, length, leftpad, cols)
+    is_latent = input_ids == latent_id
+    n_lat = is_latent.sum(1)
+    first_lat = torch.where(is_latent, cols, T).min(1).values
+    last_lat = torch.where(is_latent, cols, -1).max(1).values
+    _check_latents(is_latent, mask, labels, n_lat, first_lat, last_lat, length, leftpad, max_positions)
+    s = first_lat - leftpad
+    return BatchPlan(leftpad, length, n_lat, s, _sequential_passes(s, n_lat, length), int(length.max()))
+
+
+# ---- training: each pass's index tensors ---------------------------------------------------------------------
+
+
+@dataclass
+class PassRows:
+    """One pass's index tensors on the device, views into the one buffer `pass_rows` copies there.
+
+    Flat indices count the pass's (B, width) rows in row-major order."""
+    kind: str
+    width: int                 # rows per example in the pass's input (max count)
+    col: torch.Tensor          # (B, width) global column of each row (clamped into the batch)
+    count: torch.Tensor        # (B,) rows each example computes: the pass's new_seqlens
+    feed_rows: torch.Tensor    # examples whose first row here is a latent, fed by the previous pass
+    produce: torch.Tensor      # examples whose next latent is fed from this pass's hidden state ...
+    src: torch.Tensor          # ... at this row of the pass (its last one)
+    loss_rows: torch.Tensor    # flat rows with a label (their next token)
+    targets: torch.Tensor      # those labels
+    valid_rows: torch.Tensor   # flat rows that hold a real token (for return_logits)
+    col_flat: torch.Tensor     # (B * width,) col, flattened
+
+
+def _pass_pieces(plan: BatchPlan, p: int, span: PassSpan, labels: torch.Tensor | None, T: int):
+    """The host tensors of one pass, in PassRows' field order after kind and width."""
+    start, count = span.start, span.count
+    t = torch.arange(int(count.max()))
+    local = start[:, None] + t[None]                             # (B, width) local rows
+    valid = t[None] < count[:, None]
+    col = (plan.leftpad[:, None] + local).clamp(max=T - 1)       # global columns
+    if labels is not None:
+        tgt_col = (col + 1).clamp(max=T - 1)
+        target = torch.where(valid & (local + 1 < plan.length[:, None]), labels.gather(1, tgt_col), IGNORE_INDEX)
+        flat = (target != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
+        target = target.reshape(-1)[flat]
+    else:
+        flat = target = torch.zeros(0, dtype=torch.long)
+    feed_rows = (count > 0).nonzero().squeeze(1) if p > 0 else torch.zeros(0, dtype=torch.long)
+    produce = ((plan.n_latents > p) & (count > 0)).nonzero().squeeze(1)
+    return [col, count, feed_rows, produce, (count - 1).clamp(min=0)[produce], flat, target,
+            valid.reshape(-1).nonzero().squeeze(1), col.reshape(-1)]
+
+
+def pass_rows(plan: BatchPlan, labels: torch.Tensor | None, T: int, device) -> list[PassRows]:
+    """Every pass's index tensors, built on the host and moved to `device` in one copy."""
+    host, layout = [], []
+    for p, span in enumerate(plan.passes):
+        pieces = _pass_pieces(plan, p, span, labels, T)
+        layout.append((span.kind, pieces[0].shape[1], [x.numel() for x in pieces]))
+        host.extend(x.reshape(-1).long() for x in pieces)
+    dev = torch.cat(host).to(device, non_blocking=True)
+    out, offset = [], 0
+    for kind, width, sizes in layout:
+        parts = []
+        for n in sizes:
+            parts.append(dev[offset:offset + n])
+            offset += n
+        parts[0] = parts[0].view(plan.batch, width)
+        out.append(PassRows(kind, width, *parts))
+    return out
+
+
+# ---- generation: each example's phases -----------------------------------------------------------------------
+
+
+@dataclass
+class DecodePlan:
+    """generate's schedule: one ragged prefill up to each first latent (all but the last token when there is
+    none), then one row per example per step: its latents (fed vectors), the prompt rows after them (forced:
+    usually <eot>), then its own tokens. Tensors on the device."""
+    prefill: torch.Tensor       # (B,) rows of the prefill pass
+    prefill_cols: torch.Tensor  # (B, max(width, 1)) their global columns
+    width: int                  # longest prefill (0: no prefill pass)
+    forced_cols: torch.Tensor   # (B, n_forced) global columns of the prompt rows after the latents
+    forced_len: torch.Tensor    # (B,) how many of them each example has
+    n_forced: int               # max(longest forced run, 1)
+    latent_budget: torch.Tensor  # (B,) latent steps each example may take (its k, or the stop rule's maximum)
+    max_latents: int            # the largest budget: every example has stopped thinking by this step
+    total: int                  # positions the longest example needs: prompt + extra latents + answer
+    max_steps: int              # decode steps after which every example has ended
+
+
+def plan_decode(plan: BatchPlan, max_new_tokens: int, max_latents: int | None, max_positions: int, T: int,
+                device) -> DecodePlan:
+    """generate's plan from the batch's; max_latents: the stop rule's latent budget (None: the prompt's k)."""
+    k, length, leftpad = plan.n_latents, plan.length, plan.leftpad
+    max_lat = int(k.max()) if max_latents is None else max(int(k.max()), int(max_latents))
+    total = int((length + max_new_tokens + (max_lat - k)).max())
+    if total > max_positions:
+        raise ValueError(f"prompt + latents + max_new_tokens = {total} positions exceed the model's {max_positions}")
+    prefill = torch.where(k > 0, plan.passes[0].count, (length - 1).clamp(min=0))
+    suffix_start = leftpad + prefill + k                    # global column after the latents
+    forced_len = leftpad + length - suffix_start            # prompt tokens left after the latents
+    n_forced = max(int(forced_len.max()), 1)
+    fcols = (suffix_start[:, None] + torch.arange(n_forced)[None]).clamp(max=T - 1)
+    budget = k.clone() if max_latents is None else torch.where(k > 0, torch.full_like(k, max_lat), k)
+    width = int(prefill.max())
+    pcols = (leftpad[:, None] + torch.arange(max(width, 1))[None]).clamp(max=T - 1)
+    pcols, prefill, fcols, forced_len, budget = (t.to(device, non_blocking=True)
+                                                 for t in (pcols, prefill, fcols, forced_len, budget))
+    return DecodePlan(prefill, pcols, width, fcols, forced_len, n_forced, budget, max_lat, total,
+                      max_lat + n_forced + max_new_tokens)

@@ -1,0 +1,80 @@
+"""The named steps that run a latent plan (`latent_plan`), shared by training (`LatentLM.forward`), `generate`
+(`latent_decode`) and the schedules built on them: a pass's input rows, the latent step that writes fed
+vectors into them, a pass over ragged rows through the cache, the next thought from a hidden state, the LM
+head, and the loss over labelled rows.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache
+from .feedback import Feedback, HiddenFeedback
+from .latent_plan import PassRows
+from .loss import linear_cross_entropy
+from .ops.latent_feedback import latent_feedback
+
+
+def head_logits(model, normed: torch.Tensor) -> torch.Tensor:
+    """LM-head logits of final-normed hidden states, in fp32 (fp64 kept)."""
+    logits = normed @ model.lm_head_weight.T
+    if model.lm_head_bias is not None:
+        logits = logits + model.lm_head_bias
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def pass_input(embeds: torch.Tensor, rows: PassRows, fed: torch.Tensor | None) -> torch.Tensor:
+    """A pass's input (B, width, d): the batch's token embeddings at the pass's columns, with the fed vectors
+    at its latent rows. The embeddings are looked up once for the whole batch: a lookup per pass would cost a
+    dense (V, d) gradient per pass in backward."""
+    B, width = rows.col.shape
+    x = embeds.gather(1, rows.col[:, :, None].expand(B, width, embeds.shape[-1]))
+    if rows.feed_rows.numel():
+        x = write_thoughts(x, fed, rows.feed_rows)
+    return x
+
+
+def write_thoughts(x: torch.Tensor, fed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The latent step: a copy of x (B, n, d) whose first row of the examples `rows` is their fed vector
+    fed[b, 0] (fed (B, 1, d))."""
+    zeros = torch.zeros_like(rows)
+    return latent_feedback(x, fed.to(x.dtype), rows, zeros, zeros)
+
+
+def forward_rows(model, x: torch.Tensor, cache: KVCache, count: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One pass: example b appends and computes its first count[b] rows of x (ragged, no compute on the rest)
+    after what the cache holds, then the cache advances by count. Returns the last hidden states (pre-norm)."""
+    n = count.int()
+    h = model.forward_embeds(x, cache, position_ids=position_ids, new_seqlens=n)
+    cache.advance(n)
+    return h
+
+
+def thought_vector(model, fb: Feedback, normed: torch.Tensor, logits: torch.Tensor | None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """What feedback `fb` feeds for final-normed rows (n, d): logits (n, V) are needed when fb.needs_logits;
+    its token is their argmax."""
+    token = logits.argmax(-1) if fb.needs_token else None
+    return fb(normed, logits if fb.needs_logits else None, token, model.embed_tokens.weight, generator)
+
+
+def feed_hidden(model, fb: Feedback, dst: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor,
+                src: torch.Tensor) -> torch.Tensor:
+    """A copy of dst (B, 1, d) with dst[b, 0] = fb(hidden[b, src]) for b in rows. The "hidden" mode is one
+    fused op (gather, final norm, write); the others normalise the gathered rows first."""
+    zeros = torch.zeros_like(rows)
+    norm = model.final_norm
+    if isinstance(fb, HiddenFeedback):
+        return latent_feedback(dst, hidden, rows, zeros, src, norm=model.norm_kind, weight=norm.weight,
+                               bias=getattr(norm, "bias", None), eps=norm.eps)
+    normed = norm(hidden[rows, src])
+    vec = thought_vector(model, fb, normed, head_logits(model, normed) if fb.needs_logits else None)
+    return latent_feedback(dst, vec.to(dst.dtype)[:, None], rows, zeros, zeros)
+
+
+def labelled_loss(model, hidden: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy, count) over the labelled rows the passes kept (pre-norm hidden states, their next
+    tokens), in chunks: the (rows, V) logits are never held at once."""
+    normed = model.final_norm(torch.cat(hidden))
+    target = torch.cat(targets)
+    return linear_cross_entropy(normed, model.lm_head_weight, target, model.lm_head_bias), target.numel()

@@ -14,11 +14,19 @@ import torch.nn.functional as F
 
 
 def _trim_cache(cache, length: int):
-    """The reference slices every layer's past K/V to `length` columns and hands it back (a new HF cache
-    object here, as transformers >= 4.50 no longer takes tuples)."""
+    """The reference slices every layer's past K/V to `length` columns and hands it back as a list of (k, v)
+    pairs. A model that returned that legacy format (transformers 4.46's GPT-2) gets it back in kind, as the
+    reference code does; one that returned a `Cache` object gets a new `DynamicCache` of the slices, built
+    by whichever constructor this transformers version has (`from_legacy_cache` until 4.x, `ddp_cache_data`
+    in 5.x, which no longer takes pairs)."""
+    layers = [(k[:, :, :length], v[:, :, :length]) for k, v, *_ in cache]
+    if isinstance(cache, (tuple, list)):
+        return layers
     from transformers import DynamicCache
 
-    return DynamicCache(ddp_cache_data=[(k[:, :, :length], v[:, :, :length]) for k, v, *_ in cache])
+    if hasattr(DynamicCache, "from_legacy_cache"):
+        return DynamicCache.from_legacy_cache(tuple(layers))
+    return DynamicCache(ddp_cache_data=layers)
 
 
 class ReferenceCoconut(nn.Module):

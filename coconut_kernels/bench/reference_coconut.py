@@ -8,6 +8,8 @@ and generation one example at a time with no KV cache after the latent phase.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,6 +43,9 @@ class ReferenceCoconut(nn.Module):
         self.end_latent_id = end_latent_id
         self.eos_token_id = eos_token_id
         self.embedding = base_causallm.get_input_embeddings()
+        # The past K/V argument and output are `past_key_values` up to transformers 5.2x and `cache` after
+        # (where `past_key_values` warns, then goes).
+        self._cache = "cache" if "cache" in inspect.signature(base_causallm.forward).parameters else "past_key_values"
 
     def forward(self, input_ids, attention_mask, labels, position_ids):
         B, T = input_ids.shape
@@ -59,13 +64,13 @@ class ReferenceCoconut(nn.Module):
                 offset = 0
             else:
                 out = self.base_causallm(inputs_embeds=inputs_embeds[:, r0:r1], attention_mask=attention_mask[:, :r1],
-                                         position_ids=position_ids[:, r0:r1], past_key_values=_trim_cache(kv_cache, r0),
+                                         position_ids=position_ids[:, r0:r1], **{self._cache: _trim_cache(kv_cache, r0)},
                                          output_hidden_states=True)
                 offset = r0
             all_logits.append(out.logits)
             compute_range = (r1, T if pass_idx + 1 >= max_n_latents else r1 + 1)
             hidden = out.hidden_states[-1]
-            kv_cache = out.past_key_values
+            kv_cache = out[self._cache]
             # The reference rebuilds inputs_embeds from a B x T list of row slices ("to avoid in-place ops").
             rows = [[inputs_embeds[b, pos, :] for pos in range(T)] for b in range(B)]
             for b, lst in enumerate(latent_lists):
@@ -77,7 +82,7 @@ class ReferenceCoconut(nn.Module):
         r0, r1 = compute_range
         out = self.base_causallm(inputs_embeds=inputs_embeds[:, r0:r1], attention_mask=attention_mask[:, :r1],
                                  position_ids=position_ids[:, r0:r1],
-                                 past_key_values=_trim_cache(kv_cache, r0) if kv_cache is not None else None,
+                                 **{self._cache: _trim_cache(kv_cache, r0) if kv_cache is not None else None},
                                  output_hidden_states=True)
         all_logits.append(out.logits)
         logits = torch.cat(all_logits, dim=-2)

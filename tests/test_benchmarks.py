@@ -24,12 +24,14 @@ MiB = 2**20
 def quick_run(tmp_path_factory):
     record = tmp_path_factory.mktemp("bench") / "RESULTS.md"
     record.write_text(f"# old record\n\nstale text that must go\n\n{NOTES}\n\nA hand-written note.\n")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
     done = subprocess.run([sys.executable, "-m", "coconut_kernels.bench", "--quick", "--threads", "2",
                            "--scenario", "latent_feedback", "--scenario", "train_step", "--scenario", "generate",
                            "--write-results", str(record)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    return record, done.stdout
+    return record, done.stdout, head
 
 
 def _rows(record: Path) -> list[dict]:
@@ -39,14 +41,12 @@ def _rows(record: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_quick_run_writes_csv_json_png_with_provenance(quick_run):
-    record, stdout = quick_run
+    record, stdout, head = quick_run
     out = record.parent / "results"
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0].keys()) == CSV_FIELDS
     assert {r["scenario"] for r in rows} >= {"latent_feedback", "train_step", "train_step_latents", "generate"}
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
     for r in rows:
         p20, p50, p80 = float(r["p20"]), float(r["p50"]), float(r["p80"])
         assert 0 < p20 <= p50 <= p80, r
@@ -67,7 +67,7 @@ def test_quick_run_writes_csv_json_png_with_provenance(quick_run):
 def test_external_floor_and_whole_memory_columns(quick_run):
     """train_step and generate have a plain-transformers row at every point and its ratio columns; the CPU
     memory column is the profiler's peak of everything the step allocates, and says so."""
-    record, stdout = quick_run
+    record, stdout, _ = quick_run
     rows = _rows(record)
     for scn in ("train_step", "train_step_latents", "generate"):
         sub = [r for r in rows if r["scenario"] == scn]
@@ -89,7 +89,7 @@ def test_external_floor_and_whole_memory_columns(quick_run):
 
 @pytest.mark.slow
 def test_printed_ratios_come_from_the_rows(quick_run):
-    record, stdout = quick_run
+    record, stdout, _ = quick_run
     rows = _rows(record)
     for scn in ("train_step", "generate"):
         table = ratio_table([r for r in rows if r["scenario"].startswith(scn)])
@@ -105,7 +105,7 @@ def test_printed_ratios_come_from_the_rows(quick_run):
 
 @pytest.mark.slow
 def test_record_is_rendered_from_the_csv_and_keeps_its_notes(quick_run):
-    record, _ = quick_run
+    record, _, _ = quick_run
     text = record.read_text()
     rows = _rows(record)
     assert "stale text that must go" not in text

@@ -275,7 +275,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                 ax.errorbar(xs, [r["p50"] for r in pts],
                             yerr=[[r["p50"] - r["p20"] for r in pts], [r["p80"] - r["p50"] for r in pts]],
                             marker="o", capsize=3, label=prov)
-            ax.set_title(f"{scn}: {metric}", fontsize=9)
+            ax.set_title(f"{scn}: {metric}".replace(" (", "\n("), fontsize=9)
             ax.set_xlabel(sub[0]["x_name"])
             ax.set_ylabel("s" if metric == "time" else "MiB")
             ax.set_yscale("log")

@@ -226,15 +226,20 @@ def test_interleaved_run_drops_a_failing_optional_provider_only():
 
 def test_official_option_loads_a_checkouts_coconut_py(tmp_path):
     """--official PATH runs the `Coconut` class of PATH/coconut.py on the same model and batch as the other
-    providers (here a stand-in checkout whose Coconut is the benchmark's re-implementation: the same loss)."""
+    providers (here a stand-in checkout whose Coconut is the benchmark's re-implementation with its loss doubled,
+    so that the figure can only come from the checkout's class)."""
     from coconut_kernels.bench.bench_train_step import _steps
 
     (tmp_path / "coconut.py").write_text(
-        "from coconut_kernels.bench.reference_coconut import ReferenceCoconut as Coconut\n")
+        "from coconut_kernels.bench.reference_coconut import ReferenceCoconut\n\n\n"
+        "class Coconut(ReferenceCoconut):\n"
+        "    def forward(self, *args):\n"
+        "        loss, logits, embeds = super().forward(*args)\n"
+        "        return 2 * loss, logits, embeds\n")
     providers = _steps("gpt2-tiny", 2, 2, torch.device("cpu"), torch.float32, official=str(tmp_path), q_len=(12, 16))
     assert providers["official checkout"][0] == "other"
     losses = {name: providers[name][1]()().item() for name in ("official checkout", "reference", "coconut_kernels")}
-    assert losses["official checkout"] == losses["reference"]
+    assert losses["official checkout"] == pytest.approx(2 * losses["reference"], rel=1e-6)
     assert abs(losses["coconut_kernels"] - losses["reference"]) < 1e-4 * abs(losses["reference"])
     with pytest.raises(FileNotFoundError, match="no coconut.py"):
         _steps("gpt2-tiny", 2, 2, torch.device("cpu"), torch.float32, official=str(tmp_path / "missing"),

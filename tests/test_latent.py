@@ -18,6 +18,7 @@ from coconut_kernels import LatentLM
 from coconut_kernels.data import AlignedCollator, RaggedCollator
 from coconut_kernels.feedback import MixtureFeedback, ProjectedFeedback, SoftFeedback, resolve_feedback
 from coconut_kernels.models import from_pretrained
+from tests.helpers import assert_within_torch_error
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,14 +144,92 @@ def test_ragged_equals_each_example_alone():
     torch.testing.assert_close(total.loss, sums / n, rtol=1e-12, atol=1e-12)
 
 
-def test_bf16_autocast_runs_finite():
-    _, lm = pair("gpt2", torch.float32)
-    batch = RaggedCollator(PAD, LAT)(examples([3, 1], seed=7))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = lm(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    out.loss.backward()
-    assert torch.isfinite(out.loss)
-    assert all(torch.isfinite(p.grad).all() for p in lm.model.parameters())
+def plain_feedback_loss(hf, fb, ex):
+    """The training loss of a batch the plain way, with any feedback mode: per example, every latent re-runs the
+    whole `transformers` model over the input embeddings so far (no cache) and feeds fb(its last normed hidden
+    state); then one full pass and a summed cross-entropy of the shifted labels; the mean over labelled tokens."""
+    E = hf.transformer.wte.weight
+    total, n = 0.0, 0
+    for e in ex:
+        ids, labels = e["input_ids"], e["labels"]
+        k = ids.count(LAT)
+        s = ids.index(LAT) if k else len(ids)
+        embeds = [E[t] for t in ids[:s]]
+        for _ in range(k):
+            if not fb.sequential:
+                embeds.append(E[LAT])
+                continue
+            normed = hf.transformer(inputs_embeds=torch.stack(embeds)[None]).last_hidden_state[0, -1]
+            logits = hf.lm_head(normed)
+            token = logits.argmax()[None] if fb.needs_token else None
+            embeds.append(fb(normed[None], logits[None] if fb.needs_logits else None, token, E)[0])
+        logits = hf(inputs_embeds=torch.stack(embeds + [E[t] for t in ids[s + k:]])[None]).logits[0]
+        target = torch.tensor(labels[1:])
+        total = total + torch.nn.functional.cross_entropy(logits[:-1], target, ignore_index=-100, reduction="sum")
+        n += int((target != -100).sum())
+    return total / n
+
+
+# LatentLM._feed writes the feedback vectors of the examples still thinking (n rows) with a batched latent_feedback
+# whose hidden must have all B rows: a batch whose examples think for different numbers of latents raises.
+_RAGGED_FEED_BUG = pytest.mark.xfail(strict=True, raises=ValueError, reason="LatentLM._feed passes (n, 1, d) feedback "
+                                     "vectors to a batched latent_feedback that needs (B, S, d): different latent "
+                                     "counts in one batch raise 'must have the same batch size B'")
+
+
+@pytest.mark.parametrize("mode,counts", [
+    *[(m, [2, 2, 2]) for m in ("hidden", "projected", "soft", "mixture", "pause")],
+    ("hidden", [2, 0, 3]), ("pause", [2, 0, 3]),
+    *[pytest.param(m, [2, 0, 3], marks=_RAGGED_FEED_BUG) for m in ("projected", "soft", "mixture")],
+])
+def test_feedback_modes_train_like_a_plain_loop(mode, counts):
+    """The training forward of every feedback mode: loss and every gradient (model and feedback parameters)
+    equal the plain no-cache loop's in fp64; with equal and with different latent counts per example."""
+    ref, ours = pair("gpt2", torch.float64)
+    torch.manual_seed(0)
+    fb = {"projected": lambda: ProjectedFeedback(32).double(), "soft": lambda: SoftFeedback(0.7, top_k=10),
+          "mixture": lambda: MixtureFeedback(1.0, top_p=0.8)}.get(mode, lambda: resolve_feedback(mode, 32))()
+    lm = LatentLM(ours.model, LAT, BOT, EOT, EOS, feedback=fb)
+    ex = examples(counts, seed=37)
+    batch = RaggedCollator(PAD, LAT)(ex)
+    fb_params = list(fb.parameters())
+    loss = lm(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+    loss.backward(inputs=list(lm.model.parameters()) + fb_params)
+    fb_grads = [p.grad for p in fb_params]
+    for p in fb_params:
+        p.grad = None
+    ref_loss = plain_feedback_loss(ref.base_causallm, fb, ex)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    check_grads(ref, lm, 1e-9, 1e-11)
+    for got, p in zip(fb_grads, fb_params):
+        torch.testing.assert_close(got, p.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_bf16_autocast_within_torch_error():
+    """Under bf16 autocast the loss and every gradient are within 3x the error of the reference run the same way
+    (transformers under bf16 autocast), both against the fp64 reference. 3x, not flash-attention's 2x: two bf16
+    pipelines round different intermediates, and per tensor their errors differ by up to ~2x either way."""
+    ex = examples([3, 1, 0, 5], seed=7)
+
+    def run(dtype, autocast, ours):
+        ref, lm = pair("gpt2", dtype)
+        batch = (RaggedCollator if ours else AlignedCollator)(PAD, LAT)(ex)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if ours:
+                loss = lm(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+            else:
+                loss = ref(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"])[0]
+        loss.backward()
+        return loss, ({n: p.grad for n, p in lm.model.named_parameters()} if ours else grads_by_our_name(ref, lm))
+
+    loss64, g64 = run(torch.float64, False, False)
+    loss_torch, g_torch = run(torch.float32, True, False)
+    loss, grads = run(torch.float32, True, True)
+    assert_within_torch_error(loss, loss64, loss_torch, factor=3.0, name="loss")
+    for name, g in grads.items():
+        assert_within_torch_error(g, g64[name], g_torch[name], factor=3.0, atol=1e-3 * g64[name].abs().max().item(),
+                                  name=name)
 
 
 def test_bad_input():

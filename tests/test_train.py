@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,33 @@ def test_steps_lower_the_loss(tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_a_trivially_learnable_answer_is_learned(tmp_path):
+    """Accuracy that means something: every training record ends in the same answer, so 20 steps teach it and
+    greedy decoding through the latent stage gets (nearly) all validation problems right (measured: 8/8 for
+    seeds 0-3), where the untrained model gets none; validation records whose answer differs score 0."""
+    rng = random.Random(0)
+    names, nouns = ["Tom", "Ann", "Bob", "Sam", "Eve", "Max"], ["lempus", "wumpus", "zorpus", "yumpus"]
+    records = []
+    for _ in range(24):
+        name, a, b, c = rng.choice(names), *rng.sample(nouns, 3)
+        records.append({"question": f"{name} is a {a}. Every {a} is a {b}. Is {name} a {b} or {c}?",
+                        "steps": [f"{name} is a {b}."], "answer": "Tom is a wumpus."})
+    save_records(records[:16], tmp_path / "train.json")
+    save_records(records[16:], tmp_path / "val.json")
+    save_records([dict(r, answer="Tom is a zorpus.") for r in records[16:]], tmp_path / "other.json")
+    cfg = dict(train_path=str(tmp_path / "train.json"), max_latent_stage=1, epochs_per_stage=5, num_epochs=10,
+               lr=1e-2, batch_size=8, eval_batch_size=8, max_new_tokens=8, warmup_steps=0, eval_every=0)
+    untrained = run(tiny(tmp_path / "untrained", val_path=str(tmp_path / "val.json"), only_eval=True, eval_stage=1,
+                         **cfg))["evals"][0]
+    assert untrained["n"] == 8 and untrained["accuracy"] == 0.0
+    out = run(tiny(tmp_path, val_path=str(tmp_path / "val.json"), **cfg))
+    (final,) = out["evals"]
+    assert final["stage"] == 1 and final["n"] == 8 and final["accuracy"] >= 0.75, final
+    other = run(tiny(tmp_path / "other", val_path=str(tmp_path / "other.json"), init_from=str(out["checkpoint"]),
+                     only_eval=True, eval_stage=1, **cfg))["evals"][0]
+    assert other["n"] == 8 and other["accuracy"] == 0.0
+
+
 @pytest.mark.parametrize("method", ["coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought"])
 def test_every_method_runs_the_curriculum(tmp_path, method):
     out = run(tiny(tmp_path, method=method))
@@ -67,15 +95,26 @@ def test_every_method_runs_the_curriculum(tmp_path, method):
     expected = [0, 1, 2] if method in ("coconut", "no_thoughts", "pause_as_thought") else [0, 0, 0]
     assert sorted(set(stages)) == sorted(set(expected))
     assert [e["stage"] for e in out["evals"]] == expected
-    for e in out["evals"]:
-        assert e["n"] == 4 and 0.0 <= e["accuracy"] <= 1.0 and e["mean_new_tokens"] >= 1
-    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in out["losses"])
+    for e in out["evals"]:  # what the accuracy means: test_a_trivially_learnable_answer_is_learned
+        assert e["n"] == 4 and e["mean_new_tokens"] >= 1
+    losses = [loss for _, loss in out["losses"]]
+    assert len(losses) == 9 and losses[-1] < 0.9 * losses[0], losses  # ~0.8x in 9 steps, stage changes included
+
+
+@pytest.fixture(scope="module")
+def hidden_feedback_losses(tmp_path_factory):
+    return [loss for _, loss in run(tiny(tmp_path_factory.mktemp("hidden"), num_epochs=2, eval_every=0))["losses"]]
 
 
 @pytest.mark.parametrize("feedback", ["projected", "soft", "mixture"])
-def test_feedback_modes_train(tmp_path, feedback):
-    out = run(tiny(tmp_path, feedback=feedback, num_epochs=2, eval_every=0))
-    assert len(out["losses"]) == 6 and all(loss == loss for _, loss in out["losses"])
+def test_feedback_modes_train(tmp_path, feedback, hidden_feedback_losses):
+    """The trainer hands the mode to the model: the stage-0 epoch (no latents) takes exactly the steps of the
+    default "hidden" mode, the stage-1 epoch does not. (That each mode's loss and gradients are right:
+    tests/test_latent.py::test_feedback_modes_train_like_a_plain_loop.)"""
+    losses = [loss for _, loss in run(tiny(tmp_path, feedback=feedback, num_epochs=2, eval_every=0))["losses"]]
+    assert len(losses) == 6 and losses[:3] == hidden_feedback_losses[:3]
+    assert all(a != b for a, b in zip(losses[3:], hidden_feedback_losses[3:])), (losses, hidden_feedback_losses)
+    assert losses[-1] < losses[0]
 
 
 def test_aligned_and_ragged_collation_give_the_same_curve(tmp_path):
@@ -85,12 +124,17 @@ def test_aligned_and_ragged_collation_give_the_same_curve(tmp_path):
 
 
 def test_grad_accumulation_bf16_and_schedule(tmp_path):
-    out = run(tiny(tmp_path, grad_accum_steps=2, bf16=True, lr_schedule="cosine", num_epochs=2, eval_every=0))
+    cfg = dict(grad_accum_steps=2, lr_schedule="cosine", num_epochs=2, eval_every=0)
+    out = run(tiny(tmp_path, bf16=True, **cfg))
     rows = read_csv(tmp_path / "run" / "train_log.csv")
     assert len(rows) == 4  # 3 micro-batches per epoch -> 2 optimizer steps (the last one alone)
     lrs = [float(r["lr"]) for r in rows]
     assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warm-up then cosine decay
-    assert all(loss == loss for _, loss in out["losses"])
+    # bf16 autocast takes the fp32 run's steps: every logged loss within 2e-3 relative (measured: <= 6e-5)
+    fp32 = run(tiny(tmp_path / "fp32", **cfg))["losses"]
+    torch.testing.assert_close(torch.tensor([x for _, x in out["losses"]]), torch.tensor([x for _, x in fp32]),
+                               rtol=2e-3, atol=0)
+    assert all(a != b for (_, a), (_, b) in zip(out["losses"], fp32))  # and it did run in bf16
     # the weights stay fp32 under bf16 autocast
     from safetensors.torch import load_file
 
@@ -163,13 +207,23 @@ def test_failed_save_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
     assert [s for s, _ in out["losses"]] == [4, 5, 6]
 
 
+def last_samples(err: str) -> list[str]:
+    """The generated outputs the last evaluation printed ("  [ok] '...'" / "  [x ] '...'")."""
+    return [line for line in err.rsplit("[eval]", 1)[1].splitlines() if line.startswith("  [")]
+
+
 def test_only_eval_and_init_from_a_checkpoint(tmp_path, capsys):
     trained = run(tiny(tmp_path, num_epochs=3))
+    samples = last_samples(capsys.readouterr().err)
     ckpt = trained["checkpoint"]
     out = run(tiny(tmp_path / "eval", init_from=str(ckpt), only_eval=True, eval_stage=2))
     assert out["evals"][0]["accuracy"] == trained["evals"][-1]["accuracy"]
     assert out["evals"][0]["mean_new_tokens"] == trained["evals"][-1]["mean_new_tokens"]
-    printed = capsys.readouterr().out
+    # Both figures are 0% and max_new_tokens for any model this small: the same generated text shows the weights
+    # are the checkpoint's.
+    printed = capsys.readouterr()
+    assert len(samples) == 3 and last_samples(printed.err) == samples
+    printed = printed.out
     assert "accuracy" in printed and "stage" in printed
     rows = read_csv(tmp_path / "eval" / "run" / "eval_log.csv")
     assert len(rows) == 1 and int(rows[0]["stage"]) == 2
@@ -327,7 +381,7 @@ def _torchrun(tmp_path, *flags) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_two_process_gloo_ddp_and_fsdp(tmp_path):
+def test_two_process_gloo_ddp_and_fsdp(tmp_path, capsys):
     curves = {}
     for mode in ("ddp", "fsdp"):
         proc = _torchrun(tmp_path / mode, "--dist", mode)
@@ -341,11 +395,14 @@ def test_two_process_gloo_ddp_and_fsdp(tmp_path):
         assert [int(r["n"]) for r in evals] == [6, 6]  # both ranks' shares of the split, summed
         assert sorted(p.name for p in save.glob("step-*")) == ["step-000002", "step-000004"]
         assert proc.stdout.count("accuracy") == 1  # one table, from rank 0
-        # the checkpoint is a whole model that one process evaluates to the same figures
+        # the checkpoint is a whole model that one process evaluates to the same figures and the same output for
+        # the first problem (rank 0 evaluated problems 0, 2, 4; the figures are the same for any weights this small)
+        capsys.readouterr()
         out = run(tiny(tmp_path / mode / "eval", init_from=str(save / "step-000004"), generate_val=6,
                        only_eval=True, max_latent_stage=1, max_new_tokens=12, eval_batch_size=4))
         assert out["evals"][0]["accuracy"] == pytest.approx(float(evals[-1]["accuracy"]))
         assert out["evals"][0]["mean_new_tokens"] == pytest.approx(float(evals[-1]["mean_new_tokens"]))
+        assert last_samples(capsys.readouterr().err)[0] == last_samples(proc.stderr)[0]
     assert curves["ddp"][-1] < curves["ddp"][0]
     # FSDP (sharded gradients and optimizer state) takes the same steps as DDP
     torch.testing.assert_close(torch.tensor(curves["fsdp"]), torch.tensor(curves["ddp"]), rtol=1e-5, atol=1e-6)

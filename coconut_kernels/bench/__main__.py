@@ -19,6 +19,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -230,7 +231,7 @@ def _fmt_t(s: float) -> str:
 
 def format_table(table: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -312,14 +313,15 @@ def render_record(record: Path) -> str:
     lines = ["# Benchmark results", "",
              "<!-- Written by `python -m coconut_kernels.bench --write-results` (or `--render-results`, from the",
              f"     CSV alone) from results/results.csv; edit only the {NOTES[3:]} section, which it keeps. -->", "",
-             "The current record of the benchmark suite: every table below is rendered from `results/results.csv`, "
-             "whose rows carry the commit, versions, device, threads and date they were measured at; the history "
-             "is this file's git log. Times are medians (p20-p80) of repetitions run side by side in one process, "
-             "the providers of a point interleaved: on a shared machine only the ratios of one run compare. "
-             "Roles: `reference` = the reference COCONUT algorithm (on a `transformers` GPT-2 with the same "
-             "weights), `floor` = the same work without the sequential structure on this library's model, "
-             "`transformers` (the external floor) = a plain `transformers` model of the same shape and weights "
-             "on the same batch, as users run it today.", "",
+             textwrap.fill(
+                 "The current record of the benchmark suite: every table below is rendered from "
+                 "`results/results.csv`, whose rows carry the commit, versions, device, threads and date they were "
+                 "measured at; the history is this file's git log. Times are medians (p20-p80) of repetitions run "
+                 "side by side in one process, the providers of a point interleaved: on a shared machine only the "
+                 "ratios of one run compare. Roles: `reference` = the reference COCONUT algorithm (on a "
+                 "`transformers` GPT-2 with the same weights), `floor` = the same work without the sequential "
+                 "structure on this library's model, `transformers` (the external floor) = a plain `transformers` "
+                 "model of the same shape and weights on the same batch, as users run it today.", 115), "",
              f"Command: `{first['command']}`" + (f" ({wall:.0f} s of measurement)." if wall else "."), "",
              f"Provenance: {stamp(first)}.", ""]
     note = memory_note(rows)

@@ -167,7 +167,7 @@ def provenance(info: dict) -> dict:
 def _case_rows(case, times: list[float], mem, mem_kind: str, info: dict, device) -> list[dict]:
     """The CSV rows of one case: time quantiles, memory, and any derived per-case metric."""
     if mem is not None and device.type != "cuda":
-        mem += case.extra.get("memory_extra_bytes", 0)  # buffers outside autograd (a preallocated cache)
+        mem += case.extra.get("memory_extra_bytes", 0)  # buffers the step uses but setup built (a preallocated cache)
     base = {"scenario": case.scenario, "provider": case.provider, "role": case.role, "x_name": case.x_name,
             "x_value": case.x_value, **provenance(info)}
     p20, p50, p80 = harness.quantiles(times)

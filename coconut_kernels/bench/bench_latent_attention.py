@@ -177,7 +177,7 @@ def cases(settings):
         full = tuple(torch.randn(batch, total, H, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
         return lambda: step(train_floor(full))
 
-    # The cache's own buffers are not saved tensors: count them with what autograd keeps.
+    # The cache is built in setup, before the measured step: count its buffers with what the step allocates.
     yield Case("latent_attention", "concat + SDPA per pass", "passes", label, concat, role="reference", reps=reps)
     yield Case("latent_attention", "KVCache", "passes", label, cached, reps=reps,
                extra={"memory_extra_bytes": one_cache})

@@ -8,8 +8,10 @@ fails with an error naming what is wrong. A failed save never replaces a good ch
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +77,11 @@ def test_a_trivially_learnable_answer_is_learned(tmp_path):
     save_records(records[:16], tmp_path / "train.json")
     save_records(records[16:], tmp_path / "val.json")
     save_records([dict(r, answer="Tom is a zorpus.") for r in records[16:]], tmp_path / "other.json")
+    # AdamW restarts only at the stage change: the official restart every epoch (here 2 steps) at lr 1e-2 undoes
+    # what the epoch learnt (measured: 0/8 right, final loss 1.31 against 8/8 and 0.64)
     cfg = dict(train_path=str(tmp_path / "train.json"), max_latent_stage=1, epochs_per_stage=5, num_epochs=10,
-               lr=1e-2, batch_size=8, eval_batch_size=8, max_new_tokens=8, warmup_steps=0, eval_every=0)
+               lr=1e-2, batch_size=8, eval_batch_size=8, max_new_tokens=8, warmup_steps=0, eval_every=0,
+               reset_optimizer_every="stage")
     untrained = run(tiny(tmp_path / "untrained", val_path=str(tmp_path / "val.json"), only_eval=True, eval_stage=1,
                          **cfg))["evals"][0]
     assert untrained["n"] == 8 and untrained["accuracy"] == 0.0
@@ -123,9 +128,9 @@ def test_aligned_and_ragged_collation_give_the_same_curve(tmp_path):
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
 
 
-def test_grad_accumulation_bf16_and_schedule(tmp_path):
+def test_grad_accumulation_bf16_autocast_and_schedule(tmp_path):
     cfg = dict(grad_accum_steps=2, lr_schedule="cosine", num_epochs=2, eval_every=0)
-    out = run(tiny(tmp_path, bf16=True, **cfg))
+    out = run(tiny(tmp_path, precision="bf16-autocast", **cfg))
     rows = read_csv(tmp_path / "run" / "train_log.csv")
     assert len(rows) == 4  # 3 micro-batches per epoch -> 2 optimizer steps (the last one alone)
     lrs = [float(r["lr"]) for r in rows]
@@ -196,14 +201,14 @@ def test_failed_save_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(WordTokenizer, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True))
+        run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True, resume_override=["num_epochs"]))
     assert latest_checkpoint(cfg.save_dir) == good
     assert (good / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in Path(cfg.save_dir).glob("step-*")) == [good.name]
     assert not list(Path(cfg.save_dir).glob(".tmp-*"))  # the partial folder is cleaned up
     # the good checkpoint still resumes
     monkeypatch.undo()
-    out = run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True))
+    out = run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True, resume_override=["num_epochs"]))
     assert [s for s, _ in out["losses"]] == [4, 5, 6]
 
 
@@ -229,38 +234,48 @@ def test_only_eval_and_init_from_a_checkpoint(tmp_path, capsys):
     assert len(rows) == 1 and int(rows[0]["stage"]) == 2
 
 
-def test_init_from_a_hugging_face_folder_adds_the_latent_markers(tmp_path):
+def make_hf_folder(folder: Path, records: list[dict]) -> int:
+    """A small random-weight Hugging Face GPT-2 folder (config.json, model.safetensors, a word-level
+    tokenizer.json covering `records`); returns its vocabulary size."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import models, pre_tokenizers
 
-    records = generate_dataset(10, seed=5)
     words = sorted({w for r in records for t in [r["question"], r["answer"], *r["steps"]]
                     for w in t.replace(".", " . ").replace("?", " ? ").split()})
     vocab = {w: i for i, w in enumerate(["<|endoftext|>", "<unk>", "\n", "#", "###", *words])}
     tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    folder = tmp_path / "hf"
     folder.mkdir()
     tok.save(str(folder / "tokenizer.json"))
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(vocab), n_positions=512, n_embd=32,
                                                               n_layer=2, n_head=2))
     hf.save_pretrained(str(folder))
+    return len(vocab)
+
+
+def test_init_from_a_hugging_face_folder_adds_the_latent_markers(tmp_path):
+    records = generate_dataset(10, seed=5)
+    folder = tmp_path / "hf"
+    n_vocab = make_hf_folder(folder, records)
     data = tmp_path / "train.json"
     save_records(records, data)
     out = run(tiny(tmp_path, init_from=str(folder), train_path=str(data), num_epochs=1, max_new_tokens=4))
     assert len(out["losses"]) == 3
     weights_vocab = json.loads((out["checkpoint"] / "model_config.json").read_text())["vocab_size"]
-    assert weights_vocab == len(vocab) + 3
+    assert weights_vocab == n_vocab + 3
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration and bad input
 
 
+MODEL_FLAG = ["--model", json.dumps(TINY_MODEL)]
+
+
 def _error_of(argv, capsys) -> str:
-    assert main(argv) == 2
+    assert main([*MODEL_FLAG, *argv]) == 2
     return capsys.readouterr().err
 
 
@@ -357,10 +372,10 @@ def test_unreadable_checkpoints(tmp_path):
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     with pytest.raises(ValueError, match=f"{weights}: unreadable checkpoint weights"):
-        run(tiny(tmp_path, resume=True))
+        run(tiny(tmp_path, num_epochs=1, eval_every=0, resume=True))
     (ckpt / "trainer_state.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="trainer_state.pt: unreadable trainer state"):
-        run(tiny(tmp_path, resume=True))
+        run(tiny(tmp_path, num_epochs=1, eval_every=0, resume=True))
     with pytest.raises(ValueError, match="checkpoint folder .*nowhere not found"):
         run(tiny(tmp_path, resume=str(tmp_path / "nowhere")))
     with pytest.raises(ValueError, match="no checkpoint in save_dir"):
@@ -378,7 +393,16 @@ def _torchrun(tmp_path, *flags) -> subprocess.CompletedProcess:
            "--model", json.dumps(TINY_MODEL), "--max_latent_stage", "1", "--num_epochs", "2", "--lr", "3e-3",
            "--batch_size", "4", "--eval_batch_size", "4", "--max_new_tokens", "12", "--progress", "false",
            "--tensorboard", "false", "--save_dir", str(tmp_path / "run"), *flags]
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # its own session, so that a timeout kills the workers too, not only torchrun's agent
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun {flags} did not finish in 300 s; its stderr:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_two_process_gloo_ddp_and_fsdp(tmp_path, capsys):
@@ -406,3 +430,56 @@ def test_two_process_gloo_ddp_and_fsdp(tmp_path, capsys):
     assert curves["ddp"][-1] < curves["ddp"][0]
     # FSDP (sharded gradients and optimizer state) takes the same steps as DDP
     torch.testing.assert_close(torch.tensor(curves["fsdp"]), torch.tensor(curves["ddp"]), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The official recipe is the default; every deviation is a named key
+
+
+def test_defaults_are_the_official_recipe(tmp_path):
+    cfg = TrainConfig(model=TINY_MODEL)
+    assert cfg.max_grad_norm is None and cfg.weight_decay_scope == "all" and cfg.compute_precision == "fp32"
+    assert cfg.reset_optimizer and cfg.reset_optimizer_every == "epoch" and cfg.lr == 1e-4
+    with pytest.raises(ValueError, match="no model to train: set init_from .* or model to a fresh random one"):
+        TrainConfig()
+    assert TrainConfig(bf16=True, model=TINY_MODEL).compute_precision == "bf16"
+    assert TrainConfig(precision="bf16-autocast", model=TINY_MODEL).compute_precision == "bf16-autocast"
+    with pytest.raises(ValueError, match="'bf16' and 'precision'"):
+        TrainConfig(bf16=True, precision="bf16-autocast", model=TINY_MODEL)
+    with pytest.raises(ValueError, match="'precision': expected one of"):
+        TrainConfig(precision="fp16", model=TINY_MODEL)
+
+
+def test_weight_decay_scope():
+    from coconut_kernels.latent import LatentLM
+    from coconut_kernels.models import GPT2, GPT2Config
+    from coconut_kernels.training.build import make_optimizer
+
+    lm = LatentLM(GPT2(GPT2Config(vocab_size=40, n_layer=1, n_head=2, d_model=8, max_position=16)), 37, 38, 39, 0)
+    n_params = len(list(lm.parameters()))
+    biases = [p for p in lm.parameters() if p.ndim < 2]
+    assert biases
+    opt = make_optimizer(TrainConfig(model=TINY_MODEL, weight_decay=0.1), lm)  # official: one group, all decayed
+    assert [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups] == [(n_params, 0.1)]
+    opt = make_optimizer(TrainConfig(model=TINY_MODEL, weight_decay=0.1, weight_decay_scope="matrices"), lm)
+    assert [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups] == [
+        (n_params - len(biases), 0.1), (len(biases), 0.0)]
+
+
+def test_bf16_casts_the_whole_model(tmp_path):
+    out = run(tiny(tmp_path, bf16=True, num_epochs=1, eval_every=0, lr=1e-2))
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out["checkpoint"] / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in weights.values() if t.is_floating_point())
+    losses = [loss for _, loss in out["losses"]]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_reset_optimizer_every_epoch_or_stage(tmp_path):
+    # two epochs at stage 0: the official reset restarts AdamW at epoch 1, the per-stage one does not
+    kw = dict(num_epochs=2, epochs_per_stage=2, eval_every=0, warmup_steps=0)
+    every_epoch = [x for _, x in run(tiny(tmp_path / "e", **kw))["losses"]]
+    every_stage = [x for _, x in run(tiny(tmp_path / "s", reset_optimizer_every="stage", **kw))["losses"]]
+    assert every_epoch[:4] == every_stage[:4]  # epoch 0 and the first step of epoch 1 (same weights)
+    assert every_epoch[4:] != every_stage[4:]

@@ -8,12 +8,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._cli import run_cli
 from .prosqa import generate_dataset
 from .records import save_records
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A user error (e.g. an unwritable --out) prints ``coconut-data: error: ...`` and returns 2 (the
+    traceback only with ``--debug``)."""
+    return run_cli("coconut-data", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="coconut-data", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prosqa", help="generate ProsQA-style problems (official JSON format)")
     p.add_argument("--n", type=int, required=True, help="number of problems")

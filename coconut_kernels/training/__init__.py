@@ -1,5 +1,7 @@
-"""Pieces of the curriculum trainer (`coconut_kernels.train`): the config, building the run, evaluation,
-checkpoints and the metric log."""
+"""Units of the curriculum trainer (`coconut_kernels.train`): the config (`config`), the data (`data`), the
+tokenizer, model and optimizer (`build`), the distributed wrapper (`distributed`), the loop (`loop`),
+evaluation (`evaluate`), checkpoints (`checkpoint`), the save folder's ownership (`savedir`) and the metric
+log (`metrics`); `context` is what one process of a run holds while it trains."""
 from .checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from .config import TrainConfig, load_config
 from .evaluate import evaluate

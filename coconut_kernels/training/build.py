@@ -1,5 +1,5 @@
-"""What a training run is built from: its records (read or generated), its tokenizer and its LatentLM
-(a fresh config, a Hugging Face checkpoint folder or a coconut-train checkpoint).
+"""What a training run is built from besides its data: its tokenizer, its LatentLM (a fresh config, a Hugging
+Face checkpoint folder or a coconut-train checkpoint) and its optimizer.
 
 `coconut_kernels.train` calls these once per process; every process builds the same thing from the same
 config, so no data or weights have to be broadcast.
@@ -7,7 +7,8 @@ config, so no data or weights have to be broadcast.
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -17,59 +18,29 @@ from ..data import (
     HFTokenizer,
     WordTokenizer,
     concept_nouns,
-    generate_dataset,
-    load_records,
     load_tokenizer,
     person_names,
 )
+from ..errors import CheckpointError, ConfigError
 from ..latent import LatentLM
 from .checkpoint import TOKENIZER, is_checkpoint, load_weights, read_model_config
 from .config import TrainConfig
 
-__all__ = ["load_data", "build_tokenizer", "build_lm", "check_stages"]
-
-
-def load_data(cfg: TrainConfig) -> tuple[list[dict], list[dict], str]:
-    """(train records, validation records, where the validation records come from)."""
-    if cfg.train_path is not None:
-        train = _read(cfg.train_path, cfg.max_train_records, "train_path")
-    else:
-        train = generate_dataset(cfg.generate_train, seed=cfg.data_seed)
-    if cfg.val_path is not None and (Path(cfg.val_path).is_file() or cfg.val_if_missing == "error"):
-        val, source = _read(cfg.val_path, cfg.max_val_records, "val_path"), cfg.val_path
-    else:
-        val = generate_dataset(cfg.generate_val, seed=cfg.data_seed + 1)
-        source = f"generated ({cfg.generate_val} problems, seed {cfg.data_seed + 1})"
-        if cfg.max_val_records is not None:
-            val = val[: cfg.max_val_records]
-    if not train:
-        raise ValueError("training data: no records (train_path empty or generate_train 0)")
-    if not val:
-        raise ValueError(f"validation data: no records ({source})")
-    return train, val, source
-
-
-def _read(path: str, max_records: int | None, key: str) -> list[dict]:
-    if not Path(path).is_file():
-        raise ValueError(f"config key {key!r}: data file {path} not found")
-    try:
-        return load_records(path, max_records)
-    except ValueError as e:
-        msg = str(e)
-        raise ValueError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+__all__ = ["build_tokenizer", "build_lm", "make_optimizer"]
 
 
 def build_tokenizer(cfg: TrainConfig, train: list[dict], checkpoint: Path | None):
     """The checkpoint's tokenizer when resuming or starting from one of ours; else `tokenizer`; else the
     Hugging Face checkpoint's; else a word tokenizer of the training data plus every ProsQA concept noun and
     person name (so a generated or published validation split has no unknown words)."""
+    _check_init_from(cfg)
     source = checkpoint if checkpoint is not None else (
         Path(cfg.init_from) if cfg.init_from and is_checkpoint(cfg.init_from) else None)
     if source is not None:
         return load_tokenizer(source / TOKENIZER)
     if cfg.tokenizer is not None:
         if not Path(cfg.tokenizer).exists():
-            raise ValueError(f"config key 'tokenizer': {cfg.tokenizer} not found")
+            raise ConfigError(f"config key 'tokenizer': {cfg.tokenizer} not found")
         return load_tokenizer(cfg.tokenizer)
     if cfg.init_from is not None:
         return HFTokenizer.load(cfg.init_from)
@@ -85,13 +56,18 @@ def _model_from_dict(spec: dict, vocab_size: int, where: str):
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(spec.keys() - names)
     if unknown:
-        raise ValueError(f"{where}: config key(s) {', '.join('model.' + k for k in unknown)} do not exist for "
-                         f"family {family!r}; valid: {', '.join(sorted(names))}")
+        raise ConfigError(f"{where}: config key(s) {', '.join('model.' + k for k in unknown)} do not exist for "
+                          f"family {family!r}; valid: {', '.join(sorted(names))}")
     spec.setdefault("vocab_size", vocab_size)
+    _check_dims(spec, config_cls, where)
     if spec["vocab_size"] < vocab_size:
-        raise ValueError(f"{where}: model.vocab_size {spec['vocab_size']} is smaller than the tokenizer's "
-                         f"{vocab_size}")
-    return model_cls(config_cls(**spec))
+        raise ConfigError(f"{where}: model.vocab_size {spec['vocab_size']} is smaller than the tokenizer's "
+                          f"{vocab_size}")
+    try:
+        config = config_cls(**spec)
+    except (TypeError, ValueError) as e:  # the model config's own checks (e.g. d_model a multiple of n_head)
+        raise ConfigError(f"{where}: {e}") from None
+    return model_cls(config)
 
 
 def _grow_vocab(model: nn.Module, vocab_size: int) -> None:
@@ -119,8 +95,6 @@ def _grow_vocab(model: nn.Module, vocab_size: int) -> None:
 def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
     """The LatentLM to train, in fp32 on the CPU (the caller moves it). Weights: the resume checkpoint's,
     else init_from's (ours or Hugging Face's), else a fresh `model` config initialised from `seed`."""
-    from ..models import from_pretrained
-
     ours = checkpoint if checkpoint is not None else (
         Path(cfg.init_from) if cfg.init_from and is_checkpoint(cfg.init_from) else None)
     torch.manual_seed(cfg.seed)
@@ -128,12 +102,7 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
         spec = read_model_config(ours)
         model = _model_from_dict(spec, tokenizer.vocab_size, f"checkpoint {ours}")
     elif cfg.init_from is not None:
-        if not Path(cfg.init_from).is_dir():
-            raise ValueError(f"config key 'init_from': {cfg.init_from} is not a folder")
-        try:
-            model = from_pretrained(cfg.init_from, dtype=torch.float32)
-        except (OSError, KeyError, ValueError) as e:
-            raise ValueError(f"init_from {cfg.init_from}: cannot load the checkpoint ({e})") from None
+        model = _load_hf(cfg)
         _grow_vocab(model, tokenizer.vocab_size)
     else:
         model = _model_from_dict(cfg.model, tokenizer.vocab_size, "config key 'model'")
@@ -144,36 +113,61 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
         try:
             lm.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"{ours}: weights do not fit the model ({e})") from None
+            raise CheckpointError(f"{ours}: weights do not fit the model ({e})") from None
     return lm
 
 
-def check_stages(cfg: TrainConfig, train: list[dict], val: list[dict]) -> None:
-    """A stage past every record's steps replaces nothing more: refuse a curriculum or an evaluation stage
-    that the data cannot give meaning to, naming the stage and the longest record."""
-    if not cfg.uses_latents:
-        return
-    for name, records, stage in (("max_latent_stage", train, cfg.max_latent_stage),
-                                 ("eval_stage", val, cfg.eval_stage)):
-        if stage is None:
-            continue
-        longest = max(range(len(records)), key=lambda i: len(records[i]["steps"]))
-        n = len(records[longest]["steps"])
-        if stage > n:
-            which = "training" if records is train else "validation"
-            raise ValueError(f"config key {name!r}: stage {stage} is past the data's steps: the longest "
-                             f"{which} record (record {longest}) has {n} reasoning steps")
+def _check_init_from(cfg: TrainConfig) -> None:
+    if cfg.init_from is not None and not Path(cfg.init_from).is_dir():
+        what = "is not a folder" if Path(cfg.init_from).exists() else "does not exist"
+        raise CheckpointError(f"config key 'init_from': the folder {cfg.init_from} {what}")
 
 
-def device_of(cfg: TrainConfig, local_rank: int) -> torch.device:
-    if cfg.device is not None:
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def _load_hf(cfg: TrainConfig):
+    """The model of the Hugging Face folder `init_from` in fp32; an unreadable file is named."""
+    from ..models import from_pretrained
+
+    _check_init_from(cfg)
+    folder = Path(cfg.init_from)
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text())
+    except OSError as e:
+        raise CheckpointError(f"config key 'init_from': {config}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise CheckpointError(f"config key 'init_from': {config}: not valid JSON ({e})") from None
+    try:
+        return from_pretrained(folder, dtype=torch.float32)
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"config key 'init_from': {folder}: cannot load the checkpoint ({e})") from None
+    except Exception as e:  # safetensors raises its own error types for a truncated or corrupt file
+        weights = [p.name for p in sorted(folder.glob("*.safetensors"))] or ["model.safetensors"]
+        raise CheckpointError(f"config key 'init_from': {folder / weights[0]}: unreadable weights "
+                              f"({type(e).__name__}: {e})") from None
 
 
-def world_info() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment (0, 1, 0 when not launched by it)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+# integer fields of a model config that are sizes (>= 1 when given); float fields must be finite and > 0
+_SIZES = ("vocab_size", "n_layer", "n_head", "d_model", "max_position", "d_ff", "n_kv_head", "head_dim",
+          "sliding_window")
+
+
+def _check_dims(spec: dict, config_cls, where: str) -> None:
+    floats = {f.name for f in dataclasses.fields(config_cls) if str(f.type).startswith("float")}
+    for key, value in spec.items():
+        if key in _SIZES and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{where}: model.{key}: expected an int >= 1, got {value!r}")
+        if key in floats and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
+            raise ConfigError(f"{where}: model.{key}: expected a finite number > 0, got {value!r}")
+
+
+def make_optimizer(cfg: TrainConfig, lm: LatentLM) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters with `weight_decay` on all of them (the official run.py), or
+    with `weight_decay_scope: matrices` only on matrices and embeddings (none on biases and norm weights)."""
+    params = [p for p in lm.parameters() if p.requires_grad]
+    if cfg.weight_decay_scope == "all":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)

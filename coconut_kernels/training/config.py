@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,20 @@ from typing import Any
 import yaml
 
 from ..data import METHODS, StageConfig
+from ..errors import ConfigError
 from ..feedback import MODES
 
 __all__ = ["TrainConfig", "load_config", "config_parser"]
 
 _SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")
+# Keys a resumed run may change freely (where and how the run stops, saves, logs and evaluates); every other
+# key must equal the checkpoint's unless listed in resume_override.
+RESUME_FREE = ("resume", "resume_override", "overwrite", "save_dir", "max_steps", "save_every_steps",
+               "keep_checkpoints", "dist", "device", "progress", "log_every", "tensorboard", "eval_every",
+               "eval_batch_size", "max_new_tokens", "eval_stage")
+# Keys that cannot change on resume: the weights and vocabulary come from the checkpoint.
+RESUME_FIXED = ("model", "init_from", "tokenizer", "method", "feedback")
 
 
 @dataclass
@@ -37,8 +47,7 @@ class TrainConfig:
     tokenizer: str | None = None  # a tokenizer file/folder; None: init_from's, else a word tokenizer of the data
     # --- model ------------------------------------------------------------------------------------------
     init_from: str | None = None  # a Hugging Face checkpoint folder or a coconut-train checkpoint
-    model: dict = field(default_factory=lambda: {"family": "gpt2", "n_layer": 2, "n_head": 2, "d_model": 64,
-                                                 "max_position": 512})
+    model: dict | None = None  # a fresh random model: {family: gpt2|llama, n_layer: .., ...}; one of init_from / model
     feedback: str = "hidden"  # hidden | projected | soft | mixture | pause (pause_as_thought forces pause)
     # --- method and curriculum (the official knobs) -------------------------------------------------------
     method: str = "coconut"  # coconut | cot | no_cot | no_thoughts | pause_as_thought
@@ -47,20 +56,24 @@ class TrainConfig:
     max_latent_stage: int = 6
     pad_latent_to_max: bool = True
     uniform_prob: float = 0.0
-    reset_optimizer: bool = True  # fresh AdamW moments when the stage changes
+    reset_optimizer: bool = True  # fresh AdamW moments (see reset_optimizer_every)
+    reset_optimizer_every: str = "epoch"  # epoch (the official run.py) | stage (only when the stage changes)
     num_epochs: int = 7
     # --- optimisation -----------------------------------------------------------------------------------
     lr: float = 1e-4
-    weight_decay: float = 0.01  # on matrices and embeddings; none on biases and norm weights
+    weight_decay: float = 0.01
+    weight_decay_scope: str = "all"  # all parameters (the official AdamW) | matrices (not biases, norm weights)
     warmup_steps: int = 0  # linear warm-up over this many optimizer steps
     lr_schedule: str = "constant"  # after warm-up: constant | linear | cosine (to 0 at the last step)
-    max_grad_norm: float | None = 1.0  # None: no clipping
+    max_grad_norm: float | None = None  # None: no clipping (the official run.py)
     batch_size: int = 32  # per process
     grad_accum_steps: int = 1
-    bf16: bool = False  # bf16 autocast; the weights and optimizer state stay fp32
+    bf16: bool = False  # the official key: true casts the whole model (weights, optimizer state) to bf16
+    precision: str | None = None  # fp32 | bf16 (= bf16: true) | bf16-autocast (fp32 weights); None: from bf16
     seed: int = 0
     collate: str = "ragged"  # ragged (no compute on pads) | aligned (the official left padding)
     max_steps: int | None = None  # stop (and checkpoint) after this many optimizer steps
+    skip_nonfinite: bool = False  # a NaN/inf loss or gradient norm skips the step (logged) instead of stopping
     # --- evaluation -------------------------------------------------------------------------------------
     eval_every: int = 1  # epochs; 0: only at the end
     eval_batch_size: int = 64
@@ -72,6 +85,8 @@ class TrainConfig:
     save_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
     keep_checkpoints: int = 2
     resume: Any = False  # false | true (latest in save_dir) | a checkpoint folder
+    resume_override: list = field(default_factory=list)  # keys a resumed run may change (e.g. [lr, num_epochs])
+    overwrite: bool = False  # a fresh run in a save_dir holding another run moves that run aside (never deletes)
     dist: str = "ddp"  # ddp | fsdp (used when launched by torchrun with more than one process)
     device: str | None = None  # None: cuda when available, else cpu
     progress: bool = True
@@ -92,44 +107,88 @@ class TrainConfig:
                 except ValueError:
                     pass
             _check_type(f.name, getattr(self, f.name), f.type)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key {f.name!r}: expected a finite number, got {value}")
         if self.method not in METHODS:
-            raise ValueError(f"config key 'method': expected one of {METHODS}, got {self.method!r}")
+            raise ConfigError(f"config key 'method': expected one of {METHODS}, got {self.method!r}")
         if self.feedback not in MODES:
-            raise ValueError(f"config key 'feedback': expected one of {sorted(MODES)}, got {self.feedback!r}")
+            raise ConfigError(f"config key 'feedback': expected one of {sorted(MODES)}, got {self.feedback!r}")
         _choice("collate", self.collate, ("ragged", "aligned"))
         _choice("dist", self.dist, ("ddp", "fsdp"))
         _choice("lr_schedule", self.lr_schedule, _SCHEDULES)
         _choice("val_if_missing", self.val_if_missing, ("error", "generate"))
+        _choice("weight_decay_scope", self.weight_decay_scope, ("all", "matrices"))
+        _choice("reset_optimizer_every", self.reset_optimizer_every, ("epoch", "stage"))
+        self._check_precision()
+        self._check_ranges()
+        if not isinstance(self.resume, (bool, str)):
+            raise ConfigError(f"config key 'resume': expected true, false or a checkpoint folder, got {self.resume!r}")
+        self._check_resume_keys()
+        _check_device(self.device)
+        if self.model is not None and self.model.get("family", "gpt2") not in ("gpt2", "llama"):
+            raise ConfigError(f"config key 'model.family': expected 'gpt2' or 'llama', got {self.model['family']!r}")
+        self.stage_config()  # the curriculum knobs' own checks
+        if self.model is None and self.init_from is None:
+            raise ConfigError("no model to train: set init_from to a Hugging Face checkpoint folder (e.g. GPT-2, as "
+                              "the official recipe) or a coconut-train checkpoint, or model to a fresh random "
+                              "one, e.g. model: {family: gpt2, n_layer: 4, n_head: 4, d_model: 64, max_position: "
+                              "512}")
+
+    def _check_ranges(self) -> None:
         for name in ("epochs_per_stage", "batch_size", "grad_accum_steps", "eval_batch_size", "max_new_tokens",
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"config key {name!r}: expected an int >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"config key {name!r}: expected an int >= 1, got {getattr(self, name)}")
         for name in ("num_epochs", "warmup_steps", "eval_every", "save_every_steps", "generate_train",
                      "generate_val"):
             if getattr(self, name) < 0:
-                raise ValueError(f"config key {name!r}: expected an int >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"config key {name!r}: expected an int >= 0, got {getattr(self, name)}")
         for name in ("max_steps", "max_train_records", "max_val_records", "eval_stage"):
             v = getattr(self, name)
             if v is not None and v < (1 if name != "eval_stage" else 0):
-                raise ValueError(f"config key {name!r}: expected None or a positive int, got {v}")
+                raise ConfigError(f"config key {name!r}: expected None or a positive int, got {v}")
         if self.lr <= 0:
-            raise ValueError(f"config key 'lr': expected > 0, got {self.lr}")
+            raise ConfigError(f"config key 'lr': expected > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"config key 'weight_decay': expected >= 0, got {self.weight_decay}")
+            raise ConfigError(f"config key 'weight_decay': expected >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"config key 'max_grad_norm': expected None or > 0, got {self.max_grad_norm}")
-        if not isinstance(self.resume, (bool, str)):
-            raise ValueError(f"config key 'resume': expected true, false or a checkpoint folder, got {self.resume!r}")
-        if "family" in self.model and self.model["family"] not in ("gpt2", "llama"):
-            raise ValueError(f"config key 'model.family': expected 'gpt2' or 'llama', got {self.model['family']!r}")
-        self.stage_config()  # the curriculum knobs' own checks
+            raise ConfigError(f"config key 'max_grad_norm': expected None or > 0, got {self.max_grad_norm}")
+
+    def _check_precision(self) -> None:
+        if self.precision is None:
+            return
+        _choice("precision", self.precision, PRECISIONS)
+        if self.bf16 and self.precision != "bf16":
+            raise ConfigError(f"config keys 'bf16' and 'precision': bf16: true means precision: bf16 (the whole "
+                              f"model cast), not {self.precision!r}; set only one of them")
+
+    @property
+    def compute_precision(self) -> str:
+        """fp32, bf16 (the model cast to bf16, as the official run.py) or bf16-autocast (fp32 weights)."""
+        return self.precision if self.precision is not None else ("bf16" if self.bf16 else "fp32")
+
+    def _check_resume_keys(self) -> None:
+        names = [f.name for f in dataclasses.fields(self)]
+        for key in self.resume_override:
+            if key not in names:
+                raise _unknown_key(str(key), "config key 'resume_override'")
+            if key in RESUME_FIXED:
+                raise ConfigError(f"config key 'resume_override': {key!r} cannot change on resume (the weights and "
+                                 f"vocabulary come from the checkpoint); start a new run with init_from instead")
+        if self.overwrite and self.resume is not False:
+            raise ConfigError("config keys 'overwrite' and 'resume': overwrite moves the run in save_dir aside for a "
+                             "fresh run; it cannot be combined with resume")
+        if self.only_eval and self.resume is not False:
+            raise ConfigError("config keys 'only_eval' and 'resume': to evaluate a checkpoint, give it as init_from "
+                             "(only_eval writes its results to a fresh save_dir)")
 
     def stage_config(self) -> StageConfig:
         try:
             return StageConfig(method=self.method, c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
                                pad_latent_to_max=self.pad_latent_to_max, uniform_prob=self.uniform_prob)
         except ValueError as e:
-            raise ValueError(f"config key {e}") from None
+            raise ConfigError(f"config key {e}") from None
 
     @property
     def feedback_mode(self) -> str:
@@ -151,12 +210,25 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"config key 'device': expected a torch device such as cpu, cuda or cuda:1, "
+                         f"got {device!r}") from None
+
+
 def _choice(name: str, value: str, choices) -> None:
     if value not in choices:
-        raise ValueError(f"config key {name!r}: expected one of {tuple(choices)}, got {value!r}")
+        raise ConfigError(f"config key {name!r}: expected one of {tuple(choices)}, got {value!r}")
 
 
-_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,), "Any": (object,)}
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,), "list": (list,),
+          "Any": (object,)}
 
 
 def _check_type(name: str, value, annotation: str) -> None:
@@ -164,7 +236,7 @@ def _check_type(name: str, value, annotation: str) -> None:
     if value is None:
         if "None" in kinds:
             return
-        raise ValueError(f"config key {name!r}: must not be null")
+        raise ConfigError(f"config key {name!r}: must not be null")
     for k in kinds:
         if k == "None":
             continue
@@ -173,14 +245,14 @@ def _check_type(name: str, value, annotation: str) -> None:
         if isinstance(value, allowed) and not (k in ("int", "float") and isinstance(value, bool)):
             return
     want = " or ".join(k for k in kinds)
-    raise ValueError(f"config key {name!r}: expected {want}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"config key {name!r}: expected {want}, got {type(value).__name__} {value!r}")
 
 
-def _unknown_key(key: str, where: str) -> ValueError:
+def _unknown_key(key: str, where: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     close = difflib.get_close_matches(key, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"{where}: config key {key!r} does not exist{hint}; valid keys: {', '.join(names)}")
+    return ConfigError(f"{where}: config key {key!r} does not exist{hint}; valid keys: {', '.join(names)}")
 
 
 def _expand(v):
@@ -195,13 +267,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f)
         except OSError as e:
-            raise ValueError(f"config file {path}: cannot read ({e.strerror})") from None
+            raise ConfigError(f"config file {path}: cannot read ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {path}: not valid YAML ({e})") from None
+            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"config file {path}: expected a mapping of keys to values, got {type(data).__name__}")
+            raise ConfigError(f"config file {path}: expected a mapping of keys to values, got {type(data).__name__}")
         values.update(data)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in values:
@@ -227,6 +299,8 @@ def config_parser() -> argparse.ArgumentParser:
         description="COCONUT curriculum trainer: YAML config and/or --key value flags (values parsed as YAML).",
     )
     p.add_argument("config", nargs="?", help="YAML config file (keys: the flags below, without --)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error (not a config key)")
     for f in dataclasses.fields(TrainConfig):
         p.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(f.type),
                        type=_yaml_value, help=f"(default: {_default(f)})")
@@ -250,7 +324,8 @@ def _default(f: dataclasses.Field):
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(config_parser().parse_args(argv))
+    args.pop("debug", None)  # the console script's flag (coconut_kernels._cli), not a config key
     path = args.pop("config")
     if path is not None and not Path(path).is_file():
-        raise ValueError(f"config file {path}: not found")
+        raise ConfigError(f"config file {path}: not found")
     return load_config(path, args)

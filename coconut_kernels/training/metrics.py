@@ -11,7 +11,8 @@ from pathlib import Path
 
 __all__ = ["MetricsLog", "TRAIN_FIELDS", "EVAL_FIELDS", "read_csv", "format_eval_table"]
 
-TRAIN_FIELDS = ("step", "epoch", "stage", "loss", "lr", "grad_norm", "tokens", "elapsed_s")
+# skipped: 1 when a non-finite loss or gradient norm skipped the update (skip_nonfinite)
+TRAIN_FIELDS = ("step", "epoch", "stage", "loss", "lr", "grad_norm", "tokens", "skipped", "elapsed_s")
 EVAL_FIELDS = ("step", "epoch", "stage", "accuracy", "mean_new_tokens", "correct", "n", "elapsed_s")
 
 

@@ -1,0 +1,190 @@
+"""The training loop: epochs of the curriculum, micro-batches accumulated into optimizer steps, the learning
+rate schedule, the per-step log row, evaluation after the epochs that ask for it, and checkpoints (every
+`save_every_steps`, at every epoch's end, and where `max_steps` stops the run).
+
+At epoch e the stage is `cfg.stage_of_epoch(e)`; with `reset_optimizer` AdamW restarts its moments every
+epoch (or, with `reset_optimizer_every: stage`, when the stage changes). A resumed run continues from the
+checkpoint's step, epoch and micro-batch.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from ..errors import CoconutError
+from .build import make_optimizer
+from .checkpoint import save_run
+from .config import TrainConfig
+from .context import RunContext
+from .evaluate import evaluate_stage
+
+__all__ = ["Loop", "lr_at"]
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up, then `lr_schedule`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class Loop:
+    """The curriculum from the start or from `ctx.state` (restored here, before anything is written), up to
+    num_epochs or max_steps: `run()` trains."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx, cfg = ctx, ctx.cfg
+        self.optimizer = make_optimizer(cfg, ctx.lm)
+        self.steps_per_epoch = math.ceil(ctx.data.n_micro / cfg.grad_accum_steps)
+        self.total_steps = self.steps_per_epoch * cfg.num_epochs
+        self.step, self.start_epoch, self.skip = 0, 0, 0
+        autocast = cfg.compute_precision == "bf16-autocast"
+        self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+        self.params = [p for p in ctx.lm.parameters() if p.requires_grad]
+        self._reset_sums()
+        if ctx.state is not None:
+            self._restore()
+
+    def _reset_sums(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.ctx.device)
+        self.tokens = 0
+
+    def _restore(self) -> None:
+        st, ctx = self.ctx.state, self.ctx
+        if st["batches_done"] and st.get("world_size", 1) != ctx.world:
+            raise ValueError(f"{ctx.resume_from}: saved mid-epoch by {st.get('world_size')} processes; resume "
+                             f"it with the same number (got {ctx.world})")
+        self.step, self.start_epoch, self.skip = st["step"], st["epoch"], st["batches_done"]
+        ctx.par.load_optimizer(self.optimizer, st["optimizer"])
+        torch.set_rng_state(st["torch_rng"])
+
+    def _done(self) -> bool:
+        max_steps = self.ctx.cfg.max_steps
+        return max_steps is not None and self.step >= max_steps
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has no step left to take (a resume at or past max_steps or the last epoch)."""
+        return self._done() or self.start_epoch >= self.ctx.cfg.num_epochs
+
+    def run(self) -> None:
+        if self.finished:
+            return
+        for epoch in range(self.start_epoch, self.ctx.cfg.num_epochs):
+            if self._epoch(epoch):
+                break
+
+    def _epoch(self, epoch: int) -> bool:
+        """Train one epoch (from micro-batch `skip` when resuming); True when the run stops here."""
+        ctx, cfg = self.ctx, self.ctx.cfg
+        stage = cfg.stage_of_epoch(epoch)
+        if self.skip == 0 and epoch > 0 and self._resets(epoch):
+            self.optimizer = make_optimizer(cfg, ctx.lm)
+        batches = ctx.data.epoch_batches(epoch, stage)
+        show = cfg.progress and ctx.rank == 0
+        bar = _progress(show, self.steps_per_epoch, self.skip // cfg.grad_accum_steps, f"epoch {epoch} stage {stage}")
+        self._reset_sums()
+        for b in range(self.skip, ctx.data.n_micro):
+            if not self._micro_batch(batches[b], b):
+                continue
+            loss, lr = self._optimizer_step(epoch, stage)
+            bar.update(1)
+            if self.step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            more = b + 1 < ctx.data.n_micro
+            if self._done() and more:
+                bar.close()
+                save_run(ctx, self.optimizer, self.step, epoch, b + 1)
+                return True
+            if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 and more:
+                save_run(ctx, self.optimizer, self.step, epoch, b + 1)
+        bar.close()
+        self.skip = 0
+        if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch == cfg.num_epochs - 1:
+            evaluate_stage(ctx, self.step, epoch, stage)
+        save_run(ctx, self.optimizer, self.step, epoch + 1, 0)
+        return self._done()
+
+    def _resets(self, epoch: int) -> bool:
+        """Whether AdamW restarts at the start of `epoch` (> 0): every epoch, as the official run.py, or only
+        when the stage changes."""
+        cfg = self.ctx.cfg
+        if not cfg.reset_optimizer:
+            return False
+        return cfg.reset_optimizer_every == "epoch" or cfg.stage_of_epoch(epoch) != cfg.stage_of_epoch(epoch - 1)
+
+    def _micro_batch(self, examples: list, b: int) -> bool:
+        """Forward and backward of micro-batch `b`; True when it closes an accumulation group."""
+        ctx, accum = self.ctx, self.ctx.cfg.grad_accum_steps
+        group_start = b - b % accum
+        group = min(accum, ctx.data.n_micro - group_start)
+        last_in_group = b == group_start + group - 1
+        batch = {k: v.to(ctx.device) for k, v in ctx.data.collator(examples).items()}
+        with ctx.par.no_sync(last_in_group):
+            with self.autocast:
+                out = ctx.par.module(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                     batch["position_ids"])
+            (out.loss / group).backward()
+        self.loss_sum += out.loss.detach() / group
+        self.tokens += int(batch["attention_mask"].sum())
+        return last_in_group
+
+    def _optimizer_step(self, epoch: int, stage: int) -> tuple[float, float]:
+        """Apply the accumulated gradients (unless the loss or gradient norm is not finite); log the step.
+        Returns (mean loss over the ranks, lr)."""
+        ctx, cfg = self.ctx, self.ctx.cfg
+        lr = lr_at(cfg, self.step, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        # the mean of the ranks' losses, every rank's tokens (the same on every rank, as is the norm)
+        totals = ctx.par.sum(torch.stack([self.loss_sum, torch.tensor(float(self.tokens), device=ctx.device)]))
+        loss, tokens, norm = float(totals[0]) / ctx.world, int(totals[1]), float(norm)
+        skipped = not (math.isfinite(loss) and math.isfinite(norm))
+        if skipped and not cfg.skip_nonfinite:
+            self._stop_nonfinite(loss, norm, epoch, stage)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        ctx.losses.append((self.step, loss))
+        ctx.log.train({"step": self.step, "epoch": epoch, "stage": stage, "loss": loss, "lr": lr,
+                       "grad_norm": norm, "tokens": tokens, "skipped": int(skipped), "elapsed_s": ctx.elapsed()})
+        self._reset_sums()
+        return loss, lr
+
+    def _stop_nonfinite(self, loss: float, norm: float, epoch: int, stage: int) -> None:
+        """Stop before the bad update is applied or checkpointed: the last good checkpoint stays `latest`."""
+        last = self.ctx.last_checkpoint or self.ctx.resume_from
+        kept = f"the last checkpoint, {last}, is unchanged" if last else "no checkpoint was written"
+        raise CoconutError(f"step {self.step + 1} (epoch {epoch}, stage {stage}): the loss is {loss} and the "
+                           f"gradient norm {norm}; the run stopped before applying it ({kept}). Lower lr, set "
+                           f"max_grad_norm, or set skip_nonfinite: true to skip such steps")
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(show: bool, total: int, initial: int, desc: str):
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)

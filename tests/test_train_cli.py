@@ -1,0 +1,152 @@
+"""`coconut-train` and `coconut-data` speak in one line: every user error prints ``<prog>: error: ...``
+naming the file, key or flag, exits 2, writes nothing, and shows a traceback only with ``--debug``; a
+non-finite loss or gradient norm stops the run before the next checkpoint unless ``skip_nonfinite``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from coconut_kernels.data import generate_dataset, save_records
+from coconut_kernels.data.cli import main as data_main
+from coconut_kernels.errors import CoconutError
+from coconut_kernels.latent import LatentLM
+from coconut_kernels.train import main, run
+from coconut_kernels.training import latest_checkpoint, read_csv
+
+from .test_train import TINY_MODEL, make_hf_folder, one_thread, tiny  # noqa: F401 (one_thread: autouse fixture)
+
+FLAGS = ["--generate_train", "8", "--generate_val", "2", "--num_epochs", "1", "--batch_size", "4",
+         "--max_latent_stage", "1", "--max_new_tokens", "4", "--progress", "false", "--tensorboard", "false"]
+
+
+def model_flag(**changes) -> list[str]:
+    return ["--model", json.dumps({**TINY_MODEL, **changes})]
+
+
+def one_line_error(argv, capsys) -> str:
+    """Run coconut-train, assert exit status 2 and a single ``coconut-train: error:`` line; return it."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("coconut-train: error: ") and "\n" not in err, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("extra,names", [
+    (model_flag(n_layer=-1), ["model.n_layer", "-1"]),
+    (model_flag(d_model=0), ["model.d_model", "0"]),
+    (model_flag(d_model=30, n_head=4), ["d_model", "n_head"]),
+    (model_flag(norm_eps=float("nan")), ["model.norm_eps"]),
+    (model_flag() + ["--device", "gpu0"], ["'device'", "gpu0"]),
+    (model_flag() + ["--lr", ".nan"], ["'lr'", "finite"]),
+    (model_flag() + ["--max_grad_norm", ".inf"], ["'max_grad_norm'", "finite"]),
+    (model_flag() + ["--weight_decay", ".nan"], ["'weight_decay'", "finite"]),
+    (model_flag() + ["--uniform_prob", ".nan"], ["'uniform_prob'", "finite"]),
+    (model_flag() + ["--resume_override", "[model]"], ["'resume_override'", "'model'"]),
+    (model_flag() + ["--resume_override", "[lrr]"], ["'lrr' does not exist", "'lr'"]),
+    (model_flag() + ["--overwrite", "true", "--resume", "true"], ["'overwrite'", "'resume'"]),
+])
+def test_bad_values_are_one_line_errors_and_write_nothing(tmp_path, capsys, extra, names):
+    save = tmp_path / "run"
+    err = one_line_error([*FLAGS, "--save_dir", str(save), *extra], capsys)
+    for name in names:
+        assert name in err, err
+    assert not save.exists()
+
+
+def test_unwritable_save_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    err = one_line_error([*FLAGS, *model_flag(), "--save_dir", str(blocker / "run")], capsys)
+    assert "'save_dir'" in err and str(blocker) in err and "not a folder" in err
+
+
+def test_missing_init_from_names_the_folder(tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    err = one_line_error([*FLAGS, "--init_from", str(missing), "--save_dir", str(tmp_path / "run")], capsys)
+    assert f"the folder {missing} does not exist" in err and "tokenizer.json" not in err
+
+
+@pytest.mark.parametrize("name,keep", [("config.json", 20), ("model.safetensors", 100)])
+def test_truncated_hugging_face_files_are_named(tmp_path, capsys, name, keep):
+    records = generate_dataset(8, seed=5)
+    folder = tmp_path / "hf"
+    make_hf_folder(folder, records)
+    file = folder / name
+    file.write_bytes(file.read_bytes()[:keep])
+    data = tmp_path / "train.json"
+    save_records(records, data)
+    capsys.readouterr()  # transformers' own output while the folder was made
+    err = one_line_error([*FLAGS, "--train_path", str(data), "--init_from", str(folder),
+                          "--save_dir", str(tmp_path / "run")], capsys)
+    assert str(file) in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(CoconutError, match="'lr'"):
+        main([*FLAGS, *model_flag(), "--lr", ".nan", "--save_dir", str(tmp_path / "run"), "--debug"])
+
+
+def test_coconut_data_speaks_in_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert data_main(["prosqa", "--n", "2", "--out", str(blocker / "out.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("coconut-data: error: ") and str(blocker) in err and "\n" not in err
+    with pytest.raises(OSError):
+        data_main(["--debug", "prosqa", "--n", "2", "--out", str(blocker / "out.json")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Non-finite loss or gradient norm
+
+
+@pytest.fixture
+def nan_at_call(monkeypatch):
+    """Make the loss of the n-th training forward (1-based) NaN."""
+    calls = {"n": 0}
+    forward = LatentLM.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == calls["at"]:
+                out.loss = out.loss * float("nan")
+        return out
+
+    def arm(n: int):
+        calls["at"] = n
+        monkeypatch.setattr(LatentLM, "forward", poisoned)
+
+    return arm
+
+
+def test_nan_loss_stops_before_the_next_checkpoint(tmp_path, nan_at_call):
+    cfg = tiny(tmp_path, num_epochs=2, eval_every=0)
+    good = run(tiny(tmp_path, num_epochs=2, eval_every=0, max_steps=3))["checkpoint"]  # epoch 0's 3 steps
+    weights = (good / "model.safetensors").read_bytes()
+    nan_at_call(2)  # step 5 of the resumed run
+    with pytest.raises(CoconutError, match=r"step 5 \(epoch 1, stage 1\): the loss is nan.*skip_nonfinite"):
+        run(tiny(tmp_path, num_epochs=2, eval_every=0, resume=True))
+    assert latest_checkpoint(cfg.save_dir) == good
+    assert (good / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in Path(cfg.save_dir).glob("step-*")) == [good.name]
+
+
+def test_skip_nonfinite_skips_and_logs_the_step(tmp_path, nan_at_call):
+    nan_at_call(2)
+    out = run(tiny(tmp_path, num_epochs=1, eval_every=0, skip_nonfinite=True))
+    rows = read_csv(tmp_path / "run" / "train_log.csv")
+    assert [int(r["skipped"]) for r in rows] == [0, 1, 0]
+    assert math.isnan(float(rows[1]["loss"]))
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out["checkpoint"] / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())

@@ -107,10 +107,10 @@ fi
 if [ "$QUICK" = 1 ]; then
   :
 elif [ "$DRY" = 1 ]; then
-  step suite_fp32 240 "$PY" -m benchmarks --quick --device cpu --out "$OUT/suite_fp32"
+  step suite_fp32 240 "$PY" -m coconut_kernels.bench --quick --device cpu --out "$OUT/suite_fp32"
 else
-  step suite_bf16 200 "$PY" -m benchmarks --device cuda --dtype bfloat16 --out "$OUT/suite_bf16"
-  step suite_fp32 150 "$PY" -m benchmarks --device cuda --dtype float32 --scenario latent_attention \
+  step suite_bf16 200 "$PY" -m coconut_kernels.bench --device cuda --dtype bfloat16 --out "$OUT/suite_bf16"
+  step suite_fp32 150 "$PY" -m coconut_kernels.bench --device cuda --dtype float32 --scenario latent_attention \
     --scenario train_step --scenario generate --out "$OUT/suite_fp32"
 fi
 

@@ -234,3 +234,16 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(lm, monkeypatc
     outs = eng.generate(ps[:3], params)
     assert [o.error is None for o in outs] == [True, False, True]
     assert outs[1].samples[0].finish_reason == "error"
+
+
+def test_abort_frees_the_slots(lm):
+    eng = LatentEngine(lm, 2, 64)
+    a = eng.add([5, 6, BOT, LAT, EOT], SamplingParams(n=2, max_tokens=20))
+    b = eng.add([7, 8], SamplingParams(max_tokens=3))
+    eng.step()
+    assert eng.progress(a) is not None and eng.progress(b) is not None  # a runs, b waits
+    assert eng.abort(a) and not eng.abort(a)
+    assert eng.progress(a) is None and eng.abort(b)
+    assert all(s is None for s in eng.slots) and not eng.has_unfinished() and eng.step() == []
+    out = eng.generate([[7, 8]], SamplingParams(max_tokens=3))[0]
+    assert out.samples[0].token_ids == alone(lm, [7, 8], 3)[0]

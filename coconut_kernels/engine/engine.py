@@ -156,6 +156,27 @@ class LatentEngine:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _find(self, request_id: int) -> _Request | None:
+        return next((r for q in (self.waiting, self.running) for r in q if r.id == request_id), None)
+
+    def progress(self, request_id: int) -> list[Sample] | None:
+        """The samples of an unfinished request as they grow (read-only; None once it has finished or is
+        unknown): what a streaming client has been sent is a prefix of their token_ids."""
+        r = self._find(request_id)
+        return None if r is None else [q.sample for q in r.seqs]
+
+    def abort(self, request_id: int) -> bool:
+        """Drop an unfinished request (a client that left): its slots are freed and no output is returned.
+        False when it had already finished or is unknown."""
+        r = self._find(request_id)
+        if r is None:
+            return False
+        if r in self.waiting:
+            self.waiting.remove(r)
+        self._fail(r, CoconutError("aborted"))
+        self._finished.pop()  # an aborted request reports nothing
+        return True
+
     def generate(self, prompts, params=None) -> list[RequestOutput]:
         """Run `prompts` (lists of ids) to completion; params: one for all or one per prompt. Returns one
         RequestOutput per prompt in input order; a prompt the engine refuses gets an output with .error."""

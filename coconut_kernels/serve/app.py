@@ -239,7 +239,8 @@ def create_app(engine: LatentEngine, model_name: str = "coconut", *, tokenizer=N
 
 
 def main(argv=None) -> None:
-    """coconut-serve CHECKPOINT: serve a saved LatentLM (LatentLM.from_pretrained) on --host:--port."""
+    """coconut-serve CHECKPOINT: serve a Hugging Face folder as a LatentLM (LatentLM.from_pretrained: the ids
+    not given come from its tokenizer, which also makes string prompts possible) on --host:--port."""
     import argparse
 
     import uvicorn
@@ -250,21 +251,14 @@ def main(argv=None) -> None:
     ap.add_argument("checkpoint")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--latent-token-id", type=int, required=True)
-    ap.add_argument("--start-latent-id", type=int, required=True)
-    ap.add_argument("--end-latent-id", type=int, required=True)
-    ap.add_argument("--eos-token-id", type=int, required=True)
+    for name in ("latent-token-id", "start-latent-id", "end-latent-id", "eos-token-id"):
+        ap.add_argument(f"--{name}", type=int, default=None, help="default: from the checkpoint's tokenizer")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=None, help="positions per slot (default: the model's)")
     ap.add_argument("--max-queue", type=int, default=64)
-    ap.add_argument("--tokenizer", default=None, help="a transformers tokenizer name or path (string prompts)")
     a = ap.parse_args(argv)
     lm = LatentLM.from_pretrained(a.checkpoint, latent_token_id=a.latent_token_id, start_latent_id=a.start_latent_id,
                                   end_latent_id=a.end_latent_id, eos_token_id=a.eos_token_id)
-    tok = None
-    if a.tokenizer:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(a.tokenizer)
-    app = create_app(LatentEngine(lm.eval(), a.max_batch, a.max_tokens), a.checkpoint, tokenizer=tok,
+    app = create_app(LatentEngine(lm.eval(), a.max_batch, a.max_tokens), a.checkpoint, tokenizer=lm.tokenizer,
                      max_queue=a.max_queue)
     uvicorn.run(app, host=a.host, port=a.port)

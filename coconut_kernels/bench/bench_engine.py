@@ -7,7 +7,7 @@ answer (max_new_tokens = the batch's longest); the engine runs all prompts throu
 request with its own max_tokens. Rate: answer tokens per second (the requested ones; the static batch's extra
 tokens past a request's length are not counted). Median of --repeats runs of each, alternated.
 
-    python -m benchmarks.bench_engine --size gpt2-4x256 --prompts 32 --max-batch 8 --repeats 3 --threads 2
+    python -m coconut_kernels.bench.bench_engine --size gpt2-4x256 --prompts 32 --max-batch 8 --repeats 3 --threads 2
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 
 from . import validation
 from .feedback import Feedback
-from .latent_plan import BatchPlan, DecodePlan, plan_batch, plan_decode
+from .latent_plan import DecodePlan, plan_batch, plan_decode
 from .latent_steps import forward_rows, head_logits, thought_vector
 
 

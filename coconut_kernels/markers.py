@@ -19,7 +19,7 @@ from .data.tokenizer import END_LATENT, LATENT, START_LATENT, HFTokenizer, Token
 from .errors import CheckpointError, CoconutError
 from .validation import check_special_ids
 
-__all__ = ["LatentIds", "MARKERS", "add_latent_tokens", "check_latent_ids",
+__all__ = ["LatentIds", "MARKERS", "add_latent_tokens",
            "load_folder_tokenizer", "resolve_ids"]
 
 log = logging.getLogger("coconut_kernels")

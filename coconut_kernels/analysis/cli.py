@@ -18,7 +18,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import yaml
 
 from ..data import RaggedCollator, StageConfig, build_prompt, is_correct, tokenize_record
 from ..errors import CheckpointError, CoconutError
@@ -37,7 +36,7 @@ def load_checkpoint(path: str | Path):
     (or a save folder, whose newest checkpoint is taken)."""
     from ..data import load_tokenizer
     from ..training.build import build_lm
-    from ..training.checkpoint import TOKENIZER, is_checkpoint, latest_checkpoint
+    from ..training.checkpoint import TOKENIZER, is_checkpoint, latest_checkpoint, read_run_config
 
     path = Path(path)
     if not path.is_dir():
@@ -48,12 +47,7 @@ def load_checkpoint(path: str | Path):
             raise CheckpointError(f"{path}: neither a coconut-train checkpoint nor a save folder holding one")
         path = newest
     cfg_file = path / "config.yaml"
-    try:
-        cfg = yaml.safe_load(cfg_file.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{cfg_file}: unreadable run config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_file}: expected a mapping of config keys")
+    cfg = read_run_config(path)
     method = cfg.get("method", "coconut")
     if method not in _LATENT_METHODS:
         raise CheckpointError(f"{cfg_file}: field 'method' is {method!r}, which feeds no continuous thoughts; "

@@ -162,6 +162,18 @@ def read_model_config(path: str | Path) -> dict:
     return cfg
 
 
+def read_run_config(path: str | Path) -> dict:
+    """The run config (config.yaml) a checkpoint was written with, as a mapping; CheckpointError naming the file."""
+    file = Path(path) / "config.yaml"
+    try:
+        cfg = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{file}: unreadable run config ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: not a run config (expected a mapping of config keys)")
+    return cfg
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -22,10 +22,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import RUN_FILE, run_id_of
+from .checkpoint import RUN_FILE, read_run_config, run_id_of
 from .config import RESUME_FIXED, RESUME_FREE, TrainConfig
 
 __all__ = ["SaveDirPlan", "check_save_dir", "claim_save_dir", "write_run_id", "check_resume_config"]
@@ -123,13 +122,7 @@ def _new_id() -> str:
 
 def check_resume_config(cfg: TrainConfig, checkpoint: Path) -> None:
     """Refuse to resume `checkpoint` with a config that changes the run's meaning, naming the keys."""
-    file = checkpoint / "config.yaml"
-    try:
-        saved = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{file}: unreadable run config ({type(e).__name__}: {e})") from None
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{file}: not a run config (expected a mapping)")
+    saved = read_run_config(checkpoint)
     mine = cfg.to_dict()
     allowed = set(RESUME_FREE) | set(cfg.resume_override)
     changed = [k for k in mine if k not in allowed and k in saved and saved[k] != mine[k]]

@@ -23,10 +23,11 @@ __all__ = ["evaluate", "evaluate_stage"]
 @torch.no_grad()
 def evaluate(lm, records: list[TokenizedRecord], stage: int, stage_config: StageConfig, tokenizer, collator, *,
              batch_size: int, max_new_tokens: int, device: torch.device, autocast: bool = False, rank: int = 0,
-             world: int = 1, n_samples: int = 3) -> dict:
+             world: int = 1, n_samples: int = 3, schedule: dict | None = None) -> dict:
     """Returns {accuracy, mean_new_tokens, correct, n, samples}; ``lm`` is the unwrapped LatentLM (its
     parameters must be whole on this rank: FSDP callers unshard around the call). `autocast`: run under bf16
-    autocast (a model cast to bf16 needs none)."""
+    autocast (a model cast to bf16 needs none). `schedule`: generate's latent_schedule / jacobi_iters (default
+    sequential)."""
     mine = records[rank::world]
     was_training = lm.training
     lm.eval()
@@ -40,7 +41,8 @@ def evaluate(lm, records: list[TokenizedRecord], stage: int, stage_config: Stage
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         with amp:
-            out = lm.generate(ids, mask, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            out = lm.generate(ids, mask, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              **(schedule or {}))
         gen, lengths = out.tokens.cpu(), out.lengths.cpu()
         for rec, prompt, row, n in zip(chunk, prompts, gen, lengths.tolist()):
             text = tokenizer.decode(prompt.input_ids + row[:n].tolist(), skip_special_tokens=True)
@@ -67,7 +69,8 @@ def evaluate_stage(ctx: RunContext, step: int, epoch: int, stage: int) -> dict:
     with ctx.par.whole() as lm:
         res = evaluate(lm, data.val, stage, data.stage_config, data.tokenizer, data.collator,
                        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, device=ctx.device,
-                       autocast=cfg.compute_precision == "bf16-autocast", rank=ctx.rank, world=ctx.world)
+                       autocast=cfg.compute_precision == "bf16-autocast", rank=ctx.rank, world=ctx.world,
+                       schedule=cfg.schedule)
     row = {"step": step, "epoch": epoch, "stage": stage, "accuracy": res["accuracy"],
            "mean_new_tokens": res["mean_new_tokens"], "correct": res["correct"], "n": res["n"],
            "elapsed_s": ctx.elapsed()}

@@ -130,7 +130,7 @@ class Loop:
         with ctx.par.no_sync(last_in_group):
             with self.autocast:
                 out = ctx.par.module(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                     batch["position_ids"])
+                                     batch["position_ids"], **ctx.cfg.schedule)
             (out.loss / group).backward()
         self.loss_sum += out.loss.detach() / group
         self.tokens += int(batch["attention_mask"].sum())

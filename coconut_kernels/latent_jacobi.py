@@ -8,12 +8,10 @@ everything after them equal the sequential schedule's. The answer pass then runs
 the last iteration's K/V.
 
 The cache: the prefill is written once, and each iteration replaces the thought rows. Without grad the cache is
-cropped back to the prefix and the rows re-appended. Under grad that is not possible: a pass's backward reads
-the K/V rows it wrote from the cache buffer (and crop ends the generation whose backward it is), so a later
-iteration must not overwrite them. Under grad each iteration after the first therefore runs on a fresh cache whose
-prefix is written again by the prefill pass (the same rows, so the same K/V, and the gradient the iteration's
-attention sends to the prefix K/V reaches the parameters through that pass): correct gradients through every
-iteration, at the cost of T prefill passes instead of one.
+cropped back to the prefix and the rows re-appended. Under grad a pass's backward reads the K/V rows it wrote from
+the cache buffer (and crop ends the generation whose backward it is), so no iteration may overwrite another's:
+each iteration runs on a fork of the prefix cache (`KVCache.fork`: a copy of its rows whose backward hands the
+gradient of the prefix K/V back to the prefill pass), and the answer pass continues the last iteration's fork.
 """
 from __future__ import annotations
 
@@ -47,25 +45,23 @@ def run_jacobi(model, fb: Feedback, embeds: torch.Tensor, position_ids: torch.Te
     thought pass; keep(h, rows) receives the hidden states of the prefill, the last iteration and the answer."""
     pre, thoughts, answer = passes
     B, d = plan.batch, embeds.shape[-1]
-    max_len = max(plan.max_len, 1)
     grad = torch.is_grad_enabled()
 
     def pos(rows):
         return position_ids.gather(1, rows.col) if position_ids is not None else None
 
-    cache = model.new_cache(B, max_len, device=embeds.device)
-    x_pre = pass_input(embeds, pre, None)
-    h = forward_rows(model, x_pre, cache, pre.count, pos(pre))
+    cache = model.new_cache(B, max(plan.max_len, 1), device=embeds.device)
+    h = forward_rows(model, pass_input(embeds, pre, None), cache, pre.count, pos(pre))
     keep(h, pre)
     first = feed_hidden(model, fb, h.new_zeros(B, 1, d), h, pre.produce, pre.src)
     x0 = write_thoughts(pass_input(embeds, thoughts, None), first, pre.produce)
     prefix = cache.seqlens.clone()
     feeds = JacobiFeeds.of(plan.n_latents, embeds.device)
     h = None
+    prefix_cache = cache
     for t in range(iters):
-        if t > 0 and grad:
-            cache = model.new_cache(B, max_len, device=embeds.device)
-            forward_rows(model, x_pre, cache, pre.count, pos(pre))
+        if grad:
+            cache = prefix_cache.fork()
         elif t > 0:
             cache.crop(prefix)
         x = x0 if h is None else feed_previous(model, fb, x0, h, feeds)

@@ -47,10 +47,12 @@ def test_jacobi_with_enough_iterations_equals_sequential(family, layout, n):
         torch.testing.assert_close(jgrads[name], g, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
     prompts = collate(examples(counts_for(n), seed=n, with_labels=False))
     args = (prompts["input_ids"], prompts["attention_mask"])
-    seq = lm.generate(*args, max_new_tokens=6)
-    jac = lm.generate(*args, max_new_tokens=6, latent_schedule="jacobi", jacobi_iters=T)
+    seq = lm.generate(*args, max_new_tokens=6, return_latents=True)
+    jac = lm.generate(*args, max_new_tokens=6, latent_schedule="jacobi", jacobi_iters=T, return_latents=True)
     assert torch.equal(jac.tokens, seq.tokens) and torch.equal(jac.lengths, seq.lengths)
     assert torch.equal(jac.n_latents, seq.n_latents)
+    torch.testing.assert_close(jac.latents, seq.latents, rtol=1e-4, atol=1e-5)
+    assert torch.equal(jac.latent_topk_ids[jac.latent_topk_probs > 0], seq.latent_topk_ids[seq.latent_topk_probs > 0])
 
 
 def plain_jacobi(hf, fb, ids: list[int], T: int) -> list[torch.Tensor]:

@@ -45,7 +45,7 @@ def extension():
 
 
 setup(
-    packages=find_packages(include=["coconut_kernels", "coconut_kernels.*", "benchmarks"]),
+    packages=find_packages(include=["coconut_kernels", "coconut_kernels.*"]),  # the suite is coconut_kernels.bench
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -9,6 +9,7 @@ from .backend import get_backend, set_backend
 from .cache import KVCache
 from .errors import CheckpointError, CheckpointNotFoundError, CoconutError, ConfigError
 from .feedback import Feedback
+from .markers import LatentIds, add_latent_tokens
 from .latent import GenerateOutput, LatentLM, LatentOutput
 from .loss import linear_cross_entropy
 from .ops.latent_attention import latent_attention
@@ -18,6 +19,7 @@ from .ops.soft_embedding import soft_embedding
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "CheckpointNotFoundError", "CoconutError", "ConfigError", "Feedback", "GenerateOutput", "KVCache", "LatentLM", "LatentOutput", "get_backend", "latent_attention",
+    "CheckpointError", "CheckpointNotFoundError", "CoconutError", "ConfigError", "Feedback", "GenerateOutput",
+    "KVCache", "LatentIds", "LatentLM", "LatentOutput", "add_latent_tokens", "get_backend", "latent_attention",
     "latent_feedback", "latent_feedback_", "linear_cross_entropy", "set_backend", "soft_embedding", "__version__",
 ]

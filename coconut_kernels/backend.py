@@ -1,8 +1,8 @@
 """Which implementation runs an op on CUDA tensors, and the debug switch.
 
 CPU tensors always run the C++ CPU kernels. For CUDA tensors the choice is `set_backend(...)` or the
-environment variable COCONUT_BACKEND: "cuda" (the compiled CUDA C++ kernels), "triton", or "torch"
-(the plain-PyTorch reference, for debugging). COCONUT_DEBUG=1 validates device-side values (indices,
+environment variable COCONUT_BACKEND: "triton" (the default), "cuda" (the compiled CUDA C++ kernels), or
+"torch" (the plain-PyTorch reference, for debugging). COCONUT_DEBUG=1 validates device-side values (indices,
 lengths) of CUDA tensors as well, at the price of a host sync; CPU tensors are always validated.
 """
 from __future__ import annotations
@@ -34,14 +34,16 @@ def has_cuda_kernels(op: str = "latent_feedback_") -> bool:
 def get_backend(device: torch.device | str) -> str:
     """The backend that runs on `device`: "cpu" for CPU tensors, else the selected GPU backend.
 
-    Default on CUDA: the CUDA C++ kernels when they were compiled in, else Triton. This default has
-    not been chosen by measurement yet (see benchmarks/RESULTS.md)."""
+    Default on CUDA: Triton, the GPU backend whose kernels the test suite exercises (in the interpreter) and CI
+    compiles for sm_80/sm_90 (`python -m coconut_kernels.triton.aot`). The CUDA C++ kernels are one
+    `set_backend("cuda")` away; they become the default only where benchmarks/gpu_check.sh has measured them
+    correct and faster on a GPU."""
     device = torch.device(device)
     if device.type != "cuda":
         return "cpu"
     name = _backend or os.environ.get("COCONUT_BACKEND") or None
     if name is None:
-        return "cuda" if has_cuda_kernels() else "triton"
+        return "triton"
     if name not in BACKENDS:
         raise CoconutError(f"COCONUT_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
@@ -51,7 +53,3 @@ def debug_checks() -> bool:
     """True when COCONUT_DEBUG is set to a non-empty value other than 0."""
     return os.environ.get("COCONUT_DEBUG", "0") not in ("", "0")
 
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1), as in CI."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -19,6 +19,7 @@ from .feedback import Feedback, resolve_feedback
 from .latent_decode import GenerateOutput, Sampling, parse_stop, sample_tokens
 from .latent_plan import IGNORE_INDEX, BatchPlan, PassRows, jacobi_passes, pass_rows, plan_batch
 from .latent_steps import feed_hidden, forward_rows, head_logits, labelled_loss, pass_input
+from .markers import LatentIds, resolve_ids
 from .models.linear import batched_weight_grads
 
 __all__ = ["LatentLM", "LatentOutput", "GenerateOutput", "plan_batch", "sample_tokens", "parse_stop",
@@ -53,7 +54,9 @@ class LatentLM(nn.Module):
     """COCONUT on a model of `coconut_kernels.models`: multi-pass training forward with feedback of the last
     hidden state at every latent token.
 
-        lm = LatentLM(model, latent_token_id, start_latent_id, end_latent_id, eos_token_id)
+        lm = LatentLM.from_pretrained(folder)                  # ids from the folder's tokenizer
+        lm = LatentLM(model, tokenizer=tok)                    # or the ids: LatentLM(model, latent_token_id,
+                                                               #     start_latent_id, end_latent_id, eos_token_id)
         out = lm(input_ids, attention_mask, labels, position_ids)    # out.loss
 
     Accepts the reference collator's batches (first latents aligned by left padding, pads with attention 0) and
@@ -73,23 +76,42 @@ class LatentLM(nn.Module):
     sequential schedule's. "pause" feedback has no thought chain: both schedules are its one plain pass.
     """
 
-    def __init__(self, model: nn.Module, latent_token_id: int, start_latent_id: int, end_latent_id: int,
-                 eos_token_id: int, *, feedback: str | Feedback = "hidden"):
-        validation.check_latent_lm(model, latent_token_id, start_latent_id, end_latent_id, eos_token_id, feedback)
+    def __init__(self, model: nn.Module, latent_token_id: int | None = None, start_latent_id: int | None = None,
+                 end_latent_id: int | None = None, eos_token_id: int | None = None, *, tokenizer=None,
+                 feedback: str | Feedback = "hidden"):
+        validation.check_latent_lm(model, feedback)
         super().__init__()
+        # ids not given come from the tokenizer (the markers added to it and to the model if missing)
+        ids = resolve_ids(model, tokenizer, latent_token_id, start_latent_id, end_latent_id, eos_token_id)
         self.model = model
-        self.latent_token_id = latent_token_id
-        self.start_latent_id = start_latent_id
-        self.end_latent_id = end_latent_id
-        self.eos_token_id = eos_token_id
+        self.latent_token_id, self.start_latent_id, self.end_latent_id, self.eos_token_id = ids
+        self._tokenizer = tokenizer
         self.feedback = resolve_feedback(feedback, model.config.d_model)
 
+    @property
+    def tokenizer(self):
+        """The tokenizer the ids came from (the folder's for `from_pretrained`); None when the ids were given
+        without one."""
+        return self._tokenizer
+
+    @property
+    def latent_ids(self):
+        """(start_latent_id, end_latent_id, latent_token_id), the official order."""
+        return LatentIds(self.start_latent_id, self.end_latent_id, self.latent_token_id)
+
     @classmethod
-    def from_pretrained(cls, path, *, latent_token_id: int, start_latent_id: int, end_latent_id: int,
-                        eos_token_id: int, dtype=None, device=None, **kwargs) -> "LatentLM":
-        from .models import from_pretrained
-        model = from_pretrained(path, dtype=dtype, device=device)
-        return cls(model, latent_token_id, start_latent_id, end_latent_id, eos_token_id, **kwargs)
+    def from_pretrained(cls, path, *, latent_token_id: int | None = None, start_latent_id: int | None = None,
+                        end_latent_id: int | None = None, eos_token_id: int | None = None, tokenizer=None,
+                        dtype=None, device=None, **kwargs) -> "LatentLM":
+        """A Hugging Face folder (config.json + safetensors) and its tokenizer (tokenizer.json, or vocab.json +
+        merges.txt): ids not given are read from the tokenizer, the three markers added to it and to the
+        model in the official order when it lacks them (`coconut_kernels.add_latent_tokens`)."""
+        from .models.loading import load_pretrained
+
+        model, tokenizer = load_pretrained(path, tokenizer=tokenizer, dtype=dtype, device=device,
+                                           need_tokenizer=None in (latent_token_id, start_latent_id, end_latent_id,
+                                                                   eos_token_id))
+        return cls(model, latent_token_id, start_latent_id, end_latent_id, eos_token_id, tokenizer=tokenizer, **kwargs)
 
     def _logits(self, normed: torch.Tensor) -> torch.Tensor:
         return head_logits(self.model, normed)

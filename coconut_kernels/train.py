@@ -4,8 +4,9 @@ Reads a YAML config and/or ``--key value`` flags (`training.config.TrainConfig`)
 curriculum. The units, in the order a run uses them: the data (`training.data`: records, stage layouts,
 each rank's share), the tokenizer, model and optimizer (`training.build`), the distributed wrapper
 (`training.distributed`: DDP or FSDP under torchrun), the loop (`training.loop`: epochs, accumulation,
-schedule), evaluation (`training.evaluate`: exact match after "###", sharded by rank) and checkpoints
-(`training.checkpoint`; rank 0 writes them and the metric log, `training.metrics`).
+schedule, `start_epoch`, `save_only_improve`), evaluation (`training.evaluate`: answer and CoT exact match,
+validation loss, sharded by rank) and checkpoints (`training.checkpoint`; rank 0 writes them and the metric
+log, `training.metrics`). `--official ARGS_YAML` reads run.py's config (`interop.official`).
 """
 from __future__ import annotations
 

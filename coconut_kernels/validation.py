@@ -119,15 +119,20 @@ def check_special_ids(vocab_size: int, latent_token_id, start_latent_id, end_lat
     """The marker ids are distinct token ids of the vocabulary; eos_token_id is another one, or -1 for none (no
     token equals it: decoding then runs max_new_tokens steps)."""
     names = ("latent_token_id", "start_latent_id", "end_latent_id")
-    ids = [check_int(v, n, low=0, high=vocab_size - 1) for v, n in zip((latent_token_id, start_latent_id,
-                                                                        end_latent_id), names)]
+    ids = []
+    for value, name in zip((latent_token_id, start_latent_id, end_latent_id), names):
+        i = check_int(value, name)
+        if not 0 <= i < vocab_size:
+            raise CoconutError(f"{name}: {i} is outside the model's vocabulary [0, {vocab_size}); grow it with "
+                               "coconut_kernels.add_latent_tokens(model, tokenizer)")
+        ids.append(i)
     eos = check_int(eos_token_id, "eos_token_id", low=-1, high=vocab_size - 1)
-    for i in range(3):
-        for j in range(i + 1, 3):
+    for j in range(3):
+        for i in range(j):
             if ids[i] == ids[j]:
-                raise CoconutError(f"{names[i]} and {names[j]} must be distinct tokens, both are {ids[i]}")
-        if eos == ids[i]:
-            raise CoconutError(f"eos_token_id must differ from {names[i]}, both are {eos}")
+                raise CoconutError(f"{names[j]}: {ids[j]} equals {names[i]}; the three markers must be distinct")
+        if eos == ids[j]:
+            raise CoconutError(f"{names[j]}: {ids[j]} equals eos_token_id; the markers must be tokens of their own")
 
 
 def check_feedback(feedback, d_model: int) -> None:
@@ -139,14 +144,14 @@ def check_feedback(feedback, d_model: int) -> None:
                            f"model with d_model={d_model}")
 
 
-def check_latent_lm(model, latent_token_id, start_latent_id, end_latent_id, eos_token_id, feedback) -> None:
-    """LatentLM(model, ...): a model of `coconut_kernels.models`, its special ids, the feedback's sizes."""
+def check_latent_lm(model, feedback) -> None:
+    """LatentLM(model, ...): a model of `coconut_kernels.models` and the feedback's sizes (the special ids:
+    `check_special_ids`, once they are resolved)."""
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or not hasattr(config, "vocab_size") or \
             not hasattr(model, "forward_embeds"):
         raise CoconutError(f"model must be a model of coconut_kernels.models (GPT2, Llama, from_pretrained), got "
                            f"{type(model).__name__}")
-    check_special_ids(config.vocab_size, latent_token_id, start_latent_id, end_latent_id, eos_token_id)
     check_feedback(feedback, config.d_model)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the benchmark suite (the main job). Creates $VENV (default .venv) when missing, installs torch
 # (CPU build pinned by TORCH_VERSION unless a torch is already there), builds the extension and runs
-# `python -m benchmarks` with the arguments given (default: the embedded CPU default, or the GPU when
+# `python -m coconut_kernels.bench` with the arguments given (default: the embedded CPU default, or the GPU when
 # there is one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +12,4 @@ VENV=${VENV:-.venv}
 python -c "import torch" 2>/dev/null || pip install "torch==${TORCH_VERSION:-2.13.0}"
 pip install -q setuptools wheel ninja
 pip install -q --no-build-isolation -e ".[bench]"
-exec python -m benchmarks "$@"
+exec python -m coconut_kernels.bench "$@"

@@ -1,4 +1,4 @@
-"""LatentLM against the reference algorithm (benchmarks/reference_coconut.py, the oracle: the reference
+"""LatentLM against the reference algorithm (coconut_kernels/bench/reference_coconut.py, the oracle: the reference
 code's own passes on a `transformers` model with concatenated caches and full-vocabulary logits).
 
 Training: loss and every parameter gradient, aligned (left-padded) and ragged batches, 0..8 latents with
@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from benchmarks.reference_coconut import ReferenceCoconut
+from coconut_kernels.bench.reference_coconut import ReferenceCoconut
 from coconut_kernels import LatentLM
 from coconut_kernels.data import AlignedCollator, RaggedCollator
 from coconut_kernels.feedback import MixtureFeedback, ProjectedFeedback, SoftFeedback, resolve_feedback

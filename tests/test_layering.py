@@ -103,3 +103,40 @@ def test_unrotate_inverts_the_reference_rotation():
         torch.testing.assert_close(unrotate(rotated, ang.cos(), ang.sin(), pos, interleaved), x)
         expected = reference.apply_rotary_reference(x, ang.cos(), ang.sin(), pos, interleaved, inverse=True)
         torch.testing.assert_close(unrotate(x, ang.cos(), ang.sin(), pos, interleaved), expected)
+
+
+APPLICATIONS = ("interop", "training", "train", "engine", "serve", "analysis", "bench", "benchmarks")
+
+
+def imported_packages(module: str, tree: ast.Module):
+    """The top-level coconut_kernels packages/modules `module` imports (relative or absolute), with line numbers."""
+    depth = module.count("/") + 1
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == depth and node.module:
+                yield node.module.split(".")[0], node.lineno
+            elif node.level == depth:
+                yield from ((a.name, node.lineno) for a in node.names)
+            elif node.level == 0 and (node.module or "").startswith("coconut_kernels."):
+                yield node.module.split(".")[1], node.lineno
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("coconut_kernels."):
+                    yield a.name.split(".")[1], node.lineno
+
+
+def test_the_layers_below_the_applications_do_not_import_them():
+    top = {p.name.removesuffix(".py") for p in PACKAGE.iterdir()}
+    assert set(APPLICATIONS) & top >= {"interop", "training", "train"}
+    bad = []
+    for module, tree in production_modules():
+        if module.split("/")[0].removesuffix(".py") in APPLICATIONS or module == "__init__.py":
+            continue
+        bad += [f"{module}:{line} imports {name}" for name, line in imported_packages(module, tree)
+                if name in APPLICATIONS]
+    assert not bad, f"a lower layer imports an application: {bad}"
+
+
+def test_the_import_finder_sees_an_application_import():
+    tree = ast.parse("from ..interop import official\ndef f():\n    from ..training.build import x\n")
+    assert [n for n, _ in imported_packages("models/loading.py", tree)] == ["interop", "training"]

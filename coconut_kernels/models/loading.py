@@ -169,3 +169,100 @@ def from_pretrained(source, dtype: torch.dtype | None = None, device=None) -> GP
     except RuntimeError as e:  # shapes that contradict the config
         raise CheckpointError(f"{where}: its tensors do not match its config (config.json): {e}") from None
     return model
+
+
+def load_pretrained(source, *, tokenizer=None, dtype: torch.dtype | None = None, device=None,
+                    need_tokenizer: bool = True):
+    """(model, tokenizer) of a Hugging Face folder for `LatentLM.from_pretrained`: the model as
+    `from_pretrained` reads it, the folder's tokenizer (unless one is given) with the three latent markers,
+    and the model grown for them as `coconut_kernels.add_latent_tokens` does. The tokenizer is None when
+    the folder has none and ``need_tokenizer`` is False (the caller has every id)."""
+    from ..errors import CheckpointError
+    from ..markers import add_latent_tokens, load_folder_tokenizer
+
+    folder = Path(source)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face checkpoint folder)")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
+    try:
+        model = from_pretrained(folder, dtype=dtype, device=device)
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
+    if tokenizer is None:
+        tokenizer = load_folder_tokenizer(folder, required=need_tokenizer)
+    if tokenizer is not None:
+        add_latent_tokens(model, tokenizer)
+    return model, tokenizer
+
+
+def to_hf_state(model) -> dict[str, torch.Tensor]:
+    """The model's tensors under the Hugging Face names (`hf_tensor_plan` inverted: GPT-2's Conv1D
+    transposes undone, Llama's fused q/k/v and gate/up split), contiguous, on the CPU. A tied LM head is
+    not written (transformers ties it on load)."""
+    config = model.config
+    state = model.state_dict()
+    plan = type(model).hf_tensor_plan(config)
+    prefix = type(model).hf_prefix
+    out = {}
+    for ours, (names, fn) in plan.items():
+        t = state[ours].detach()
+        if len(names) == 1:
+            parts = [fn(t) if fn is not None else t]  # the only one-tensor transform is a transpose
+        elif names[0].endswith(("q_proj.weight", "q_proj.bias")):
+            q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+            parts = t.split([q, kv, kv], dim=0)
+        else:  # gate and up
+            parts = t.split([config.d_ff, config.d_ff], dim=0)
+        for name, part in zip(names, parts):
+            key = name if name.startswith("lm_head.") else prefix + name
+            out[key] = part.to("cpu").contiguous().clone()
+    # the inverse must read back to the same tensors
+    back = _convert(out, type(model), config, "export")
+    for k, v in back.items():
+        if not torch.equal(v, state[k].detach().cpu()):
+            raise AssertionError(f"to_hf_state: {k} does not read back")  # a tensor plan without its inverse here
+    return out
+
+
+def to_hf_config(config, *, eos_token_id: int | None = None, bos_token_id: int | None = None,
+                 base: dict | None = None) -> dict:
+    """A Hugging Face config.json dict for our config (`load_config` inverted), on top of ``base`` (the
+    source checkpoint's config.json, whose other fields are kept) when given."""
+    base = dict(base or {})
+    if isinstance(config, GPT2Config):
+        ours = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
+                "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.d_model,
+                "n_positions": config.max_position, "n_inner": config.d_ff, "layer_norm_epsilon": config.norm_eps,
+                "tie_word_embeddings": config.tie_embeddings, "activation_function": config.activation,
+                "scale_attn_weights": config.scale_attn_weights,
+                "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
+                "initializer_range": config.initializer_range}
+    else:
+        if config.model_type == "llama" and config.qkv_bias != config.o_bias:
+            raise ValueError("a Llama config with q/k/v biases but no output bias (or the reverse) has no "
+                             "Hugging Face form (attention_bias sets both)")
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+        ours = {"model_type": config.model_type, "architectures": [arch[config.model_type]],
+                "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+                "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layer,
+                "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
+                "head_dim": config.head_dim, "max_position_embeddings": config.max_position,
+                "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+                "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling, "hidden_act": "silu",
+                "mlp_bias": config.mlp_bias, "sliding_window": config.sliding_window,
+                "use_sliding_window": config.sliding_window is not None,
+                "initializer_range": config.initializer_range}
+        if config.model_type != "qwen2":
+            ours["attention_bias"] = config.qkv_bias
+        for key in ("rope_parameters", "layer_types"):  # superseded by the fields above
+            base.pop(key, None)
+    out = {**base, **ours}
+    if eos_token_id is not None:
+        out["eos_token_id"] = eos_token_id
+    if bos_token_id is not None:
+        out["bos_token_id"] = bos_token_id
+    # read back: the exported config must give the same model config
+    if load_config(out) != config:
+        raise ValueError(f"to_hf_config: {type(config).__name__} does not read back from {out}")
+    return out

@@ -12,16 +12,16 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..data import (
-    HFTokenizer,
     WordTokenizer,
     concept_nouns,
     load_tokenizer,
     person_names,
 )
 from ..errors import CheckpointError, ConfigError
+from ..markers import add_latent_tokens, load_folder_tokenizer
+from ..interop.official import load_official_weights
 from ..latent import LatentLM
 from .checkpoint import TOKENIZER, is_checkpoint, load_weights, read_model_config
 from .config import TrainConfig
@@ -43,7 +43,7 @@ def build_tokenizer(cfg: TrainConfig, train: list[dict], checkpoint: Path | None
             raise ConfigError(f"config key 'tokenizer': {cfg.tokenizer} not found")
         return load_tokenizer(cfg.tokenizer)
     if cfg.init_from is not None:
-        return HFTokenizer.load(cfg.init_from)
+        return load_folder_tokenizer(cfg.init_from)
     return WordTokenizer.from_records(train, extra_tokens=concept_nouns() + person_names())
 
 
@@ -70,28 +70,6 @@ def _model_from_dict(spec: dict, vocab_size: int, where: str):
     return model_cls(config)
 
 
-def _grow_vocab(model: nn.Module, vocab_size: int) -> None:
-    """Add rows for the latent markers a Hugging Face tokenizer gained; they start at the mean embedding
-    (the official code copies an existing token's embedding; any in-distribution start works)."""
-    old = model.embed_tokens
-    if vocab_size <= old.num_embeddings:
-        return
-    new = nn.Embedding(vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-    with torch.no_grad():
-        new.weight[: old.num_embeddings] = old.weight
-        new.weight[old.num_embeddings:] = old.weight.mean(0)
-    model.embed_tokens = new
-    if not model.config.tie_embeddings:
-        head = model.lm_head
-        grown = nn.Linear(head.in_features, vocab_size, bias=False, device=head.weight.device,
-                          dtype=head.weight.dtype)
-        with torch.no_grad():
-            grown.weight[: head.out_features] = head.weight
-            grown.weight[head.out_features:] = head.weight.mean(0)
-        model.lm_head = grown
-    model.config.vocab_size = vocab_size
-
-
 def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
     """The LatentLM to train, in fp32 on the CPU (the caller moves it). Weights: the resume checkpoint's,
     else init_from's (ours or Hugging Face's), else a fresh `model` config initialised from `seed`."""
@@ -103,7 +81,7 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
         model = _model_from_dict(spec, tokenizer.vocab_size, f"checkpoint {ours}")
     elif cfg.init_from is not None:
         model = _load_hf(cfg)
-        _grow_vocab(model, tokenizer.vocab_size)
+        add_latent_tokens(model, tokenizer)  # the official marker rows: copies of "<<"
     else:
         model = _model_from_dict(cfg.model, tokenizer.vocab_size, "config key 'model'")
     lm = LatentLM(model, tokenizer.latent_id, tokenizer.bot_id, tokenizer.eot_id, tokenizer.eos_token_id,
@@ -114,6 +92,8 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
             lm.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{ours}: weights do not fit the model ({e})") from None
+    elif cfg.load_model_path is not None:
+        load_official_weights(lm, cfg.load_model_path, tokenizer)
     return lm
 
 

@@ -29,9 +29,9 @@ PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 # key must equal the checkpoint's unless listed in resume_override.
 RESUME_FREE = ("resume", "resume_override", "overwrite", "save_dir", "max_steps", "save_every_steps",
                "keep_checkpoints", "dist", "device", "progress", "log_every", "tensorboard", "eval_every",
-               "eval_batch_size", "max_new_tokens", "eval_stage")
+               "eval_batch_size", "max_new_tokens", "eval_stage", "start_epoch", "save_only_improve")
 # Keys that cannot change on resume: the weights and vocabulary come from the checkpoint.
-RESUME_FIXED = ("model", "init_from", "tokenizer", "method", "feedback")
+RESUME_FIXED = ("model", "init_from", "load_model_path", "tokenizer", "method", "feedback")
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TrainConfig:
     feedback: str = "hidden"  # hidden | projected | soft | mixture | pause (pause_as_thought forces pause)
     latent_schedule: str = "sequential"  # sequential (official: a pass per thought) | jacobi (PCCoT: jacobi_iters)
     jacobi_iters: int = 3  # Jacobi iterations over all thoughts (latent_schedule: jacobi); >= the thought count: exact
+    load_model_path: str | None = None  # an official checkpoint_N file loaded over init_from's weights
     # --- method and curriculum (the official knobs) -------------------------------------------------------
     method: str = "coconut"  # coconut | cot | no_cot | no_thoughts | pause_as_thought
     c_thought: int = 1
@@ -62,6 +63,7 @@ class TrainConfig:
     reset_optimizer: bool = True  # fresh AdamW moments (see reset_optimizer_every)
     reset_optimizer_every: str = "epoch"  # epoch (the official run.py) | stage (only when the stage changes)
     num_epochs: int = 7
+    start_epoch: int = 0  # the official `resume: N`: the curriculum starts at epoch N (stage N // epochs_per_stage)
     # --- optimisation -----------------------------------------------------------------------------------
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -71,6 +73,10 @@ class TrainConfig:
     max_grad_norm: float | None = None  # None: no clipping (the official run.py)
     batch_size: int = 32  # per process
     grad_accum_steps: int = 1
+    # how an optimizer step averages its loss: "micro_batch" (run.py: each micro-batch's token mean / the
+    # accumulation steps, then DDP's mean over processes) or "tokens" (every labelled token of the step
+    # weighs the same, across micro-batches and processes: k micro-batches of B/k = one batch of B)
+    loss_average: str = "micro_batch"
     bf16: bool = False  # the official key: true casts the whole model (weights, optimizer state) to bf16
     precision: str | None = None  # fp32 | bf16 (= bf16: true) | bf16-autocast (fp32 weights); None: from bf16
     seed: int = 0
@@ -87,6 +93,7 @@ class TrainConfig:
     save_dir: str = "runs/coconut"
     save_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
     keep_checkpoints: int = 2
+    save_only_improve: bool = False  # the end-of-epoch checkpoint only when the accuracy beats the best so far
     resume: Any = False  # false | true (latest in save_dir) | a checkpoint folder
     resume_override: list = field(default_factory=list)  # keys a resumed run may change (e.g. [lr, num_epochs])
     overwrite: bool = False  # a fresh run in a save_dir holding another run moves that run aside (never deletes)
@@ -119,6 +126,7 @@ class TrainConfig:
             raise ConfigError(f"config key 'feedback': expected one of {sorted(MODES)}, got {self.feedback!r}")
         _choice("collate", self.collate, ("ragged", "aligned"))
         _choice("latent_schedule", self.latent_schedule, LATENT_SCHEDULES)
+        _choice("loss_average", self.loss_average, ("micro_batch", "tokens"))
         _choice("dist", self.dist, ("ddp", "fsdp"))
         _choice("lr_schedule", self.lr_schedule, _SCHEDULES)
         _choice("val_if_missing", self.val_if_missing, ("error", "generate"))
@@ -144,7 +152,7 @@ class TrainConfig:
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key {name!r}: expected an int >= 1, got {getattr(self, name)}")
-        for name in ("num_epochs", "warmup_steps", "eval_every", "save_every_steps", "generate_train",
+        for name in ("num_epochs", "start_epoch", "warmup_steps", "eval_every", "save_every_steps", "generate_train",
                      "generate_val"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key {name!r}: expected an int >= 0, got {getattr(self, name)}")
@@ -152,6 +160,9 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < (1 if name != "eval_stage" else 0):
                 raise ConfigError(f"config key {name!r}: expected None or a positive int, got {v}")
+        if self.start_epoch and self.start_epoch >= self.num_epochs and self.resume is False and not self.only_eval:
+            raise ConfigError(f"config key 'start_epoch': expected < num_epochs ({self.num_epochs}), got "
+                              f"{self.start_epoch}")
         if self.lr <= 0:
             raise ConfigError(f"config key 'lr': expected > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -210,11 +221,12 @@ class TrainConfig:
         return self.method in ("coconut", "pause_as_thought", "no_thoughts")
 
     def stage_of_epoch(self, epoch: int) -> int:
-        """The official schedule: epoch // epochs_per_stage capped at max_latent_stage (+1 would mean "all
-        steps replaced", which the data layer handles the same way); cot and no_cot stay at stage 0."""
+        """The official schedule: epoch // epochs_per_stage; every stage past max_latent_stage lays the data
+        out alike (all steps replaced, max_latent_stage latents), so it is capped at max_latent_stage + 1;
+        cot and no_cot stay at stage 0."""
         if not self.uses_latents:
             return 0
-        return min(epoch // self.epochs_per_stage, self.max_latent_stage)
+        return min(epoch // self.epochs_per_stage, self.max_latent_stage + 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -295,7 +307,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         if key == "model" and isinstance(v, dict) and isinstance(values.get("model"), dict):
             v = {**values["model"], **v}  # --model '{d_model: 64}' changes one field of the file's model
         values[key] = v
-    for key in ("train_path", "val_path", "tokenizer", "init_from", "save_dir", "resume"):
+    for key in ("train_path", "val_path", "tokenizer", "init_from", "save_dir", "resume", "load_model_path"):
         if key in values:
             values[key] = _expand(values[key])
     return TrainConfig(**values)
@@ -311,6 +323,9 @@ def config_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config file (keys: the flags below, without --)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the traceback of an error (not a config key)")
+    p.add_argument("--official", metavar="ARGS_YAML", default=None,
+                   help="an official COCONUT run config (facebookresearch/coconut args/*.yaml), read with run.py's "
+                        "meaning of each key; the flags below apply on top")
     for f in dataclasses.fields(TrainConfig):
         p.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(f.type),
                        type=_yaml_value, help=f"(default: {_default(f)})")
@@ -336,6 +351,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(config_parser().parse_args(argv))
     args.pop("debug", None)  # the console script's flag (coconut_kernels._cli), not a config key
     path = args.pop("config")
+    official = args.pop("official")
+    if official is not None:
+        if path is not None:
+            raise ConfigError(f"config file {path} and --official {official}: give one of them")
+        from ..interop.official import official_config
+
+        return official_config(official, args)
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"config file {path}: not found")
     return load_config(path, args)

@@ -3,8 +3,10 @@ rate schedule, the per-step log row, evaluation after the epochs that ask for it
 `save_every_steps`, at every epoch's end, and where `max_steps` stops the run).
 
 At epoch e the stage is `cfg.stage_of_epoch(e)`; with `reset_optimizer` AdamW restarts its moments every
-epoch (or, with `reset_optimizer_every: stage`, when the stage changes). A resumed run continues from the
-checkpoint's step, epoch and micro-batch.
+epoch (or, with `reset_optimizer_every: stage`, when the stage changes). A fresh run starts at epoch
+`start_epoch` (the official `resume: N`); a resumed run continues from the checkpoint's step, epoch and
+micro-batch. With `save_only_improve` the end-of-epoch checkpoint is written only when the epoch's accuracy
+beats the best of this process's run so far (as run.py, the best starts at 0 on every launch).
 """
 from __future__ import annotations
 
@@ -44,7 +46,9 @@ class Loop:
         self.optimizer = make_optimizer(cfg, ctx.lm)
         self.steps_per_epoch = math.ceil(ctx.data.n_micro / cfg.grad_accum_steps)
         self.total_steps = self.steps_per_epoch * cfg.num_epochs
-        self.step, self.start_epoch, self.skip = 0, 0, 0
+        self.step, self.start_epoch, self.skip = 0, cfg.start_epoch, 0
+        self.best = 0.0  # the best evaluated accuracy (save_only_improve)
+        self._group_tokens: tuple[list[int], int, float] | None = None
         autocast = cfg.compute_precision == "bf16-autocast"
         self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
         self.params = [p for p in ctx.lm.parameters() if p.requires_grad]
@@ -92,7 +96,7 @@ class Loop:
         bar = _progress(show, self.steps_per_epoch, self.skip // cfg.grad_accum_steps, f"epoch {epoch} stage {stage}")
         self._reset_sums()
         for b in range(self.skip, ctx.data.n_micro):
-            if not self._micro_batch(batches[b], b):
+            if not self._micro_batch(batches, b):
                 continue
             loss, lr = self._optimizer_step(epoch, stage)
             bar.update(1)
@@ -107,9 +111,12 @@ class Loop:
                 save_run(ctx, self.optimizer, self.step, epoch, b + 1)
         bar.close()
         self.skip = 0
+        row = None
         if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch == cfg.num_epochs - 1:
-            evaluate_stage(ctx, self.step, epoch, stage)
-        save_run(ctx, self.optimizer, self.step, epoch + 1, 0)
+            row = evaluate_stage(ctx, self.step, epoch, stage)
+        if not cfg.save_only_improve or (row is not None and row["accuracy"] > self.best):
+            self.best = row["accuracy"] if row is not None else self.best
+            save_run(ctx, self.optimizer, self.step, epoch + 1, 0)
         return self._done()
 
     def _resets(self, epoch: int) -> bool:
@@ -120,21 +127,37 @@ class Loop:
             return False
         return cfg.reset_optimizer_every == "epoch" or cfg.stage_of_epoch(epoch) != cfg.stage_of_epoch(epoch - 1)
 
-    def _micro_batch(self, examples: list, b: int) -> bool:
-        """Forward and backward of micro-batch `b`; True when it closes an accumulation group."""
+    def _micro_batch(self, batches: list[list], b: int) -> bool:
+        """Forward and backward of micro-batch `b` of the epoch's `batches`; True when it closes an
+        accumulation group."""
         ctx, accum = self.ctx, self.ctx.cfg.grad_accum_steps
         group_start = b - b % accum
         group = min(accum, ctx.data.n_micro - group_start)
         last_in_group = b == group_start + group - 1
-        batch = {k: v.to(ctx.device) for k, v in ctx.data.collator(examples).items()}
+        batch = {k: v.to(ctx.device) for k, v in ctx.data.collator(batches[b]).items()}
         with ctx.par.no_sync(last_in_group):
             with self.autocast:
                 out = ctx.par.module(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                      batch["position_ids"], **ctx.cfg.schedule)
-            (out.loss / group).backward()
-        self.loss_sum += out.loss.detach() / group
+            weight = self._loss_weight(batches, b, group_start, group)
+            (out.loss * weight).backward()
+        self.loss_sum += out.loss.detach() * weight
         self.tokens += int(batch["attention_mask"].sum())
         return last_in_group
+
+    def _loss_weight(self, batches: list[list], b: int, group_start: int, group: int) -> float:
+        """The factor of micro-batch b's mean loss in its optimizer step's gradient (see `loss_average`)."""
+        ctx = self.ctx
+        if ctx.cfg.loss_average == "micro_batch":
+            return 1.0 / group
+        if b == group_start:  # the group's labelled tokens, all processes (a resume starts at a group's start)
+            n = [sum(sum(t != -100 for t in ex.labels[1:]) for ex in batches[i])
+                 for i in range(group_start, group_start + group)]
+            total = ctx.par.sum(torch.tensor(float(sum(n)), dtype=torch.float64, device=ctx.device))
+            self._group_tokens = (n, group_start, float(total))
+        n, start, total = self._group_tokens
+        # DDP and FSDP average the processes' gradients: the world size undoes that mean
+        return n[b - start] / max(total, 1.0) * ctx.world
 
     def _optimizer_step(self, epoch: int, stage: int) -> tuple[float, float]:
         """Apply the accumulated gradients (unless the loss or gradient norm is not finite); log the step.

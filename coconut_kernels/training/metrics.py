@@ -13,7 +13,8 @@ __all__ = ["MetricsLog", "TRAIN_FIELDS", "EVAL_FIELDS", "read_csv", "format_eval
 
 # skipped: 1 when a non-finite loss or gradient norm skipped the update (skip_nonfinite)
 TRAIN_FIELDS = ("step", "epoch", "stage", "loss", "lr", "grad_norm", "tokens", "skipped", "elapsed_s")
-EVAL_FIELDS = ("step", "epoch", "stage", "accuracy", "mean_new_tokens", "correct", "n", "elapsed_s")
+EVAL_FIELDS = ("step", "epoch", "stage", "accuracy", "cot_accuracy", "val_loss", "mean_latents", "mean_new_tokens",
+               "correct", "n", "elapsed_s")
 
 
 def read_csv(path: str | Path) -> list[dict]:

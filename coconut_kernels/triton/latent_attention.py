@@ -47,6 +47,16 @@ def _load_rotated(row_ptr, offs_d, mask, pos, Cos, Sin, stride_ro,
 
 
 @triton.jit
+def _split_pid(rows, BLOCK: tl.constexpr):
+    """(block index along `rows`, outer index as int64) of this program. The grid is 1-D (axis 0 allows 2^31 - 1
+    programs, axes 1 and 2 only 65,535: B * Hkv passes that at B=2048 with 32 kv heads); the blocks of one outer
+    index are adjacent, so they run together and share its K/V in L2."""
+    n_blocks = tl.cdiv(rows, BLOCK)
+    pid = tl.program_id(0)
+    return pid % n_blocks, (pid // n_blocks).to(tl.int64)
+
+
+@triton.jit
 def _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq,
                  HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr):
     """(cache length, left padding, number of valid new rows) of sequence b, as int32 scalars."""
@@ -78,7 +88,7 @@ def _key_end(pid_m, cs, lp, n_valid, Tmax, GROUP: tl.constexpr, CAUSAL: tl.const
 @triton.jit
 def _kv_block(k_base, v_base, start, hi, offs_d, d_ok, stride_kt, stride_vt, BLOCK_N: tl.constexpr):
     """Cache rows [start, start + BLOCK_N) below hi of K and V (zeros elsewhere), with their row indices."""
-    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_n = start + tl.arange(0, BLOCK_N).to(tl.int64)
     n_ok = (offs_n < hi) & (offs_n >= 0)
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -93,12 +103,12 @@ def _append_kernel(K, V, KNew, VNew, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos
                    stride_ro, seqlen_ro, Sq, H, Tmax, D,
                    HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr, ROT_DIM: tl.constexpr,
                    INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Rows are the (t, h) pairs of one sequence.
-    b = tl.program_id(0).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows are the (t, h) pairs of one sequence; the grid is 1-D (see _split_pid).
+    pid_m, b = _split_pid(Sq * H, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     cs, lp, n_valid = _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq, HAS_LEFTPAD, HAS_NEW_SEQLENS)
-    t = offs_m // H
+    t = (offs_m // H).to(tl.int64)
     h = offs_m % H
     row = cs + t
     # Rows past Tmax are skipped, never written (validation of the lengths happens on the host).
@@ -122,13 +132,13 @@ def _fwd_kernel(Q, K, V, Out, Lse, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, 
                 GROUP: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr,
                 ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    b = (tl.program_id(1) // Hkv).to(tl.int64)
-    hkv = tl.program_id(1) % Hkv
+    pid_m, bh = _split_pid(Sq * GROUP, BLOCK_M)
+    b = bh // Hkv
+    hkv = bh % Hkv
     cs, lp, n_valid = _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq, HAS_LEFTPAD, HAS_NEW_SEQLENS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    t = offs_m // GROUP
+    t = (offs_m // GROUP).to(tl.int64)
     hq = hkv * GROUP + offs_m % GROUP
     in_q = t < Sq
     row_ok = t < n_valid
@@ -172,10 +182,10 @@ def _fwd_kernel(Q, K, V, Out, Lse, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, 
 def _bwd_delta_kernel(DO, O, Delta, stride_dob, stride_dot, stride_doh, stride_ob, stride_ot, stride_oh,
                       Sq, Hq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta[b, h, t] = rowsum(dO * O): the softmax-backward term shared by the two gradient kernels.
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, b = _split_pid(Sq * Hq, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    t = offs_m // Hq
+    t = (offs_m // Hq).to(tl.int64)
     h = offs_m % Hq
     mask = (t < Sq)[:, None] & (offs_d < D)[None, :]
     do = tl.load(DO + b * stride_dob + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_d[None, :],
@@ -197,13 +207,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, GK, GV, CacheSeqlens, CacheLeftpad
                      BLOCK_D: tl.constexpr):
     # One program owns one key block of one (b, kv head) and sums over every query row and query head of
     # the group, so it adds into the fp32 accumulators without atomics.
-    n0 = tl.program_id(0) * BLOCK_N
-    b = (tl.program_id(1) // Hkv).to(tl.int64)
-    hkv = tl.program_id(1) % Hkv
+    pid_n, bh = _split_pid(Tmax, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    b = bh // Hkv
+    hkv = bh % Hkv
     cs, lp, n_valid = _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq, HAS_LEFTPAD, HAS_NEW_SEQLENS)
     hi = tl.minimum(cs + n_valid, Tmax)
     if (n0 < hi) & (n0 + BLOCK_N > lp):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         n_ok = (offs_n >= lp) & (offs_n < hi)
@@ -221,7 +232,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, GK, GV, CacheSeqlens, CacheLeftpad
         m_hi = n_valid * GROUP
         for start in range(m_lo, m_hi, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            t = offs_m // GROUP
+            t = (offs_m // GROUP).to(tl.int64)
             hq = hkv * GROUP + offs_m % GROUP
             row_ok = offs_m < m_hi
             q_mask = row_ok[:, None] & d_ok[None, :]
@@ -258,13 +269,13 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, CacheSeqlens, CacheLeftpad, NewS
                    ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # dq of the rotated q; with rotary the launcher rotates it back (_unrotate_kernel) afterwards.
-    pid_m = tl.program_id(0)
-    b = (tl.program_id(1) // Hkv).to(tl.int64)
-    hkv = tl.program_id(1) % Hkv
+    pid_m, bh = _split_pid(Sq * GROUP, BLOCK_M)
+    b = bh // Hkv
+    hkv = bh % Hkv
     cs, lp, n_valid = _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq, HAS_LEFTPAD, HAS_NEW_SEQLENS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    t = offs_m // GROUP
+    t = (offs_m // GROUP).to(tl.int64)
     hq = hkv * GROUP + offs_m % GROUP
     in_q = t < Sq
     row_ok = t < n_valid
@@ -304,11 +315,11 @@ def _unrotate_kernel(X, Y, CacheSeqlens, CacheLeftpad, Cos, Sin,
                      HAS_LEFTPAD: tl.constexpr, ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # Gradient w.r.t. the un-rotated q: the transpose of the rotation is the rotation by minus the angle.
-    b = tl.program_id(0).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, b = _split_pid(Sq * H, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     cs, lp, n_valid = _seq_lengths(CacheSeqlens, CacheLeftpad, CacheSeqlens, b, Sq, HAS_LEFTPAD, False)
-    t = offs_m // H
+    t = (offs_m // H).to(tl.int64)
     h = offs_m % H
     mask = (t < Sq)[:, None] & (offs_d < D)[None, :]
     pos = tl.minimum(tl.maximum(cs + t - lp, 0), seqlen_ro - 1)
@@ -358,6 +369,51 @@ def _tiles(block_m, block_n, rows, block_d):
     return block_m, big if block_n is None else block_n
 
 
+def _capability(device) -> int:
+    """Compute capability of `device` as 80, 90, ...; 80 (the smallest supported target, so the tightest limits)
+    where there is no GPU (the interpreter, meta tensors)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+# Launch of the dK/dV kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages) per (target, BLOCK_D, element bytes).
+# Its loop streams q (with rotary: x, the partner x and the cos/sin tiles) and dO through shared memory, one
+# buffer per stage, next to the K/V tiles and the transposed P/dS operands; the default 3 stages of 64-row
+# tiles need ~288 KB at D=128 with rotary, past sm_80's 163 KB and sm_90's 227 KB per block. These choices
+# fit each target for every dtype with rotary on (the worst case), checked by compiling them (python -m
+# coconut_kernels.triton.aot, tests/test_gpu_static.py); they are not tuned for speed, which needs a GPU.
+_DKDV_CONFIGS = {
+    # sm_80 (A100: 163 KB)
+    (80, 64, 2): (64, 64, 4, 2), (80, 128, 2): (32, 64, 4, 3), (80, 256, 2): (16, 32, 4, 2),
+    (80, 64, 4): (32, 64, 4, 2), (80, 128, 4): (16, 32, 4, 2), (80, 256, 4): (16, 32, 4, 1),
+    # sm_90 (H100/H200: 227 KB); 8 warps at D=128 halve the registers per thread of the fp32 dK/dV tiles
+    (90, 64, 2): (64, 64, 4, 2), (90, 128, 2): (64, 64, 8, 2), (90, 256, 2): (32, 32, 4, 2),
+    (90, 64, 4): (64, 64, 4, 2), (90, 128, 4): (32, 32, 4, 2), (90, 256, 4): (16, 32, 4, 2),
+}
+
+
+def _dkdv_config(block_d: int, dtype: torch.dtype, cc: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel on target `cc` (sm_80 limits below sm_90;
+    newer targets use sm_90's: they have at least as much shared memory)."""
+    return _DKDV_CONFIGS[(90 if cc >= 90 else 80, max(64, block_d), 4 if dtype == torch.float32 else 2)]
+
+
+def _kv_stages(block_m: int, block_n: int, block_d: int, dtype: torch.dtype, cc: int) -> int:
+    """num_stages of the kernels that stream K/V tiles (forward, dQ): each stage buffers one K and one V tile
+    in shared memory next to the q tile. Triton's default 3 stages of fp32 64 x 128 tiles need ~200 KB, past
+    sm_80's 163 KB: fewer stages where the estimate passes 85% of the target's limit (the AOT table checks
+    the result against the compiled kernels)."""
+    elem = torch.finfo(dtype).bits // 8
+    limit = (227 if cc >= 90 else 163) * 1024 * 0.85
+    for stages in (3, 2):
+        if stages * 2 * block_n * block_d * elem + block_m * block_d * elem <= limit:
+            return stages
+    return 1
+
+
 def kv_cache_append_triton(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens,
                            rotary_cos, rotary_sin, rotary_interleaved, *, block_m=16):
     """Write rows t < new_seqlens[b] of k_new (rotated) / v_new at cache rows cache_seqlens[b] + t, in place."""
@@ -368,8 +424,7 @@ def kv_cache_append_triton(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_
     cos, sin, stride_ro, seqlen_ro, rot_dim = _rotary_args(rotary_cos, rotary_sin, D, k_new)
     if B == 0 or Sq == 0:
         return
-    grid = (B, triton.cdiv(Sq * H, block_m))
-    _append_kernel[grid](
+    _append_kernel[(B * triton.cdiv(Sq * H, block_m),)](
         k_cache, v_cache, k_new, v_new, cache_seqlens,
         cache_leftpad if cache_leftpad is not None else cache_seqlens,
         new_seqlens if new_seqlens is not None else cache_seqlens, cos, sin,
@@ -405,14 +460,14 @@ def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpa
         return out, lse
     group = Hq // Hkv
     block_m, block_n = _tiles(block_m, block_n, Sq * group, _block_d(D))
-    grid = (triton.cdiv(Sq * group, block_m), B * Hkv)
-    _fwd_kernel[grid](
+    _fwd_kernel[(triton.cdiv(Sq * group, block_m) * B * Hkv,)](
         q, k_cache, v_cache, out, lse, *lengths,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
         stride_ro, seqlen_ro, Sq, Hq, Hkv, k_cache.shape[1], D, softmax_scale * LOG2E,
         GROUP=group, HAS_LEFTPAD=cache_leftpad is not None, HAS_NEW_SEQLENS=new_seqlens is not None,
         ROT_DIM=rot_dim, INTERLEAVED=bool(rotary_interleaved), CAUSAL=bool(causal), PRECISION=_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        num_stages=_kv_stages(block_m, block_n, _block_d(D), q.dtype, _capability(q.device)))
     return out, lse
 
 
@@ -434,9 +489,10 @@ def latent_attention_bwd_triton(grad_out, q, k_cache, v_cache, out, lse, cache_s
         return dq
     group = Hq // Hkv
     block_d = _block_d(D)
+    explicit = (block_m, block_n)
     block_m, block_n = _tiles(block_m, block_n, Sq * group, block_d)
     delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(Sq * Hq, block_m), B)](
+    _bwd_delta_kernel[(triton.cdiv(Sq * Hq, block_m) * B,)](
         grad_out, out, delta, *grad_out.stride()[:3], *out.stride()[:3], Sq, Hq, D,
         BLOCK_M=block_m, BLOCK_D=block_d)
     lse = lse.contiguous()
@@ -445,16 +501,21 @@ def latent_attention_bwd_triton(grad_out, q, k_cache, v_cache, out, lse, cache_s
                  PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     Tmax = k_cache.shape[1]
     common = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *grad_out.stride()[:3])
-    _bwd_dkdv_kernel[(triton.cdiv(Tmax, block_n), B * Hkv)](
+    kv_m, kv_n, kv_warps, kv_stages = _dkdv_config(block_d, q.dtype, _capability(q.device))
+    if explicit != (None, None):  # explicit tiles (tests) apply to every kernel
+        kv_m, kv_n = block_m, block_n
+    _bwd_dkdv_kernel[(triton.cdiv(Tmax, kv_n) * B * Hkv,)](
         q, k_cache, v_cache, grad_out, lse, delta, grad_k_cache, grad_v_cache, *lengths, *common,
         *grad_k_cache.stride()[:3], *grad_v_cache.stride()[:3],
-        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale, **flags)
+        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale,
+        **dict(flags, BLOCK_M=kv_m, BLOCK_N=kv_n), num_warps=kv_warps, num_stages=kv_stages)
     dq_rot = torch.empty(dq.shape, dtype=torch.float32, device=q.device) if rot_dim else dq
-    _bwd_dq_kernel[(triton.cdiv(Sq * group, block_m), B * Hkv)](
+    _bwd_dq_kernel[(triton.cdiv(Sq * group, block_m) * B * Hkv,)](
         q, k_cache, v_cache, grad_out, lse, delta, dq_rot, *lengths, *common, *dq_rot.stride()[:3],
-        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale, **flags)
+        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale, **flags,
+        num_stages=_kv_stages(block_m, block_n, block_d, q.dtype, _capability(q.device)))
     if rot_dim:
-        _unrotate_kernel[(B, triton.cdiv(Sq * Hq, block_m))](
+        _unrotate_kernel[(B * triton.cdiv(Sq * Hq, block_m),)](
             dq_rot, dq, lengths[0], lengths[1], lengths[3], lengths[4], *dq_rot.stride()[:3], *dq.stride()[:3],
             stride_ro, seqlen_ro, Sq, Hq, D, HAS_LEFTPAD=cache_leftpad is not None, ROT_DIM=rot_dim,
             INTERLEAVED=bool(rotary_interleaved), BLOCK_M=block_m, BLOCK_D=block_d)

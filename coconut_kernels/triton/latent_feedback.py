@@ -70,10 +70,12 @@ def _latent_feedback_bwd_kernel(G, H, BAT, DST, SRC, W, GH, GW, GB, d, B, T, S, 
     else:
         x = tl.load(H + b * h_bs + src * h_rs + cols, mask=m, other=0.0).to(ACC)
         xhat, rstd = _normalized(x, m, d, eps, NORM)
+        # Per-row partial sums, reduced by the launcher in a fixed order: atomics here would make the
+        # weight/bias gradients differ from run to run.
         if HAS_W:
-            tl.atomic_add(GW + cols, dy * xhat, mask=m)
+            tl.store(GW + i.to(tl.int64) * d + cols, dy * xhat, mask=m)
         if HAS_B:
-            tl.atomic_add(GB + cols, dy, mask=m)
+            tl.store(GB + i.to(tl.int64) * d + cols, dy, mask=m)
         if HAS_W:
             dy = dy * tl.load(W + cols, mask=m, other=0.0).to(ACC)
         c1 = tl.sum(dy * xhat, axis=0) / d
@@ -124,9 +126,10 @@ def latent_feedback_bwd(grad_embeds, hidden, batch_idx, dst_pos, src_pos, norm, 
     d = h.shape[-1]
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     gh = torch.zeros(h.shape, dtype=acc, device=h.device)
-    gw = torch.zeros(d if weight is not None else 0, dtype=acc, device=h.device)
-    gb = torch.zeros(d if bias is not None else 0, dtype=acc, device=h.device)
     n = dst_pos.shape[0]
+    # (n, d) partials of the weight/bias gradients (rows with bad indices keep their zeros), summed below.
+    gw = torch.zeros((n, d) if weight is not None else (0, 0), dtype=acc, device=h.device)
+    gb = torch.zeros((n, d) if bias is not None else (0, 0), dtype=acc, device=h.device)
     if n > 0:
         B = h.shape[0] if batched else 1
         _latent_feedback_bwd_kernel[(n,)](
@@ -135,4 +138,5 @@ def latent_feedback_bwd(grad_embeds, hidden, batch_idx, dst_pos, src_pos, norm, 
             d, B, g.shape[-2], h.shape[-2], *_strides(g, batched), *_strides(h, batched), eps,
             HAS_BATCH=batched, NORM=_NORMS[norm], HAS_W=weight is not None, HAS_B=bias is not None,
             ACC=_acc(h.dtype), BLOCK_D=triton.next_power_of_2(d))
-    return gh.to(h.dtype), gw, gb
+    return (gh.to(h.dtype), gw.sum(0) if weight is not None else gw.new_zeros(0),
+            gb.sum(0) if bias is not None else gb.new_zeros(0))

@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-_INT32_MAX = 2147483647
+# A tl.constexpr global: the compiler rejects plain module globals read inside @triton.jit (the interpreter
+# does not), so a plain int here would fail only on a real GPU.
+_INT32_MAX: tl.constexpr = tl.constexpr(2147483647)
 
 
 @triton.jit

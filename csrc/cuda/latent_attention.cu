@@ -12,14 +12,15 @@
 #include <cstdint>
 
 #include "../latent_attention_checks.h"
+#include "launch_config.h"
 
 namespace coconut {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = launch::kAttnThreads;
 constexpr int kWarps = kThreads / 32;
 // Query heads of one GQA group handled by one forward block: each K/V row it loads serves all of them.
-constexpr int kGroupTile = 4;
+constexpr int kGroupTile = launch::kGroupTile;
 // Keys each lane group loads before using any, so that enough bytes are in flight to saturate HBM.
 constexpr int kUnroll = 2;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -539,22 +540,13 @@ void kv_cache_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Te
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_dtype(k_cache.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    append_kernel<T><<<d.B * d.Sq, kThreads, 0, stream>>>(
+    append_kernel<T><<<(unsigned)launch::append_shape(d.B, d.Sq).grid_x, kThreads, 0, stream>>>(
         static_cast<T*>(k_cache.data_ptr()), static_cast<T*>(v_cache.data_ptr()),
         static_cast<const T*>(kn.data_ptr()), static_cast<const T*>(vn.data_ptr()),
         lengths_of(cache_seqlens, cache_leftpad, new_seqlens), rot.args, strides_of(k_cache), strides_of(v_cache),
         (int)d.Sq, (int)d.Hkv, (int)d.D, (int)d.Tmax, aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-// Splits chosen from shapes only (the lengths live on the device): enough blocks for ~4 per SM, each split
-// keeping at least 128 keys of the longest possible range.
-int num_splits(int64_t row_blocks, int64_t Tmax) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want = (4 * sms + row_blocks - 1) / row_blocks;
-  const int64_t most = std::max<int64_t>(1, Tmax / 128);
-  return (int)std::max<int64_t>(1, std::min<int64_t>({want, most, 64}));
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_attention_fwd_cuda(
@@ -571,11 +563,10 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_fwd_cuda(
   at::Tensor lse = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse.fill_(-INFINITY)};
   const RotaryTables rot(rotary_cos, rotary_sin, rotary_interleaved);
-  const int64_t G = d.Hq / d.Hkv;
-  const int64_t gtiles = (G + kGroupTile - 1) / kGroupTile;
-  const int64_t row_blocks = d.B * d.Sq * d.Hkv;
-  const int splits = num_splits(row_blocks * gtiles, d.Tmax);
-  const int64_t rows = d.B * d.Sq * d.Hq;
+  const launch::Shape shape = launch::fwd_split_shape(
+      d.B, d.Sq, d.Hq, d.Hkv, d.Tmax, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int splits = (int)shape.grid_y;
+  const int64_t rows = launch::per_query_row_shape(d.B, d.Sq, d.Hq, "latent_attention forward").grid_x;
   at::Tensor part_out, part_lse;
   if (splits > 1) {
     part_out = at::empty({splits, rows, d.D}, q.options().dtype(at::kFloat));
@@ -587,7 +578,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_fwd_cuda(
               strides_of(v_cache), (int)d.Sq, (int)d.Hq, (int)d.Hkv, (int)d.D, (int)d.Tmax, splits,
               (float)(softmax_scale * kLog2e), causal, aligned16(k_cache) && aligned16(v_cache)};
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid((unsigned)row_blocks, (unsigned)splits, (unsigned)gtiles);
+  const dim3 grid((unsigned)shape.grid_x, (unsigned)shape.grid_y, (unsigned)shape.grid_z);
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_head_dim(d.D, [&](auto dmax) {
@@ -630,7 +621,8 @@ at::Tensor latent_attention_bwd_cuda(const at::Tensor& grad_out, const at::Tenso
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     dispatch_head_dim(d.D, [&](auto dmax) {
-      bwd_row_kernel<T, decltype(dmax)::value><<<(unsigned)(d.B * d.Sq * d.Hq), kThreads, 0, stream>>>(p);
+      const auto shape = launch::per_query_row_shape(d.B, d.Sq, d.Hq, "latent_attention backward");
+      bwd_row_kernel<T, decltype(dmax)::value><<<(unsigned)shape.grid_x, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -7,13 +7,13 @@
 #include <torch/library.h>
 
 #include "../latent_feedback.h"
+#include "launch_config.h"
 
 namespace coconut {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kRowsPerWarpBlock = 8;
-constexpr int kElemsPerThread = 32;  // register budget of one thread for the row (and dy in backward)
+constexpr int kWarp = launch::kWarp;
+constexpr int kElemsPerThread = launch::kFeedbackElemsPerThread;
 
 struct DevIndex {
   const void* p;
@@ -168,7 +168,8 @@ __global__ void latent_feedback_fwd_kernel(T* __restrict__ E, const T* __restric
 }
 
 // Backward of one row: dx accumulates atomically into the fp32 (fp64) accumulator gh, since several rows
-// may read the same source; dweight/dbias accumulate atomically into gw/gb.
+// may read the same source; dweight/dbias go to row i's slice of the (n, d) partials gw/gb, which the host
+// sums in a fixed order (atomics there would make those gradients differ from run to run).
 template <typename T, typename W, typename acc_t, int VEC, bool IN_REGS>
 __global__ void latent_feedback_bwd_kernel(const T* __restrict__ Gr, const T* __restrict__ H, Geometry g,
                                            const W* __restrict__ weight, int norm, acc_t eps, acc_t* gh,
@@ -181,6 +182,8 @@ __global__ void latent_feedback_bwd_kernel(const T* __restrict__ Gr, const T* __
   const T* x = H + b * g.h_bs + src * g.h_rs;
   const T* dy_row = Gr + b * g.e_bs + dst * g.e_rs;
   acc_t* dx_row = gh + (b * g.S + src) * g.d;
+  if (gw) gw += i * g.d;
+  if (gb) gb += i * g.d;
   const int64_t nchunks = g.d / VEC;
   const int tid = threadIdx.x, G = blockDim.x;
   if (norm == static_cast<int>(FeedbackNorm::kNone)) {
@@ -204,8 +207,8 @@ __global__ void latent_feedback_bwd_kernel(const T* __restrict__ Gr, const T* __
     for (int j = 0; j < VEC; ++j) {
       const int64_t col = c * VEC + j;
       xv[j] *= rstd;
-      if (gw) atomicAdd(gw + col, dv[j] * xv[j]);
-      if (gb) atomicAdd(gb + col, dv[j]);
+      if (gw) gw[col] = dv[j] * xv[j];
+      if (gb) gb[col] = dv[j];
       if (weight) dv[j] *= static_cast<acc_t>(weight[col]);
       s_dy += dv[j];
       s_dyx += dv[j] * xv[j];
@@ -288,16 +291,18 @@ struct LaunchShape {
   bool in_regs;
 };
 
-LaunchShape launch_shape(int64_t n, int64_t d, int vec) {
-  const int64_t nchunks = d / vec;
-  const int64_t per_thread = kElemsPerThread / vec;
-  if (nchunks <= kWarp * per_thread) {
-    return {dim3(static_cast<unsigned>((n + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock)),
-            dim3(kWarp, kRowsPerWarpBlock), true};
-  }
-  const int64_t want = (nchunks + per_thread - 1) / per_thread;
-  const int threads = static_cast<int>(std::min<int64_t>(1024, (want + kWarp - 1) / kWarp * kWarp));
-  return {dim3(static_cast<unsigned>(n)), dim3(threads, 1), nchunks <= threads * per_thread};
+// The largest block both variants (row in registers or not) of a kernel can launch with their registers.
+template <typename K1, typename K2>
+int max_block_threads(K1 in_regs_kernel, K2 loop_kernel) {
+  cudaFuncAttributes a1, a2;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&a1, in_regs_kernel));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&a2, loop_kernel));
+  return std::min(a1.maxThreadsPerBlock, a2.maxThreadsPerBlock);
+}
+
+LaunchShape launch_shape(int64_t n, int64_t d, int vec, int max_threads) {
+  const launch::Shape s = launch::feedback_shape(n, d, vec, max_threads);
+  return {dim3(static_cast<unsigned>(s.grid_x)), dim3(s.block_x, s.block_y), s.in_regs};
 }
 
 // Weight and bias in one storage type W: hidden's dtype or, when either is float32, float32 (then the
@@ -320,8 +325,11 @@ void with_params(const std::optional<at::Tensor>& weight, const std::optional<at
 }
 
 template <typename T, typename W, typename acc_t, int VEC>
-void launch_fwd_vec(const LaunchShape& s, T* e, const T* h, const Geometry& g, const W* w, const W* b, int norm,
-                    acc_t eps, cudaStream_t stream) {
+void launch_fwd_vec(T* e, const T* h, const Geometry& g, const W* w, const W* b, int norm, acc_t eps,
+                    cudaStream_t stream) {
+  const int max_threads = max_block_threads(latent_feedback_fwd_kernel<T, W, acc_t, VEC, true>,
+                                            latent_feedback_fwd_kernel<T, W, acc_t, VEC, false>);
+  const LaunchShape s = launch_shape(g.n, g.d, VEC, max_threads);
   if (s.in_regs)
     latent_feedback_fwd_kernel<T, W, acc_t, VEC, true><<<s.grid, s.block, 0, stream>>>(e, h, g, w, b, norm, eps);
   else
@@ -330,8 +338,11 @@ void launch_fwd_vec(const LaunchShape& s, T* e, const T* h, const Geometry& g, c
 }
 
 template <typename T, typename W, typename acc_t, int VEC>
-void launch_bwd_vec(const LaunchShape& s, const T* gr, const T* h, const Geometry& g, const W* w, int norm, acc_t eps,
-                    acc_t* gh, acc_t* gw, acc_t* gb, cudaStream_t stream) {
+void launch_bwd_vec(const T* gr, const T* h, const Geometry& g, const W* w, int norm, acc_t eps, acc_t* gh, acc_t* gw,
+                    acc_t* gb, cudaStream_t stream) {
+  const int max_threads = max_block_threads(latent_feedback_bwd_kernel<T, W, acc_t, VEC, true>,
+                                            latent_feedback_bwd_kernel<T, W, acc_t, VEC, false>);
+  const LaunchShape s = launch_shape(g.n, g.d, VEC, max_threads);
   if (s.in_regs)
     latent_feedback_bwd_kernel<T, W, acc_t, VEC, true><<<s.grid, s.block, 0, stream>>>(gr, h, g, w, norm, eps, gh, gw,
                                                                                          gb);
@@ -359,14 +370,13 @@ void latent_feedback_cuda(at::Tensor& embeds, const at::Tensor& hidden, const st
     using acc_t = typename acc_type<scalar_t>::type;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const int vec = pack_width<scalar_t>(g, e, h);
-    const LaunchShape s = launch_shape(a.n, a.d, vec);
     with_params<scalar_t>(weight, bias, [&](auto* w, auto* b) {
       using W = std::remove_const_t<std::remove_pointer_t<decltype(w)>>;
       if (vec == kVec)
-        launch_fwd_vec<scalar_t, W, acc_t, kVec>(s, e.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g, w, b,
+        launch_fwd_vec<scalar_t, W, acc_t, kVec>(e.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g, w, b,
                                                  static_cast<int>(a.norm), static_cast<acc_t>(eps), stream);
       else
-        launch_fwd_vec<scalar_t, W, acc_t, 1>(s, e.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g, w, b,
+        launch_fwd_vec<scalar_t, W, acc_t, 1>(e.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g, w, b,
                                               static_cast<int>(a.norm), static_cast<acc_t>(eps), stream);
     });
   });
@@ -384,8 +394,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_feedback_backward_cuda(
   const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto aopt = hidden.options().dtype(acc);
   at::Tensor gh = at::zeros(hidden.sizes(), aopt);
-  at::Tensor gw = at::zeros({weight.has_value() ? a.d : 0}, aopt);
-  at::Tensor gb = at::zeros({bias.has_value() ? a.d : 0}, aopt);
+  // (n, d) partials of the weight/bias gradients (rows with bad indices keep zeros), summed at the end.
+  at::Tensor gw = at::zeros({weight.has_value() ? a.n : 0, weight.has_value() ? a.d : 0}, aopt);
+  at::Tensor gb = at::zeros({bias.has_value() ? a.n : 0, bias.has_value() ? a.d : 0}, aopt);
   if (a.n > 0) {
     const at::Tensor gr = rows_view(grad_embeds), h = rows_view(hidden);
     const at::Tensor dst = dst_pos.contiguous(), src = src_pos.contiguous();
@@ -397,23 +408,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> latent_feedback_backward_cuda(
       using acc_t = typename acc_type<scalar_t>::type;
       constexpr int kVec = 16 / sizeof(scalar_t);
       const int vec = pack_width<scalar_t>(g, gr, h);
-      const LaunchShape s = launch_shape(a.n, a.d, vec);
       acc_t* gwp = weight.has_value() ? gw.data_ptr<acc_t>() : nullptr;
       acc_t* gbp = bias.has_value() ? gb.data_ptr<acc_t>() : nullptr;
       with_params<scalar_t>(weight, std::nullopt, [&](auto* w, auto*) {
         using W = std::remove_const_t<std::remove_pointer_t<decltype(w)>>;
         if (vec == kVec)
-          launch_bwd_vec<scalar_t, W, acc_t, kVec>(s, gr.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g, w,
+          launch_bwd_vec<scalar_t, W, acc_t, kVec>(gr.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g, w,
                                                    static_cast<int>(a.norm), static_cast<acc_t>(eps),
                                                    gh.data_ptr<acc_t>(), gwp, gbp, stream);
         else
-          launch_bwd_vec<scalar_t, W, acc_t, 1>(s, gr.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g, w,
+          launch_bwd_vec<scalar_t, W, acc_t, 1>(gr.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g, w,
                                                 static_cast<int>(a.norm), static_cast<acc_t>(eps),
                                                 gh.data_ptr<acc_t>(), gwp, gbp, stream);
       });
     });
   }
-  return {gh.scalar_type() == hidden.scalar_type() ? gh : gh.to(hidden.scalar_type()), gw, gb};
+  return {gh.scalar_type() == hidden.scalar_type() ? gh : gh.to(hidden.scalar_type()), gw.sum(0), gb.sum(0)};
 }
 
 }  // namespace

@@ -5,7 +5,9 @@
 - reference: the reference `generate`, one example at a time, no KV cache after the latent phase, run over
   min(B, 4) examples (its throughput does not depend on B: it never batches);
 - floor: a plain KV-cached decode of the same length with the same model (prefill up to <bot>, then
-  6 + 1 + 16 token steps fed their own tokens, no feedback).
+  6 + 1 + 16 token steps fed their own tokens, no feedback);
+- transformers: what users run today, `model.generate` of the same `transformers` GPT2LMHeadModel with its KV
+  cache, greedy, over the floor's prompts left-padded into one batch, 6 + 1 + 16 new tokens each.
 Rate: (latents + <eot> + answer tokens) per second. EOS is disabled so every example decodes 16 tokens.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ def _providers(size: str, B: int, device, dtype, graphs: bool = True, official: 
             # The floor's prompts stop at <bot>: the latents and <eot> become decode steps.
             plain = [{"input_ids": p["input_ids"][: p["input_ids"].index(sp.bot) + 1]} for p in prompts]
             state["plain"] = collate(plain, VOCAB, layout="ragged", device=device)
+            state["hf"], state["hf_prompts"] = hf, left_padded(plain, sp.pad, device)
             state["floor"] = LatentLM(ours, sp.latent, sp.bot, sp.eot, NEVER, feedback="pause")
             if official:
                 state["official"] = official_coconut(official, hf, sp, eos=NEVER)
@@ -57,6 +60,14 @@ def _providers(size: str, B: int, device, dtype, graphs: bool = True, official: 
         return lambda: s["floor"].generate(b["input_ids"], b["attention_mask"], max_new_tokens=steps,
                                            use_cuda_graph=graphs)
 
+    def transformers():
+        s = build()
+        ids, mask = s["hf_prompts"]
+        # min_new_tokens keeps EOS out, so every example decodes exactly `steps` tokens.
+        return lambda: s["hf"].generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps,
+                                        min_new_tokens=steps, do_sample=False, num_beams=1, use_cache=True,
+                                        pad_token_id=Special.for_vocab(VOCAB).pad)
+
     def one_at_a_time(name):
         def setup():
             s = build()
@@ -68,10 +79,20 @@ def _providers(size: str, B: int, device, dtype, graphs: bool = True, official: 
 
     providers = [("coconut_kernels", "impl", ours, B * steps),
                  ("reference", "reference", one_at_a_time("ref"), min(B, 4) * steps),
-                 ("floor", "floor", floor, B * steps)]
+                 ("floor", "floor", floor, B * steps),
+                 ("transformers", "external", transformers, B * steps)]
     if official:
         providers.append(("official checkout", "other", one_at_a_time("official"), min(B, 4) * steps))
     return providers
+
+
+def left_padded(prompts: list[dict], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of the prompts left-padded to one length, as `transformers` generates."""
+    n = max(len(p["input_ids"]) for p in prompts)
+    ids = torch.tensor([[pad] * (n - len(p["input_ids"])) + p["input_ids"] for p in prompts], device=device)
+    mask = torch.tensor([[0] * (n - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts],
+                        device=device)
+    return ids, mask
 
 
 def cases(settings: dict):
@@ -86,7 +107,7 @@ def cases(settings: dict):
                        extra={"memory": False, "metric:tokens/s": (tokens, "tok/s")})
         if device.type == "cuda":
             for name, role, setup, tokens in _providers(size, B, device, dtype, graphs=False, q_len=q_len):
-                if name != "reference":
+                if name in ("coconut_kernels", "floor"):
                     yield Case("generate", f"{name} (no CUDA graphs)", "B", B, setup, role="other", reps=3,
                                extra={"memory": False, "metric:tokens/s": (tokens, "tok/s")})
 
@@ -94,7 +115,7 @@ def cases(settings: dict):
 SCENARIO = register(Scenario("generate", "latents + 16 answer tokens per example, ProsQA prompts", cases))
 
 
-@pytest.mark.parametrize("provider", ["coconut_kernels", "reference", "floor"])
+@pytest.mark.parametrize("provider", ["coconut_kernels", "reference", "floor", "transformers"])
 @pytest.mark.parametrize("B", [1, 8, 32, 64])
 def test_generate(benchmark, provider, B):
     torch.set_num_threads(2)

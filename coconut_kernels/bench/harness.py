@@ -1,11 +1,13 @@
-"""One definition of every benchmark scenario, shared by the runner (`python -m benchmarks`) and the
-pytest-benchmark suite (`pytest benchmarks/ --benchmark-only`).
+"""One definition of every benchmark scenario, shared by the runner (`python -m coconut_kernels.bench`) and the
+pytest-benchmark suite (`pytest coconut_kernels/bench/ --benchmark-only`).
 
 A scenario yields Cases: one provider (this library, the reference algorithm, the floor, ...) at one point of
 the x-axis. A case's `setup()` builds fresh random inputs and returns the step to time, called with no
 arguments. Time is the median (p20/p80) of several repetitions, run side by side in one process; memory is
-the peak CUDA allocation on a GPU and, on the CPU, the bytes autograd keeps for backward (unique storages
-saved by the step's forward), which is what the training step's memory differs by.
+the peak of the memory the step allocates and holds at once: on a GPU the peak CUDA allocation, on the CPU the
+peak of the allocator's live bytes recorded by torch.profiler's memory events (every tensor the step allocates:
+activations, saved tensors, cache buffers, index tensors, gradients), in both cases counted from what was
+allocated when the step began.
 """
 from __future__ import annotations
 
@@ -78,6 +80,42 @@ def saved_bytes(step: Callable[[], object]) -> int:
     return sum(seen.values())
 
 
+CPU_MEMORY = "peak allocated during the step, torch.profiler memory events"
+CUDA_MEMORY = "peak CUDA allocation during the step"
+
+
+def cpu_peak_allocated(step: Callable[[], object]) -> int:
+    """Peak bytes of CPU memory allocated by one call of `step` and alive at the same time.
+
+    Read from the allocation events of `torch.profiler.profile(profile_memory=True)`: each event carries the
+    CPU allocator's running total, and the peak is the largest rise of that total above its lowest point
+    before it (the total before the call, or lower where the step first frees what its predecessor left, such
+    as the gradients `zero_grad(set_to_none=True)` drops: the profiler reports those frees only when it also
+    saw the allocation, and the rise makes both cases read alike). Memory that existed before the call
+    (weights, inputs, buffers built in setup) is not counted; the gradients and everything the forward keeps
+    until backward ends are."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.total_allocated))
+    if not events:
+        return 0
+    events.sort()
+    low = events[0][2] - events[0][1]
+    peak = 0
+    for _, _, total in events:
+        low = min(low, total)
+        peak = max(peak, total - low)
+    return peak
+
+
 def peak_memory(step: Callable[[], object], device: torch.device) -> tuple[int, str]:
     """(bytes, what was measured)."""
     if device.type == "cuda":
@@ -86,8 +124,8 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> tuple[int, 
         base = torch.cuda.memory_allocated(device)
         step()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base, "peak CUDA allocation"
-    return saved_bytes(step), "saved for backward"
+        return torch.cuda.max_memory_allocated(device) - base, CUDA_MEMORY
+    return cpu_peak_allocated(step), CPU_MEMORY
 
 
 def quantiles(xs: list[float]) -> tuple[float, float, float]:

@@ -8,17 +8,27 @@ and generation one example at a time with no KV cache after the latent phase.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 def _trim_cache(cache, length: int):
-    """The reference slices every layer's past K/V to `length` columns and hands it back (a new HF cache
-    object here, as transformers >= 4.50 no longer takes tuples)."""
+    """The reference slices every layer's past K/V to `length` columns and hands it back as a list of (k, v)
+    pairs. A model that returned that legacy format (transformers 4.46's GPT-2) gets it back in kind, as the
+    reference code does; one that returned a `Cache` object gets a new `DynamicCache` of the slices, built
+    by whichever constructor this transformers version has (`from_legacy_cache` until 4.x, `ddp_cache_data`
+    in 5.x, which no longer takes pairs)."""
+    layers = [(k[:, :, :length], v[:, :, :length]) for k, v, *_ in cache]
+    if isinstance(cache, (tuple, list)):
+        return layers
     from transformers import DynamicCache
 
-    return DynamicCache(ddp_cache_data=[(k[:, :, :length], v[:, :, :length]) for k, v, *_ in cache])
+    if hasattr(DynamicCache, "from_legacy_cache"):
+        return DynamicCache.from_legacy_cache(tuple(layers))
+    return DynamicCache(ddp_cache_data=layers)
 
 
 class ReferenceCoconut(nn.Module):
@@ -33,6 +43,9 @@ class ReferenceCoconut(nn.Module):
         self.end_latent_id = end_latent_id
         self.eos_token_id = eos_token_id
         self.embedding = base_causallm.get_input_embeddings()
+        # The past K/V argument and output are `past_key_values` up to transformers 5.2x and `cache` after
+        # (where `past_key_values` warns, then goes).
+        self._cache = "cache" if "cache" in inspect.signature(base_causallm.forward).parameters else "past_key_values"
 
     def forward(self, input_ids, attention_mask, labels, position_ids):
         B, T = input_ids.shape
@@ -51,13 +64,13 @@ class ReferenceCoconut(nn.Module):
                 offset = 0
             else:
                 out = self.base_causallm(inputs_embeds=inputs_embeds[:, r0:r1], attention_mask=attention_mask[:, :r1],
-                                         position_ids=position_ids[:, r0:r1], past_key_values=_trim_cache(kv_cache, r0),
+                                         position_ids=position_ids[:, r0:r1], **{self._cache: _trim_cache(kv_cache, r0)},
                                          output_hidden_states=True)
                 offset = r0
             all_logits.append(out.logits)
             compute_range = (r1, T if pass_idx + 1 >= max_n_latents else r1 + 1)
             hidden = out.hidden_states[-1]
-            kv_cache = out.past_key_values
+            kv_cache = out[self._cache]
             # The reference rebuilds inputs_embeds from a B x T list of row slices ("to avoid in-place ops").
             rows = [[inputs_embeds[b, pos, :] for pos in range(T)] for b in range(B)]
             for b, lst in enumerate(latent_lists):
@@ -69,7 +82,7 @@ class ReferenceCoconut(nn.Module):
         r0, r1 = compute_range
         out = self.base_causallm(inputs_embeds=inputs_embeds[:, r0:r1], attention_mask=attention_mask[:, :r1],
                                  position_ids=position_ids[:, r0:r1],
-                                 past_key_values=_trim_cache(kv_cache, r0) if kv_cache is not None else None,
+                                 **{self._cache: _trim_cache(kv_cache, r0) if kv_cache is not None else None},
                                  output_hidden_states=True)
         all_logits.append(out.logits)
         logits = torch.cat(all_logits, dim=-2)

@@ -2,11 +2,13 @@
 
 - coconut_kernels: `LatentLM` on this library's GPT-2 (ragged passes over one KVCache, fused feedback,
   loss over labelled rows only);
-- reference: the reference algorithm on a `transformers` GPT-2 with the same weights (benchmarks/
+- reference: the reference algorithm on a `transformers` GPT-2 with the same weights (coconut_kernels/bench/
   reference_coconut.py: list-and-stack rebuild, concatenated caches, full-vocabulary logits);
 - floor: one plain pass of LatentLM's own model over the same batch with the same loss (latents fed their
-  token embedding: no sequential structure).
-Run: `python -m benchmarks --scenario train_step [--sizes 8,32]`, or under pytest-benchmark.
+  token embedding: no sequential structure);
+- transformers: what users run today, the same `transformers` GPT2LMHeadModel called on the same batch with
+  labels (one pass, logits and cross-entropy over the whole vocabulary at every position), forward + backward.
+Run: `python -m coconut_kernels.bench --scenario train_step [--sizes 8,32]`, or under pytest-benchmark.
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ def _steps(size: str, B: int, n_latents: int, device, dtype, seed: int = 0, offi
             if official:
                 state["official"] = official_coconut(official, hf, sp)
             examples = prosqa_examples(B, VOCAB, n_latents=n_latents, seed=seed + B, q_len=q_len)
-            state["batch"] = collate(examples, VOCAB,
-                                     device=device)
+            state["batch"] = collate(examples, VOCAB, device=device)
+            state["transformers"] = hf
         return state
 
     def make(name):
@@ -48,7 +50,11 @@ def _steps(size: str, B: int, n_latents: int, device, dtype, seed: int = 0, offi
 
             def step():
                 module.zero_grad(set_to_none=True)
-                out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"])
+                if name == "transformers":
+                    out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 labels=batch["labels"], position_ids=batch["position_ids"])
+                else:
+                    out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"])
                 loss = out[0] if isinstance(out, tuple) else out.loss  # (reference) / LatentOutput / Outputs
                 loss.backward()
                 return loss
@@ -56,7 +62,7 @@ def _steps(size: str, B: int, n_latents: int, device, dtype, seed: int = 0, offi
         return setup
 
     providers = {"coconut_kernels": ("impl", make("lm")), "reference": ("reference", make("ref")),
-                 "floor": ("floor", make("floor"))}
+                 "floor": ("floor", make("floor")), "transformers": ("external", make("transformers"))}
     if official:
         providers["official checkout"] = ("other", make("official"))
     return providers
@@ -83,7 +89,7 @@ def cases(settings: dict):
 SCENARIO = register(Scenario("train_step", "fwd+bwd of one COCONUT training step, ProsQA shape (T~350)", cases))
 
 
-@pytest.mark.parametrize("provider", ["coconut_kernels", "reference", "floor"])
+@pytest.mark.parametrize("provider", ["coconut_kernels", "reference", "floor", "transformers"])
 @pytest.mark.parametrize("B", [8])
 def test_train_step(benchmark, provider, B):
     torch.set_num_threads(2)

@@ -1,8 +1,8 @@
 """soft_embedding on CPU at GPT-2 scale (N=32 latent rows, V=50257, d=768, fp32): the fused op vs the plain
 PyTorch reference (sort + mask + softmax + matmul), forward and forward+backward.
 
-Run: `python -m benchmarks --scenario soft_embedding`, or
-`python -m pytest benchmarks/bench_soft_embedding.py --benchmark-only --benchmark-group-by=param:top_k,param:mode`.
+Run: `python -m coconut_kernels.bench --scenario soft_embedding`, or
+`python -m pytest coconut_kernels/bench/bench_soft_embedding.py --benchmark-only --benchmark-group-by=param:top_k,param:mode`.
 """
 import pytest
 import torch

@@ -1,13 +1,13 @@
 """latent_feedback_ on CPU: one feedback step, forward + backward, against the official COCONUT list-and-stack
 rebuild of inputs_embeds and against index_put (plus a separate LayerNorm), all in one run.
 
-    python -m pytest benchmarks/bench_latent_feedback.py -s --benchmark-columns=median,iqr,rounds
-    python -m benchmarks --scenario latent_feedback        (the suite's runner: the same cases at N = B)
+    python -m pytest coconut_kernels/bench/bench_latent_feedback.py -s --benchmark-columns=median,iqr,rounds
+    python -m coconut_kernels.bench --scenario latent_feedback        (the suite's runner: the same cases at N = B)
 
 The rebuild at B=32, T=350, d=768 takes minutes per round, so it runs once (pedantic)
 and only with COCONUT_BENCH_FULL=1; by default a B=4 rebuild runs 3 rounds. Every other case runs 15 rounds
 after 2 warm-up rounds (shared 2-core machines are noisy: the median needs them). Ratios of medians are
-printed at the end (and written to benchmarks/out/latent_feedback.json).
+printed at the end (and written to benchmarks/out/latent_feedback.json under the current directory).
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def ratio_table(request):
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     for line in lines:
         reporter.write_line(line) if reporter else print(line)
-    out = os.path.join(os.path.dirname(__file__), "out")
+    out = os.path.join("benchmarks", "out")  # under the current directory, as the runner's default --out
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "latent_feedback.json"), "w") as f:
         json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "medians_s": MEDIANS}, f, indent=1)

@@ -1,8 +1,8 @@
 """latent_attention on CPU: multi-pass training through KVCache vs concatenating the cache every pass (what HF
 past_key_values does) vs one causal SDPA over the whole sequence (the floor), and decode vs SDPA on the
-cache slice. `python -m benchmarks.bench_latent_attention` prints the table (the suite's runner,
-`python -m benchmarks --scenario latent_attention`, runs the same cases); pytest-benchmark too:
-`python -m pytest benchmarks/bench_latent_attention.py --benchmark-only`.
+cache slice. `python -m coconut_kernels.bench.bench_latent_attention` prints the table (the suite's runner,
+`python -m coconut_kernels.bench --scenario latent_attention`, runs the same cases); pytest-benchmark too:
+`python -m pytest coconut_kernels/bench/bench_latent_attention.py --benchmark-only`.
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def main(argv=None):
         print(f"| {L} | {f * 1e3:.1f} | {c * 1e3:.1f} | {s * 1e3:.1f} | {f / s:.2f} |")
 
 
-# ---- the runner's scenario (python -m benchmarks --scenario latent_attention) -----------------------------
+# ---- the runner's scenario (python -m coconut_kernels.bench --scenario latent_attention) -----------------------------
 
 
 def cases(settings):
@@ -177,7 +177,7 @@ def cases(settings):
         full = tuple(torch.randn(batch, total, H, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
         return lambda: step(train_floor(full))
 
-    # The cache's own buffers are not saved tensors: count them with what autograd keeps.
+    # The cache is built in setup, before the measured step: count its buffers with what the step allocates.
     yield Case("latent_attention", "concat + SDPA per pass", "passes", label, concat, role="reference", reps=reps)
     yield Case("latent_attention", "KVCache", "passes", label, cached, reps=reps,
                extra={"memory_extra_bytes": one_cache})

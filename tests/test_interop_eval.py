@@ -1,0 +1,112 @@
+"""Tests of `coconut-eval` and the evaluation it shares with the trainer (`training.evaluate`): answer and CoT
+exact match with the official extraction (an oracle that writes the reference gets 100% of both), pass@k over
+sampled decodings, the validation loss of the stage's layout, latents per example, the JSON of outputs.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from coconut_kernels.data import RaggedCollator, StageConfig, generate_dataset, save_records, tokenize_records
+from coconut_kernels.interop.evaluate import main
+from coconut_kernels.interop.hf_export import load_source
+from coconut_kernels.latent import GenerateOutput
+from coconut_kernels.train import run
+from coconut_kernels.training import TrainConfig
+from coconut_kernels.training.evaluate import evaluate, validation_loss
+
+from .test_interop_official import official_yaml
+
+TINY = {"family": "gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_position": 512}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny coconut-train checkpoint (word tokenizer) and its data."""
+    root = tmp_path_factory.mktemp("eval")
+    records = generate_dataset(10, seed=11)
+    data = root / "data.json"
+    save_records(records, data)
+    res = run(TrainConfig(train_path=str(data), val_path=str(data), model=TINY, method="coconut", max_latent_stage=2,
+                          epochs_per_stage=1, num_epochs=2, batch_size=5, lr=3e-3, max_new_tokens=8,
+                          progress=False, tensorboard=False, save_dir=str(root / "run")))
+    return res["checkpoint"], data, records
+
+
+def test_coconut_eval_cli(trained, tmp_path, capsys):
+    ckpt, data, records = trained
+    out = tmp_path / "outputs.json"
+    assert main([str(ckpt), "--data", str(data), "--stage", "2", "--max_new_tokens", "8", "--batch_size", "4",
+                 "--samples", "3", "--temperature", "1e-6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "answer exact match" in printed and "pass@3" in printed
+    res = json.loads(out.read_text())
+    assert res["n"] == len(records) and len(res["examples"]) == len(records)
+    assert res["method"] == "coconut" and res["stage"] == 2
+    for ex in res["examples"]:
+        assert ex["n_latents"] == 2  # stage 2, c_thought 1
+        assert ex["correct"] == (ex["prediction"] == ex["answer"].replace(",", "").strip())
+        assert len(ex["samples"]) == 3
+    assert res["mean_latents"] == 2.0
+    assert res["accuracy"] == sum(e["correct"] for e in res["examples"]) / len(records)
+    # at a temperature near 0 every sample is the greedy decoding
+    for ex in res["examples"]:
+        assert all(s["output"] == ex["output"] for s in ex["samples"])
+    assert res["pass@3"] == res["accuracy"] and res["sample_accuracy"] == res["accuracy"]
+    # the trainer's evaluation of the same stage gives the same accuracy
+    lm = load_source(ckpt)
+    tok = lm.tokenizer
+    recs = tokenize_records(records, tok)
+    sc = StageConfig(method="coconut", c_thought=1, max_latent_stage=2)
+    again = evaluate(lm, recs, 2, sc, tok, RaggedCollator.from_tokenizer(tok), batch_size=10, max_new_tokens=8,
+                     device=torch.device("cpu"))
+    assert again["accuracy"] == res["accuracy"] and again["cot_accuracy"] == res["cot_accuracy"]
+    # the validation loss is the mean over every labelled token, whatever the batch size
+    one = validation_loss(lm, recs, 2, sc, tok, RaggedCollator.from_tokenizer(tok), batch_size=100,
+                          device=torch.device("cpu"))
+    assert one["val_loss"] == pytest.approx(res["val_loss"], rel=1e-5)
+
+
+def test_oracle_gets_every_answer_and_chain(trained):
+    """A model that writes each record's reference continuation scores 100% answer and CoT exact match:
+    the extraction reads what the official run reads."""
+    ckpt, _, records = trained
+    lm = load_source(ckpt)
+    tok = lm.tokenizer
+    recs = tokenize_records(records, tok)
+    sc = StageConfig(method="cot", c_thought=1, max_latent_stage=2)
+    truth = {tuple(r.question): [t for s in r.steps for t in s] + r.answer for r in recs}
+
+    def oracle(ids, mask, *, max_new_tokens, **kw):
+        rows = [truth[tuple(x[m.bool()].tolist())] for x, m in zip(ids, mask)]
+        width = max(len(r) for r in rows)
+        tokens = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+        return GenerateOutput(tokens=tokens, lengths=torch.tensor([len(r) for r in rows]),
+                              n_latents=torch.zeros(len(rows), dtype=torch.long))
+
+    lm.generate = oracle
+    res = evaluate(lm, recs, 0, sc, tok, RaggedCollator.from_tokenizer(tok), batch_size=4, max_new_tokens=200,
+                   device=torch.device("cpu"), outputs=True)
+    assert res["accuracy"] == 1.0 and res["cot_accuracy"] == 1.0, res["outputs"][0]
+
+
+def test_eval_with_an_official_config(trained, tmp_path, capsys):
+    ckpt, data, records = trained
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(official_yaml(only_eval=True, resume=1, epochs_per_stage=1, max_latent_stage=2,
+                                                 val_path=str(data))))
+    assert main([str(ckpt), "--official", str(path), "--out", str(tmp_path / "o.json"), "--max_records", "3"]) == 0
+    res = json.loads((tmp_path / "o.json").read_text())
+    assert res["stage"] == 1 and res["max_new_tokens"] == 128 and res["n"] == 3
+    assert all(e["n_latents"] == 1 for e in res["examples"])
+
+
+def test_eval_bad_input(trained, tmp_path, capsys):
+    ckpt, data, _ = trained
+    assert main([str(ckpt), "--data", str(tmp_path / "none.json")]) == 2
+    assert "--data: " in capsys.readouterr().err
+    assert main([str(tmp_path / "checkpoint_3"), "--data", str(data)]) == 2
+    assert "not found" in capsys.readouterr().err

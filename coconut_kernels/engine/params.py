@@ -1,0 +1,83 @@
+"""A request's parameters (`SamplingParams`) and its results (`Sample`, `RequestOutput`)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import validation
+from ..errors import CoconutError
+
+
+@dataclass
+class SamplingParams:
+    """How one prompt is generated.
+
+    n: samples of the prompt (one prefill, the cache forked into n slots); max_tokens: new tokens per sample;
+    do_sample / temperature / top_k / top_p: as `LatentLM.generate` (greedy by default); stop: the thought's
+    stop rule as `LatentLM.generate`'s `stop` (None: the prompt's <latent> count); feedback: None (the
+    model's mode) or a mode name / Feedback module; stop_token_ids: tokens that end a sample besides the
+    model's EOS; seed: sample i draws from torch.Generator().manual_seed(seed + i) (None: torch's global
+    generator, not reproducible); return_latents: keep the vector fed at every latent step.
+    """
+    n: int = 1
+    max_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: object = None
+    feedback: object = None
+    stop_token_ids: tuple = ()
+    seed: int | None = None
+    return_latents: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingParams":
+        """From a mapping of field names; an unknown name is a CoconutError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CoconutError(f"unknown sampling parameter(s) {unknown}: expected some of {sorted(names)}")
+        return cls(**d)
+
+    def check(self, vocab_size: int, max_batch: int) -> None:
+        """Types and ranges of every field (CoconutError naming the field)."""
+        validation.check_int(self.n, "n", low=1, high=max_batch)
+        validation.check_sampling(vocab_size=vocab_size, max_new_tokens=self.max_tokens, do_sample=self.do_sample,
+                                  temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                  eos_token_id=None, pad_token_id=None, return_latents=self.return_latents,
+                                  use_cuda_graph=False, generator=None, stop=self.stop)
+        if not isinstance(self.stop_token_ids, (tuple, list)):
+            raise CoconutError(f"stop_token_ids must be a tuple or list of token ids, got {self.stop_token_ids!r}")
+        for t in self.stop_token_ids:
+            validation.check_int(t, "stop_token_ids[i]", low=0, high=vocab_size - 1)
+        if self.seed is not None:
+            validation.check_int(self.seed, "seed", low=0)
+
+
+@dataclass
+class Sample:
+    """One generated answer. logprobs: log-probability of each token under the distribution it was drawn from
+    (temperature / top-k / top-p applied; 0.0 for greedy, a point mass); model_logprobs: under the raw model
+    (softmax of the logits). latents (n_latents, d): the vector fed at every latent step (return_latents)."""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    model_logprobs: list[float] = field(default_factory=list)
+    n_latents: int = 0
+    latents: torch.Tensor | None = None
+    finish_reason: str | None = None  # "stop" (EOS or a stop id), "length" (max_tokens) or "error"
+
+
+@dataclass
+class RequestOutput:
+    """A finished request: its samples (n of them, in seed order), or the error that failed it."""
+    request_id: int
+    prompt_ids: list[int]
+    samples: list[Sample]
+    error: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or all(s.finish_reason is not None for s in self.samples)

@@ -40,13 +40,16 @@ class _Generation:
     chain token, whose autograd node holds the pass's ctx, and a ctx -> cache reference would close a cycle
     through autograd's C++ nodes that the garbage collector cannot see (every step's cache would leak)."""
 
-    __slots__ = ("k", "v", "leftpad", "grad_kv", "max_new", "valid")
+    __slots__ = ("k", "v", "leftpad", "grad_kv", "max_new", "valid", "parent", "parent_rows", "started")
 
     def __init__(self, k, v, leftpad, n_layers):
         self.k, self.v, self.leftpad = k, v, leftpad
         self.grad_kv = [None] * n_layers  # per layer: (dK, dV) accumulators, alive only during the backward
         self.max_new = 0  # most rows appended by one differentiable pass: the accumulators' padding
         self.valid = True  # False once reset/crop started a new generation
+        self.parent = None  # a fork's: the generation it copied its first parent_rows rows of each sequence from
+        self.parent_rows = None
+        self.started = [False] * n_layers  # per layer: a differentiable pass has run in this generation
 
 
 class _PassLengths:
@@ -130,6 +133,21 @@ class KVCache:
         torch.minimum(self.seqlens, lengths, out=self.seqlens)
         self._new_generation()
 
+    def fork(self) -> "KVCache":
+        """A new cache holding a copy of this one's rows and lengths, to be continued differently (e.g. several
+        continuations of one prefix). Under grad, the gradient the fork's passes send to the copied rows is added
+        to this cache's, so the passes here that wrote them receive it in their backward (which runs after the
+        fork's, autograd orders them). Resetting or cropping this cache before that backward makes it raise;
+        reset/crop of the fork ends the link."""
+        child = KVCache.__new__(KVCache)
+        child.k, child.v = self.k.clone(), self.v.clone()
+        child.seqlens, child.leftpad = self.seqlens.clone(), self.leftpad.clone()
+        child.generation, child._train = 0, None
+        child._new_generation()
+        child._train.parent, child._train.parent_rows = self._train, self.seqlens.clone()
+        child._chain = list(self._chain)  # the fork's first pass of each layer follows this cache's last
+        return child
+
     def advance(self, n_new) -> None:
         """After all layers of a pass: seqlens += n_new (int or (B,) int tensor, e.g. the pass's new_seqlens).
         n_new >= 0 and seqlens + n_new <= max_len are checked for host data, and for CUDA tensors under
@@ -196,7 +214,7 @@ class AttendedPass:
     q (run); the backward gives the gradients of q, k_new, v_new (backward). The state of every node that
     KVCache.differentiable_pass runs (_CachedAttention's ctx, the model layer's fused attention node)."""
 
-    __slots__ = ("state", "layer", "lengths", "rot", "scale", "causal", "first", "n_rows", "new_dtype")
+    __slots__ = ("state", "layer", "lengths", "rot", "scale", "causal", "first", "handoff", "n_rows", "new_dtype")
 
     @classmethod
     def run(cls, cache, layer, lengths, chain, q, k_new, v_new, rot, scale, causal):
@@ -207,6 +225,10 @@ class AttendedPass:
         self.state, self.layer, self.lengths = cache._train, layer, lengths
         self.rot, self.scale, self.causal = rot, scale, causal
         self.first = chain is None
+        # A fork's first pass of the layer (after a differentiable pass of its parent): its backward hands the
+        # gradient of the rows copied from the parent to the parent's accumulator.
+        self.handoff = cache._train.parent is not None and not cache._train.started[layer] and chain is not None
+        cache._train.started[layer] = True
         self.n_rows, self.new_dtype = k_new.shape[1], k_new.dtype
         return self, out, lse
 
@@ -240,10 +262,29 @@ class AttendedPass:
                 dk = rows.take(grad_kv[0], *self.rot, dtype=self.new_dtype)
             if want_dv:
                 dv = rows.take(grad_kv[1], dtype=self.new_dtype)
+        if self.handoff:
+            self._hand_to_parent(grad_kv)
+            state.grad_kv[layer] = None
         if self.first:
             state.grad_kv[layer] = None
         chain_grad = None if self.first else torch.zeros((), dtype=q.dtype, device=q.device)
         return dq, dk, dv, chain_grad
+
+
+    def _hand_to_parent(self, grad_kv) -> None:
+        """Add the accumulated gradient of the rows a fork copied (each sequence's first parent_rows) into the
+        parent generation's accumulator, allocating it when no pass of the parent's backward has yet."""
+        state, layer = self.state, self.layer
+        parent = state.parent
+        if not parent.valid:
+            raise RuntimeError(f"KVCache.attend(layer={layer}): the cache this one was forked from was reset or "
+                               "cropped before the fork's backward; the rows it copied are gone.")
+        if parent.grad_kv[layer] is None:
+            parent.grad_kv[layer] = grad_accumulators(parent.k[layer], parent.max_new)
+        T = grad_kv[0].shape[1]
+        copied = (torch.arange(T, device=grad_kv[0].device)[None] < state.parent_rows[:, None])[:, :, None, None]
+        for dst, src in zip(parent.grad_kv[layer], grad_kv):
+            dst.add_(src * copied)
 
 
 class _CachedAttention(torch.autograd.Function):

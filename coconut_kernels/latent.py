@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from . import latent_decode, validation
+from . import latent_decode, latent_jacobi, validation
 from .feedback import Feedback, resolve_feedback
 from .latent_decode import GenerateOutput, Sampling, parse_stop, sample_tokens
-from .latent_plan import IGNORE_INDEX, BatchPlan, PassRows, pass_rows, plan_batch
+from .latent_plan import IGNORE_INDEX, BatchPlan, PassRows, jacobi_passes, pass_rows, plan_batch
 from .latent_steps import feed_hidden, forward_rows, head_logits, labelled_loss, pass_input
 from .markers import LatentIds, resolve_ids
 from .models.linear import batched_weight_grads
@@ -68,6 +68,12 @@ class LatentLM(nn.Module):
     is fused into the `latent_feedback` op), "projected" (CODI), "soft" (Soft Thinking), "mixture" (Mixture of
     Inputs), "pause" (the latent token keeps its own embedding: the pause-token control, run as one plain
     pass), or a `Feedback` module.
+
+    latent_schedule (forward and generate): "sequential" (default, the official algorithm: one pass per thought)
+    or "jacobi" with jacobi_iters=T (PCCoT, `coconut_kernels.latent_jacobi`: T passes that each compute all n
+    thoughts of every example, row s + i fed from row s + i - 1 of the previous iteration; the first iteration
+    feeds the thoughts after the first one the <latent> token's embedding). With T >= n the result equals the
+    sequential schedule's. "pause" feedback has no thought chain: both schedules are its one plain pass.
     """
 
     def __init__(self, model: nn.Module, latent_token_id: int | None = None, start_latent_id: int | None = None,
@@ -112,42 +118,55 @@ class LatentLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
-                return_logits: bool = False) -> LatentOutput:
+                return_logits: bool = False, latent_schedule: str = "sequential",
+                jacobi_iters: int | None = None) -> LatentOutput:
         validation.check_inputs(input_ids, attention_mask, labels, position_ids,
                                 device=self.model.lm_head_weight.device, return_logits=return_logits)
+        validation.check_schedule(latent_schedule, jacobi_iters)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        plan, passes = self.plan_passes(input_ids, attention_mask, labels, position_ids)
-        kept = self.run_passes(input_ids, position_ids, plan, passes, with_logits=return_logits)
+        jacobi = latent_schedule == "jacobi"
+        plan, passes = self.plan_passes(input_ids, attention_mask, labels, position_ids, jacobi=jacobi)
+        kept = self.run_passes(input_ids, position_ids, plan, passes, with_logits=return_logits,
+                               jacobi_iters=jacobi_iters if jacobi else None)
         loss, n_tok = (None, 0) if labels is None else labelled_loss(self.model, kept.hidden, kept.targets)
         logits = self._scatter_logits(kept.logit_rows, input_ids) if return_logits else None
         return LatentOutput(loss=loss, logits=logits, n_tokens=n_tok)
 
     def plan_passes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     labels: torch.Tensor | None = None,
-                    position_ids: torch.Tensor | None = None) -> tuple[BatchPlan, list[PassRows]]:
-        """The batch's plan, and every pass's index tensors on input_ids' device (one copy). The training step's
-        one host sync: the pass structure depends on where the latents are; the batch's values are checked on
-        the same host copies (validation.check_batch)."""
+                    position_ids: torch.Tensor | None = None, *,
+                    jacobi: bool = False) -> tuple[BatchPlan, list[PassRows]]:
+        """The batch's plan, and every pass's index tensors (sequential, or the Jacobi passes when jacobi and the
+        batch has latents) on input_ids' device (one copy). The training step's one host sync: the pass structure
+        depends on where the latents are; the batch's values are checked on the same host copies
+        (validation.check_batch)."""
         ids_h, mask_h = input_ids.cpu(), attention_mask.cpu()
         labels_h = labels.cpu() if labels is not None else None
         latent_id = self.latent_token_id if self.feedback.sequential else -1
         validation.check_batch(ids_h, mask_h, labels_h, position_ids, **validation.batch_rules(self, latent_id))
         plan = plan_batch(ids_h, mask_h, latent_id)
-        return plan, pass_rows(plan, labels_h, input_ids.shape[1], input_ids.device)
+        spans = jacobi_passes(plan) if jacobi and len(plan.passes) > 1 else None
+        return plan, pass_rows(plan, labels_h, input_ids.shape[1], input_ids.device, spans)
 
     def run_passes(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, plan: BatchPlan,
-                   passes: list[PassRows], *, with_logits: bool = False) -> KeptRows:
+                   passes: list[PassRows], *, with_logits: bool = False,
+                   jacobi_iters: int | None = None) -> KeptRows:
         """Run the plan's passes against one fresh cache: each pass's input rows (the latent step writes the
-        vectors the previous pass fed), the model over them, then the feedback its hidden state produces."""
+        vectors the previous pass fed), the model over them, then the feedback its hidden state produces. With
+        jacobi_iters, `passes` are the Jacobi passes (plan_passes(jacobi=True)) and run as latent_jacobi says."""
         model = self.model
-        cache = model.new_cache(plan.batch, max(plan.max_len, 1), device=input_ids.device)
         embeds = model.embed(input_ids)
         fed, kept = None, KeptRows()
         # Several passes under grad: each layer's weight gradient is one product over every pass's rows
         # (models.linear), not one per pass plus a sum.
         multi_pass = torch.is_grad_enabled() and sum(rows.width > 0 for rows in passes) > 1
         with batched_weight_grads() if multi_pass else nullcontext():
+            if jacobi_iters is not None and len(passes) > 1:
+                latent_jacobi.run_jacobi(model, self.feedback, embeds, position_ids, plan, passes, jacobi_iters,
+                                         lambda h, rows: kept.add(h, rows, with_logits))
+                return kept
+            cache = model.new_cache(plan.batch, max(plan.max_len, 1), device=input_ids.device)
             for rows in passes:
                 if rows.width == 0:
                     continue
@@ -174,7 +193,8 @@ class LatentLM(nn.Module):
                  max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, eos_token_id: int | None = None, feedback=None, stop=None,
                  return_latents: bool = False, use_cuda_graph: bool = True,
-                 generator: torch.Generator | None = None, pad_token_id: int | None = None) -> GenerateOutput:
+                 generator: torch.Generator | None = None, pad_token_id: int | None = None,
+                 latent_schedule: str = "sequential", jacobi_iters: int | None = None) -> GenerateOutput:
         """Batched latent reasoning then KV-cached decoding of the answer.
 
         input_ids (B, T): prompts `question <bot> <latent>*k <eot>`, left-padded (attention_mask 0 on the left)
@@ -186,6 +206,8 @@ class LatentLM(nn.Module):
         stop: None / "fixed" (the prompt's k latents), "eot" (end the thought when <eot> is the argmax at a
         latent step), "entropy" / ("entropy", tau, m[, max]) (after m consecutive steps with entropy < tau);
         ("eot", max) and the entropy form's max raise the latent budget above the prompt's k.
+        latent_schedule="jacobi" with jacobi_iters=T: every example's k thoughts in T iterations over the batch
+        (see the class docstring; only with the prompt's k latents, stop None / "fixed"), then decoding as above.
         Sampling: greedy (do_sample=False) or temperature / top_k / top_p with an optional seeded generator.
         On CUDA with use_cuda_graph the model step is captured once as a CUDA graph over static buffers (if
         the capture or its first replay raises, one RuntimeWarning and eager decoding, with the same output);
@@ -199,6 +221,7 @@ class LatentLM(nn.Module):
                                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, feedback=feedback, stop=stop,
                                   return_latents=return_latents, use_cuda_graph=use_cuda_graph, generator=generator)
+        validation.check_schedule(latent_schedule, jacobi_iters, stop=stop)
         fb = self.feedback if feedback is None else resolve_feedback(feedback, self.model.config.d_model)
         rule = parse_stop(stop)
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
@@ -206,4 +229,5 @@ class LatentLM(nn.Module):
         return latent_decode.generate(self, fb, rule, sampling, input_ids, attention_mask,
                                       max_new_tokens=max_new_tokens, eos_token_id=eos,
                                       pad_token_id=eos if pad_token_id is None else pad_token_id,
-                                      return_latents=return_latents, use_cuda_graph=use_cuda_graph)
+                                      return_latents=return_latents, use_cuda_graph=use_cuda_graph,
+                                      jacobi_iters=jacobi_iters if latent_schedule == "jacobi" else None)

@@ -15,6 +15,7 @@ import torch
 
 from . import validation
 from .feedback import Feedback
+from .latent_jacobi import jacobi_thoughts
 from .latent_plan import DecodePlan, plan_batch, plan_decode
 from .latent_steps import forward_rows, head_logits, thought_vector
 
@@ -296,17 +297,42 @@ class _Generation:
         self.s_use.copy_(in_lat)
         self.s_act.copy_(~state.done)
         normed, logits = self.dec.run(self.s_tok, self.s_fed, self.s_use, self.s_act)
-        if self.readout is not None and it < plan.max_latents:
+        if self.readout is not None and it < plan.max_latents and not self.thinking_done:
             self.readout.record(self.model, self.fed, in_lat)
         state.update_stop(self.rule, logits, in_lat, in_forced, self.lm.end_latent_id)
-        if self.fb.sequential and it + 1 < plan.max_latents:
+        if self.fb.sequential and it + 1 < plan.max_latents and not self.thinking_done:
             self.fed = self.next_thought(normed, logits)
         state.emit(self.sampling(logits), in_lat, plan, self.eos)
 
-    def run(self, max_new_tokens: int, pad_token_id: int, check_every: int) -> GenerateOutput:
+    def jacobi(self, state: DecodeState, n_latents: torch.Tensor, iters: int) -> None:
+        """Every example's thoughts in `iters` Jacobi iterations (latent_jacobi.jacobi_thoughts) after the prefill;
+        the state then stands after the last thought, as the decode loop would leave it, with the token of an
+        example whose prompt ends with its thoughts emitted."""
+        model, dev = self.model, self.input_ids.device
+        width = int(n_latents.max())
+        lat = model.embed(torch.full((state.rows.shape[0], width), self.lm.latent_token_id, device=dev))
+        fed, normed, logits = jacobi_thoughts(model, self.fb, self.dec.cache, self.fed, lat, n_latents, iters,
+                                              self.sampling.generator)
+        thinking = state.latent_left > 0
+        last = (state.latent_left - 1).clamp(min=0)
+        if self.readout is not None:
+            for i in range(width):
+                self.readout.record(model, fed[:, i].to(self.s_fed.dtype), state.latent_left > i)
+        state.n_latents += state.latent_left
+        state.latent_left = torch.zeros_like(state.latent_left)
+        last_logits = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
+        state.emit(self.sampling(last_logits), thinking, self.plan, self.eos)
+        self.thinking_done = True
+
+    def run(self, max_new_tokens: int, pad_token_id: int, check_every: int,
+            jacobi: tuple[torch.Tensor, int] | None = None) -> GenerateOutput:
+        """The prefill, the thoughts (jacobi: (host n_latents, iterations): all at once) and the decode loop."""
         self.fed = self.next_thought(*self.prefill())
         forced = self.input_ids.gather(1, self.plan.forced_cols)
         state = DecodeState.start(self.plan, forced, max_new_tokens, pad_token_id)
+        self.thinking_done = False
+        if jacobi is not None:
+            self.jacobi(state, *jacobi)
         for it in range(self.plan.max_steps):
             self.step(it, state, forced)
             if (it + 1) % check_every == 0 and bool(state.done.all()):  # the loop's only host sync
@@ -319,8 +345,9 @@ class _Generation:
 
 def generate(lm, fb: Feedback, rule: StopRule, sampling: Sampling, input_ids, attention_mask, *, max_new_tokens: int,
              eos_token_id: int, pad_token_id: int, return_latents: bool, use_cuda_graph: bool, check_every: int = 4,
-             readout_k: int = 5) -> GenerateOutput:
-    """LatentLM.generate (see there) on checked arguments: plan (the prompts' markers checked), prefill, decode."""
+             readout_k: int = 5, jacobi_iters: int | None = None) -> GenerateOutput:
+    """LatentLM.generate (see there) on checked arguments: plan (the prompts' markers checked), prefill, the
+    thoughts (one per step, or with jacobi_iters all at once), decode."""
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     ids_h, mask_h, max_pos = input_ids.cpu(), mask.cpu(), lm.model.config.max_position
     latent_id = lm.latent_token_id if fb.sequential else -1
@@ -332,4 +359,5 @@ def generate(lm, fb: Feedback, rule: StopRule, sampling: Sampling, input_ids, at
     run = _Generation(lm, fb, rule, sampling, dplan, input_ids, eos_token_id, use_cuda_graph,
                       _Readout(readout_k) if return_latents else None)
     with torch.no_grad():
-        return run.run(max_new_tokens, pad_token_id, check_every)
+        jacobi = (plan.n_latents, jacobi_iters) if jacobi_iters is not None and dplan.max_latents > 0 else None
+        return run.run(max_new_tokens, pad_token_id, check_every, jacobi)

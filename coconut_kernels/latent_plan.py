@@ -5,11 +5,11 @@ Training (`LatentLM.forward`), `generate`, and the schedules built on them read 
 steps that run a plan are in `latent_steps` (shared) and `latent_decode` (generation). Coordinates: an
 example's *local row* r is its r-th real token; its *global column* is leftpad + r.
 
-Only the sequential schedule exists today (`BatchPlan.passes`: prefill, one latent row per pass, answer). Other
-schedules are other pass lists over the same rows: a Jacobi schedule is the prefill pass, T passes that each
-recompute every example's n thought rows (fed from the previous iteration's hidden states one row up), then the
-answer pass, so a PassSpan of kind LATENT may span several rows and `PassRows` then names a fed row per thought,
-not only an example's first row.
+Two schedules over the same rows: sequential (`BatchPlan.passes`: prefill, one latent row per pass, answer) and
+Jacobi (`jacobi_passes`: prefill, one LATENT pass spanning every example's n thought rows that `latent_jacobi`
+runs T times, then the answer after the thoughts). In the Jacobi passes only the prefill is chained: its last row
+feeds the first thought; the thought rows' other feeds are written by `latent_jacobi` from the previous
+iteration (`JacobiFeeds`).
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class PassSpan:
     kind: str             # PREFILL (up to each first latent), LATENT (one latent row), ANSWER (last latent to end)
     start: torch.Tensor   # (B,) local row of the pass's first token
     count: torch.Tensor   # (B,) rows computed (0: the example idles in this pass)
+    chained: bool = True  # the sequential chain: the previous pass feeds this pass's first row, and this pass's
+    #                       last row feeds the next latent (False: the schedule writes the feeds itself)
 
 
 @dataclass
@@ -63,6 +65,34 @@ def _sequential_passes(first: torch.Tensor, n_lat: torch.Tensor, length: torch.T
         last = first + n_lat - 1
         passes.append(PassSpan(ANSWER, torch.where(has, last, zero), torch.where(has, length - last, zero)))
     return passes
+
+
+def jacobi_passes(plan: BatchPlan) -> list[PassSpan]:
+    """The Jacobi schedule's passes: the prefill (as sequential: up to each first latent; it feeds the first
+    thought), every example's n_latents thought rows in one unchained LATENT pass (run once per iteration), then
+    the rows after the thoughts (<eot> onwards) in one unchained ANSWER pass."""
+    n_lat, first, length = plan.n_latents, plan.first_latent, plan.length
+    has = n_lat > 0
+    zero = torch.zeros_like(n_lat)
+    after = first + n_lat
+    return [plan.passes[0], PassSpan(LATENT, torch.where(has, first, zero), n_lat, chained=False),
+            PassSpan(ANSWER, torch.where(has, after, zero), torch.where(has, length - after, zero), chained=False)]
+
+
+@dataclass
+class JacobiFeeds:
+    """The thought rows a Jacobi iteration feeds from the previous one (device tensors): row dst[i] of example
+    b[i] gets the feedback of the previous iteration's hidden state at row dst[i] - 1 of the LATENT pass."""
+    b: torch.Tensor
+    dst: torch.Tensor
+
+    @classmethod
+    def of(cls, n_latents: torch.Tensor, device) -> "JacobiFeeds":
+        width = int(n_latents.max()) if n_latents.numel() else 0
+        i = torch.arange(1, max(width, 1))
+        fed = i[None] < n_latents[:, None]                      # (B, width - 1): thoughts after each first one
+        b, j = fed.nonzero(as_tuple=True)
+        return cls(b.to(device, non_blocking=True), i[j].to(device, non_blocking=True))
 
 
 def plan_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_id: int) -> BatchPlan:
@@ -116,16 +146,19 @@ def _pass_pieces(plan: BatchPlan, p: int, span: PassSpan, labels: torch.Tensor |
         target = target.reshape(-1)[flat]
     else:
         flat = target = torch.zeros(0, dtype=torch.long)
-    feed_rows = (count > 0).nonzero().squeeze(1) if p > 0 else torch.zeros(0, dtype=torch.long)
-    produce = ((plan.n_latents > p) & (count > 0)).nonzero().squeeze(1)
+    none = torch.zeros(0, dtype=torch.long)
+    feed_rows = (count > 0).nonzero().squeeze(1) if p > 0 and span.chained else none
+    produce = ((plan.n_latents > p) & (count > 0)).nonzero().squeeze(1) if span.chained else none
     return [col, count, feed_rows, produce, (count - 1).clamp(min=0)[produce], flat, target,
             valid.reshape(-1).nonzero().squeeze(1), col.reshape(-1)]
 
 
-def pass_rows(plan: BatchPlan, labels: torch.Tensor | None, T: int, device) -> list[PassRows]:
-    """Every pass's index tensors, built on the host and moved to `device` in one copy."""
+def pass_rows(plan: BatchPlan, labels: torch.Tensor | None, T: int, device,
+              passes: list[PassSpan] | None = None) -> list[PassRows]:
+    """Every pass's index tensors (of `passes`, default the sequential plan.passes), built on the host and moved
+    to `device` in one copy."""
     host, layout = [], []
-    for p, span in enumerate(plan.passes):
+    for p, span in enumerate(plan.passes if passes is None else passes):
         pieces = _pass_pieces(plan, p, span, labels, T)
         layout.append((span.kind, pieces[0].shape[1], [x.numel() for x in pieces]))
         host.extend(x.reshape(-1).long() for x in pieces)

@@ -69,7 +69,8 @@ def feed_hidden(model, fb: Feedback, dst: torch.Tensor, hidden: torch.Tensor, ro
                                bias=getattr(norm, "bias", None), eps=norm.eps)
     normed = norm(hidden[rows, src])
     vec = thought_vector(model, fb, normed, head_logits(model, normed) if fb.needs_logits else None)
-    return latent_feedback(dst, vec.to(dst.dtype)[:, None], rows, zeros, zeros)
+    # vec has a row per example in `rows` only (not all B): scattered by example, not through the batched op.
+    return dst.index_copy(0, rows, vec.to(dst.dtype)[:, None])
 
 
 def labelled_loss(model, hidden: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -308,6 +308,30 @@ def check_batch(ids_h: torch.Tensor, mask_h: torch.Tensor, labels_h: torch.Tenso
                            f"exceed the model's {max_position}")
 
 
+# ---- latent schedule -------------------------------------------------------------------------------------------
+
+LATENT_SCHEDULES = ("sequential", "jacobi")
+
+
+def check_schedule(latent_schedule, jacobi_iters, *, stop=None) -> None:
+    """latent_schedule and jacobi_iters of LatentLM.forward / generate (stop: generate's, checked before): the
+    Jacobi schedule needs jacobi_iters >= 1 and a thought count known up front (stop None / "fixed" without a
+    larger latent budget): "eot" and "entropy" decide each thought's end from the one before."""
+    if not isinstance(latent_schedule, str) or latent_schedule not in LATENT_SCHEDULES:
+        raise CoconutError(f"latent_schedule must be one of {LATENT_SCHEDULES}, got {latent_schedule!r}")
+    if latent_schedule == "sequential":
+        if jacobi_iters is not None:
+            check_int(jacobi_iters, "jacobi_iters", low=1)
+        return
+    if jacobi_iters is None:
+        raise CoconutError('jacobi_iters must be an int >= 1 with latent_schedule="jacobi", got None')
+    check_int(jacobi_iters, "jacobi_iters", low=1)
+    kind, _, _, budget = check_stop(stop)
+    if kind != "fixed" or budget is not None:
+        raise CoconutError(f'latent_schedule="jacobi" needs the prompt\'s latent count (stop None or "fixed"): '
+                           f"stop={stop!r} decides each thought's end from the previous thought, sequentially")
+
+
 # ---- generate --------------------------------------------------------------------------------------------------
 
 

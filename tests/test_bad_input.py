@@ -233,6 +233,29 @@ def test_generate_scalars(name, data):
     raises_clear(lambda: LM.generate(PROMPT, **kwargs), name)
 
 
+@FAST
+@given(iters=bad_ints(1), generate=st.booleans())
+def test_jacobi_iters(iters, generate):
+    kwargs = {"latent_schedule": "jacobi", "jacobi_iters": iters}
+    raises_clear(lambda: LM.generate(PROMPT, max_new_tokens=1, **kwargs) if generate else LM(PROMPT, **kwargs),
+                 "jacobi_iters")
+
+
+@FAST
+@given(schedule=st.one_of(st.text(max_size=6).filter(lambda s: s not in ("sequential", "jacobi")), st.integers(),
+                          st.none()), generate=st.booleans())
+def test_latent_schedule_names(schedule, generate):
+    kwargs = {"latent_schedule": schedule}
+    raises_clear(lambda: LM.generate(PROMPT, max_new_tokens=1, **kwargs) if generate else LM(PROMPT, **kwargs),
+                 "latent_schedule")
+
+
+@pytest.mark.parametrize("stop", ["eot", ("eot", 4), "entropy", ("entropy", 0.5, 2), {"kind": "fixed", "max_latents": 5}])
+def test_jacobi_needs_the_prompts_latent_count(stop):
+    raises_clear(lambda: LM.generate(PROMPT, max_new_tokens=1, stop=stop, latent_schedule="jacobi", jacobi_iters=2),
+                 "stop")
+
+
 STOP_BAD = st.one_of(
     st.text(max_size=6).filter(lambda s: s not in ("fixed", "eot", "entropy")),
     st.integers(), st.floats(),

@@ -136,6 +136,40 @@ def test_multipass_gradients_match_concatenation(case, dtype):
     assert all(a is None for a in cache._train.grad_kv), "the accumulators must be freed after the first pass's backward"
 
 
+@pytest.mark.parametrize("case", ["ragged_leftpad", "gqa_rotary"])
+def test_forks_of_a_prefix_match_concatenation(case):
+    """Three forks continue one ragged prefix pass (one with two more passes): every output and every gradient,
+    the prefix's included (each fork's share handed to the parent), equal running each branch by concatenation."""
+    B, L, Hq, Hkv, D, leftpad, rotary_dim, interleaved = CASES[case]
+    leftpad = torch.tensor(leftpad)
+    dtype = torch.float64
+    g = torch.Generator().manual_seed(5)
+    rotary = None
+    if rotary_dim:
+        ang = torch.rand(32, rotary_dim // 2, generator=g, dtype=torch.float64) * 6
+        rotary = (ang.cos(), ang.sin())
+    ragged = {6: torch.tensor([6, 4, 5][:B]), 3: torch.tensor([3, 1, 2][:B]), 2: torch.tensor([2, 2, 0][:B])}
+    prefix = make_passes(B, L, Hq, Hkv, D, [6], lambda S: ragged[S], dtype, seed=1)
+    branches = [make_passes(B, L, Hq, Hkv, D, lengths, lambda S: ragged[S], dtype, seed=2 + i)
+                for i, lengths in enumerate([[3], [2, 3], [3]])]
+    everything = leaves(prefix) + [x for br in branches for x in leaves(br)]
+
+    ref_loss = sum(loss_of(concat_attention_passes(prefix + br, leftpad, Hkv, rotary, interleaved), seed=i)
+                   for i, br in enumerate(branches))
+    ref_grads = torch.autograd.grad(ref_loss, everything)
+
+    cache = KVCache(L, B, 16, Hkv, D, dtype=dtype, leftpad=leftpad)
+    pre_out = run_cache(cache, prefix, rotary, interleaved)
+    loss = 0.0
+    for i, br in enumerate(branches):
+        loss = loss + loss_of(pre_out + run_cache(cache.fork(), br, rotary, interleaved), seed=i)
+    grads = torch.autograd.grad(loss, everything)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    for gc, gr in zip(grads, ref_grads):
+        torch.testing.assert_close(gc, gr, rtol=1e-10, atol=1e-10)
+    assert all(a is None for a in cache._train.grad_kv), "the parent's accumulators must be freed"
+
+
 def test_feedback_model_gradients_match_concatenation():
     """A COCONUT-like loop: each pass's last output is fed back as the next pass's input (through weights),
     so gradients flow through the hidden states and through the cache into earlier passes."""

@@ -122,6 +122,14 @@ def test_feedback_modes_train(tmp_path, feedback, hidden_feedback_losses):
     assert losses[-1] < losses[0]
 
 
+def test_jacobi_schedule_trains_like_sequential_when_exact(tmp_path, hidden_feedback_losses):
+    """latent_schedule: jacobi reaches the model's forward and generate: stage 1 has one thought per example, so
+    one iteration is exact and the loss curve is the sequential one."""
+    out = run(tiny(tmp_path, latent_schedule="jacobi", jacobi_iters=1, num_epochs=2, eval_every=0))
+    losses = [loss for _, loss in out["losses"]]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(hidden_feedback_losses), rtol=1e-5, atol=1e-6)
+
+
 def test_aligned_and_ragged_collation_give_the_same_curve(tmp_path):
     a = run(tiny(tmp_path / "a", collate="aligned", num_epochs=2, eval_every=0))["losses"]
     b = run(tiny(tmp_path / "b", collate="ragged", num_epochs=2, eval_every=0))["losses"]
@@ -320,6 +328,8 @@ def test_unknown_config_key(tmp_path, capsys):
     ("c_thought", 0, "c_thought"),
     ("uniform_prob", 1.5, "uniform_prob"),
     ("dist", "horovod", "'dist': expected one of"),
+    ("latent_schedule", "parallel", "'latent_schedule': expected one of"),
+    ("jacobi_iters", 0, "'jacobi_iters': expected an int >= 1"),
 ])
 def test_bad_config_values(key, value, match):
     with pytest.raises(ValueError, match=match):

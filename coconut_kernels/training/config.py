@@ -19,6 +19,7 @@ import yaml
 from ..data import METHODS, StageConfig
 from ..errors import ConfigError
 from ..feedback import MODES
+from ..validation import LATENT_SCHEDULES
 
 __all__ = ["TrainConfig", "load_config", "config_parser"]
 
@@ -49,6 +50,8 @@ class TrainConfig:
     init_from: str | None = None  # a Hugging Face checkpoint folder or a coconut-train checkpoint
     model: dict | None = None  # a fresh random model: {family: gpt2|llama, n_layer: .., ...}; one of init_from / model
     feedback: str = "hidden"  # hidden | projected | soft | mixture | pause (pause_as_thought forces pause)
+    latent_schedule: str = "sequential"  # sequential (official: a pass per thought) | jacobi (PCCoT: jacobi_iters)
+    jacobi_iters: int = 3  # Jacobi iterations over all thoughts (latent_schedule: jacobi); >= the thought count: exact
     load_model_path: str | None = None  # an official checkpoint_N file loaded over init_from's weights
     # --- method and curriculum (the official knobs) -------------------------------------------------------
     method: str = "coconut"  # coconut | cot | no_cot | no_thoughts | pause_as_thought
@@ -122,6 +125,7 @@ class TrainConfig:
         if self.feedback not in MODES:
             raise ConfigError(f"config key 'feedback': expected one of {sorted(MODES)}, got {self.feedback!r}")
         _choice("collate", self.collate, ("ragged", "aligned"))
+        _choice("latent_schedule", self.latent_schedule, LATENT_SCHEDULES)
         _choice("loss_average", self.loss_average, ("micro_batch", "tokens"))
         _choice("dist", self.dist, ("ddp", "fsdp"))
         _choice("lr_schedule", self.lr_schedule, _SCHEDULES)
@@ -144,7 +148,7 @@ class TrainConfig:
                               "512}")
 
     def _check_ranges(self) -> None:
-        for name in ("epochs_per_stage", "batch_size", "grad_accum_steps", "eval_batch_size", "max_new_tokens",
+        for name in ("jacobi_iters", "epochs_per_stage", "batch_size", "grad_accum_steps", "eval_batch_size", "max_new_tokens",
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key {name!r}: expected an int >= 1, got {getattr(self, name)}")
@@ -205,6 +209,12 @@ class TrainConfig:
     def feedback_mode(self) -> str:
         """The feedback LatentLM runs: the pause control always feeds its learned embedding."""
         return "pause" if self.method == "pause_as_thought" else self.feedback
+
+    @property
+    def schedule(self) -> dict:
+        """The latent schedule arguments of LatentLM.forward and generate."""
+        jacobi = self.latent_schedule == "jacobi"
+        return {"latent_schedule": self.latent_schedule, "jacobi_iters": self.jacobi_iters if jacobi else None}
 
     @property
     def uses_latents(self) -> bool:

@@ -26,14 +26,16 @@ __all__ = ["evaluate", "evaluate_stage", "validation_loss"]
 def evaluate(lm, records: list[TokenizedRecord], stage: int, stage_config: StageConfig, tokenizer, collator, *,
              batch_size: int, max_new_tokens: int, device: torch.device, autocast: bool = False, rank: int = 0,
              world: int = 1, n_samples: int = 3, outputs: bool = False, samples: int = 0, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None) -> dict:
+             top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
+             schedule: dict | None = None) -> dict:
     """Returns {accuracy, cot_accuracy, mean_new_tokens, mean_latents, correct, cot_correct, n, samples}; ``lm``
     is the unwrapped LatentLM (its parameters must be whole on this rank: FSDP callers unshard around the
     call). `autocast`: run under bf16 autocast (a model cast to bf16 needs none). The CoT match compares the
     reasoning the output writes (`extract_cot`) with the record's steps, as the official run does.
     ``outputs``: also "outputs", one dict per example of this rank (prompt excluded). ``samples`` k > 0: k more
     decodings per prompt, drawn at ``temperature`` (top_p, top_k), scored as "pass@k" (an example passes when
-    one of its k answers is right) and "sample_accuracy"."""
+    one of its k answers is right) and "sample_accuracy". ``schedule``: generate's latent_schedule /
+    jacobi_iters (default sequential)."""
     mine = records[rank::world]
     was_training = lm.training
     lm.eval()
@@ -46,13 +48,14 @@ def evaluate(lm, records: list[TokenizedRecord], stage: int, stage_config: Stage
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         with amp:
-            out = lm.generate(ids, mask, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            out = lm.generate(ids, mask, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              **(schedule or {}))
             drawn = None
             if samples:
                 drawn = lm.generate(ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0),
                                     max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                     do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    generator=generator)
+                                    generator=generator, **(schedule or {}))
         gen, lengths, n_lat = out.tokens.cpu(), out.lengths.cpu(), out.n_latents.cpu()
         for b, (rec, prompt) in enumerate(zip(chunk, prompts)):
             drawn_texts = [] if drawn is None else [
@@ -106,10 +109,11 @@ def _summary(rows: list[dict], device: torch.device, world: int, n_samples: int,
 
 @torch.no_grad()
 def validation_loss(lm, records: list[TokenizedRecord], stage: int, stage_config: StageConfig, tokenizer, collator, *,
-                    batch_size: int, device: torch.device, autocast: bool = False) -> dict:
+                    batch_size: int, device: torch.device, autocast: bool = False,
+                    schedule: dict | None = None) -> dict:
     """The loss of the stage's training layout of `records` (no uniform mixing), averaged over every labelled
     token: {"val_loss", "tokens"}. (The official run averages per-batch means; this does not depend on the
-    batch size.) `autocast` as in `evaluate`."""
+    batch size.) `autocast` and `schedule` as in `evaluate`."""
     fixed = dataclasses.replace(stage_config, uniform_prob=0.0)
     was_training = lm.training
     lm.eval()
@@ -119,7 +123,8 @@ def validation_loss(lm, records: list[TokenizedRecord], stage: int, stage_config
         batch = collator([build_example(r, stage, fixed, tokenizer) for r in records[start:start + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
         with amp:
-            out = lm(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"])
+            out = lm(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"],
+                     **(schedule or {}))
         total += float(out.loss) * out.n_tokens
         count += out.n_tokens
     lm.train(was_training)
@@ -135,9 +140,11 @@ def evaluate_stage(ctx: RunContext, step: int, epoch: int, stage: int) -> dict:
     with ctx.par.whole() as lm:
         res = evaluate(lm, data.val, stage, data.stage_config, data.tokenizer, data.collator,
                        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, device=ctx.device,
-                       autocast=autocast, rank=ctx.rank, world=ctx.world)
+                       autocast=autocast, rank=ctx.rank, world=ctx.world,
+                       schedule=cfg.schedule)
         loss = validation_loss(lm, data.val, stage, data.stage_config, data.tokenizer, data.collator,
-                               batch_size=cfg.eval_batch_size, device=ctx.device, autocast=autocast)
+                               batch_size=cfg.eval_batch_size, device=ctx.device, autocast=autocast,
+                               schedule=cfg.schedule)
     row = {"step": step, "epoch": epoch, "stage": stage, "accuracy": res["accuracy"],
            "cot_accuracy": res["cot_accuracy"], "val_loss": loss["val_loss"], "mean_latents": res["mean_latents"],
            "mean_new_tokens": res["mean_new_tokens"], "correct": res["correct"], "n": res["n"],

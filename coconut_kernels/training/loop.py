@@ -138,7 +138,7 @@ class Loop:
         with ctx.par.no_sync(last_in_group):
             with self.autocast:
                 out = ctx.par.module(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                     batch["position_ids"])
+                                     batch["position_ids"], **ctx.cfg.schedule)
             weight = self._loss_weight(batches, b, group_start, group)
             (out.loss * weight).backward()
         self.loss_sum += out.loss.detach() * weight

@@ -35,6 +35,15 @@ def tiny_lm():
     return LatentLM(model, LAT, BOT, EOT, EOS)
 
 
+
+def wait_until(condition, failure: str, polls: int = 400, pause: float = 0.05) -> None:
+    """Poll `condition` a bounded number of times (about 20 s in all); fail with `failure` if it never holds."""
+    for _ in range(polls):
+        if condition():
+            return
+        time.sleep(pause)
+    raise AssertionError(failure)
+
 class Server:
     def __init__(self, **kw):
         self.lm = tiny_lm()
@@ -46,10 +55,7 @@ class Server:
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
+        wait_until(lambda: self.server.started, "server did not start")
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self):
@@ -133,10 +139,8 @@ def test_client_leaving_mid_stream_frees_its_slot(srv):
             "stop": [EOS]}
     with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
         next(line for line in r.iter_lines() if line.startswith("data: "))
-    deadline = time.time() + 20
-    while httpx.get(f"{srv.url}/health", timeout=10).json()["running"]:
-        assert time.time() < deadline, "the aborted request still holds its slot"
-        time.sleep(0.05)
+    wait_until(lambda: not httpx.get(f"{srv.url}/health", timeout=10).json()["running"],
+               "the aborted request still holds its slot")
     assert all(s is None for s in srv.engine.slots)
 
 

@@ -63,21 +63,12 @@ def plot_aggregate(steps: list[dict], nodes: list[dict], path: Path) -> Path:
     plt = _pyplot()
     x = [s["step"] for s in steps]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    ax = axes[0]
-    ax.plot(x, [s["frontier_mass"] for s in steps], "o-", label="frontier nodes")
-    ax.plot(x, [s["nonfrontier_mass"] for s in steps], "s--", label="other graph nodes")
-    ax.set_xlabel("latent step")
-    ax.set_ylabel("mean probability mass")
-    ax.set_title("where a thought puts its probability")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    ax.plot(x, [s["corr_prob_height"] for s in steps], "o-", label="corr(p, height)")
-    ax.plot(x, [s["corr_prob_reaches_target"] for s in steps], "s--", label="corr(p, reaches target)")
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("latent step")
-    ax.set_ylabel("Pearson r over frontier nodes")
-    ax.set_title("probability vs the node's value")
-    ax.legend(fontsize=8)
+    _two_series(axes[0], x, steps, ("frontier_mass", "frontier nodes"), ("nonfrontier_mass", "other graph nodes"),
+                "mean probability mass", "where a thought puts its probability")
+    _two_series(axes[1], x, steps, ("corr_prob_height", "corr(p, height)"),
+                ("corr_prob_reaches_target", "corr(p, reaches target)"),
+                "Pearson r over frontier nodes", "probability vs the node's value")
+    axes[1].axhline(0.0, color="grey", linewidth=0.8)
     ax = axes[2]
     ax.plot(x, [s["norm"] for s in steps], "o-", color="C2")
     ax.set_xlabel("latent step")
@@ -92,3 +83,13 @@ def plot_aggregate(steps: list[dict], nodes: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _two_series(ax, x, steps, first, second, ylabel: str, title: str) -> None:
+    """One panel of the aggregate figure: two per-step columns (key, label) against the latent step."""
+    for (key, label), style in ((first, "o-"), (second, "s--")):
+        ax.plot(x, [s[key] for s in steps], style, label=label)
+    ax.set_xlabel("latent step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)

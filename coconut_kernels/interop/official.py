@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..errors import CheckpointError, ConfigError
 
@@ -47,13 +46,9 @@ def _type_name(t) -> str:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"official config {path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"official config {path}: not valid YAML ({e})") from None
+    from ..training.config import read_yaml  # lazily, as official_config imports the trainer's config
+
+    data = read_yaml(path, "official config")
     if not isinstance(data, dict):
         raise ConfigError(f"official config {path}: expected a mapping of run.py's keys, got {type(data).__name__}")
     for key, value in data.items():

@@ -281,17 +281,22 @@ def _expand(v):
     return os.path.expandvars(os.path.expanduser(v)) if isinstance(v, str) else v
 
 
+def read_yaml(path, label: str):
+    """The YAML document at `path`; ConfigError naming `label` and the path when it cannot be read or parsed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{label} {path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{label} {path}: not valid YAML ({e})") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> TrainConfig:
     """A TrainConfig from a YAML file (optional) with ``overrides`` on top. Paths may use $VARS and ~."""
     values: dict = {}
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except OSError as e:
-            raise ConfigError(f"config file {path}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+        data = read_yaml(path, "config file")
         if data is None:
             data = {}
         if not isinstance(data, dict):

@@ -216,9 +216,10 @@ def test_hf_tokenizer_adds_markers_and_round_trips(records, tmp_path):
 
 def test_hf_tokenizer_without_eos_is_refused(tmp_path):
     path = _bpe_tokenizer_json(tmp_path / "tokenizer.json", ["Tom is a wumpus."] * 3, with_eos=False)
-    with pytest.raises(ValueError, match="eos_token: none of .* is in the vocabulary; pass eos_token"):
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": eos_token: none of .* is in the vocabulary .*; "
+                                         "pass eos_token"):
         HFTokenizer.load(path)
-    with pytest.raises(ValueError, match="eos_token: '<eos>' is not in the vocabulary"):
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": eos_token: '<eos>' is not in the vocabulary"):
         HFTokenizer.load(path, eos_token="<eos>")
     with pytest.raises(ValueError, match="path: no tokenizer.json at"):
         HFTokenizer.load(tmp_path / "missing")

@@ -211,6 +211,31 @@ def test_coconut_analyze_more_flags(analysis_checkpoint, capsys, flags, words):
         analyze_main([str(ckpt), "--data", str(data), *flags, "--debug"])
 
 
+def test_coconut_export_speaks_in_one_line(analysis_checkpoint, capsys):
+    from coconut_kernels.interop.hf_export import main as export_main
+
+    ckpt, _, blocker = analysis_checkpoint
+    err = one_line_error([str(ckpt), str(blocker / "hf")], capsys, export_main, "coconut-export")
+    assert "out" in err and str(blocker) in err and "not a folder" in err
+    missing = ckpt.parent / "missing"
+    err = one_line_error([str(missing), str(ckpt.parent / "hf")], capsys, export_main, "coconut-export")
+    assert str(missing) in err
+    assert not (ckpt.parent / "hf").exists()
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--port", "70000"], ["--port", "[0, 65535]"]), (["--max-batch", "0"], ["--max-batch"]),
+    (["--max-queue", "0"], ["--max-queue"]), (["--max-tokens", "1"], ["--max-tokens"]),
+    ([], ["does not exist"]),
+])
+def test_coconut_serve_speaks_in_one_line(tmp_path, capsys, flags, words):
+    pytest.importorskip("uvicorn")
+    from coconut_kernels.serve.app import main as serve_main
+
+    err = one_line_error([str(tmp_path / "no_model"), *flags], capsys, serve_main, "coconut-serve")
+    assert all(w in err for w in words), err
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Non-finite loss or gradient norm
 

@@ -27,6 +27,9 @@ def _as_lengths(x, batch: int, device, name: str, high: int) -> torch.Tensor:
         t = t.expand(batch)
     if t.shape != (batch,):
         raise CoconutError(f"{name} must be an int or have shape ({batch},), got shape {tuple(t.shape)}")
+    if t.device.type == "meta" and torch.device(device).type != "meta":
+        raise CoconutError(f"{name} must hold values (on the host or the cache's device {device}), got a tensor on "
+                           "the meta device")
     if host_checks(t):
         for i, n in enumerate(t.tolist()):  # (B,) values: a Python loop costs less than tensor ops here
             if not 0 <= n <= high:

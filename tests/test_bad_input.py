@@ -472,7 +472,8 @@ LENGTHS_BAD = st.one_of(
     st.integers(-50, -1), st.integers(7, 50),
     st.lists(st.integers(-5, 10), min_size=2, max_size=2).filter(lambda x: min(x) < 0 or max(x) > 6),
     st.lists(st.integers(0, 3), min_size=1, max_size=4).filter(lambda x: len(x) != 2),
-    st.floats(), st.text(max_size=2), st.booleans(), st.just(torch.tensor([1.5, 1.0])))
+    st.floats(), st.text(max_size=2), st.booleans(), st.just(torch.tensor([1.5, 1.0])),
+    st.just(torch.tensor([1, 1], device="meta")))
 
 
 @FAST

@@ -10,9 +10,13 @@ import torch
 
 from ..backend import get_backend
 from ..errors import CoconutError, library_error
-from ..validation import check_bool, check_real, check_tensor_args
+from ..validation import check_bool, check_real, check_same_device, check_tensor_args
 
 __all__ = ["latent_attention"]
+
+# The kernels' largest head dimension (csrc/latent_attention_checks.h; the CUDA kernels' register tiles are sized
+# for it): KVCache and the model configs refuse a larger one when they are built, not at the first attention.
+MAX_HEAD_DIM = 256
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,6 +78,11 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_le
     """kv_cache_append_ then latent_attention_fwd: (out, lse). Every argument is checked before the cache is
     written (the compiled composite op does it in C++), so a rejected call leaves the cache unchanged."""
     args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
+    # The compiled ops check devices too, but a mix with the meta device dispatches to the fake kernels, which
+    # return meta tensors: so the devices are checked here, for every backend, as the C++ checks name them.
+    check_same_device(k_cache.device, "k_cache's", q=q, k_new=k_new, v_new=v_new, v_cache=v_cache,
+                      cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, new_seqlens=new_seqlens,
+                      rotary_cos=rotary_cos, rotary_sin=rotary_sin)
     try:
         if get_backend(q.device) in ("cpu", "cuda"):
             return torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args,

@@ -211,7 +211,9 @@ def test_torch_compile_fullgraph():
         (5, 64, 20, 0, 0.5, torch.float32),
         (4, 50, 17, 10, 0.9, torch.bfloat16),
         (2, 1, 4, 1, 1e-6, torch.float32),
-        (3, 2500, 8, 10, 0.9, torch.float32),  # several blocks in the statistics kernel's passes
+        (3, 2500, 8, 10, 0.9, torch.float32),  # several blocks in the threshold kernel's passes
+        (2, 2500, 8, 300, 0.9, torch.float32),  # top_k past the one-pass list: the bisection
+        (3, 2500, 8, 0, 0.7, torch.float32),  # top_p alone: the bisection
     ],
 )
 def test_triton_interpreter_matches_cpu(n, v, d, top_k, top_p, wdtype):
@@ -294,6 +296,21 @@ def test_triton_forward_is_one_pass_and_fills_the_gpu():
     assert num_vocab_splits(12, 50257, 64) == 22
     assert num_vocab_splits(10_000, 50257, 64) == 1
     assert num_vocab_splits(1, 1000, 64) == 1  # fewer than 2 x 512 entries: not worth a combine
+
+
+@requires_triton
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (5, 0.6), (40, 1.0), (300, 0.8), (0, 0.6)])
+def test_triton_thresholds_keep_ties_together(top_k, top_p):
+    """Logits with many ties (integers): the one-pass top-k list (top_k <= 256) and the bisection keep the same
+    value-closed set as the CPU kernel, ties of the k-th value included."""
+    from coconut_kernels.triton.soft_embedding import soft_embedding_fwd
+
+    g = torch.Generator().manual_seed(top_k)
+    logits = torch.randint(-6, 7, (4, 700), generator=g).float()
+    weight = torch.randn(700, 8, generator=g)
+    _, thr, _ = soft_embedding_fwd(logits, weight, 1.3, top_k, top_p)
+    _, ref_thr, _ = torch.ops.coconut.soft_embedding_fwd(logits, weight, 1.3, top_k, top_p)
+    torch.testing.assert_close(logits >= thr[:, None], logits >= ref_thr[:, None])
 
 
 def test_triton_is_the_cuda_kernel():

@@ -6,12 +6,13 @@ IEEE fp32 products: the op's fp32 tolerance, 1e-5, is below tf32's ~1e-3); slice
 by a combine kernel, so the grid fills the GPU even for a few rows. No (N, V) probability tensor is written;
 the backward recomputes p from the logits and the saved log-normaliser.
 
-With a filter, a per-row kernel first finds the threshold. The top-k and top-p thresholds are found without
-sorting (tl.sort / tl.topk are not in every Triton): logits are mapped to int32 keys with the same order, and a
-32-step bisection over the key range finds the largest key t with count(x >= t) >= top_k, then the largest t
-with mass(x >= t) >= top_p * mass(kept by top-k). Each step is one pass over the row (which stays in L2), so a
-row costs about 64 passes when both filters are on. The masses are summed across blocks in float64: a nucleus
-of thousands of tokens would otherwise be off by about one token.
+With a filter, a per-row kernel first finds the threshold (kept = logits >= threshold, value-closed). For
+top_k <= 256 it is one pass that keeps each row's largest logits sorted (tl.topk / tl.sort, where the installed
+Triton has tl.topk), plus one pass for the mass when top_p is on. Otherwise (larger top_k, top_p alone) logits
+are mapped to int32 keys with the same order, and a 32-step bisection over the key range finds the largest key
+t with count(x >= t) >= top_k, then the largest t with mass(x >= t) >= top_p * mass(kept by top-k); each step is
+one pass over the row (which stays in L2). The masses are summed across blocks in float64: a nucleus of
+thousands of tokens would otherwise be off by about one token.
 """
 from __future__ import annotations
 
@@ -45,53 +46,80 @@ def _key_to_float(k):
 @triton.jit
 def _threshold_kernel(
     logits_ptr, thr_ptr, V, stride_l, inv_t, top_k, top_p,
-    HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr, SMALL_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # Launched only with a filter on; the log-normaliser comes from the streaming pass.
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_l
     offs = tl.arange(0, BLOCK_V)
-    m = tl.full((), float("-inf"), tl.float32)
-    kmin = tl.full((), _INT32_MAX, tl.int32)
-    for v0 in range(0, V, BLOCK_V):
-        mask = v0 + offs < V
-        x = tl.load(base + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        m = tl.maximum(m, tl.max(x, 0))
-        kmin = tl.minimum(kmin, tl.min(tl.where(mask, _order_key(x), _INT32_MAX), 0))
-    lo = kmin.to(tl.int64)
-    if HAS_TOPK:
-        # Largest key t with count(key >= t) >= top_k: the top_k-th largest logit.
-        hi = _order_key(m).to(tl.int64)
-        for _ in range(32):
-            mid = lo + (hi - lo + 1) // 2
-            cnt = tl.zeros((), tl.int32)
+    if SMALL_K > 0:
+        # top_k <= SMALL_K: one pass keeps the row's SMALL_K largest logits, sorted. Each block's top SMALL_K,
+        # reversed, against the running list: the elementwise max of a descending and an ascending sorted list
+        # is the larger half of their union, sorted again.
+        idx = tl.arange(0, SMALL_K)
+        best = tl.full((SMALL_K,), float("-inf"), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            x = tl.load(base + v0 + offs, mask=v0 + offs < V, other=float("-inf")).to(tl.float32)
+            best = tl.sort(tl.maximum(best, tl.flip(tl.topk(x, SMALL_K), 0)), descending=True)
+        kth = tl.max(tl.where(idx == top_k - 1, best, float("-inf")), 0)
+        thr = kth
+        if HAS_TOPP:
+            # The kept mass z = mass(x >= kth) takes one more pass (ties of kth may lie past the list); the
+            # nucleus threshold is the first listed value whose cumulative mass reaches top_p * z, as in the
+            # reference's sorted cumsum (kth when rounding keeps the sum short of it).
+            m = tl.max(best, 0)
+            z = tl.zeros((), tl.float64)
             for v0 in range(0, V, BLOCK_V):
                 mask = v0 + offs < V
                 x = tl.load(base + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                cnt += tl.sum((mask & (_order_key(x) >= mid)).to(tl.int32), 0)
-            ok = cnt >= top_k
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-    if HAS_TOPP:
-        # Largest key t with mass(key >= t) >= top_p * mass(key >= lo): the smallest value-closed nucleus.
-        z = tl.zeros((), tl.float64)
+                z += tl.sum(tl.where(mask & (x >= kth), tl.exp((x - m) * inv_t), 0.0), 0).to(tl.float64)
+            cum = tl.cumsum(tl.where(best >= kth, tl.exp((best - m) * inv_t), 0.0), 0).to(tl.float64)
+            first = tl.sum((cum < top_p * z).to(tl.int32), 0)
+            thr = tl.maximum(tl.max(tl.where(idx == first, best, float("-inf")), 0), kth)
+    else:
+        m = tl.full((), float("-inf"), tl.float32)
+        kmin = tl.full((), _INT32_MAX, tl.int32)
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + offs < V
             x = tl.load(base + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            z += tl.sum(tl.where(mask & (_order_key(x) >= lo), tl.exp((x - m) * inv_t), 0.0), 0).to(tl.float64)
-        target = top_p * z
-        hi = _order_key(m).to(tl.int64)
-        for _ in range(32):
-            mid = lo + (hi - lo + 1) // 2
-            mass = tl.zeros((), tl.float64)
+            m = tl.maximum(m, tl.max(x, 0))
+            kmin = tl.minimum(kmin, tl.min(tl.where(mask, _order_key(x), _INT32_MAX), 0))
+        lo = kmin.to(tl.int64)
+        if HAS_TOPK:
+            # Largest key t with count(key >= t) >= top_k: the top_k-th largest logit.
+            hi = _order_key(m).to(tl.int64)
+            for _ in range(32):
+                mid = lo + (hi - lo + 1) // 2
+                cnt = tl.zeros((), tl.int32)
+                for v0 in range(0, V, BLOCK_V):
+                    mask = v0 + offs < V
+                    x = tl.load(base + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                    cnt += tl.sum((mask & (_order_key(x) >= mid)).to(tl.int32), 0)
+                ok = cnt >= top_k
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid - 1)
+        if HAS_TOPP:
+            # Largest key t with mass(key >= t) >= top_p * mass(key >= lo): the smallest value-closed nucleus.
+            z = tl.zeros((), tl.float64)
             for v0 in range(0, V, BLOCK_V):
                 mask = v0 + offs < V
                 x = tl.load(base + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                mass += tl.sum(tl.where(mask & (_order_key(x) >= mid), tl.exp((x - m) * inv_t), 0.0), 0).to(tl.float64)
-            ok = mass >= target
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-    tl.store(thr_ptr + row, _key_to_float(lo))
+                z += tl.sum(tl.where(mask & (_order_key(x) >= lo), tl.exp((x - m) * inv_t), 0.0), 0).to(tl.float64)
+            target = top_p * z
+            hi = _order_key(m).to(tl.int64)
+            for _ in range(32):
+                mid = lo + (hi - lo + 1) // 2
+                mass = tl.zeros((), tl.float64)
+                for v0 in range(0, V, BLOCK_V):
+                    mask = v0 + offs < V
+                    x = tl.load(base + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                    mass += tl.sum(tl.where(mask & (_order_key(x) >= mid), tl.exp((x - m) * inv_t), 0.0),
+                                   0).to(tl.float64)
+                ok = mass >= target
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid - 1)
+        thr = _key_to_float(lo)
+    tl.store(thr_ptr + row, thr)
 
 
 @triton.jit
@@ -306,6 +334,8 @@ def _bwd_weight_kernel(
 _H100_SMS = 132
 _MIN_V_PER_SPLIT = 512
 _GROUP_N = 8
+# Largest top_k found in one pass (a sorted list of this many logits per row); larger ones bisect.
+_MAX_SMALL_K = 256
 
 
 def _block(n: int, lo: int, hi: int) -> int:
@@ -323,6 +353,14 @@ def _precision(dtype: torch.dtype) -> str:
     # fp32 weights keep IEEE fp32 products (tf32 would miss the fp32 tolerance); fp16/bf16 dots run on tensor
     # cores with fp32 accumulation whatever this says.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _small_k(top_k: int) -> int:
+    """Length of the threshold kernel's sorted list of largest logits for this top_k (a power of two), or 0 for
+    the bisection: top_k past _MAX_SMALL_K, or a Triton without tl.topk."""
+    if not hasattr(tl, "topk") or top_k > _MAX_SMALL_K:
+        return 0
+    return max(16, triton.next_power_of_2(top_k))
 
 
 def _interpreted() -> bool:
@@ -390,7 +428,8 @@ def soft_embedding_fwd(logits: torch.Tensor, weight: torch.Tensor, temperature: 
         if N > 0:
             _threshold_kernel[(N,)](
                 logits, thr, V, logits.stride(0), inv_t, top_k, top_p,
-                HAS_TOPK=has_topk, HAS_TOPP=has_topp, BLOCK_V=_block(V, 16, 2048),
+                HAS_TOPK=has_topk, HAS_TOPP=has_topp, SMALL_K=_small_k(top_k) if has_topk else 0,
+                BLOCK_V=_block(V, 16, 2048),
             )
     else:
         thr = torch.full((N,), float("-inf"), device=logits.device, dtype=torch.float32)

@@ -176,8 +176,9 @@ def scenarios(full: bool):
     """(name, thunk) pairs. Shapes are the models' (GPT-2: 12 x 64 heads, no rotary; Llama-family: GQA with
     rotary at head dims 64/128/256); Sq=1 is decode, Sq=300 a prefix or multi-row latent pass.
 
-    The CI subset (~110 compilations, minutes on 2 cores) has every kernel at least once, every head dim in
-    bf16 and the tightest shared-memory cases (rotary; fp32 at head dim 128); `full` (~1,000) crosses dtypes,
+    The CI subset (168 compilations, minutes on 2 cores) has every kernel at least once, every head dim in
+    bf16, the tightest shared-memory cases (rotary; fp32 at head dim 128) and split-KV decode at GQA ratios
+    1/4/8 in each dtype; `full` (~1,000) crosses dtypes,
     head dims, rotary, GQA, decode, causality, left padding and ragged rows, norms and filters."""
     out = []
     if full:

@@ -183,7 +183,8 @@ def _probs_tile(logits_ptr, stride_l, rows, row_mask, vo, v_mask, thr, lse, inv_
 def _fwd_kernel(
     logits_ptr, weight_ptr, thr_ptr, out_ptr, lse_ptr, part_acc_ptr, part_ml_ptr,
     N, V, D, stride_l, stride_w, stride_o, scale_log2, v_per_split,
-    HAS_FILTER: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_FILTER: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One pass over the vocabulary slice [v_lo, v_hi) of this program with an online max m and sum l (base 2):
@@ -231,7 +232,8 @@ def _fwd_kernel(
     else:
         # l = 0 only for a row whose logits are all -inf: NaN, as torch.softmax gives.
         l = tl.where(row_mask, l, 1.0)
-        tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], _rounded(acc / l[:, None], out_ptr.dtype.element_ty, INTERPRET),
+        tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :],
+                 _rounded(acc / l[:, None], out_ptr.dtype.element_ty, INTERPRET),
                  mask=row_mask[:, None] & col_mask[None, :])
         if pid_d == 0:
             tl.store(lse_ptr + rows, (m + tl.log2(l)) / 1.4426950408889634, mask=row_mask)
@@ -261,8 +263,8 @@ def _combine_kernel(
         l += w * tl.load(part_ml_ptr + 2 * part + 1, mask=row_mask, other=0.0)
         acc += w[:, None] * tl.load(part_acc_ptr + part[:, None] * D + cols[None, :], mask=mask, other=0.0)
     l = tl.where(row_mask, l, 1.0)  # padded rows (a row of -inf logits keeps l = 0: NaN, as torch.softmax)
-    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], _rounded(acc / l[:, None], out_ptr.dtype.element_ty, INTERPRET),
-             mask=mask)
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :],
+             _rounded(acc / l[:, None], out_ptr.dtype.element_ty, INTERPRET), mask=mask)
     if pid_d == 0:
         tl.store(lse_ptr + rows, (m + tl.log2(l)) / 1.4426950408889634, mask=row_mask)
 
@@ -303,8 +305,8 @@ def _bwd_logits_kernel(
 @triton.jit
 def _bwd_weight_kernel(
     go_ptr, logits_ptr, thr_ptr, lse_ptr, gw_ptr, N, V, D, stride_g, stride_l, stride_gw, inv_t,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, GROUP_N: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grad_weight[i] = sum_n p[n, i] grad_out[n]; every element is written (zero where no row keeps i).
     pid_v, pid_d, _ = _tile_pid(tl.cdiv(V, BLOCK_V), tl.cdiv(D, BLOCK_D), GROUP_N)
@@ -400,8 +402,8 @@ def _forward(logits, weight, thr, has_filter: bool, inv_t: float, out_dtype, num
     _fwd_kernel[(programs * num_splits,)](
         logits, weight, thr, out, lse, part_acc, part_ml, N, V, D, logits.stride(0), weight.stride(0),
         out.stride(0), inv_t * LOG2E, v_per_split, HAS_FILTER=has_filter, SPLIT=split,
-        PRECISION=_precision(weight.dtype), INTERPRET=_interpreted(), GROUP_N=_GROUP_N, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
-        num_warps=num_warps,
+        PRECISION=_precision(weight.dtype), INTERPRET=_interpreted(), GROUP_N=_GROUP_N, BLOCK_N=BLOCK_N,
+        BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
     if split:
         cn, cd = 16, _block(D, 16, 128)
@@ -457,13 +459,14 @@ def soft_embedding_bwd(grad_out, logits, weight, threshold, lse, temperature: fl
         dots = (grad_out.float() * out32).sum(1)
         _bwd_logits_kernel[(triton.cdiv(N, BLOCK_N) * triton.cdiv(V, BLOCK_V),)](
             grad_out, logits, weight, threshold, lse, dots, grad_logits, N, V, D, grad_out.stride(0),
-            logits.stride(0), weight.stride(0), grad_logits.stride(0), inv_t, PRECISION=precision, INTERPRET=_interpreted(),
-            GROUP_N=_GROUP_N, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=num_warps,
+            logits.stride(0), weight.stride(0), grad_logits.stride(0), inv_t, PRECISION=precision,
+            INTERPRET=_interpreted(), GROUP_N=_GROUP_N, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
+            num_warps=num_warps,
         )
     if output_mask[1] and D > 0:
         _bwd_weight_kernel[(triton.cdiv(V, BLOCK_V) * triton.cdiv(D, BLOCK_D),)](
             grad_out, logits, threshold, lse, grad_weight, N, V, D, grad_out.stride(0), logits.stride(0),
-            grad_weight.stride(0), inv_t, PRECISION=precision, INTERPRET=_interpreted(), GROUP_N=_GROUP_N, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V,
-            BLOCK_D=BLOCK_D, num_warps=num_warps,
+            grad_weight.stride(0), inv_t, PRECISION=precision, INTERPRET=_interpreted(), GROUP_N=_GROUP_N,
+            BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=num_warps,
         )
     return grad_logits, grad_weight

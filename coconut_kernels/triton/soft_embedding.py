@@ -133,21 +133,10 @@ def _dot(a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _p_dot(p, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """p (fp32 probabilities) @ b. For fp16/bf16 b, p goes to the tensor cores as two half terms, hi + lo: one
-    rounding of p to bf16 (8 bits) would cost about twice the output's own rounding error, the pair keeps ~16
-    bits for a second MMA, which the memory-bound shapes (few rows) do not notice."""
-    if b.dtype == tl.float32:
-        return _dot(p, b, PRECISION, INTERPRET)
-    hi = p.to(b.dtype)
-    lo = (p - hi.to(tl.float32)).to(b.dtype)
-    return _dot(hi, b, PRECISION, INTERPRET) + _dot(lo, b, PRECISION, INTERPRET)
-
-
-@triton.jit
 def _rounded(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """x (fp32) in `dtype`, rounded to nearest even as the compiled cast does. INTERPRET: Triton 3.9's interpreter
-    truncates fp32 -> bf16 (up to one ulp off), so the rounding is done on the bits first."""
+    """x (fp32) in `dtype` (p for a half GEMM: rounded once, as the reference's probs.to(weight.dtype)), to
+    nearest even as the compiled cast does. INTERPRET: Triton 3.9's interpreter truncates fp32 -> bf16 (up to one
+    ulp off), so the rounding is done on the bits first."""
     if INTERPRET and dtype == tl.bfloat16:
         b = x.to(tl.int32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
@@ -221,7 +210,7 @@ def _fwd_kernel(
             l = l * alpha + tl.sum(p, 1)
             w = tl.load(weight_ptr + vo[:, None] * stride_w + cols[None, :], mask=used[:, None] & col_mask[None, :],
                         other=0.0)
-            acc = acc * alpha[:, None] + _p_dot(p, w, PRECISION, INTERPRET)
+            acc = acc * alpha[:, None] + _dot(_rounded(p, w.dtype, INTERPRET), w, PRECISION, INTERPRET)
             m = m_new
     if SPLIT:
         part = split * N + rows
@@ -323,7 +312,7 @@ def _bwd_weight_kernel(
         if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
             go = tl.load(go_ptr + rows[:, None] * stride_g + cols[None, :],
                          mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            acc += _p_dot(tl.trans(p), go, PRECISION, INTERPRET)
+            acc += _dot(_rounded(tl.trans(p), go.dtype, INTERPRET), go, PRECISION, INTERPRET)
     tl.store(gw_ptr + vo[:, None] * stride_gw + cols[None, :], _rounded(acc, gw_ptr.dtype.element_ty, INTERPRET),
              mask=v_mask[:, None] & col_mask[None, :])
 

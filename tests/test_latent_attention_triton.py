@@ -177,7 +177,7 @@ def test_split_count_heuristic_fills_two_waves():
     assert num_kv_splits(8, 131072) == 33
     assert num_kv_splits(8 * 64, 131072) == 1  # B * Hkv already past two waves
     assert num_kv_splits(1, 100) == 1  # a short cache is not split
-    assert num_kv_splits(4, 1 << 20, sm_count=108) == 54
+    assert num_kv_splits(4, 1 << 20, sms=108) == 54
 
 
 def test_decode_block_m_is_the_group():

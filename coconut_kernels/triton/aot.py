@@ -32,7 +32,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and __name__ == "__main__":
+from .device import interpreted
+
+if interpreted() and __name__ == "__main__":
     # The interpreter replaces @triton.jit kernels by Python functions: nothing to compile.
     sys.exit("run the AOT compiler without TRITON_INTERPRET=1")
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import H100_SMS, sm_count
+
 LOG2E = 1.4426950408889634
 
 
@@ -504,18 +506,8 @@ def _attention_common(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seq
     return B, Sq, Hq, Hkv, D, lengths, stride_ro, seqlen_ro, rot_dim
 
 
-# A wave is one program per SM; the split-KV heuristic aims at two waves so the tail of uneven lengths is short.
-_H100_SMS = 132
 # Keys per split at least: below it the combine's extra reads and launch cost more than the parallelism gains.
 _MIN_KEYS_PER_SPLIT = 256
-
-
-def _sm_count(device) -> int:
-    """SMs of `device`; an H100's 132 where there is no GPU (the interpreter, meta tensors)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return _H100_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _fwd_tiles(block_m, block_n, rows, block_d):
@@ -528,11 +520,12 @@ def _fwd_tiles(block_m, block_n, rows, block_d):
     return block_m, big if block_n is None else block_n
 
 
-def num_kv_splits(programs: int, Tmax: int, sm_count: int = _H100_SMS) -> int:
+def num_kv_splits(programs: int, Tmax: int, sms: int = H100_SMS) -> int:
     """Split count of the key range (flash-decoding) for a grid of `programs` (query blocks x B x Hkv) over a
-    cache of capacity Tmax: enough to fill about two waves of `sm_count` SMs, with at least
+    cache of capacity Tmax: enough to fill about two waves of `sms` SMs (one program per SM is a wave; two
+    keep the tail of uneven lengths short), with at least
     _MIN_KEYS_PER_SPLIT keys of capacity per split (the lengths are on the device; Tmax bounds them)."""
-    want = triton.cdiv(2 * sm_count, max(programs, 1))
+    want = triton.cdiv(2 * sms, max(programs, 1))
     return max(1, min(want, Tmax // _MIN_KEYS_PER_SPLIT))
 
 
@@ -556,7 +549,7 @@ def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpa
     block_m, block_n = _fwd_tiles(block_m, block_n, Sq * group, block_d)
     programs = triton.cdiv(Sq * group, block_m) * B * Hkv
     if num_splits is None:
-        num_splits = num_kv_splits(programs, Tmax, _sm_count(q.device))
+        num_splits = num_kv_splits(programs, Tmax, sm_count(q.device))
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     split = num_splits > 1

@@ -16,11 +16,11 @@ thousands of tokens would otherwise be off by about one token.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .device import H100_SMS, interpreted, sm_count
 
 LOG2E = 1.4426950408889634
 
@@ -319,10 +319,9 @@ def _bwd_weight_kernel(
 
 # ---- launchers ----------------------------------------------------------------------------------------
 
-# A wave is one program per SM (an H100's 132 where there is no GPU); the forward splits the vocabulary until
-# its grid fills about two waves, with at least _MIN_V_PER_SPLIT entries per slice (fewer would cost more in
-# partial writes and the combine than the parallelism gains).
-_H100_SMS = 132
+# The forward splits the vocabulary until its grid fills about two waves (two programs per SM), with at least
+# _MIN_V_PER_SPLIT entries per slice (fewer would cost more in partial writes and the combine than the
+# parallelism gains).
 _MIN_V_PER_SPLIT = 512
 _GROUP_N = 8
 # Largest top_k found in one pass (a sorted list of this many logits per row); larger ones bisect.
@@ -331,13 +330,6 @@ _MAX_SMALL_K = 256
 
 def _block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
-
-
-def _sm_count(device) -> int:
-    device = torch.device(device)
-    if device.type != "cuda":
-        return _H100_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -354,21 +346,19 @@ def _small_k(top_k: int) -> int:
     return max(16, triton.next_power_of_2(top_k))
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _tiles(N: int, D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps) of the GEMM kernels: MMA-sized row blocks, 64-wide vocabulary and
     column tiles; fp32 (FMA products, no tensor cores) halves the row and vocabulary tiles: at 16 x 64 x 64 its
-    forward needs 255 registers and spills ~200 bytes (sm_80 and sm_90), at 16 x 32 x 64 about 95 and none."""
+    forward needs 255 registers and spills ~200 bytes (sm_80 and sm_90), at 16 x 32 x 64 about 95 and none.
+    64-row tiles (many rows) take 8 warps: with 4 the fp16 forward spilled 24 bytes on sm_80."""
     half = dtype != torch.float32
-    return _block(N, 16, 64 if half else 32), 64 if half else 32, _block(D, 16, 64), 4
+    block_n = _block(N, 16, 64 if half else 32)
+    return block_n, 64 if half else 32, _block(D, 16, 64), 8 if block_n == 64 else 4
 
 
-def num_vocab_splits(programs: int, V: int, block_v: int, sm_count: int = _H100_SMS) -> int:
+def num_vocab_splits(programs: int, V: int, block_v: int, sms: int = H100_SMS) -> int:
     """Slices of the vocabulary for a forward grid of `programs` (row blocks x column blocks)."""
-    want = triton.cdiv(2 * sm_count, max(programs, 1))
+    want = triton.cdiv(2 * sms, max(programs, 1))
     return max(1, min(want, V // _MIN_V_PER_SPLIT, triton.cdiv(V, block_v)))
 
 
@@ -381,7 +371,7 @@ def _forward(logits, weight, thr, has_filter: bool, inv_t: float, out_dtype, num
     BLOCK_N, BLOCK_V, BLOCK_D, num_warps = _tiles(N, D, weight.dtype)
     programs = triton.cdiv(N, BLOCK_N) * max(1, triton.cdiv(D, BLOCK_D))
     if num_splits is None:
-        num_splits = num_vocab_splits(programs, V, BLOCK_V, _sm_count(logits.device))
+        num_splits = num_vocab_splits(programs, V, BLOCK_V, sm_count(logits.device))
     # Whole vocabulary tiles per slice; the count is recomputed so that no slice is empty.
     v_per_split = triton.cdiv(triton.cdiv(V, num_splits), BLOCK_V) * BLOCK_V
     num_splits = triton.cdiv(V, v_per_split)
@@ -391,13 +381,13 @@ def _forward(logits, weight, thr, has_filter: bool, inv_t: float, out_dtype, num
     _fwd_kernel[(programs * num_splits,)](
         logits, weight, thr, out, lse, part_acc, part_ml, N, V, D, logits.stride(0), weight.stride(0),
         out.stride(0), inv_t * LOG2E, v_per_split, HAS_FILTER=has_filter, SPLIT=split,
-        PRECISION=_precision(weight.dtype), INTERPRET=_interpreted(), GROUP_N=_GROUP_N, BLOCK_N=BLOCK_N,
+        PRECISION=_precision(weight.dtype), INTERPRET=interpreted(), GROUP_N=_GROUP_N, BLOCK_N=BLOCK_N,
         BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
     if split:
         cn, cd = 16, _block(D, 16, 128)
         _combine_kernel[(triton.cdiv(N, cn) * max(1, triton.cdiv(D, cd)),)](
-            part_acc, part_ml, out, lse, N, D, out.stride(0), num_splits, INTERPRET=_interpreted(), BLOCK_N=cn,
+            part_acc, part_ml, out, lse, N, D, out.stride(0), num_splits, INTERPRET=interpreted(), BLOCK_N=cn,
             BLOCK_D=cd,
         )
     return out, lse
@@ -449,13 +439,13 @@ def soft_embedding_bwd(grad_out, logits, weight, threshold, lse, temperature: fl
         _bwd_logits_kernel[(triton.cdiv(N, BLOCK_N) * triton.cdiv(V, BLOCK_V),)](
             grad_out, logits, weight, threshold, lse, dots, grad_logits, N, V, D, grad_out.stride(0),
             logits.stride(0), weight.stride(0), grad_logits.stride(0), inv_t, PRECISION=precision,
-            INTERPRET=_interpreted(), GROUP_N=_GROUP_N, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
+            INTERPRET=interpreted(), GROUP_N=_GROUP_N, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
             num_warps=num_warps,
         )
     if output_mask[1] and D > 0:
         _bwd_weight_kernel[(triton.cdiv(V, BLOCK_V) * triton.cdiv(D, BLOCK_D),)](
             grad_out, logits, threshold, lse, grad_weight, N, V, D, grad_out.stride(0), logits.stride(0),
-            grad_weight.stride(0), inv_t, PRECISION=precision, INTERPRET=_interpreted(), GROUP_N=_GROUP_N,
+            grad_weight.stride(0), inv_t, PRECISION=precision, INTERPRET=interpreted(), GROUP_N=_GROUP_N,
             BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=num_warps,
         )
     return grad_logits, grad_weight

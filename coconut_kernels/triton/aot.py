@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel the library launches, for sm_80 and sm_90, without a GPU.
 
     python -m coconut_kernels.triton.aot [--full] [--cuda] [--out benchmarks/results/gpu_static.csv]
+    python -m coconut_kernels.triton.aot --kernels REGEX --append --out ...   (recompile some kernels' rows)
 
 The launch configurations are not listed by hand: the library's own launchers run on meta tensors (shapes and
 dtypes, no data) while every @triton.jit kernel's `run` is replaced by a recorder, so what is compiled is

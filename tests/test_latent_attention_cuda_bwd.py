@@ -34,6 +34,7 @@ int main() {
   std::printf("threads %d row_tile %d key_split %d\n", kBwdThreads, kBwdRowTile, kBwdKeySplit);
   for (int dmax : {64, 128, 256})
     std::printf("dmax %d %d %d %d\n", dmax, bwd_tpd(dmax), bwd_key_block(dmax), bwd_dq_key_tile(dmax));
+  for (int D = 1; D <= 256; ++D) std::printf("tile %d %d\n", D, head_dim_tile(D));
   for (int rows = 1; rows <= 512; ++rows)
     for (int dmax : {64, 128, 256}) std::printf("split %d %d %d\n", rows, dmax, bwd_dq_key_split(rows, dmax));
   return 0;
@@ -50,20 +51,18 @@ def tiles(tmp_path_factory):
     (d / "h.cpp").write_text(HARNESS)
     subprocess.run(["g++", "-std=c++17", "-I", os.path.join(ROOT, "csrc"), str(d / "h.cpp"), "-o", str(d / "h")],
                    check=True)
-    t = {"dmax": {}, "split": {}}
+    t = {"dmax": {}, "split": {}, "tile": {}}
     for line in subprocess.run([str(d / "h")], check=True, capture_output=True, text=True).stdout.splitlines():
         w = line.split()
         if w[0] == "threads":
             t["threads"], t["row_tile"], t["key_split"] = int(w[1]), int(w[3]), int(w[5])
+        elif w[0] == "tile":
+            t["tile"][int(w[1])] = int(w[2])
         elif w[0] == "dmax":
             t["dmax"][int(w[1])] = dict(tpd=int(w[2]), bn=int(w[3]), bnq=int(w[4]))
         else:
             t["split"][int(w[1]), int(w[2])] = int(w[3])
     return t
-
-
-def head_dim_tile(D):
-    return 64 if D <= 64 else 128 if D <= 128 else 256
 
 
 def lane_dims(tpd, dmax):
@@ -128,7 +127,7 @@ def emulate_bwd(tiles, grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, c
     B, Sq, Hq, D = q.shape
     Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
-    DMAX = head_dim_tile(D)
+    DMAX = tiles["tile"][D]  # head_dim_tile, as dispatch_head_dim instantiates
     cfg = tiles["dmax"][DMAX]
     TPD, BN, BNQ, BM, NT = cfg["tpd"], cfg["bn"], cfg["bnq"], tiles["row_tile"], tiles["threads"]
     dims = lane_dims(TPD, DMAX)
@@ -242,14 +241,14 @@ def emulate_bwd(tiles, grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, c
         for n0 in range(lo, hi, BNQ):
             k_s = torch.zeros(BNQ * DMAX, dtype=torch.float64)
             v_s = torch.zeros(BNQ * DMAX, dtype=torch.float64)
-            for i in range(BNQ * NV):  # Vec<T> chunks: row c, dims [d0, d0 + valid)
-                c, d0 = i // NV, (i % NV) * vec
-                nk = n0 + c
-                valid = min(max(D - d0, 0), vec) if nk < hi else 0
-                if valid > 0:
-                    e = torch.arange(valid)
-                    k_s[c * DMAX + d0 + e] = K[b * ks[0] + hkv * ks[2] + nk * ks[1] + d0 + e]
-                    v_s[c * DMAX + d0 + e] = V[b * vs[0] + hkv * vs[2] + nk * vs[1] + d0 + e]
+            i = torch.arange(BNQ * NV)  # the staging loop's iterations (all threads): Vec<T> chunk i
+            c, d0 = i // NV, (i % NV) * vec
+            nk = n0 + c
+            valid = torch.where(nk < hi, (D - d0).clamp(0, vec), 0)  # elements [d0, d0 + valid) of row nk
+            for e in range(vec):
+                on = e < valid
+                k_s[(c * DMAX + d0 + e)[on]] = K[(b * ks[0] + hkv * ks[2] + nk * ks[1] + d0 + e)[on]]
+                v_s[(c * DMAX + d0 + e)[on]] = V[(b * vs[0] + hkv * vs[2] + nk * vs[1] + d0 + e)[on]]
             for i in range(BNQ // split):
                 c = torch.arange(split) + split * i  # key lane kl takes c = kl + KSPLIT * i
                 kc = k_s[c[:, None, None] * DMAX + dims[None]]  # (split, TPD, E)

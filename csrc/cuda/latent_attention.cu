@@ -695,9 +695,11 @@ void dispatch_dtype(at::ScalarType st, F&& f) {
 // Register tiles are sized by the head dim rounded up to 64, 128 or 256 (D <= 256 is checked).
 template <typename F>
 void dispatch_head_dim(int64_t D, F&& f) {
-  if (D <= 64) f(std::integral_constant<int, 64>{});
-  else if (D <= 128) f(std::integral_constant<int, 128>{});
-  else f(std::integral_constant<int, 256>{});
+  switch (launch::head_dim_tile(D)) {
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: f(std::integral_constant<int, 256>{});
+  }
 }
 
 Lengths lengths_of(const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& cache_leftpad,

@@ -126,6 +126,7 @@ inline int bwd_dq_key_split(int64_t rows, int dmax) {
 // Query rows of one dQ block.
 constexpr int bwd_dq_rows(int dmax, int key_split) { return kBwdThreads / bwd_tpd(dmax) / key_split; }
 
+// The head-dim tile (DMAX) the kernels are instantiated for (dispatch_head_dim).
 inline int head_dim_tile(int64_t D) { return D <= 64 ? 64 : D <= 128 ? 128 : 256; }
 
 // delta = rowsum(dO * O), one warp per query row (b, t, hq).

@@ -348,3 +348,51 @@ def test_dq_key_split_choice(tiles):
     for dmax, v in tiles["dmax"].items():
         assert 2 * v["bnq"] * dmax * 4 <= 48 * 1024 and 2 * tiles["row_tile"] * dmax * 4 <= 48 * 1024
         assert math.log2(v["tpd"]).is_integer() and v["tpd"] <= 32
+
+
+# ---- on a GPU (benchmarks/gpu_check.sh runs `pytest -m cuda`) ---------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(range(len(CASES))) + ["prefix"])
+def test_cuda_backward_matches_reference_and_is_deterministic(case, dtype):
+    """The compiled kernels themselves: latent_attention_bwd on CUDA tensors against the fp64 reference (within 2x
+    PyTorch's own error in the dtype, as the CPU tests) and bitwise equal over two runs."""
+    from tests.helpers import assert_within_torch_error
+
+    import coconut_kernels  # noqa: F401  (registers the CUDA kernels)
+
+    if case == "prefix":  # a prefix pass of a GQA model: 300 rows x 4 heads per kv head
+        B, Sq, Hq, Hkv, D, Tmax, opts = 4, 300, 16, 4, 128, 700, dict(rotary_dim=64, leftpad=True, ragged=True)
+    else:
+        B, Sq, Hq, Hkv, D, Tmax, opts, _, _ = CASES[case]
+    c = make_case(B, Sq, Hq, Hkv, D, Tmax, seed=5, **opts)
+    lengths = (c["cache_seqlens"], c["cache_leftpad"], c["new_seqlens"])
+    rot = (c["rotary_cos"], c["rotary_sin"], c["rotary_interleaved"])
+    R.kv_cache_append_reference(c["k_cache"], c["v_cache"], c["k_new"], c["v_new"], *lengths, *rot)
+    scale = D ** -0.5
+    grad_out = torch.randn(B, Sq, Hq, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(device, dt, bwd):
+        cast = lambda x: None if x is None else x.to(device, dt if x.is_floating_point() else x.dtype)  # noqa: E731
+        q, kc, vc, go = cast(c["q"]), cast(c["k_cache"]), cast(c["v_cache"]), cast(grad_out)
+        lens = tuple(None if x is None else x.to(device) for x in lengths)
+        tables = tuple(None if x is None else x.to(device, torch.float32 if dt != torch.float64 else dt)
+                       for x in rot[:2])
+        out, lse = R.latent_attention_fwd_reference(q, kc, vc, *lens, *tables, rot[2], scale, c["causal"])
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        gk = torch.zeros(kc.shape, dtype=acc, device=device)
+        gv = torch.zeros_like(gk)
+        dq = bwd(go, q, kc, vc, out, lse.to(acc), *lens, *tables, rot[2], scale, c["causal"], gk, gv)
+        return dq, gk, gv
+
+    ops = torch.ops.coconut
+    ref = run("cpu", torch.float64, R.latent_attention_bwd_reference)
+    lowp = run("cuda", dtype, R.latent_attention_bwd_reference)
+    first = run("cuda", dtype, ops.latent_attention_bwd)
+    second = run("cuda", dtype, ops.latent_attention_bwd)
+    for name, g, g2, r, lo in zip(("dq", "dk", "dv"), first, second, ref, lowp):
+        assert torch.equal(g, g2), f"{name}: two runs differ"
+        assert_within_torch_error(g.cpu(), r, lo.cpu(), atol=1e-4, name=name)

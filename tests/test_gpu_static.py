@@ -38,6 +38,52 @@ def test_default_cuda_backend_is_triton(monkeypatch):
         ck.set_backend(None)
 
 
+def test_cuda_forward_routing():
+    """The "cuda" backend keeps its split-KV forward for the few query rows of decode and latent passes and sends
+    multi-row passes (prefix passes) to the tiled Triton forward; without Triton everything stays split-KV."""
+    from coconut_kernels.ops.latent_attention import SPLIT_KV_MAX_QUERIES, cuda_forward_kernel
+
+    assert SPLIT_KV_MAX_QUERIES == 8
+    assert [cuda_forward_kernel(sq, True) for sq in (1, 2, 6, 8)] == ["split_kv"] * 4
+    assert [cuda_forward_kernel(sq, True) for sq in (9, 64, 300, 131072)] == ["tiled"] * 4
+    assert cuda_forward_kernel(300, False) == "split_kv"
+
+
+@requires_triton
+@pytest.mark.parametrize("Sq", [1, 12])
+def test_cuda_backend_routes_multi_row_passes_to_tiled_forward(Sq, monkeypatch):
+    """The "cuda" backend's dispatch run on CPU tensors (the ops' CPU kernels stand in for the CUDA ones, Triton
+    runs interpreted): Sq = 1 runs the C++ composite op (split-KV on a GPU), Sq = 12 the C++ append then the
+    Triton tiled forward; forward and gradients equal the reference either way."""
+    from coconut_kernels import reference
+    from coconut_kernels.ops import latent_attention as la
+    from coconut_kernels.triton import latent_attention as tri
+
+    from tests.test_latent_attention import make_case
+
+    calls = []
+    tiled = tri.latent_attention_fwd_triton
+    monkeypatch.setattr(tri, "latent_attention_fwd_triton", lambda *a, **k: calls.append(Sq) or tiled(*a, **k))
+    monkeypatch.setattr(la, "get_backend", lambda device: "cuda")
+    c = make_case(2, Sq, 4, 2, 32, 40, rotary_dim=16, leftpad=True, ragged=True, seed=Sq)
+
+    def run(fn):
+        q, kn, vn = (c[n].float().clone().requires_grad_() for n in ("q", "k_new", "v_new"))
+        kc, vc = c["k_cache"].float().clone(), c["v_cache"].float().clone()
+        out = fn(q, kn, vn, kc, vc, c["cache_seqlens"], cache_leftpad=c["cache_leftpad"],
+                 new_seqlens=c["new_seqlens"], rotary_cos=c["rotary_cos"].float(),
+                 rotary_sin=c["rotary_sin"].float())
+        out.backward(torch.ones_like(out))
+        return out, q.grad, kn.grad, vn.grad
+
+    got = run(la.latent_attention)
+    assert calls == ([Sq] if Sq > la.SPLIT_KV_MAX_QUERIES else [])
+    want = run(lambda *a, **kw: reference.latent_attention_reference(*a, **kw)[0])  # autograd through the copy
+    for g, r in zip(got, want):
+        assert g is not None and r is not None
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
 @requires_triton
 @pytest.mark.parametrize("shape", EXTREME_ATTENTION, ids=lambda s: "B{}_Sq{}_Hq{}_Hkv{}_D{}_T{}".format(*s))
 @pytest.mark.parametrize("cc", [80, 90])
@@ -138,6 +184,14 @@ int main() {
     show("append", append_shape(a[0], a[1]));
     show("fwd_split", fwd_split_shape(a[0], a[1], a[2], a[3], a[4], 132));
     show("per_row", per_query_row_shape(a[0], a[1], a[2], "x"));
+    for (long long D : {64, 128, 256}) {  // the backward at every head-dim tile
+      show("bwd_delta", bwd_delta_shape(a[0], a[1], a[2]));
+      show("bwd_dkdv", bwd_dkdv_shape(a[0], a[3], a[4], D));
+      Shape dq = bwd_dq_shape(a[0], a[1], a[2], a[3], D);
+      char name[64];
+      std::snprintf(name, sizeof name, "bwd_dq_split%d", dq.key_split);
+      show(name, dq);
+    }
   }
   try {
     per_query_row_shape(1LL << 20, 1LL << 12, 1LL << 10, "too big");
@@ -160,7 +214,7 @@ def test_cuda_launch_configs_are_legal(tmp_path):
     lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
     assert lines[-1].startswith("error too big: the shape needs a grid of")
     rows = [ln.split() for ln in lines[:-1]]
-    assert len(rows) == 6 * 3 * 2 + 5 * 3
+    assert len(rows) == 6 * 3 * 2 + 5 * (3 + 3 * 3)
     for name, gx, gy, gz, bx, by, in_regs in rows:
         gx, gy, gz, bx, by = map(int, (gx, gy, gz, bx, by))
         assert 0 < gx < 2**31 and 0 < gy <= 65535 and 0 < gz <= 65535, name
@@ -173,6 +227,12 @@ def test_cuda_launch_configs_are_legal(tmp_path):
             if in_regs == "1":
                 lanes = bx
                 assert d // vec <= lanes * (32 // vec), name
+    # The backward's grids are 1-D (B * heads folded into x); the dQ key split is 8 at decode (Sq = 1), 1 for
+    # the 128k-token prefill.
+    bwd = [r for r in rows if r[0].startswith("bwd_")]
+    assert len(bwd) == 5 * 3 * 3 and all(r[2:4] == ["1", "1"] and r[4] == "256" for r in bwd)
+    dq = [r[0] for r in rows if r[0].startswith("bwd_dq")]
+    assert dq[:3] == ["bwd_dq_split8"] * 3 and dq[6:9] == ["bwd_dq_split1"] * 3
     by_name = {r[0]: r for r in rows}
     # d = 17000 fp32 (vec 4) at 217 registers: 288 threads, the row re-read in a loop (the launch that failed
     # with 1024 threads before the bound).

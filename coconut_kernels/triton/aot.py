@@ -421,7 +421,8 @@ def demangle(sym: str) -> str:
 
 # Threads per block of each CUDA C++ kernel at its largest launch (the __launch_bounds__ of csrc/cuda/).
 CUDA_BLOCK_THREADS = {"append_kernel": 128, "fwd_split_kernel": 128, "fwd_combine_kernel": 128,
-                      "bwd_row_kernel": 128, "latent_feedback_fwd_kernel": 1024, "latent_feedback_bwd_kernel": 1024}
+                      "bwd_delta_kernel": 256, "bwd_dkdv_kernel": 256, "bwd_dq_kernel": 256,
+                      "latent_feedback_fwd_kernel": 1024, "latent_feedback_bwd_kernel": 1024}
 
 
 def cuda_kernel_name(demangled: str) -> str:

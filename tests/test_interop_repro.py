@@ -109,3 +109,19 @@ def test_tiny_row_end_to_end(tmp_path, capsys):
     assert test["stage"] == 4 and test["mean_latents"] == 3.0
     out = capsys.readouterr().out
     assert f"prosqa COCONUT: paper 97.0%   measured {res['measured']:.1f}% (tiny pipeline check" in out
+
+
+def test_tiny_gsm8k_latent_row_starts_from_the_cot_row(tmp_path, capsys):
+    """GSM8k's official two-phase recipe: the cot row runs first, the coconut row starts from its checkpoint
+    at stage 1 (resume 3 // epochs_per_stage 3) with two thoughts per step."""
+    assert main(["gsm8k", "--method", "coconut", "--tiny", "--keep", "1", "--out", str(tmp_path)]) == 0
+    cot_evals = read_csv(tmp_path / "gsm8k-cot" / "run" / "eval_log.csv")
+    assert [int(r["stage"]) for r in cot_evals] == [0, 0]
+    evals = read_csv(tmp_path / "gsm8k-coconut" / "run" / "eval_log.csv")
+    assert [(int(r["epoch"]), int(r["stage"])) for r in evals] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    saved = yaml.safe_load((tmp_path / "gsm8k-coconut" / "run" / "step-000004" / "config.yaml").read_text())
+    assert saved["init_from"] == str(tmp_path / "gsm8k-cot" / "run" / "step-000002") and saved["c_thought"] == 2
+    res = json.loads((tmp_path / "gsm8k-coconut" / "repro.json").read_text())
+    test = json.loads((tmp_path / "gsm8k-coconut" / "test_step-000004.json").read_text())
+    assert res["paper"] == 34.1 and test["mean_latents"] == 6.0  # 3 stages x c_thought 2
+    assert "gsm8k COCONUT: paper 34.1%" in capsys.readouterr().out

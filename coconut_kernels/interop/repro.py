@@ -92,8 +92,9 @@ def _check_choice(name: str, value: str, choices) -> None:
 
 def _tiny(r: dict, out: Path) -> tuple[dict, list[str]]:
     """The row's recipe shrunk to one optimizer step per stage on a tiny random GPT-2: 4 generated ProsQA-style
-    problems per split (standing in for every dataset), one epoch per stage, at most 3 latent stages; and the
-    trainer flags that swap the model in."""
+    problems per split (standing in for every dataset), one epoch per stage, at most 3 latent stages, every
+    epoch's checkpoint saved (a random model's accuracy need not rise above 0, which save_only_improve asks);
+    and the trainer flags that shrink the evaluation."""
     from ..data import generate_dataset, save_records
 
     data = out / "tiny_data"
@@ -101,16 +102,14 @@ def _tiny(r: dict, out: Path) -> tuple[dict, list[str]]:
     for split, seed in (("train", 0), ("valid", 1), ("test", 2)):
         save_records(generate_dataset(4, seed=seed), data / f"{split}.json")  # every record has >= 3 steps
     r = dict(r, train_path=str(data / "train.json"), val_path=str(data / "valid.json"), batch_size_training=4,
-             gradient_accumulation_steps=1, model_id="tiny (a random GPT-2, --model below)")
+             gradient_accumulation_steps=1, model_id="tiny (a random GPT-2, --model below)", save_only_improve=False)
     if r["max_latent_stage"]:
         start_stage = r["resume"] // r["epochs_per_stage"]
         r.update(epochs_per_stage=1, max_latent_stage=min(r["max_latent_stage"], 3), resume=start_stage)
         r["num_epochs"] = r["max_latent_stage"] + 2  # every stage, then one epoch at the last
     else:
         r["num_epochs"] = 2
-    flags = ["--model", json.dumps(TINY_MODEL), "--max_new_tokens", "16", "--eval_batch_size", "4",
-             "--tensorboard", "false"]
-    return r, flags
+    return r, ["--max_new_tokens", "16", "--eval_batch_size", "4", "--tensorboard", "false"]
 
 
 class Row:
@@ -126,11 +125,12 @@ class Row:
         if args.tiny:
             self.recipe, self.flags = _tiny(self.recipe, self.dir)
         if cot_from is not None and self.recipe["load_model_path"] == "None":
-            init = cot_from  # a coconut-train checkpoint folder (the cot row's): weights and tokenizer
-        else:
-            init = "null" if args.tiny else args.model  # tiny: no init_from, the flags' --model instead
-        if init is not None:
-            self.flags += ["--init_from", init]
+            # a coconut-train checkpoint folder (the cot row's): its weights and tokenizer
+            self.flags += ["--init_from", cot_from]
+        elif args.tiny:
+            self.flags += ["--init_from", "null", "--model", json.dumps(TINY_MODEL)]
+        elif args.model:
+            self.flags += ["--init_from", args.model]
         self.flags += ["--keep_checkpoints", str(args.keep), "--progress", "true", "--log_every", "50"]
         self.run_dir = self.dir / "run"
         self.test_path = (self.dir / "tiny_data" / "test.json" if args.tiny
@@ -255,7 +255,10 @@ def _main(argv: list[str]) -> int:
                 print(f"coconut-repro: {args.dataset} {args.method} starts from a CoT checkpoint: the cot row first "
                       f"({cot.dir})", file=sys.stderr)
                 _go(cot, args, score=False)
-                found = _cot_checkpoint(cot) or cot.run_dir / "step-N"  # step-N: a dry run's placeholder
+                found = cot.run_dir / "step-N" if args.dry_run else _cot_checkpoint(cot)  # a dry run's placeholder
+                if found is None:
+                    raise ConfigError(f"{cot.run_dir}: the cot row wrote no checkpoint (it keeps an epoch only when "
+                                      f"its validation accuracy rises above the best so far, and none rose above 0)")
             cot_from = str(found)
     _go(Row(args, args.method, cot_from), args, score=True)
     return 0

@@ -116,8 +116,9 @@ class Loop:
         self.skip = 0
         row = None
         if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch == cfg.num_epochs - 1:
-            # a resumed epoch's mean covers the steps this process took
-            train_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else None
+            # a resumed epoch's mean covers the steps this process took; a skipped non-finite step is left out
+            finite = [x for x in epoch_losses if math.isfinite(x)]
+            train_loss = sum(finite) / len(finite) if finite else None
             row = evaluate_stage(ctx, self.step, epoch, stage, train_loss=train_loss)
         if not cfg.save_only_improve or (row is not None and row["accuracy"] > self.best):
             self.best = row["accuracy"] if row is not None else self.best

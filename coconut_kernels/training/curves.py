@@ -86,8 +86,10 @@ def _shade_stages(ax, train: list[dict]) -> None:
             spans.append([stage, step, step])
     if len(spans) < 2:
         return
+    total = spans[-1][2] - spans[0][1] + 1
     for k, (stage, first, last) in enumerate(spans):
         if k % 2:
             ax.axvspan(first - 0.5, last + 0.5, color="grey", alpha=0.12, linewidth=0)
-        ax.text((first + last) / 2, 0.98, f"stage {stage}", transform=ax.get_xaxis_transform(), ha="center",
-                va="top", fontsize=7, color="dimgrey")
+        wide = (last - first + 1) >= 0.12 * total  # a narrow band gets the bare number, so labels never overlap
+        ax.text((first + last) / 2, 0.98, f"stage {stage}" if wide else str(stage), transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize=7, color="dimgrey")

@@ -279,6 +279,9 @@ def test_skip_nonfinite_skips_and_logs_the_step(tmp_path, nan_at_call):
     rows = read_csv(tmp_path / "run" / "train_log.csv")
     assert [int(r["skipped"]) for r in rows] == [0, 1, 0]
     assert math.isnan(float(rows[1]["loss"]))
+    # the epoch's mean training loss in the learning curve leaves the skipped step out
+    ev = read_csv(tmp_path / "run" / "eval_log.csv")[0]
+    assert float(ev["train_loss"]) == pytest.approx((float(rows[0]["loss"]) + float(rows[2]["loss"])) / 2)
     from safetensors.torch import load_file
 
     weights = load_file(str(out["checkpoint"] / "model.safetensors"))

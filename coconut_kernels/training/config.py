@@ -100,7 +100,7 @@ class TrainConfig:
     dist: str = "ddp"  # ddp | fsdp (used when launched by torchrun with more than one process)
     device: str | None = None  # None: cuda when available, else cpu
     progress: bool = True
-    log_every: int = 10  # optimizer steps between progress-bar updates of the loss
+    log_every: int = 10  # optimizer steps between progress updates (the bar's loss; a line when not on a terminal)
     tensorboard: bool = True  # when the tensorboard package is installed
 
     def __post_init__(self):

@@ -27,11 +27,13 @@ from ..errors import CheckpointError, ConfigError
 from ..validation import check_writable
 from .checkpoint import RUN_FILE, read_run_config, run_id_of
 from .config import RESUME_FIXED, RESUME_FREE, TrainConfig
+from .curves import CURVES_FILE
 
 __all__ = ["SaveDirPlan", "check_save_dir", "claim_save_dir", "write_run_id", "check_resume_config"]
 
 # what marks a folder as holding a run (besides step-* checkpoint folders)
-_RUN_ENTRIES = (RUN_FILE, "latest", "train_log.csv", "eval_log.csv", "metrics.jsonl", "summary.json", "tensorboard")
+_RUN_ENTRIES = (RUN_FILE, "latest", "train_log.csv", "eval_log.csv", "metrics.jsonl", "summary.json", "tensorboard",
+                CURVES_FILE)
 
 
 @dataclass

@@ -113,6 +113,10 @@ class LatentLM(nn.Module):
         if not isinstance(path, (str, os.PathLike)):
             raise CoconutError(f"path must be a Hugging Face checkpoint folder (a str or os.PathLike path), got "
                                f"{type(path).__name__}")
+        unknown = sorted(set(kwargs) - {"feedback"})
+        if unknown:
+            raise CoconutError(f"from_pretrained got unknown keyword argument(s) {unknown}: expected the ids, "
+                               "tokenizer, dtype, device or feedback")
         model, tokenizer = load_pretrained(path, tokenizer=tokenizer, dtype=dtype, device=device,
                                            need_tokenizer=None in (latent_token_id, start_latent_id, end_latent_id,
                                                                    eos_token_id))

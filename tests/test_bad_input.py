@@ -713,3 +713,7 @@ def test_engine_errors_use_its_own_argument_names(prompt, params, name):
     assert "input_ids" not in err and "max_new_tokens" not in err
     assert not engine.has_unfinished()
     raises_clear(lambda: engine.generate(5), "prompts")
+
+
+def test_from_pretrained_unknown_keyword(tmp_path):
+    raises_clear(lambda: LatentLM.from_pretrained(tmp_path, flash_attention=True), "flash_attention")

@@ -22,7 +22,7 @@ import torch
 from .. import validation
 from ..errors import CoconutError
 from ..feedback import resolve_feedback
-from ..latent_decode import DecodeState, _Decoder, _filter_logits, parse_stop, sample_tokens
+from ..latent_decode import DecodeState, DecodeStep, filter_logits, parse_stop, sample_tokens
 from ..latent_plan import plan_batch, plan_decode
 from ..latent_steps import forward_rows, head_logits, thought_vector
 from .params import RequestOutput, Sample, SamplingParams
@@ -38,6 +38,18 @@ class _SlotPlan:
         self.forced_len = torch.zeros(B, dtype=torch.long, device=device)
         self.latent_budget = torch.zeros(B, dtype=torch.long, device=device)
         self.n_forced = n_forced
+
+
+@dataclasses.dataclass
+class _StepRows:
+    """The rows of one decode step: the samples that run (in slot order) and, per slot, the token fed, whether
+    it feeds a thought (in_lat, also on the host) or a forced prompt row, and whether it runs at all."""
+    seqs: list
+    tok: torch.Tensor
+    in_lat: torch.Tensor
+    in_forced: torch.Tensor
+    active: torch.Tensor
+    in_lat_h: list
 
 
 class _Seq:
@@ -81,7 +93,7 @@ class LatentEngine:
         self.prefill_chunk = None if prefill_chunk is None else validation.check_int(prefill_chunk, "prefill_chunk",
                                                                                      low=1)
         B, device = self.max_batch, self.model.lm_head_weight.device
-        self.dec = _Decoder(lm, B, self.max_tokens, device, use_cuda_graph)
+        self.dec = DecodeStep(lm, B, self.max_tokens, device, use_cuda_graph)
         self.cache = self.dec.cache
         self.device = device
         self.forced = torch.zeros(B, self.max_tokens, dtype=torch.long, device=device)
@@ -218,38 +230,22 @@ class LatentEngine:
             self.running.append(req)
 
     def _prefill(self) -> None:
-        """One ragged pass over the prompts being prefilled (in their first slot); those whose prefill is
+        """One ragged pass over the prompts being prefilled (each in its first slot); those whose prefill is
         complete start decoding."""
         reqs = [r for r in self.running if r.phase == _PREFILL]
         if not reqs:
             return
-        B, chunk = self.max_batch, self.prefill_chunk
-        counts = torch.zeros(B, dtype=torch.long)
-        rows = {}
-        for r in reqs:
-            n = r.prefill_len - r.prefilled
-            rows[r.id] = min(n, chunk) if chunk else n
-        W = max(rows.values())
+        chunk = self.prefill_chunk
+        rows = {r.id: min(r.prefill_len - r.prefilled, chunk or r.prefill_len) for r in reqs}
         last = {}
-        if W > 0:
-            ids = torch.zeros(B, W, dtype=torch.long)
-            for r in reqs:
-                c, s = rows[r.id], r.seqs[0].slot
-                ids[s, :c] = torch.tensor(r.ids[r.prefilled:r.prefilled + c], dtype=torch.long)
-                counts[s] = c
-            # explicit positions: the rows past a slot's count are never used, but must index the table
-            pos = (self.cache.seqlens.long()[:, None].cpu() + torch.arange(W)).clamp(
-                max=self.model.config.max_position - 1)
+        if max(rows.values()) > 0:
             try:
-                h = forward_rows(self.model, self.model.embed(ids.to(self.device)), self.cache,
-                                 counts.to(self.device), pos.to(self.device))
+                h = self._prefill_pass(reqs, rows)
             except Exception as err:  # the pass failed: every request in it fails, the others go on
                 for r in reqs:
                     self._fail(r, err)
                 return
-            for r in reqs:
-                if rows[r.id]:
-                    last[r.id] = h[r.seqs[0].slot, rows[r.id] - 1]
+            last = {r.id: h[i, rows[r.id] - 1] for i, r in enumerate(reqs) if rows[r.id]}
         for r in reqs:
             r.prefilled += rows[r.id]
             if r.prefilled == r.prefill_len:
@@ -257,6 +253,32 @@ class LatentEngine:
                     self._start_decode(r, last.get(r.id))
                 except Exception as err:
                     self._fail(r, err)
+
+    def _prefill_pass(self, reqs: list[_Request], rows: dict) -> torch.Tensor:
+        """The model pass of `rows[r.id]` prompt rows of each request in `reqs`, on a cache of len(reqs) rows
+        only (not all max_batch slots: a pass computes every row it is given, so a prompt admitted alone would
+        otherwise pay for max_batch of them). The rows a request prefilled at earlier steps (prefill_chunk) are
+        copied in first, the new ones copied back into its slot after. Returns the hidden states (n, W, d)."""
+        n, W = len(reqs), max(rows.values())
+        held = [r.prefilled for r in reqs]
+        sub = self.model.new_cache(n, max(p + rows[r.id] for p, r in zip(held, reqs)), device=self.device)
+        ids = torch.zeros(n, W, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            c, s, p = rows[r.id], r.seqs[0].slot, held[i]
+            ids[i, :c] = torch.tensor(r.ids[p:p + c], dtype=torch.long)
+            if p:
+                sub.k[:, i, :p], sub.v[:, i, :p] = self.cache.k[:, s, :p], self.cache.v[:, s, :p]
+        sub.seqlens.copy_(torch.tensor(held, dtype=torch.int32))
+        # explicit positions: the rows past a prompt's count are never used, but must index the table
+        pos = (torch.tensor(held)[:, None] + torch.arange(W)).clamp(max=self.model.config.max_position - 1)
+        counts = torch.tensor([rows[r.id] for r in reqs])
+        h = forward_rows(self.model, self.model.embed(ids.to(self.device)), sub, counts.to(self.device),
+                         pos.to(self.device))
+        for i, r in enumerate(reqs):
+            s, p, c = r.seqs[0].slot, held[i], rows[r.id]
+            self.cache.k[:, s, p:p + c], self.cache.v[:, s, p:p + c] = sub.k[:, i, p:p + c], sub.v[:, i, p:p + c]
+            self.cache.seqlens[s] = p + c
+        return h
 
     def _start_decode(self, r: _Request, last: torch.Tensor | None) -> None:
         """Fork the prefilled rows into the request's other slots and set every sample's decode state. The
@@ -291,74 +313,105 @@ class LatentEngine:
         r.phase = _DECODE
 
     def _decode(self) -> None:
-        """One row per decoding sample: the model pass, the stop rules, the next thoughts, the sampled tokens,
-        their log-probs, and the samples that end."""
-        st, plan, model = self.state, self.plan, self.model
+        """One row per decoding sample: the model pass, the stop rules, the next thoughts and sampled tokens,
+        then each sample's output and the samples and requests that end."""
+        rows = self._decode_rows()
+        if rows is None:
+            return
+        try:
+            normed, logits = self._model_step(rows)
+        except Exception as err:  # the pass failed: every request in it fails, the others go on
+            for r in {id(q.req): q.req for q in rows.seqs}.values():
+                self._fail(r, err)
+            return
+        for seq in rows.seqs:
+            if seq.req.params.return_latents and rows.in_lat_h[seq.slot]:
+                seq.latents.append(self.fed[seq.slot].clone())
+        self._update_stop(rows.seqs, logits, rows.in_lat, rows.in_forced)
+        sampled, failed = self._next_inputs(rows, normed, logits)
+        self._emit(rows, sampled, logits, failed)
+        for r, err in failed.values():
+            self._fail(r, err)
+        for r in [r for r in self.running if all(q.sample.finish_reason for q in r.seqs)]:
+            self.running.remove(r)
+            self._finished.append(RequestOutput(r.id, r.ids, [q.sample for q in r.seqs]))
+
+    def _decode_rows(self) -> "_StepRows | None":
+        """This step's rows (None when no sample decodes): which slots run, and what each feeds."""
+        st = self.state
         active = ~st.done
         act_h = active.tolist()
         if not any(act_h):
-            return
-        tok, in_lat, in_forced = st.inputs(self.forced, plan)
-        self.s_tok.copy_(tok)
-        self.s_fed.copy_(self.fed)
-        self.s_use.copy_(in_lat)
-        self.s_act.copy_(active)
+            return None
+        tok, in_lat, in_forced = st.inputs(self.forced, self.plan)
         seqs = [self.slots[s] for s in range(self.max_batch) if act_h[s]]
-        try:
-            normed, logits = self.dec.run(self.s_tok, self.s_fed, self.s_use, self.s_act)
-        except Exception as err:  # the pass failed: every request in it fails, the others go on
-            for r in {id(q.req): q.req for q in seqs}.values():
-                self._fail(r, err)
-            return
-        lat_h = in_lat.tolist()
-        for seq in seqs:
-            if seq.req.params.return_latents and lat_h[seq.slot]:
-                seq.latents.append(self.fed[seq.slot].clone())
-        self._update_stop(seqs, logits, in_lat, in_forced)
+        return _StepRows(seqs, tok, in_lat, in_forced, active, in_lat.tolist())
+
+    def _model_step(self, rows: "_StepRows"):
+        """The decode pass over the static buffers; the LM head only on the rows that read their logits."""
+        self.s_tok.copy_(rows.tok)
+        self.s_fed.copy_(self.fed)
+        self.s_use.copy_(rows.in_lat)
+        self.s_act.copy_(rows.active)
+        head = [q.slot for q in rows.seqs if not rows.in_lat_h[q.slot] or self._latent_reads_logits(q)]
+        head_rows = torch.tensor(head, dtype=torch.long, device=self.device)
+        return self.dec.run(self.s_tok, self.s_fed, self.s_use, self.s_act, head_rows)
+
+    def _latent_reads_logits(self, seq: _Seq) -> bool:
+        """Whether a sample in its latent phase reads this step's logits: for its stop rule, its feedback, or
+        the token it emits when this is its last thought with no prompt row after it."""
+        r = seq.req
+        return (r.rule.kind != "fixed" or r.fb.needs_logits or r.fb.needs_token
+                or (seq.it + 1 >= r.budget and not r.forced))
+
+    def _next_inputs(self, rows: "_StepRows", normed, logits):
+        """Per sample, with its own feedback, generator and sampling parameters: the next thought (while it
+        thinks) and the sampled token (greedy: the argmax). Returns (sampled (B,), {request: error})."""
         sampled = logits.argmax(-1)
         failed = {}
-        for seq in seqs:  # per sample: its own feedback, generator and sampling parameters
+        for seq in rows.seqs:
             s, r, p = seq.slot, seq.req, seq.req.params
             try:
                 if r.fb.sequential and seq.it + 1 < r.budget:
-                    self.fed[s] = thought_vector(model, r.fb, normed[s:s + 1], logits[s:s + 1],
+                    self.fed[s] = thought_vector(self.model, r.fb, normed[s:s + 1], logits[s:s + 1],
                                                  seq.generator)[0].to(self.fed.dtype)
                 if p.do_sample:
                     sampled[s] = sample_tokens(logits[s:s + 1], do_sample=True, temperature=p.temperature,
                                                top_k=p.top_k, top_p=p.top_p, generator=seq.generator)[0]
             except Exception as err:
                 failed[id(r)] = (r, err)
+        return sampled, failed
+
+    def _emit(self, rows: "_StepRows", sampled, logits, failed: dict) -> None:
+        """Advance the decode state; append each emitted token with its log-probs to its sample; retire the
+        samples that end (EOS, a stop id, max_tokens)."""
+        st, eos = self.state, self.lm.eos_token_id
         n_before = st.n_out.clone()
-        st.emit(sampled, in_lat, plan, self.lm.eos_token_id)
+        st.emit(sampled, rows.in_lat, self.plan, eos)
         emitted = (st.n_out > n_before).tolist()
         sampled_h, done_h = sampled.tolist(), st.done.tolist()
-        raw = logits.float().log_softmax(-1)
-        for seq in seqs:
+        for seq in rows.seqs:
             s, r, p, out = seq.slot, seq.req, seq.req.params, seq.sample
             seq.it += 1
             if id(r) in failed:
                 continue
             if emitted[s]:
                 t = sampled_h[s]
+                row = logits[s:s + 1].float()
                 out.token_ids.append(t)
-                out.model_logprobs.append(float(raw[s, t]))
+                out.model_logprobs.append(float(row[0, t] - row.logsumexp(-1)[0]))
                 if p.do_sample:
-                    filt = _filter_logits(logits[s:s + 1].float() / p.temperature, p.top_k, p.top_p)
+                    filt = filter_logits(row / p.temperature, p.top_k, p.top_p)
                     out.logprobs.append(float(filt.log_softmax(-1)[0, t]))
                 else:
                     out.logprobs.append(0.0)
-                stop = t == self.lm.eos_token_id or t in p.stop_token_ids
+                stop = t == eos or t in p.stop_token_ids
                 if stop or len(out.token_ids) >= p.max_tokens or done_h[s]:
                     out.finish_reason = "stop" if stop else "length"
             elif done_h[s]:
                 out.finish_reason = "length"
             if out.finish_reason is not None:
                 self._retire(seq)
-        for r, err in failed.values():
-            self._fail(r, err)
-        for r in [r for r in self.running if all(q.sample.finish_reason for q in r.seqs)]:
-            self.running.remove(r)
-            self._finished.append(RequestOutput(r.id, r.ids, [q.sample for q in r.seqs]))
 
     def _update_stop(self, seqs, logits, in_lat, in_forced) -> None:
         """DecodeState.update_stop once per distinct stop rule among the running samples, on their rows only

@@ -248,6 +248,13 @@ class DecodeStep:
 # ---- generation ----------------------------------------------------------------------------------------------
 
 
+def thought_topk(model, fed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What fed vectors (n, d) read as tokens: the ids (n, k) and probabilities (n, k) of the k most likely
+    tokens of softmax(LM head(fed)), the read-out `return_latents` reports for every thought."""
+    p = head_logits(model, fed.to(model.lm_head_weight.dtype)).softmax(-1).topk(k, dim=-1)
+    return p.indices, p.values
+
+
 class _Readout:
     """return_latents: the vector fed at every latent step and its top-k read-out through the LM head."""
 
@@ -256,9 +263,9 @@ class _Readout:
 
     def record(self, model, fed: torch.Tensor, in_lat: torch.Tensor) -> None:
         self.latents.append(torch.where(in_lat[:, None], fed, torch.zeros_like(fed)))
-        p = head_logits(model, fed.to(model.lm_head_weight.dtype)).softmax(-1).topk(self.k, dim=-1)
-        self.ids.append(p.indices)
-        self.probs.append(torch.where(in_lat[:, None], p.values, torch.zeros_like(p.values)))
+        ids, probs = thought_topk(model, fed, self.k)
+        self.ids.append(ids)
+        self.probs.append(torch.where(in_lat[:, None], probs, torch.zeros_like(probs)))
 
     def fill(self, res: GenerateOutput) -> None:
         res.latents = torch.stack(self.latents, 1) if self.latents else None

@@ -22,7 +22,7 @@ import torch
 from .. import validation
 from ..errors import CoconutError
 from ..feedback import resolve_feedback
-from ..latent_decode import DecodeState, DecodeStep, filter_logits, parse_stop, sample_tokens
+from ..latent_decode import DecodeState, DecodeStep, filter_logits, parse_stop, sample_tokens, thought_topk
 from ..latent_plan import plan_batch, plan_decode
 from ..latent_steps import forward_rows, head_logits, thought_vector
 from .params import RequestOutput, Sample, SamplingParams
@@ -77,6 +77,7 @@ class LatentEngine:
     """Continuous batching over `max_batch` slots of `max_tokens` positions each (prompt + latents + answer;
     default: the model's max_position). See the module docstring for the step.
 
+    tokenizer (default: lm.tokenizer): decodes the answers of requests with stop_strings.
     add(prompt_ids, params) queues a prompt (a CoconutError for bad input, raised for that request only);
     step() runs one step and returns the requests that finished in it; generate(prompts, params) runs to
     completion and returns one RequestOutput per prompt, in input order (a bad prompt: an output with .error).
@@ -84,8 +85,9 @@ class LatentEngine:
     """
 
     def __init__(self, lm, max_batch: int, max_tokens: int | None = None, *, prefill_chunk: int | None = None,
-                 use_cuda_graph: bool = True):
+                 use_cuda_graph: bool = True, tokenizer=None):
         self.lm, self.model = lm, lm.model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(lm, "tokenizer", None)
         cfg = self.model.config
         self.max_batch = validation.check_int(max_batch, "max_batch", low=1)
         self.max_tokens = cfg.max_position if max_tokens is None else validation.check_int(
@@ -123,6 +125,9 @@ class LatentEngine:
         elif not isinstance(params, SamplingParams):
             raise CoconutError(f"params must be a SamplingParams, a dict or None, got {type(params).__name__}")
         params.check(self.model.config.vocab_size, self.max_batch)
+        if params.stop_strings and self.tokenizer is None:
+            raise CoconutError("stop_strings need a tokenizer to decode the answer: give LatentEngine(tokenizer=...) "
+                               "or use stop_token_ids")
         return params
 
     @staticmethod
@@ -405,13 +410,24 @@ class LatentEngine:
                     out.logprobs.append(float(filt.log_softmax(-1)[0, t]))
                 else:
                     out.logprobs.append(0.0)
-                stop = t == eos or t in p.stop_token_ids
+                stop = t == eos or t in p.stop_token_ids or self._stop_string(out, p.stop_strings)
                 if stop or len(out.token_ids) >= p.max_tokens or done_h[s]:
                     out.finish_reason = "stop" if stop else "length"
             elif done_h[s]:
                 out.finish_reason = "length"
             if out.finish_reason is not None:
                 self._retire(seq)
+
+    def _stop_string(self, out: Sample, stops) -> bool:
+        """Decode the sample's answer (when it has stop strings): whether it now contains one; out.text is the
+        answer cut before the earliest of them."""
+        if not stops:
+            return False
+        out.text = self.tokenizer.decode(out.token_ids)
+        cut = min((i for i in (out.text.find(x) for x in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out.text = out.text[:cut]
+        return cut >= 0
 
     def _update_stop(self, seqs, logits, in_lat, in_forced) -> None:
         """DecodeState.update_stop once per distinct stop rule among the running samples, on their rows only
@@ -433,6 +449,8 @@ class LatentEngine:
         seq.sample.n_latents = int(self.state.n_latents[s])
         if seq.latents:
             seq.sample.latents = torch.stack(seq.latents)
+            seq.sample.latent_topk_ids, seq.sample.latent_topk_probs = thought_topk(
+                self.model, seq.sample.latents, seq.req.params.latent_topk)
         self.state.done[s] = True
         self.cache.seqlens[s] = 0
         self.slots[s] = None

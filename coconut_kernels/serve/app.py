@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import threading
 import time
 
@@ -278,12 +279,33 @@ def create_app(engine: LatentEngine, model_name: str = "coconut", *, tokenizer=N
     return app
 
 
+def serve(app, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float = 30.0,
+          log_level: str = "info") -> None:
+    """Run `app` under uvicorn until SIGINT or SIGTERM, then shut down gracefully: stop accepting, let running
+    requests finish for up to shutdown_timeout seconds (then cancel them), stop the engine, and return, so that
+    the process exits 0. (uvicorn alone re-raises the signal after its shutdown, which ends the process with the
+    signal's status, as if it had been killed.)"""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=shutdown_timeout)).run()
+
+
 def main(argv=None) -> None:
     """coconut-serve CHECKPOINT: serve a Hugging Face folder as a LatentLM (LatentLM.from_pretrained: the ids
     not given come from its tokenizer, which also makes string prompts possible) on --host:--port."""
     import argparse
-
-    import uvicorn
 
     from ..latent import LatentLM
 
@@ -304,4 +326,4 @@ def main(argv=None) -> None:
                                   end_latent_id=a.end_latent_id, eos_token_id=a.eos_token_id)
     app = create_app(LatentEngine(lm.eval(), a.max_batch, a.max_tokens), a.checkpoint, tokenizer=lm.tokenizer,
                      max_queue=a.max_queue, max_body_bytes=a.max_body_bytes)
-    uvicorn.run(app, host=a.host, port=a.port, timeout_graceful_shutdown=a.shutdown_timeout)
+    serve(app, a.host, a.port, shutdown_timeout=a.shutdown_timeout)

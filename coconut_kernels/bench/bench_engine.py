@@ -11,7 +11,8 @@ decodes exactly m tokens. Every provider gets all requests at t=0.
 - transformers: `GPT2LMHeadModel.generate` (same weights, KV cache) of the question up to <bot>, k + 1 + m
   new tokens per row (the explicit-CoT answer of the same total length: the thoughts spelled out as
   tokens), static batches as above (n=8: num_return_sequences=8);
-- engine, n requests of n=1 (n=8 only): the same 8 samples as 8 independent requests (8 prefills).
+- engine, n requests of n=1 (n=8 only): the same 8 samples as 8 independent requests (8 prefills), all sent
+  at t=0; and "one at a time": each sent when the previous has finished (a client without batching).
 Rate: positions generated per second, k + 1 + m per sample for every provider (a static batch's extra steps
 past a sample's length do not count). Per-request latency (t=0 to the request's last sample) p50 and p99.
 
@@ -90,7 +91,7 @@ def _providers(cfg: dict, n: int, device, dtype) -> list[tuple]:
     work = workload(per_prompt, cfg["max_answer"], cfg["q_len"])
     positions = n * sum(k + 1 + m for _, k, m in work)
 
-    def engine(independent: bool, lat: _Latency):
+    def engine(independent: bool, lat: _Latency, one_at_a_time: bool = False):
         from coconut_kernels.engine import LatentEngine, SamplingParams
 
         def setup():
@@ -101,6 +102,14 @@ def _providers(cfg: dict, n: int, device, dtype) -> list[tuple]:
             def run():
                 eng = LatentEngine(lm, max_batch, max_tokens)
                 t0, owner = time.perf_counter(), {}
+                if one_at_a_time:  # each sample a request of its own, the next sent when it has finished
+                    lat.last = []
+                    for i, (p, _, m) in enumerate(work):
+                        for j in range(n):
+                            (res,) = eng.generate([p], SamplingParams(max_tokens=m, seed=i * n + j, **sample))
+                            assert res.error is None, res.error
+                        lat.last.append(time.perf_counter() - t0)
+                    return
                 for i, (p, _, m) in enumerate(work):
                     if independent:  # sample j of prompt i: the seed the n-sample request gives it
                         for j in range(n):
@@ -165,6 +174,8 @@ def _providers(cfg: dict, n: int, device, dtype) -> list[tuple]:
                  ("transformers (explicit CoT)", "external", transformers)]
     if n > 1:
         factories.append((f"engine, {n} requests of n=1", "other", lambda lat: engine(True, lat)))
+        factories.append((f"engine, {n} requests of n=1 one at a time", "other",
+                          lambda lat: engine(True, lat, one_at_a_time=True)))
     out = []
     for name, role, factory in factories:
         lat = _Latency()

@@ -183,8 +183,9 @@ class DecodeStep:
     run(tokens, fed, use_fed, active) feeds one row per sequence: fed[b] (B, d) where use_fed[b] (a thought),
     else the embedding of tokens[b] (B,); sequences with active[b] False append nothing. It returns the row's
     final-normed hidden state (B, d) and its LM-head logits (B, V) in fp32. head_rows (eager only): a (n,) index
-    of the rows whose logits are wanted; the others are left 0, and the LM head, the largest matmul of the step,
-    runs on those n rows only. A captured graph has fixed shapes, so it computes every row's logits.
+    of the rows whose logits are wanted: the logits are then (n, V), in head_rows' order, and the LM head, the
+    largest matmul of a step, runs on those n rows only. A captured graph has fixed shapes: it always returns
+    every row's logits (B, V).
     """
 
     def __init__(self, lm, B: int, max_len: int, device, use_graph: bool):
@@ -200,12 +201,7 @@ class DecodeStep:
         x = torch.where(use_fed[:, None, None], fed[:, None].to(x.dtype), x)
         h = forward_rows(self.model, x, self.cache, active)
         normed = self.model.final_norm(h[:, 0])
-        if head_rows is None:
-            return normed, head_logits(self.model, normed)
-        part = head_logits(self.model, normed[head_rows])
-        logits = part.new_zeros(normed.shape[0], part.shape[1])
-        logits[head_rows] = part
-        return normed, logits
+        return normed, head_logits(self.model, normed if head_rows is None else normed[head_rows])
 
     def capture(self, tokens, fed, use_fed, active):
         """Capture `step` over these (static) buffers as a CUDA graph; replay() then reruns it."""

@@ -52,6 +52,26 @@ class _StepRows:
     in_lat_h: list
 
 
+class _StepLogits:
+    """A decode step's logits, of the rows that read them only: values (n, V) for `slots` (in slot order)."""
+
+    def __init__(self, values: torch.Tensor, slots: list[int], B: int):
+        self.values, self.slots, self.B = values, slots, B
+        self.index = {s: i for i, s in enumerate(slots)}
+        self.slots_t = torch.tensor(slots, dtype=torch.long, device=values.device)
+
+    def row(self, s: int) -> torch.Tensor | None:
+        """(1, V) logits of slot s, None where they were not computed."""
+        i = self.index.get(s)
+        return None if i is None else self.values[i:i + 1]
+
+    def full(self) -> torch.Tensor:
+        """(B, V), zeros in the rows not computed (DecodeState.update_stop reads every row)."""
+        out = self.values.new_zeros(self.B, self.values.shape[1])
+        out[self.slots_t] = self.values
+        return out
+
+
 class _Seq:
     """One sample of a request, in one slot."""
 
@@ -352,7 +372,7 @@ class LatentEngine:
         seqs = [self.slots[s] for s in range(self.max_batch) if act_h[s]]
         return _StepRows(seqs, tok, in_lat, in_forced, active, in_lat.tolist())
 
-    def _model_step(self, rows: "_StepRows"):
+    def _model_step(self, rows: "_StepRows") -> tuple[torch.Tensor, _StepLogits]:
         """The decode pass over the static buffers; the LM head only on the rows that read their logits."""
         self.s_tok.copy_(rows.tok)
         self.s_fed.copy_(self.fed)
@@ -360,34 +380,40 @@ class LatentEngine:
         self.s_act.copy_(rows.active)
         head = [q.slot for q in rows.seqs if not rows.in_lat_h[q.slot] or self._latent_reads_logits(q)]
         head_rows = torch.tensor(head, dtype=torch.long, device=self.device)
-        return self.dec.run(self.s_tok, self.s_fed, self.s_use, self.s_act, head_rows)
+        normed, logits = self.dec.run(self.s_tok, self.s_fed, self.s_use, self.s_act, head_rows)
+        if logits.shape[0] != len(head):  # a captured graph computed every row
+            logits = logits.index_select(0, head_rows)
+        return normed, _StepLogits(logits, head, self.max_batch)
 
     def _latent_reads_logits(self, seq: _Seq) -> bool:
-        """Whether a sample in its latent phase reads this step's logits: for its stop rule, its feedback, or
-        the token it emits when this is its last thought with no prompt row after it."""
+        """Whether a sample in its latent phase reads this step's logits: for its stop rule, its feedback, the
+        token it emits when this is its last thought with no prompt row after it, or its sampling (a draw at
+        every step, as `generate` draws, keeps a seeded sample's random stream the same as there)."""
         r = seq.req
-        return (r.rule.kind != "fixed" or r.fb.needs_logits or r.fb.needs_token
+        return (r.rule.kind != "fixed" or r.fb.needs_logits or r.fb.needs_token or r.params.do_sample
                 or (seq.it + 1 >= r.budget and not r.forced))
 
-    def _next_inputs(self, rows: "_StepRows", normed, logits):
+    def _next_inputs(self, rows: "_StepRows", normed, logits: _StepLogits):
         """Per sample, with its own feedback, generator and sampling parameters: the next thought (while it
         thinks) and the sampled token (greedy: the argmax). Returns (sampled (B,), {request: error})."""
-        sampled = logits.argmax(-1)
+        sampled = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        if logits.slots:
+            sampled[logits.slots_t] = logits.values.argmax(-1)
         failed = {}
         for seq in rows.seqs:
             s, r, p = seq.slot, seq.req, seq.req.params
             try:
                 if r.fb.sequential and seq.it + 1 < r.budget:
-                    self.fed[s] = thought_vector(self.model, r.fb, normed[s:s + 1], logits[s:s + 1],
+                    self.fed[s] = thought_vector(self.model, r.fb, normed[s:s + 1], logits.row(s),
                                                  seq.generator)[0].to(self.fed.dtype)
                 if p.do_sample:
-                    sampled[s] = sample_tokens(logits[s:s + 1], do_sample=True, temperature=p.temperature,
+                    sampled[s] = sample_tokens(logits.row(s), do_sample=True, temperature=p.temperature,
                                                top_k=p.top_k, top_p=p.top_p, generator=seq.generator)[0]
             except Exception as err:
                 failed[id(r)] = (r, err)
         return sampled, failed
 
-    def _emit(self, rows: "_StepRows", sampled, logits, failed: dict) -> None:
+    def _emit(self, rows: "_StepRows", sampled, logits: _StepLogits, failed: dict) -> None:
         """Advance the decode state; append each emitted token with its log-probs to its sample; retire the
         samples that end (EOS, a stop id, max_tokens)."""
         st, eos = self.state, self.lm.eos_token_id
@@ -395,6 +421,10 @@ class LatentEngine:
         st.emit(sampled, rows.in_lat, self.plan, eos)
         emitted = (st.n_out > n_before).tolist()
         sampled_h, done_h = sampled.tolist(), st.done.tolist()
+        raw = []  # log p(token) under the raw model, per computed row, in one pass over the rows
+        if logits.slots:
+            v = logits.values.float()
+            raw = (v.gather(1, sampled[logits.slots_t][:, None])[:, 0] - v.logsumexp(-1)).tolist()
         for seq in rows.seqs:
             s, r, p, out = seq.slot, seq.req, seq.req.params, seq.sample
             seq.it += 1
@@ -402,11 +432,10 @@ class LatentEngine:
                 continue
             if emitted[s]:
                 t = sampled_h[s]
-                row = logits[s:s + 1].float()
                 out.token_ids.append(t)
-                out.model_logprobs.append(float(row[0, t] - row.logsumexp(-1)[0]))
+                out.model_logprobs.append(raw[logits.index[s]])
                 if p.do_sample:
-                    filt = filter_logits(row / p.temperature, p.top_k, p.top_p)
+                    filt = filter_logits(logits.row(s).float() / p.temperature, p.top_k, p.top_p)
                     out.logprobs.append(float(filt.log_softmax(-1)[0, t]))
                 else:
                     out.logprobs.append(0.0)
@@ -429,18 +458,19 @@ class LatentEngine:
             out.text = out.text[:cut]
         return cut >= 0
 
-    def _update_stop(self, seqs, logits, in_lat, in_forced) -> None:
+    def _update_stop(self, seqs, logits: _StepLogits, in_lat, in_forced) -> None:
         """DecodeState.update_stop once per distinct stop rule among the running samples, on their rows only
-        (the other rows' low-entropy runs kept)."""
+        (the other rows' low-entropy runs kept). Only the eot and entropy rules read logits."""
         groups: dict = {}
         for seq in seqs:
             groups.setdefault(seq.req.rule_key, (seq.req.rule, []))[1].append(seq.slot)
         st = self.state
+        full = logits.full() if any(rule.kind != "fixed" for rule, _ in groups.values()) else None
         for rule, slots in groups.values():
             g = torch.zeros_like(in_lat)
             g[slots] = True
             low = st.low_run.clone()
-            st.update_stop(rule, logits, in_lat & g, in_forced & g, self.lm.end_latent_id)
+            st.update_stop(rule, full, in_lat & g, in_forced & g, self.lm.end_latent_id)
             st.low_run = torch.where(g, st.low_run, low)
 
     def _retire(self, seq: _Seq) -> None:

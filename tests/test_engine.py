@@ -72,6 +72,9 @@ def test_greedy_equals_generate_alone_staggered(lm, chunk):
         assert s.finish_reason == ("stop" if toks[-1] == EOS else "length")
         assert len(s.logprobs) == len(s.model_logprobs) == len(toks)
     assert all(seq is None for seq in eng.slots) and int(eng.cache.seqlens.sum()) == 0
+    quiet = eng.generate(ps[:3], [SamplingParams(max_tokens=m, logprobs=False) for m in mt[:3]])
+    assert [o.samples[0].token_ids for o in quiet] == [out[i].samples[0].token_ids for i in range(3)]
+    assert all(o.samples[0].logprobs == o.samples[0].model_logprobs == [] for o in quiet)
 
 
 def test_mixed_stop_rules_and_feedback_per_request(lm):

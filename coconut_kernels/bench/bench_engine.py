@@ -97,7 +97,8 @@ def _providers(cfg: dict, n: int, device, dtype) -> list[tuple]:
         def setup():
             lm = build()["lm"]
             max_tokens = max(len(p) + m for p, _, m in work) + 1
-            sample = dict(do_sample=True, temperature=1.0) if n > 1 else {}
+            # no log-probs: generate and transformers report none (an RL rollout would ask for them)
+            sample = dict(do_sample=True, temperature=1.0, logprobs=False) if n > 1 else dict(logprobs=False)
 
             def run():
                 eng = LatentEngine(lm, max_batch, max_tokens)

@@ -422,7 +422,7 @@ class LatentEngine:
         emitted = (st.n_out > n_before).tolist()
         sampled_h, done_h = sampled.tolist(), st.done.tolist()
         raw = []  # log p(token) under the raw model, per computed row, in one pass over the rows
-        if logits.slots:
+        if logits.slots and any(q.req.params.logprobs for q in rows.seqs):
             v = logits.values.float()
             raw = (v.gather(1, sampled[logits.slots_t][:, None])[:, 0] - v.logsumexp(-1)).tolist()
         for seq in rows.seqs:
@@ -433,12 +433,13 @@ class LatentEngine:
             if emitted[s]:
                 t = sampled_h[s]
                 out.token_ids.append(t)
-                out.model_logprobs.append(raw[logits.index[s]])
-                if p.do_sample:
-                    filt = filter_logits(logits.row(s).float() / p.temperature, p.top_k, p.top_p)
-                    out.logprobs.append(float(filt.log_softmax(-1)[0, t]))
-                else:
-                    out.logprobs.append(0.0)
+                if p.logprobs:
+                    out.model_logprobs.append(raw[logits.index[s]])
+                    if p.do_sample:
+                        filt = filter_logits(logits.row(s).float() / p.temperature, p.top_k, p.top_p)
+                        out.logprobs.append(float(filt.log_softmax(-1)[0, t]))
+                    else:
+                        out.logprobs.append(0.0)
                 stop = t == eos or t in p.stop_token_ids or self._stop_string(out, p.stop_strings)
                 if stop or len(out.token_ids) >= p.max_tokens or done_h[s]:
                     out.finish_reason = "stop" if stop else "length"

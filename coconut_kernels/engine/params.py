@@ -22,7 +22,8 @@ class SamplingParams:
     a tokenizer; the text is cut before the string, as OpenAI's `stop`); seed: sample i draws from
     torch.Generator().manual_seed(seed + i) (None: torch's global generator, not reproducible);
     return_latents: keep the vector fed at every latent step and what it reads as (its `latent_topk` most
-    likely tokens under the LM head).
+    likely tokens under the LM head); logprobs: report each token's log-probabilities (Sample.logprobs and
+    model_logprobs; False leaves them empty and saves a pass over the step's logits, as `generate` reports none).
     """
     n: int = 1
     max_tokens: int = 16
@@ -37,6 +38,7 @@ class SamplingParams:
     seed: int | None = None
     return_latents: bool = False
     latent_topk: int = 5
+    logprobs: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
@@ -62,6 +64,8 @@ class SamplingParams:
                 isinstance(x, str) and x for x in self.stop_strings):
             raise CoconutError(f"stop_strings must be a tuple or list of non-empty strings, got {self.stop_strings!r}")
         validation.check_int(self.latent_topk, "latent_topk", low=1, high=vocab_size)
+        if not isinstance(self.logprobs, bool):
+            raise CoconutError(f"logprobs must be a bool, got {self.logprobs!r}")
         if self.seed is not None:
             validation.check_int(self.seed, "seed", low=0)
 
@@ -70,7 +74,7 @@ class SamplingParams:
 class Sample:
     """One generated answer. logprobs: log-probability of each token under the distribution it was drawn from
     (temperature / top-k / top-p applied; 0.0 for greedy, a point mass); model_logprobs: under the raw model
-    (softmax of the logits). latents (n_latents, d): the vector fed at every latent step, latent_topk_ids and
+    (softmax of the logits); both empty when the request asked for no log-probs. latents (n_latents, d): the vector fed at every latent step, latent_topk_ids and
     latent_topk_probs (n_latents, latent_topk): the tokens it reads as under the LM head (return_latents).
     text: the decoded answer, cut before the stop string that ended it (set when the request has stop_strings)."""
     token_ids: list[int] = field(default_factory=list)

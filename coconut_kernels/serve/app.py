@@ -156,7 +156,7 @@ def create_app(engine: LatentEngine, model_name: str = "coconut", *, tokenizer=N
                                 stop=body.get("latent_stop"), feedback=body.get("feedback"),
                                 stop_token_ids=tuple(stop_ids), stop_strings=tuple(stop_strings),
                                 seed=body.get("seed"), return_latents=k is not False,
-                                latent_topk=5 if isinstance(k, bool) else k)
+                                latent_topk=5 if isinstance(k, bool) else k, logprobs=body.get("logprobs") is not None)
         return ids, params, bool(body.get("stream", False)), body.get("logprobs")
 
     def tok_str(ids):

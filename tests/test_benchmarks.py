@@ -261,7 +261,8 @@ def test_engine_scenarios_write_rates_latencies_and_their_plot(tmp_path):
                                                                        ("engine, 8 requests of n=1 one at a time", "8")}
     for prov, n in providers:
         get = {r["metric"]: r["p50"] for r in eng if r["provider"] == prov and r["x_value"] == n}
-        assert get["tokens/s"] > 0 and 0 < get["latency p50"] <= get["latency p99"] <= get["time"] * 1.01
+        # the latencies are those of the last repetition, which may be slower than the median run
+        assert get["tokens/s"] > 0 and 0 < get["latency p50"] <= get["latency p99"]
     assert {r["provider"] for r in rows if r["scenario"] == "engine_step"} == {"token step", "latent step"}
     png = (tmp_path / "results" / "engine_latency.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and b"1 threads" in png

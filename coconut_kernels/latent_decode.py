@@ -33,8 +33,10 @@ class GenerateOutput:
 # ---- sampling ------------------------------------------------------------------------------------------------
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """-inf outside the top-k and outside the smallest nucleus reaching top_p (the top token always stays)."""
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits (n, V) with -inf outside the top-k (0: no limit) and outside the smallest nucleus reaching top_p
+    (1.0: no limit); the top token always stays. `sample_tokens` draws from softmax(filter_logits(logits / T)),
+    so the log-probability of a drawn token is log_softmax of the same filtered logits."""
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -51,7 +53,7 @@ def sample_tokens(logits: torch.Tensor, *, do_sample: bool, temperature: float, 
     """Greedy argmax, or a draw from softmax(filtered logits / temperature)."""
     if not do_sample:
         return logits.argmax(-1)
-    probs = _filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -174,8 +176,17 @@ def _graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-class _Decoder:
-    """The decode step over one cache, eager or captured once as a CUDA graph over static buffers."""
+class DecodeStep:
+    """One decode step of a batch over one KVCache (`.cache`, batch B, max_len rows per sequence), eager or
+    captured once as a CUDA graph over static buffers. Used by `generate` and by `engine.LatentEngine`.
+
+    run(tokens, fed, use_fed, active) feeds one row per sequence: fed[b] (B, d) where use_fed[b] (a thought),
+    else the embedding of tokens[b] (B,); sequences with active[b] False append nothing. It returns the row's
+    final-normed hidden state (B, d) and its LM-head logits (B, V) in fp32. head_rows (eager only): a (n,) index
+    of the rows whose logits are wanted: the logits are then (n, V), in head_rows' order, and the LM head, the
+    largest matmul of a step, runs on those n rows only. A captured graph has fixed shapes: it always returns
+    every row's logits (B, V).
+    """
 
     def __init__(self, lm, B: int, max_len: int, device, use_graph: bool):
         self.lm, self.model = lm, lm.model
@@ -183,14 +194,14 @@ class _Decoder:
         self.graph = None
         self.use_graph = use_graph and _graphs_supported(torch.device(device))
 
-    def step(self, tokens: torch.Tensor, fed: torch.Tensor, use_fed: torch.Tensor, active: torch.Tensor):
-        """One row per example: fed[b] where use_fed[b] (a thought), else tokens[b]'s embedding; inactive
-        examples append nothing. Returns (normed, logits) of the row."""
+    def step(self, tokens: torch.Tensor, fed: torch.Tensor, use_fed: torch.Tensor, active: torch.Tensor,
+             head_rows: torch.Tensor | None = None):
+        """The eager step (see the class); the graph records this."""
         x = self.model.embed(tokens[:, None])
         x = torch.where(use_fed[:, None, None], fed[:, None].to(x.dtype), x)
         h = forward_rows(self.model, x, self.cache, active)
         normed = self.model.final_norm(h[:, 0])
-        return normed, head_logits(self.model, normed)
+        return normed, head_logits(self.model, normed if head_rows is None else normed[head_rows])
 
     def capture(self, tokens, fed, use_fed, active):
         """Capture `step` over these (static) buffers as a CUDA graph; replay() then reruns it."""
@@ -210,12 +221,12 @@ class _Decoder:
         self.graph.replay()
         return self.static_out
 
-    def run(self, tokens, fed, use_fed, active):
+    def run(self, tokens, fed, use_fed, active, head_rows: torch.Tensor | None = None):
         """One decode step: replayed from the graph (captured at the first step) when graphs are on, else eager.
         If the capture or the first replay raises, warn once and decode eagerly from then on, from the cache
         lengths before the attempt (rows it wrote past them are rewritten): the output is the eager one."""
         if not self.use_graph:
-            return self.step(tokens, fed, use_fed, active)
+            return self.step(tokens, fed, use_fed, active, head_rows)
         if self.graph is not None:
             return self.replay()
         seqlens = self.cache.seqlens.clone()
@@ -227,10 +238,17 @@ class _Decoder:
                           "decoding eagerly (use_cuda_graph=False skips the attempt)", RuntimeWarning, stacklevel=2)
             self.use_graph, self.graph = False, None
             self.cache.seqlens.copy_(seqlens)
-        return self.step(tokens, fed, use_fed, active)
+        return self.step(tokens, fed, use_fed, active, head_rows)
 
 
 # ---- generation ----------------------------------------------------------------------------------------------
+
+
+def thought_topk(model, fed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What fed vectors (n, d) read as tokens: the ids (n, k) and probabilities (n, k) of the k most likely
+    tokens of softmax(LM head(fed)), the read-out `return_latents` reports for every thought."""
+    p = head_logits(model, fed.to(model.lm_head_weight.dtype)).softmax(-1).topk(k, dim=-1)
+    return p.indices, p.values
 
 
 class _Readout:
@@ -241,9 +259,9 @@ class _Readout:
 
     def record(self, model, fed: torch.Tensor, in_lat: torch.Tensor) -> None:
         self.latents.append(torch.where(in_lat[:, None], fed, torch.zeros_like(fed)))
-        p = head_logits(model, fed.to(model.lm_head_weight.dtype)).softmax(-1).topk(self.k, dim=-1)
-        self.ids.append(p.indices)
-        self.probs.append(torch.where(in_lat[:, None], p.values, torch.zeros_like(p.values)))
+        ids, probs = thought_topk(model, fed, self.k)
+        self.ids.append(ids)
+        self.probs.append(torch.where(in_lat[:, None], probs, torch.zeros_like(probs)))
 
     def fill(self, res: GenerateOutput) -> None:
         res.latents = torch.stack(self.latents, 1) if self.latents else None
@@ -259,7 +277,7 @@ class _Generation:
         self.lm, self.model, self.fb, self.rule, self.sampling = lm, lm.model, fb, rule, sampling
         self.plan, self.input_ids, self.eos, self.readout = plan, input_ids, eos, readout
         B, device = input_ids.shape[0], input_ids.device
-        self.dec = _Decoder(lm, B, plan.total + 1, device, use_cuda_graph)
+        self.dec = DecodeStep(lm, B, plan.total + 1, device, use_cuda_graph)
         d, dtype = self.model.config.d_model, self.model.embed_tokens.weight.dtype
         # Static step buffers (a CUDA graph replays over them).
         self.s_tok = torch.zeros(B, dtype=torch.long, device=device)

@@ -255,3 +255,26 @@ def test_bad_flags_are_one_line_errors(argv, flag, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("coconut-bench: error: ") and flag in err
+
+
+@pytest.mark.slow
+def test_engine_scenarios_write_rates_latencies_and_their_plot(tmp_path):
+    """bench_engine's command (--quick): every provider at n=1 and n=8 (the 8 independent requests at n=8), a
+    positive rate and latency p50 <= p99 for each, the step scenario's two phases, and the latency plot."""
+    done = subprocess.run([sys.executable, "-m", "coconut_kernels.bench.bench_engine", "--quick", "--threads", "1",
+                           "--out", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = _rows(tmp_path / "RESULTS.md")  # the CSV in the results/ folder beside a (here absent) record
+    eng = [r for r in rows if r["scenario"] == "engine"]
+    providers = {(r["provider"], r["x_value"]) for r in eng if r["metric"] == "time"}
+    main = {"coconut_kernels engine", "static generate", "transformers (explicit CoT)"}
+    assert providers == {(p, n) for p in main for n in ("1", "8")} | {("engine, 8 requests of n=1", "8"),
+                                                                       ("engine, 8 requests of n=1 one at a time", "8")}
+    for prov, n in providers:
+        get = {r["metric"]: r["p50"] for r in eng if r["provider"] == prov and r["x_value"] == n}
+        # the latencies are those of the last repetition, which may be slower than the median run
+        assert get["tokens/s"] > 0 and 0 < get["latency p50"] <= get["latency p99"]
+    assert {r["provider"] for r in rows if r["scenario"] == "engine_step"} == {"token step", "latent step"}
+    png = (tmp_path / "results" / "engine_latency.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and b"1 threads" in png
+    assert "latency p99" in done.stdout

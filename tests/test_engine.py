@@ -72,6 +72,9 @@ def test_greedy_equals_generate_alone_staggered(lm, chunk):
         assert s.finish_reason == ("stop" if toks[-1] == EOS else "length")
         assert len(s.logprobs) == len(s.model_logprobs) == len(toks)
     assert all(seq is None for seq in eng.slots) and int(eng.cache.seqlens.sum()) == 0
+    quiet = eng.generate(ps[:3], [SamplingParams(max_tokens=m, logprobs=False) for m in mt[:3]])
+    assert [o.samples[0].token_ids for o in quiet] == [out[i].samples[0].token_ids for i in range(3)]
+    assert all(o.samples[0].logprobs == o.samples[0].model_logprobs == [] for o in quiet)
 
 
 def test_mixed_stop_rules_and_feedback_per_request(lm):
@@ -247,3 +250,58 @@ def test_abort_frees_the_slots(lm):
     assert all(s is None for s in eng.slots) and not eng.has_unfinished() and eng.step() == []
     out = eng.generate([[7, 8]], SamplingParams(max_tokens=3))[0]
     assert out.samples[0].token_ids == alone(lm, [7, 8], 3)[0]
+
+
+class CharTokenizer:
+    """One character per token id: decoded text and token positions line up."""
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+    def decode(self, ids):
+        return "".join(self.chars[t] for t in ids)
+
+    def encode(self, text):
+        return [self.chars.index(c) for c in text]
+
+
+def test_stop_strings_end_a_sample_and_cut_its_text(lm):
+    p = [5, 6, 7, BOT, LAT, EOT]
+    tok = CharTokenizer()
+    full, _ = alone(lm, p, 24)
+    text = tok.decode(full)
+    stop = text[5:7]  # two tokens, first seen at index text.find(stop)
+    cut = text.find(stop)
+    eng = LatentEngine(lm, 2, 64, tokenizer=tok)
+    s = eng.generate([p], SamplingParams(max_tokens=24, stop_strings=(stop, "never")))[0].samples[0]
+    assert s.finish_reason == "stop" and s.text == text[:cut] and s.token_ids == full[:cut + 2]
+    with pytest.raises(CoconutError, match="tokenizer"):
+        LatentEngine(lm, 2, 64).add(p, SamplingParams(stop_strings=("x",)))
+    with pytest.raises(CoconutError, match="stop_strings"):
+        eng.add(p, SamplingParams(stop_strings=("",)))
+
+
+def test_latent_topk_equals_generate_readout(lm):
+    p = [5, 6, 7, BOT, LAT, LAT, LAT, EOT]
+    s = LatentEngine(lm, 2, 64).generate([p], SamplingParams(max_tokens=4, return_latents=True,
+                                                             latent_topk=3))[0].samples[0]
+    ref = lm.generate(torch.tensor([p]), max_new_tokens=4, return_latents=True)
+    assert s.latent_topk_ids.shape == (3, 3)
+    assert torch.equal(s.latent_topk_ids, ref.latent_topk_ids[0, :3, :3])
+    torch.testing.assert_close(s.latent_topk_probs, ref.latent_topk_probs[0, :3, :3])
+
+
+def test_lm_head_runs_only_on_rows_that_read_logits(lm, monkeypatch):
+    """A latent step of a fixed-count, hidden-feedback thought needs no logits: its LM head is skipped, and
+    the output is unchanged (greedy equals generate alone)."""
+    heads = []
+    real = engine_mod.DecodeStep.step
+
+    def counting(self, tokens, fed, use_fed, active, head_rows=None):
+        if head_rows is not None:  # generate (the reference below) computes every row's logits
+            heads.append((int(active.sum()), len(head_rows)))
+        return real(self, tokens, fed, use_fed, active, head_rows)
+
+    monkeypatch.setattr(engine_mod.DecodeStep, "step", counting)
+    p = [5, 6, BOT] + [LAT] * 4 + [EOT]
+    out = LatentEngine(lm, 2, 64).generate([p], SamplingParams(max_tokens=3))[0].samples[0]
+    assert out.token_ids == alone(lm, p, 3)[0]
+    assert heads[:5] == [(1, 0)] * 4 + [(1, 1)]  # the four latent steps headless, then <eot> emits

@@ -67,7 +67,7 @@ def test_capture_failure_falls_back_with_one_warning(graphs_on_cpu, monkeypatch)
         self.step(*buffers)  # like the real warm-up: writes the step's rows and advances the cache
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(latent_decode._Decoder, "capture", broken_capture)
+    monkeypatch.setattr(latent_decode.DecodeStep, "capture", broken_capture)
     with pytest.warns(RuntimeWarning) as record:
         out = run(lm, True, return_latents=True)
     assert len(fallback_warnings(record)) == 1 and len(calls) == 1  # tried once, then eager to the end
@@ -86,8 +86,8 @@ def test_first_replay_failure_falls_back(graphs_on_cpu, monkeypatch):
         self.cache.advance(1)  # a replay that ran part of the step before failing
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(latent_decode._Decoder, "capture", fake_capture)
-    monkeypatch.setattr(latent_decode._Decoder, "replay", broken_replay)
+    monkeypatch.setattr(latent_decode.DecodeStep, "capture", fake_capture)
+    monkeypatch.setattr(latent_decode.DecodeStep, "replay", broken_replay)
     with pytest.warns(RuntimeWarning) as record:
         out = run(lm, True, feedback="soft")
     assert len(fallback_warnings(record)) == 1

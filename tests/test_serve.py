@@ -1,10 +1,15 @@
 """coconut-serve on the loopback with a real HTTP client: completions equal generate alone, streaming (SSE),
-concurrent requests, 400 for bad input, 429 when the queue is full, a client that leaves mid-stream frees its
-slot."""
+concurrent requests, 400 for bad input, 413 for a body over the limit, 429 when the queue is full, a client
+that leaves mid-stream frees its slot, stop strings, each thought's top-k tokens, and a graceful shutdown of a
+server process on SIGTERM."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -151,3 +156,122 @@ def test_full_queue_is_429():
         assert r.status_code == 429 and "max_queue" in r.json()["error"]["message"]
     finally:
         s.stop()
+
+
+def test_return_latents_gives_each_thoughts_top_k(srv):
+    prompt = [5, 6, 7, BOT, LAT, LAT, LAT, EOT]
+    r = post(srv, {"prompt": prompt[:3], "latent_steps": 3, "max_tokens": 4, "temperature": 0,
+                   "return_latents": 3})
+    assert r.status_code == 200, r.text
+    lat = r.json()["choices"][0]["latents"]
+    ref = srv.lm.generate(torch.tensor([prompt]), max_new_tokens=4, return_latents=True)
+    assert [t["top_token_ids"] for t in lat] == ref.latent_topk_ids[0, :, :3].tolist()
+    assert all(t["top_tokens"] == [str(i) for i in t["top_token_ids"]] for t in lat)  # no tokenizer: the ids
+    torch.testing.assert_close(torch.tensor([t["top_probs"] for t in lat]), ref.latent_topk_probs[0, :, :3])
+    assert "latents" not in post(srv, {"prompt": [1, 2], "max_tokens": 2}).json()["choices"][0]
+    assert post(srv, {"prompt": [1, 2], "return_latents": 0}).status_code == 400
+
+
+def test_body_over_the_limit_is_413(srv):
+    big = json.dumps({"prompt": [1] * 400_000}).encode()  # over the default 1 MiB
+    r = httpx.post(f"{srv.url}/v1/completions", content=big, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+    # without a Content-Length (chunked), the limit holds as the body is read
+    r = httpx.post(f"{srv.url}/v1/completions", content=(big[i:i + 65536] for i in range(0, len(big), 65536)),
+                   timeout=60)
+    assert r.status_code == 413
+    assert post(srv, {"prompt": [1, 2], "max_tokens": 2, "temperature": 0}).status_code == 200
+
+
+class CharTokenizer:
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+    def decode(self, ids):
+        return "".join(self.chars[t] for t in ids)
+
+    def encode(self, text):
+        return [self.chars.index(c) for c in text]
+
+
+def stream_text(s, body):
+    text, finish = "", None
+    with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                c = json.loads(line[6:])["choices"][0]
+                text += c["text"]
+                finish = c["finish_reason"] or finish
+    return text, finish
+
+
+def test_multi_token_stop_strings_cut_the_text_also_when_streaming():
+    tok = CharTokenizer()
+    s = Server(tokenizer=tok)
+    try:
+        prompt = [9, 8, 7, BOT, LAT, EOT]
+        full = tok.decode(alone(s.lm, prompt, 30))
+        stop = full[6:9]  # three tokens
+        want = full[:full.find(stop)]
+        body = {"prompt": tok.decode(prompt), "max_tokens": 30, "temperature": 0, "stop": [stop, "zzzz"]}
+        c = post(s, body).json()["choices"][0]
+        assert c["text"] == want and c["finish_reason"] == "stop"
+        assert stream_text(s, body) == (want, "stop")
+        # a stop string that never appears: the whole answer, to max_tokens
+        assert stream_text(s, {**body, "stop": "ZZ9"}) == (full, "length")
+    finally:
+        s.stop()
+
+
+SERVER_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from coconut_kernels import LatentLM
+    from coconut_kernels.engine import LatentEngine
+    from coconut_kernels.models import GPT2, GPT2Config
+    from coconut_kernels.serve import create_app, serve
+    torch.manual_seed(0)
+    V = 61
+    model = GPT2(GPT2Config(vocab_size=V, n_layer=2, n_head=2, d_model=32, max_position=1024)).eval()
+    lm = LatentLM(model, V - 2, V - 3, V - 1, -1)  # no EOS: an answer runs to max_tokens
+    app = create_app(LatentEngine(lm, 2, 1024), "tiny")
+    serve(app, "127.0.0.1", int(sys.argv[1]), shutdown_timeout=60, log_level="warning")
+""")
+
+
+def test_sigterm_lets_the_running_request_finish_and_exits_0(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "serve_tiny.py"
+    script.write_text(SERVER_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+        wait_until(up, "the server process did not start", polls=1200)
+        body = {"prompt": [5, 6], "max_tokens": 400, "temperature": 0, "stream": True}
+        chunks, tokens = [], 0
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            tokens += len(json.loads(first[6:])["choices"][0]["token_ids"])
+            assert tokens < 400
+            proc.send_signal(signal.SIGTERM)  # mid-request
+            for line in lines:
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+        assert chunks[-1] == "[DONE]"  # the stream ended cleanly, not cut
+        last = json.loads(chunks[-2])["choices"][0]
+        tokens += sum(len(json.loads(c)["choices"][0]["token_ids"]) for c in chunks[:-1])
+        assert last["finish_reason"] == "length" and tokens == 400  # it finished
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.TransportError):  # and nothing listens any more
+            httpx.get(f"{url}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -37,7 +37,7 @@ RECORD = Path("benchmarks") / "RESULTS.md"   # the record, relative to the repos
 NOTES = "## Notes"  # the record's one hand-written section: --write-results keeps it as it is
 
 # The order scenarios run and print in; a bench module registers its scenario when imported.
-ORDER = ("latent_feedback", "latent_attention", "soft_embedding", "train_step", "generate")
+ORDER = ("latent_feedback", "latent_attention", "soft_embedding", "train_step", "generate", "engine")
 
 
 def _load_scenarios() -> None:
@@ -181,6 +181,8 @@ def _case_rows(case, times: list[float], mem, mem_kind: str, info: dict, device)
         if key.startswith("metric:"):  # a derived per-case figure (e.g. tokens per step)
             rows.append({**base, "metric": key[7:], "unit": value[1], "p20": value[0] / p80,
                          "p50": value[0] / p50, "p80": value[0] / p20})
+    for metric, (unit, value) in case.extra.get("observed", {}).items():  # e.g. a request latency quantile
+        rows.append({**base, "metric": metric, "unit": unit, **dict.fromkeys(("p20", "p50", "p80"), value())})
     return rows
 
 
@@ -364,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                          "and render RECORD from them, keeping its Notes section")
     ap.add_argument("--render-results", nargs="?", const=str(RECORD), default=None, metavar="RECORD",
                     help="render RECORD again from the CSVs in the results/ folder beside it, running nothing")
+    ap.add_argument("--full", action="store_true",
+                    help="the whole workload of the scenarios that run a reduced one by default (engine)")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args(argv)
     for flag in ("threads", "reps"):
@@ -401,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}")
     settings = {"device": device, "dtype": dtype, "quick": args.quick, "official": args.official,
                 "sizes": [int(s) for s in args.sizes.split(",")] if args.sizes else None, "model": args.model,
-                "reps": args.reps}
+                "reps": args.reps, "full": args.full}
     info = machine_info(device)
     info.update(dtype=str(dtype).removeprefix("torch."), command=shlex.join(["python", "-m", __package__, *argv]))
     print(f"coconut_kernels {info['coconut_kernels']} | commit {info['commit']}{' (dirty)' if info['dirty'] else ''}"

@@ -29,6 +29,8 @@ class Case:
     role: str = "impl"          # "impl" | "reference" | "floor" | "other"
     reps: int = 5
     warmup: int = 1
+    # "memory": False skips the memory measurement; "metric:NAME": (amount, unit) adds amount / time as a rate;
+    # "observed": {NAME: (unit, value())} adds what the step itself recorded, read after the timing
     extra: dict = field(default_factory=dict)
 
 

@@ -23,7 +23,7 @@ from .. import validation
 from ..errors import CoconutError
 from ..feedback import resolve_feedback
 from ..latent import LatentLM
-from ..latent_decode import DecodeState, _Decoder, _filter_logits, parse_stop, sample_tokens
+from ..latent_decode import DecodeState, DecodeStep, filter_logits, parse_stop, sample_tokens, thought_topk
 from ..latent_plan import plan_batch, plan_decode
 from ..latent_steps import forward_rows, head_logits, thought_vector
 from .params import RequestOutput, Sample, SamplingParams
@@ -39,6 +39,38 @@ class _SlotPlan:
         self.forced_len = torch.zeros(B, dtype=torch.long, device=device)
         self.latent_budget = torch.zeros(B, dtype=torch.long, device=device)
         self.n_forced = n_forced
+
+
+@dataclasses.dataclass
+class _StepRows:
+    """The rows of one decode step: the samples that run (in slot order) and, per slot, the token fed, whether
+    it feeds a thought (in_lat, also on the host) or a forced prompt row, and whether it runs at all."""
+    seqs: list
+    tok: torch.Tensor
+    in_lat: torch.Tensor
+    in_forced: torch.Tensor
+    active: torch.Tensor
+    in_lat_h: list
+
+
+class _StepLogits:
+    """A decode step's logits, of the rows that read them only: values (n, V) for `slots` (in slot order)."""
+
+    def __init__(self, values: torch.Tensor, slots: list[int], B: int):
+        self.values, self.slots, self.B = values, slots, B
+        self.index = {s: i for i, s in enumerate(slots)}
+        self.slots_t = torch.tensor(slots, dtype=torch.long, device=values.device)
+
+    def row(self, s: int) -> torch.Tensor | None:
+        """(1, V) logits of slot s, None where they were not computed."""
+        i = self.index.get(s)
+        return None if i is None else self.values[i:i + 1]
+
+    def full(self) -> torch.Tensor:
+        """(B, V), zeros in the rows not computed (DecodeState.update_stop reads every row)."""
+        out = self.values.new_zeros(self.B, self.values.shape[1])
+        out[self.slots_t] = self.values
+        return out
 
 
 class _Seq:
@@ -66,6 +98,7 @@ class LatentEngine:
     """Continuous batching over `max_batch` slots of `max_tokens` positions each (prompt + latents + answer;
     default: the model's max_position). See the module docstring for the step.
 
+    tokenizer (default: lm.tokenizer): decodes the answers of requests with stop_strings.
     add(prompt_ids, params) queues a prompt (a CoconutError for bad input, raised for that request only);
     step() runs one step and returns the requests that finished in it; generate(prompts, params) runs to
     completion and returns one RequestOutput per prompt, in input order (a bad prompt: an output with .error).
@@ -73,11 +106,12 @@ class LatentEngine:
     """
 
     def __init__(self, lm, max_batch: int, max_tokens: int | None = None, *, prefill_chunk: int | None = None,
-                 use_cuda_graph: bool = True):
+                 use_cuda_graph: bool = True, tokenizer=None):
         if not isinstance(lm, LatentLM):
             raise CoconutError(f"lm must be a LatentLM (coconut_kernels.LatentLM), got {type(lm).__name__}")
         validation.check_bool(use_cuda_graph, "use_cuda_graph")
         self.lm, self.model = lm, lm.model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(lm, "tokenizer", None)
         cfg = self.model.config
         self.max_batch = validation.check_int(max_batch, "max_batch", low=1)
         self.max_tokens = cfg.max_position if max_tokens is None else validation.check_int(
@@ -85,7 +119,7 @@ class LatentEngine:
         self.prefill_chunk = None if prefill_chunk is None else validation.check_int(prefill_chunk, "prefill_chunk",
                                                                                      low=1)
         B, device = self.max_batch, self.model.lm_head_weight.device
-        self.dec = _Decoder(lm, B, self.max_tokens, device, use_cuda_graph)
+        self.dec = DecodeStep(lm, B, self.max_tokens, device, use_cuda_graph)
         self.cache = self.dec.cache
         self.device = device
         self.forced = torch.zeros(B, self.max_tokens, dtype=torch.long, device=device)
@@ -115,6 +149,9 @@ class LatentEngine:
         elif not isinstance(params, SamplingParams):
             raise CoconutError(f"params must be a SamplingParams, a dict or None, got {type(params).__name__}")
         params.check(self.model.config.vocab_size, self.max_batch)
+        if params.stop_strings and self.tokenizer is None:
+            raise CoconutError("stop_strings need a tokenizer to decode the answer: give LatentEngine(tokenizer=...) "
+                               "or use stop_token_ids")
         return params
 
     @staticmethod
@@ -226,38 +263,22 @@ class LatentEngine:
             self.running.append(req)
 
     def _prefill(self) -> None:
-        """One ragged pass over the prompts being prefilled (in their first slot); those whose prefill is
+        """One ragged pass over the prompts being prefilled (each in its first slot); those whose prefill is
         complete start decoding."""
         reqs = [r for r in self.running if r.phase == _PREFILL]
         if not reqs:
             return
-        B, chunk = self.max_batch, self.prefill_chunk
-        counts = torch.zeros(B, dtype=torch.long)
-        rows = {}
-        for r in reqs:
-            n = r.prefill_len - r.prefilled
-            rows[r.id] = min(n, chunk) if chunk else n
-        W = max(rows.values())
+        chunk = self.prefill_chunk
+        rows = {r.id: min(r.prefill_len - r.prefilled, chunk or r.prefill_len) for r in reqs}
         last = {}
-        if W > 0:
-            ids = torch.zeros(B, W, dtype=torch.long)
-            for r in reqs:
-                c, s = rows[r.id], r.seqs[0].slot
-                ids[s, :c] = torch.tensor(r.ids[r.prefilled:r.prefilled + c], dtype=torch.long)
-                counts[s] = c
-            # explicit positions: the rows past a slot's count are never used, but must index the table
-            pos = (self.cache.seqlens.long()[:, None].cpu() + torch.arange(W)).clamp(
-                max=self.model.config.max_position - 1)
+        if max(rows.values()) > 0:
             try:
-                h = forward_rows(self.model, self.model.embed(ids.to(self.device)), self.cache,
-                                 counts.to(self.device), pos.to(self.device))
+                h = self._prefill_pass(reqs, rows)
             except Exception as err:  # the pass failed: every request in it fails, the others go on
                 for r in reqs:
                     self._fail(r, err)
                 return
-            for r in reqs:
-                if rows[r.id]:
-                    last[r.id] = h[r.seqs[0].slot, rows[r.id] - 1]
+            last = {r.id: h[i, rows[r.id] - 1] for i, r in enumerate(reqs) if rows[r.id]}
         for r in reqs:
             r.prefilled += rows[r.id]
             if r.prefilled == r.prefill_len:
@@ -265,6 +286,32 @@ class LatentEngine:
                     self._start_decode(r, last.get(r.id))
                 except Exception as err:
                     self._fail(r, err)
+
+    def _prefill_pass(self, reqs: list[_Request], rows: dict) -> torch.Tensor:
+        """The model pass of `rows[r.id]` prompt rows of each request in `reqs`, on a cache of len(reqs) rows
+        only (not all max_batch slots: a pass computes every row it is given, so a prompt admitted alone would
+        otherwise pay for max_batch of them). The rows a request prefilled at earlier steps (prefill_chunk) are
+        copied in first, the new ones copied back into its slot after. Returns the hidden states (n, W, d)."""
+        n, W = len(reqs), max(rows.values())
+        held = [r.prefilled for r in reqs]
+        sub = self.model.new_cache(n, max(p + rows[r.id] for p, r in zip(held, reqs)), device=self.device)
+        ids = torch.zeros(n, W, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            c, s, p = rows[r.id], r.seqs[0].slot, held[i]
+            ids[i, :c] = torch.tensor(r.ids[p:p + c], dtype=torch.long)
+            if p:
+                sub.k[:, i, :p], sub.v[:, i, :p] = self.cache.k[:, s, :p], self.cache.v[:, s, :p]
+        sub.seqlens.copy_(torch.tensor(held, dtype=torch.int32))
+        # explicit positions: the rows past a prompt's count are never used, but must index the table
+        pos = (torch.tensor(held)[:, None] + torch.arange(W)).clamp(max=self.model.config.max_position - 1)
+        counts = torch.tensor([rows[r.id] for r in reqs])
+        h = forward_rows(self.model, self.model.embed(ids.to(self.device)), sub, counts.to(self.device),
+                         pos.to(self.device))
+        for i, r in enumerate(reqs):
+            s, p, c = r.seqs[0].slot, held[i], rows[r.id]
+            self.cache.k[:, s, p:p + c], self.cache.v[:, s, p:p + c] = sub.k[:, i, p:p + c], sub.v[:, i, p:p + c]
+            self.cache.seqlens[s] = p + c
+        return h
 
     def _start_decode(self, r: _Request, last: torch.Tensor | None) -> None:
         """Fork the prefilled rows into the request's other slots and set every sample's decode state. The
@@ -299,49 +346,94 @@ class LatentEngine:
         r.phase = _DECODE
 
     def _decode(self) -> None:
-        """One row per decoding sample: the model pass, the stop rules, the next thoughts, the sampled tokens,
-        their log-probs, and the samples that end."""
-        st, plan, model = self.state, self.plan, self.model
+        """One row per decoding sample: the model pass, the stop rules, the next thoughts and sampled tokens,
+        then each sample's output and the samples and requests that end."""
+        rows = self._decode_rows()
+        if rows is None:
+            return
+        try:
+            normed, logits = self._model_step(rows)
+        except Exception as err:  # the pass failed: every request in it fails, the others go on
+            for r in {id(q.req): q.req for q in rows.seqs}.values():
+                self._fail(r, err)
+            return
+        for seq in rows.seqs:
+            if seq.req.params.return_latents and rows.in_lat_h[seq.slot]:
+                seq.latents.append(self.fed[seq.slot].clone())
+        self._update_stop(rows.seqs, logits, rows.in_lat, rows.in_forced)
+        sampled, failed = self._next_inputs(rows, normed, logits)
+        self._emit(rows, sampled, logits, failed)
+        for r, err in failed.values():
+            self._fail(r, err)
+        for r in [r for r in self.running if all(q.sample.finish_reason for q in r.seqs)]:
+            self.running.remove(r)
+            self._finished.append(RequestOutput(r.id, r.ids, [q.sample for q in r.seqs]))
+
+    def _decode_rows(self) -> "_StepRows | None":
+        """This step's rows (None when no sample decodes): which slots run, and what each feeds."""
+        st = self.state
         active = ~st.done
         act_h = active.tolist()
         if not any(act_h):
-            return
-        tok, in_lat, in_forced = st.inputs(self.forced, plan)
-        self.s_tok.copy_(tok)
-        self.s_fed.copy_(self.fed)
-        self.s_use.copy_(in_lat)
-        self.s_act.copy_(active)
+            return None
+        tok, in_lat, in_forced = st.inputs(self.forced, self.plan)
         seqs = [self.slots[s] for s in range(self.max_batch) if act_h[s]]
-        try:
-            normed, logits = self.dec.run(self.s_tok, self.s_fed, self.s_use, self.s_act)
-        except Exception as err:  # the pass failed: every request in it fails, the others go on
-            for r in {id(q.req): q.req for q in seqs}.values():
-                self._fail(r, err)
-            return
-        lat_h = in_lat.tolist()
-        for seq in seqs:
-            if seq.req.params.return_latents and lat_h[seq.slot]:
-                seq.latents.append(self.fed[seq.slot].clone())
-        self._update_stop(seqs, logits, in_lat, in_forced)
-        sampled = logits.argmax(-1)
+        return _StepRows(seqs, tok, in_lat, in_forced, active, in_lat.tolist())
+
+    def _model_step(self, rows: "_StepRows") -> tuple[torch.Tensor, _StepLogits]:
+        """The decode pass over the static buffers; the LM head only on the rows that read their logits."""
+        self.s_tok.copy_(rows.tok)
+        self.s_fed.copy_(self.fed)
+        self.s_use.copy_(rows.in_lat)
+        self.s_act.copy_(rows.active)
+        head = [q.slot for q in rows.seqs if not rows.in_lat_h[q.slot] or self._latent_reads_logits(q)]
+        head_rows = torch.tensor(head, dtype=torch.long, device=self.device)
+        normed, logits = self.dec.run(self.s_tok, self.s_fed, self.s_use, self.s_act, head_rows)
+        if logits.shape[0] != len(head):  # a captured graph computed every row
+            logits = logits.index_select(0, head_rows)
+        return normed, _StepLogits(logits, head, self.max_batch)
+
+    def _latent_reads_logits(self, seq: _Seq) -> bool:
+        """Whether a sample in its latent phase reads this step's logits: for its stop rule, its feedback, the
+        token it emits when this is its last thought with no prompt row after it, or its sampling (a draw at
+        every step, as `generate` draws, keeps a seeded sample's random stream the same as there)."""
+        r = seq.req
+        return (r.rule.kind != "fixed" or r.fb.needs_logits or r.fb.needs_token or r.params.do_sample
+                or (seq.it + 1 >= r.budget and not r.forced))
+
+    def _next_inputs(self, rows: "_StepRows", normed, logits: _StepLogits):
+        """Per sample, with its own feedback, generator and sampling parameters: the next thought (while it
+        thinks) and the sampled token (greedy: the argmax). Returns (sampled (B,), {request: error})."""
+        sampled = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        if logits.slots:
+            sampled[logits.slots_t] = logits.values.argmax(-1)
         failed = {}
-        for seq in seqs:  # per sample: its own feedback, generator and sampling parameters
+        for seq in rows.seqs:
             s, r, p = seq.slot, seq.req, seq.req.params
             try:
                 if r.fb.sequential and seq.it + 1 < r.budget:
-                    self.fed[s] = thought_vector(model, r.fb, normed[s:s + 1], logits[s:s + 1],
+                    self.fed[s] = thought_vector(self.model, r.fb, normed[s:s + 1], logits.row(s),
                                                  seq.generator)[0].to(self.fed.dtype)
                 if p.do_sample:
-                    sampled[s] = sample_tokens(logits[s:s + 1], do_sample=True, temperature=p.temperature,
+                    sampled[s] = sample_tokens(logits.row(s), do_sample=True, temperature=p.temperature,
                                                top_k=p.top_k, top_p=p.top_p, generator=seq.generator)[0]
             except Exception as err:
                 failed[id(r)] = (r, err)
+        return sampled, failed
+
+    def _emit(self, rows: "_StepRows", sampled, logits: _StepLogits, failed: dict) -> None:
+        """Advance the decode state; append each emitted token with its log-probs to its sample; retire the
+        samples that end (EOS, a stop id, max_tokens)."""
+        st, eos = self.state, self.lm.eos_token_id
         n_before = st.n_out.clone()
-        st.emit(sampled, in_lat, plan, self.lm.eos_token_id)
+        st.emit(sampled, rows.in_lat, self.plan, eos)
         emitted = (st.n_out > n_before).tolist()
         sampled_h, done_h = sampled.tolist(), st.done.tolist()
-        raw = logits.float().log_softmax(-1)
-        for seq in seqs:
+        raw = []  # log p(token) under the raw model, per computed row, in one pass over the rows
+        if logits.slots and any(q.req.params.logprobs for q in rows.seqs):
+            v = logits.values.float()
+            raw = (v.gather(1, sampled[logits.slots_t][:, None])[:, 0] - v.logsumexp(-1)).tolist()
+        for seq in rows.seqs:
             s, r, p, out = seq.slot, seq.req, seq.req.params, seq.sample
             seq.it += 1
             if id(r) in failed:
@@ -349,37 +441,45 @@ class LatentEngine:
             if emitted[s]:
                 t = sampled_h[s]
                 out.token_ids.append(t)
-                out.model_logprobs.append(float(raw[s, t]))
-                if p.do_sample:
-                    filt = _filter_logits(logits[s:s + 1].float() / p.temperature, p.top_k, p.top_p)
-                    out.logprobs.append(float(filt.log_softmax(-1)[0, t]))
-                else:
-                    out.logprobs.append(0.0)
-                stop = t == self.lm.eos_token_id or t in p.stop_token_ids
+                if p.logprobs:
+                    out.model_logprobs.append(raw[logits.index[s]])
+                    if p.do_sample:
+                        filt = filter_logits(logits.row(s).float() / p.temperature, p.top_k, p.top_p)
+                        out.logprobs.append(float(filt.log_softmax(-1)[0, t]))
+                    else:
+                        out.logprobs.append(0.0)
+                stop = t == eos or t in p.stop_token_ids or self._stop_string(out, p.stop_strings)
                 if stop or len(out.token_ids) >= p.max_tokens or done_h[s]:
                     out.finish_reason = "stop" if stop else "length"
             elif done_h[s]:
                 out.finish_reason = "length"
             if out.finish_reason is not None:
                 self._retire(seq)
-        for r, err in failed.values():
-            self._fail(r, err)
-        for r in [r for r in self.running if all(q.sample.finish_reason for q in r.seqs)]:
-            self.running.remove(r)
-            self._finished.append(RequestOutput(r.id, r.ids, [q.sample for q in r.seqs]))
 
-    def _update_stop(self, seqs, logits, in_lat, in_forced) -> None:
+    def _stop_string(self, out: Sample, stops) -> bool:
+        """Decode the sample's answer (when it has stop strings): whether it now contains one; out.text is the
+        answer cut before the earliest of them."""
+        if not stops:
+            return False
+        out.text = self.tokenizer.decode(out.token_ids)
+        cut = min((i for i in (out.text.find(x) for x in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out.text = out.text[:cut]
+        return cut >= 0
+
+    def _update_stop(self, seqs, logits: _StepLogits, in_lat, in_forced) -> None:
         """DecodeState.update_stop once per distinct stop rule among the running samples, on their rows only
-        (the other rows' low-entropy runs kept)."""
+        (the other rows' low-entropy runs kept). Only the eot and entropy rules read logits."""
         groups: dict = {}
         for seq in seqs:
             groups.setdefault(seq.req.rule_key, (seq.req.rule, []))[1].append(seq.slot)
         st = self.state
+        full = logits.full() if any(rule.kind != "fixed" for rule, _ in groups.values()) else None
         for rule, slots in groups.values():
             g = torch.zeros_like(in_lat)
             g[slots] = True
             low = st.low_run.clone()
-            st.update_stop(rule, logits, in_lat & g, in_forced & g, self.lm.end_latent_id)
+            st.update_stop(rule, full, in_lat & g, in_forced & g, self.lm.end_latent_id)
             st.low_run = torch.where(g, st.low_run, low)
 
     def _retire(self, seq: _Seq) -> None:
@@ -388,6 +488,8 @@ class LatentEngine:
         seq.sample.n_latents = int(self.state.n_latents[s])
         if seq.latents:
             seq.sample.latents = torch.stack(seq.latents)
+            seq.sample.latent_topk_ids, seq.sample.latent_topk_probs = thought_topk(
+                self.model, seq.sample.latents, seq.req.params.latent_topk)
         self.state.done[s] = True
         self.cache.seqlens[s] = 0
         self.slots[s] = None

@@ -18,8 +18,12 @@ class SamplingParams:
     do_sample / temperature / top_k / top_p: as `LatentLM.generate` (greedy by default); stop: the thought's
     stop rule as `LatentLM.generate`'s `stop` (None: the prompt's <latent> count); feedback: None (the
     model's mode) or a mode name / Feedback module; stop_token_ids: tokens that end a sample besides the
-    model's EOS; seed: sample i draws from torch.Generator().manual_seed(seed + i) (None: torch's global
-    generator, not reproducible); return_latents: keep the vector fed at every latent step.
+    model's EOS; stop_strings: strings that end a sample once its decoded text contains one (the engine needs
+    a tokenizer; the text is cut before the string, as OpenAI's `stop`); seed: sample i draws from
+    torch.Generator().manual_seed(seed + i) (None: torch's global generator, not reproducible);
+    return_latents: keep the vector fed at every latent step and what it reads as (its `latent_topk` most
+    likely tokens under the LM head); logprobs: report each token's log-probabilities (Sample.logprobs and
+    model_logprobs; False leaves them empty and saves a pass over the step's logits, as `generate` reports none).
     """
     n: int = 1
     max_tokens: int = 16
@@ -30,8 +34,11 @@ class SamplingParams:
     stop: object = None
     feedback: object = None
     stop_token_ids: tuple = ()
+    stop_strings: tuple = ()
     seed: int | None = None
     return_latents: bool = False
+    latent_topk: int = 5
+    logprobs: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
@@ -54,6 +61,12 @@ class SamplingParams:
             raise CoconutError(f"stop_token_ids must be a tuple or list of token ids, got {self.stop_token_ids!r}")
         for t in self.stop_token_ids:
             validation.check_int(t, "stop_token_ids[i]", low=0, high=vocab_size - 1)
+        if not isinstance(self.stop_strings, (tuple, list)) or not all(
+                isinstance(x, str) and x for x in self.stop_strings):
+            raise CoconutError(f"stop_strings must be a tuple or list of non-empty strings, got {self.stop_strings!r}")
+        validation.check_int(self.latent_topk, "latent_topk", low=1, high=vocab_size)
+        if not isinstance(self.logprobs, bool):
+            raise CoconutError(f"logprobs must be a bool, got {self.logprobs!r}")
         if self.seed is not None:
             validation.check_int(self.seed, "seed", low=0)
 
@@ -62,12 +75,17 @@ class SamplingParams:
 class Sample:
     """One generated answer. logprobs: log-probability of each token under the distribution it was drawn from
     (temperature / top-k / top-p applied; 0.0 for greedy, a point mass); model_logprobs: under the raw model
-    (softmax of the logits). latents (n_latents, d): the vector fed at every latent step (return_latents)."""
+    (softmax of the logits); both empty when the request asked for no log-probs. latents (n_latents, d): the vector fed at every latent step, latent_topk_ids and
+    latent_topk_probs (n_latents, latent_topk): the tokens it reads as under the LM head (return_latents).
+    text: the decoded answer, cut before the stop string that ended it (set when the request has stop_strings)."""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     model_logprobs: list[float] = field(default_factory=list)
     n_latents: int = 0
     latents: torch.Tensor | None = None
+    latent_topk_ids: torch.Tensor | None = None
+    latent_topk_probs: torch.Tensor | None = None
+    text: str | None = None
     finish_reason: str | None = None  # "stop" (EOS or a stop id), "length" (max_tokens) or "error"
 
 

@@ -3,15 +3,19 @@
 One worker thread owns the engine: it steps while requests are unfinished and hands each request's new tokens
 to its HTTP handler (an asyncio queue per request). A prompt is a list of token ids, or a string when a
 tokenizer is given. Extra fields: `latent_steps` (append `<bot> <latent>*k <eot>` to the prompt), `latent_stop`
-(the thought's stop rule, as LatentLM.generate's `stop`), `feedback`, `seed`, `top_k`. `stop` takes token
-ids (strings too with a tokenizer: each must be one token). Bad input is a 400 with a JSON error body; a full
-queue is a 429; a server shutting down answers 503 and cancels what still runs.
+(the thought's stop rule, as LatentLM.generate's `stop`), `feedback`, `seed`, `top_k`, `return_latents` (true
+or k: each thought's k most likely tokens, default 5, with their probabilities). `stop` takes token ids and,
+with a tokenizer, strings of any length: a sample ends once its text contains one, and the text is cut before
+it, as OpenAI does (a stream holds back the last characters that could begin a stop string). Bad input is a 400
+with a JSON error body, a body over max_body_bytes a 413; a full queue is a 429; a server shutting down lets
+running requests finish (uvicorn's graceful shutdown), then answers 503 and cancels what still runs.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import signal
 import threading
 import time
 
@@ -24,7 +28,7 @@ from ..errors import CoconutError
 from ..engine import LatentEngine, SamplingParams
 
 KNOWN = {"model", "prompt", "n", "temperature", "top_p", "max_tokens", "stop", "logprobs", "stream", "latent_steps",
-         "latent_stop", "feedback", "seed", "top_k", "user"}
+         "latent_stop", "feedback", "seed", "top_k", "user", "return_latents"}
 
 
 class EngineWorker:
@@ -94,9 +98,12 @@ def _error(status: int, message: str, kind: str):
 
 
 def create_app(engine: LatentEngine, model_name: str = "coconut", *, tokenizer=None, max_queue: int = 64,
-               max_prompt_tokens: int | None = None):
-    """The FastAPI app over `engine`; the worker thread starts now and stops at the app's shutdown."""
+               max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20):
+    """The FastAPI app over `engine`; the worker thread starts now and stops at the app's shutdown. The
+    engine decodes stop strings with `tokenizer` when it has none of its own."""
     lm = engine.lm
+    if tokenizer is not None and engine.tokenizer is None:
+        engine.tokenizer = tokenizer
     worker = EngineWorker(engine, max_queue)
     limit = engine.max_tokens if max_prompt_tokens is None else max_prompt_tokens
 
@@ -136,28 +143,42 @@ def create_app(engine: LatentEngine, model_name: str = "coconut", *, tokenizer=N
             raise CoconutError(f"temperature must be a number, got {temperature!r}")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, (str, int)) else stop
-        stop_ids = []
-        for s in stop:
-            t = to_ids(s, "stop") if isinstance(s, str) else [s]
-            if len(t) != 1:
-                raise CoconutError(f"stop {s!r} is {len(t)} tokens: each stop must be one token")
-            stop_ids.append(t[0])
+        if not isinstance(stop, list):
+            raise CoconutError(f"stop must be a string, a token id or a list of them, got {stop!r:.60}")
+        stop_strings = [s for s in stop if isinstance(s, str)]
+        if stop_strings and tokenizer is None:
+            raise CoconutError("stop strings need a tokenizer; this server takes token ids in stop")
+        stop_ids = [s for s in stop if not isinstance(s, str)]
+        k = body.get("return_latents", False)
+        if not isinstance(k, (bool, int)) or (not isinstance(k, bool) and k < 1):
+            raise CoconutError(f"return_latents must be true, false or a top-k >= 1, got {k!r}")
         params = SamplingParams(n=body.get("n", 1), max_tokens=body.get("max_tokens", 16),
                                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
                                 top_k=body.get("top_k", 0), top_p=body.get("top_p", 1.0),
                                 stop=body.get("latent_stop"), feedback=body.get("feedback"),
-                                stop_token_ids=tuple(stop_ids), seed=body.get("seed"))
+                                stop_token_ids=tuple(stop_ids), stop_strings=tuple(stop_strings),
+                                seed=body.get("seed"), return_latents=k is not False,
+                                latent_topk=5 if isinstance(k, bool) else k, logprobs=body.get("logprobs") is not None)
         return ids, params, bool(body.get("stream", False)), body.get("logprobs")
 
-    def text(ids):
-        return tokenizer.decode(ids) if tokenizer is not None else ""
+    def tok_str(ids):
+        return [tokenizer.decode([t]) for t in ids] if tokenizer is not None else [str(t) for t in ids]
 
-    def choice(i, s, want_logprobs, start=0):
-        c = {"index": i, "text": text(s.token_ids[start:]), "token_ids": s.token_ids[start:],
+    def text(s):
+        """A sample's answer so far: cut before its stop string once one ended it."""
+        if s.text is not None and s.finish_reason is not None:
+            return s.text
+        return tokenizer.decode(s.token_ids) if tokenizer is not None else ""
+
+    def choice(i, s, want_logprobs, start=0, text_start=0, text_end=None):
+        c = {"index": i, "text": text(s)[text_start:text_end], "token_ids": s.token_ids[start:],
              "finish_reason": s.finish_reason, "n_latents": s.n_latents}
         if want_logprobs is not None:
-            c["logprobs"] = {"tokens": [str(t) for t in s.token_ids[start:]],
-                             "token_logprobs": s.logprobs[start:], "model_logprobs": s.model_logprobs[start:]}
+            c["logprobs"] = {"tokens": tok_str(s.token_ids[start:]), "token_logprobs": s.logprobs[start:],
+                             "model_logprobs": s.model_logprobs[start:]}
+        if s.latent_topk_ids is not None and start == 0:
+            c["latents"] = [{"top_tokens": tok_str(ids), "top_token_ids": ids, "top_probs": probs}
+                            for ids, probs in zip(s.latent_topk_ids.tolist(), s.latent_topk_probs.tolist())]
         return c
 
     @app.get("/health")
@@ -168,10 +189,25 @@ def create_app(engine: LatentEngine, model_name: str = "coconut", *, tokenizer=N
     def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "coconut_kernels"}]}
 
+    async def read_body(request: Request) -> bytes | None:
+        """The body, or None when it is over max_body_bytes (by its Content-Length or, without one, as read)."""
+        if int(request.headers.get("content-length") or 0) > max_body_bytes:
+            return None
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > max_body_bytes:
+                return None
+        return bytes(data)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
+        raw = await read_body(request)
+        if raw is None:
+            return _error(413, f"the request body is larger than this server's limit of {max_body_bytes} bytes "
+                               "(max_body_bytes)", "invalid_request_error")
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             return _error(400, f"the body must be JSON: {err}", "invalid_request_error")
         if not isinstance(body, dict):
@@ -208,8 +244,11 @@ def create_app(engine: LatentEngine, model_name: str = "coconut", *, tokenizer=N
                     "usage": {"prompt_tokens": len(ids), "completion_tokens": sum(len(s.token_ids)
                                                                                   for s in out.samples)}}
 
+        # the characters a stream holds back while they could still begin a stop string
+        hold = max((len(x) for x in params.stop_strings), default=1) - 1
+
         async def events():
-            sent = [0] * params.n
+            sent, sent_text = [0] * params.n, [0] * params.n
             try:
                 while True:
                     kind, *rest = await queue.get()
@@ -223,11 +262,13 @@ def create_app(engine: LatentEngine, model_name: str = "coconut", *, tokenizer=N
                     for i, s in enumerate(samples):
                         end = len(s.token_ids)
                         if end > sent[i] or (kind == "done"):
-                            c = choice(i, s, want_logprobs, sent[i])
+                            final = kind == "done" or s.finish_reason is not None
+                            safe = len(text(s)) if final else max(sent_text[i], len(text(s)) - hold)
+                            c = choice(i, s, want_logprobs, sent[i], sent_text[i], safe)
                             c["token_ids"] = s.token_ids[sent[i]:end]
                             if kind != "done":
                                 c["finish_reason"] = None
-                            sent[i] = end
+                            sent[i], sent_text[i] = end, safe
                             yield f"data: {json.dumps({**head, 'choices': [c]})}\n\n"
                     if kind == "done":
                         break
@@ -240,6 +281,29 @@ def create_app(engine: LatentEngine, model_name: str = "coconut", *, tokenizer=N
     return app
 
 
+def serve(app, host: str = "127.0.0.1", port: int = 8000, *, shutdown_timeout: float = 30.0,
+          log_level: str = "info") -> None:
+    """Run `app` under uvicorn until SIGINT or SIGTERM, then shut down gracefully: stop accepting, let running
+    requests finish for up to shutdown_timeout seconds (then cancel them), stop the engine, and return, so that
+    the process exits 0. (uvicorn alone re-raises the signal after its shutdown, which ends the process with the
+    signal's status, as if it had been killed.)"""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=shutdown_timeout)).run()
+
+
 def main(argv=None) -> int:
     """coconut-serve CHECKPOINT: serve a Hugging Face folder as a LatentLM (LatentLM.from_pretrained: the ids
     not given come from its tokenizer, which also makes string prompts possible) on --host:--port. A user error
@@ -249,8 +313,6 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str]) -> int:
     import argparse
-
-    import uvicorn
 
     from ..latent import LatentLM
 
@@ -264,6 +326,9 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="positions per slot (default: the model's)")
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    ap.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
+    ap.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="seconds running requests may take to finish after SIGTERM before they are cancelled")
     a = ap.parse_args(argv)
     # the flags before the model is loaded, under their own names
     validation.check_int(a.port, "--port", low=0, high=65535)
@@ -271,9 +336,11 @@ def _main(argv: list[str]) -> int:
     validation.check_int(a.max_queue, "--max-queue", low=1)
     if a.max_tokens is not None:
         validation.check_int(a.max_tokens, "--max-tokens", low=2)
+    validation.check_int(a.max_body_bytes, "--max-body-bytes", low=1)
+    validation.check_real(a.shutdown_timeout, "--shutdown-timeout", low=0.0)
     lm = LatentLM.from_pretrained(a.checkpoint, latent_token_id=a.latent_token_id, start_latent_id=a.start_latent_id,
                                   end_latent_id=a.end_latent_id, eos_token_id=a.eos_token_id)
     app = create_app(LatentEngine(lm.eval(), a.max_batch, a.max_tokens), a.checkpoint, tokenizer=lm.tokenizer,
-                     max_queue=a.max_queue)
-    uvicorn.run(app, host=a.host, port=a.port)
+                     max_queue=a.max_queue, max_body_bytes=a.max_body_bytes)
+    serve(app, a.host, a.port, shutdown_timeout=a.shutdown_timeout)
     return 0

@@ -6,13 +6,21 @@ op. Multi-pass training through the cache (gradients into rows written by earlie
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from ..backend import get_backend
 from ..errors import CoconutError, library_error
-from ..validation import check_bool, check_real, check_tensor_args
+from ..validation import check_bool, check_dropout, check_int, check_real, check_tensor_args
 
-__all__ = ["latent_attention"]
+__all__ = ["latent_attention", "draw_dropout_seed"]
+
+
+def draw_dropout_seed() -> int:
+    """A seed for the attention dropout, drawn from torch's default CPU generator (so torch.manual_seed makes
+    it reproducible, and no device is synchronised)."""
+    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,7 +39,7 @@ def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, n
 
 @torch.library.register_fake("coconut::latent_attention_fwd")
 def _fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
-              rotary_interleaved, softmax_scale, causal):
+              rotary_interleaved, softmax_scale, causal, dropout_p=0.0, dropout_seed=0):
     B, Sq, Hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, Sq),
                                                                                    dtype=_acc_dtype(q.dtype))
@@ -39,13 +47,15 @@ def _fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, ro
 
 @torch.library.register_fake("coconut::latent_attention_bwd")
 def _bwd_fake(grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
-              rotary_sin, rotary_interleaved, softmax_scale, causal, grad_k_cache, grad_v_cache):
+              rotary_sin, rotary_interleaved, softmax_scale, causal, grad_k_cache, grad_v_cache, dropout_p=0.0,
+              dropout_seed=0):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("coconut::latent_attention")
 def _composite_fake(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad=None, new_seqlens=None,
-                    rotary_cos=None, rotary_sin=None, rotary_interleaved=False, softmax_scale=None, causal=True):
+                    rotary_cos=None, rotary_sin=None, rotary_interleaved=False, softmax_scale=None, causal=True,
+                    dropout_p=0.0, dropout_seed=0):
     return _fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
                      rotary_interleaved, softmax_scale, causal)
 
@@ -53,9 +63,19 @@ def _composite_fake(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_left
 # ---- backend choice ------------------------------------------------------------------------------------------
 
 
-def kernels(device: torch.device):
-    """(append, fwd, bwd) callables with the op signatures for the backend that runs on `device`."""
+def _backend(device: torch.device, dropout: bool) -> str:
+    """The backend that runs a call on `device`: the CUDA C++ kernels have no attention dropout, so a call with
+    dropout goes to Triton there (to the reference where Triton is not installed)."""
     backend = get_backend(device)
+    if backend == "cuda" and dropout:
+        return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+    return backend
+
+
+def kernels(device: torch.device, dropout: bool = False):
+    """(append, fwd, bwd) callables with the op signatures for the backend that runs on `device` (a call with
+    attention dropout when `dropout`)."""
+    backend = _backend(device, dropout)
     if backend in ("cpu", "cuda"):
         ops = torch.ops.coconut
         return ops.kv_cache_append_.default, ops.latent_attention_fwd.default, ops.latent_attention_bwd.default
@@ -70,23 +90,31 @@ def kernels(device: torch.device):
 
 
 def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
-                      rotary_sin, rotary_interleaved, softmax_scale, causal):
+                      rotary_sin, rotary_interleaved, softmax_scale, causal, dropout_p=0.0, dropout_seed=0):
     """kv_cache_append_ then latent_attention_fwd: (out, lse). Every argument is checked before the cache is
     written (the compiled composite op does it in C++), so a rejected call leaves the cache unchanged."""
     args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
     try:
-        if get_backend(q.device) in ("cpu", "cuda"):
+        if _backend(q.device, dropout_p > 0) in ("cpu", "cuda"):
             return torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args,
-                                                              softmax_scale, causal)
+                                                              softmax_scale, causal, dropout_p, dropout_seed)
         if q.dim() != 4 or k_new.dim() != 4 or q.shape[:2] != k_new.shape[:2] or q.shape[3] != k_new.shape[3] \
                 or q.shape[2] % k_new.shape[2] != 0:
             raise CoconutError(f"q {tuple(q.shape)} must be (B, Sq, Hq, D) with B, Sq, D as k_new "
                                f"{tuple(k_new.shape)} and Hq a multiple of its head count")
-        append, fwd, _ = kernels(q.device)
+        append, fwd, _ = kernels(q.device, dropout_p > 0)
         append(k_cache, v_cache, k_new, v_new, *args)
-        return fwd(q, k_cache, v_cache, *args, softmax_scale, causal)
+        return fwd(q, k_cache, v_cache, *args, softmax_scale, causal, dropout_p, dropout_seed)
     except ValueError as e:  # the kernels' own argument checks (C++ TORCH_CHECK_VALUE, Triton wrappers)
         raise library_error(e) from None
+
+
+def check_dropout_args(dropout_p, dropout_seed) -> tuple[float, int]:
+    """(dropout_p, dropout_seed) checked, the seed drawn (draw_dropout_seed) when None and dropout_p > 0."""
+    p = check_dropout(dropout_p, "dropout_p")
+    if dropout_seed is None:
+        return p, draw_dropout_seed() if p > 0 else 0
+    return p, check_int(dropout_seed, "dropout_seed", low=0, high=2 ** 63 - 1)
 
 
 def no_double_backward(where: str) -> RuntimeError:
@@ -182,15 +210,17 @@ class _LatentAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
-                rotary_sin, rotary_interleaved, softmax_scale, causal):
+                rotary_sin, rotary_interleaved, softmax_scale, causal, dropout_p, dropout_seed):
         out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens,
-                                     rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal)
+                                     rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal, dropout_p,
+                                     dropout_seed)
         ctx.save_for_backward(q, out, lse)
         # Lengths are cloned: callers advance cache_seqlens in place before the backward runs.
         ctx.lengths = (cache_seqlens.clone(), None if cache_leftpad is None else cache_leftpad.clone(),
                        None if new_seqlens is None else new_seqlens.clone())
         ctx.cache = (k_cache, v_cache)
         ctx.args = (rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal)
+        ctx.dropout = (dropout_p, dropout_seed)
         ctx.n_rows, ctx.new_dtype = k_new.shape[1], k_new.dtype
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -203,19 +233,19 @@ class _LatentAttention(torch.autograd.Function):
         k_cache, v_cache = ctx.cache
         seqlens, leftpad, new_seqlens = ctx.lengths
         cos, sin, interleaved, scale, causal = ctx.args
-        _, _, bwd = kernels(q.device)
+        _, _, bwd = kernels(q.device, ctx.dropout[0] > 0)
         gk, gv = grad_accumulators(k_cache, ctx.n_rows)
         dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, leftpad, new_seqlens, cos, sin,
-                 interleaved, scale, causal, gk, gv)
+                 interleaved, scale, causal, gk, gv, *ctx.dropout)
         rows = NewRows(seqlens, leftpad, new_seqlens, ctx.n_rows, k_cache.shape[1])
         dk = rows.take(gk, cos, sin, interleaved, ctx.new_dtype)
         dv = rows.take(gv, dtype=ctx.new_dtype)
-        return dq, dk, dv, *([None] * 10)
+        return dq, dk, dv, *([None] * 12)
 
 
 def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, causal=True,
                      cache_leftpad=None, new_seqlens=None, rotary_cos=None, rotary_sin=None,
-                     rotary_interleaved=False, return_lse=False):
+                     rotary_interleaved=False, dropout_p=0.0, dropout_seed=None, return_lse=False):
     """Append new keys/values to a preallocated KV cache (in place) and attend the new queries to the cache.
 
     The decode/latent-pass primitive of flash-attention's ``flash_attn_with_kvcache``, with a backward pass.
@@ -239,10 +269,19 @@ def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softma
             r - cache_leftpad[b]; seqlen_ro must cover every position written or queried.
         rotary_interleaved: False = NeoX/GPT-J-NeoX style (dims i and i + rotary_dim/2 rotate together),
             True = GPT-J style (dims 2i and 2i+1), as flash-attention.
+        dropout_p: attention-probability dropout in [0, 1) (as nn.functional.dropout on the softmax output: the
+            kept probabilities are scaled by 1 / (1 - dropout_p); lse stays the undropped one). Apply it in training
+            only: the op does not look at a module's train/eval mode.
+        dropout_seed: int in [0, 2^63): the seed of the keep mask, which the backward regenerates (nothing is
+            stored). Element (b, h, t, j) (query head h of new row t, cache row j) is kept unless the Philox draw
+            at counter ((b * Hq + h) * Sq + t) * Tmax + j falls below dropout_p (csrc/dropout.h; the same mask on
+            every backend, and `coconut_kernels.reference.attention_dropout_keep` rebuilds it). None draws one
+            from torch's default CPU generator (``draw_dropout_seed``).
         return_lse: also return lse (B, Hq, Sq), the log-sum-exp of the scaled scores.
 
     Dtypes: q, k_new, v_new, k_cache, v_cache share one of fp32, fp16, bf16 (and fp64 on CPU); accumulation is
-    fp32 (fp64 for fp64); lse is fp32 (fp64 for fp64 inputs).
+    fp32 (fp64 for fp64); lse is fp32 (fp64 for fp64 inputs). Dropout runs in the CPU C++ and Triton kernels; on
+    the "cuda" backend a call with dropout_p > 0 runs the Triton kernels.
 
     Mask: query t of sequence b sits at cache row s + t, s = cache_seqlens[b], p = cache_leftpad[b],
     n = new_seqlens[b]. Causal: it sees rows [p, s + t]; non-causal: rows [p, s + n). Example s = 4, p = 1,
@@ -257,7 +296,7 @@ def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softma
     (including the new tokens attending each other); the earlier cache contents are constants here (use
     ``KVCache`` to train through several passes). lse is not differentiable.
 
-    Not supported: dropout, alibi, sliding windows, softcapping, paged caches, gradients w.r.t. lse or the
+    Not supported: alibi, sliding windows, softcapping, paged caches, gradients w.r.t. lse or the
     rotary tables, double backward (raises), fp64 on CUDA. Validation of the lengths' values (cache_seqlens + n
     ≤ Tmax, rotary table length, ...) runs always on CPU and on CUDA only with COCONUT_DEBUG=1 (it needs a host
     sync); the kernels never write outside the cache.
@@ -272,9 +311,10 @@ def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softma
     for flag, name in ((causal, "causal"), (rotary_interleaved, "rotary_interleaved"), (return_lse, "return_lse")):
         check_bool(flag, name)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    drop = check_dropout_args(dropout_p, dropout_seed)
     args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
     if torch.is_grad_enabled() and (q.requires_grad or k_new.requires_grad or v_new.requires_grad):
-        out, lse = _LatentAttention.apply(q, k_new, v_new, k_cache, v_cache, *args, scale, causal)
+        out, lse = _LatentAttention.apply(q, k_new, v_new, k_cache, v_cache, *args, scale, causal, *drop)
     else:
-        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, *args, scale, causal)
+        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, *args, scale, causal, *drop)
     return (out, lse) if return_lse else out

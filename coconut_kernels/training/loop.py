@@ -101,7 +101,7 @@ class Loop:
         if self.skip == 0 and epoch > 0 and self._resets(epoch):
             self.optimizer = make_optimizer(cfg, ctx.lm)
         batches = ctx.data.epoch_batches(epoch, stage)
-        ctx.lm.train()  # the model config's dropout (evaluation switches to eval mode and back)
+        ctx.par.module.train()  # the model config's dropout (evaluation switches to eval mode and back)
         show = cfg.progress and ctx.rank == 0
         bar = _progress(show, self.steps_per_epoch, self.skip // cfg.grad_accum_steps, f"epoch {epoch} stage {stage}")
         self._reset_sums()

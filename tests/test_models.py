@@ -13,14 +13,14 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from coconut_kernels.models import GPT2, Llama, LlamaConfig, from_pretrained, load_config  # noqa: E402
-from tests.helpers import assert_within_torch_error  # noqa: E402
+from tests.helpers import HF_GPT2_EAGER, assert_within_torch_error, transformers_version  # noqa: E402
 
 V = 101
 
 
 def _hf_config(case):
     gpt2 = dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-                attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **HF_GPT2_EAGER)
     llama = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
     scaled = lambda kind, **kw: dict(llama, rope_theta=1000.0, rope_scaling={"rope_type": kind, **kw})  # noqa: E731
@@ -96,7 +96,9 @@ def saved(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [c if c != "llama-yarn" else pytest.param(c, marks=pytest.mark.skipif(
+    transformers_version() < (4, 51), reason="transformers < 4.51 computes YaRN from max_position_embeddings, "
+    "ignoring rope_scaling['original_max_position_embeddings'] (16 here)")) for c in CASES])
 def test_logits_match_transformers_fp32(saved, case):
     hf, folder = saved(case)
     model = from_pretrained(folder)
@@ -337,7 +339,7 @@ def test_gpt2_dropout_is_read_from_the_checkpoint_and_off_in_eval():
     ids, mask, pos = _batch(2, 12, [0, 3])
     with torch.no_grad():
         eval_logits = ours(ids, pos, mask)
-        torch.testing.assert_close(eval_logits, _hf_logits(hf, ids, mask, pos))  # no dropout in eval
+        _assert_logits_close(eval_logits, _hf_logits(hf, ids, mask, pos), mask, 1e-10)  # no dropout in eval
         ours.train()
         torch.manual_seed(0)
         a = ours(ids, pos, mask)

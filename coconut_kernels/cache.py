@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from .errors import CoconutError
-from .ops.latent_attention import (NewRows, append_and_attend, check_dropout_args, grad_accumulators, kernels,
-                                   latent_attention, no_double_backward)
-from .validation import check_device, check_dtype, check_int, host_checks
+from .ops.latent_attention import (MAX_HEAD_DIM, NewRows, append_and_attend, check_dropout_args, grad_accumulators,
+                                   kernels, latent_attention, no_double_backward)
+from .validation import check_device, check_dtype, check_int, check_same_device, check_tensor_args, host_checks
 
 __all__ = ["KVCache", "AttendedPass"]
 
@@ -27,6 +27,9 @@ def _as_lengths(x, batch: int, device, name: str, high: int) -> torch.Tensor:
         t = t.expand(batch)
     if t.shape != (batch,):
         raise CoconutError(f"{name} must be an int or have shape ({batch},), got shape {tuple(t.shape)}")
+    if t.device.type == "meta" and torch.device(device).type != "meta":
+        raise CoconutError(f"{name} must hold values (on the host or the cache's device {device}), got a tensor on "
+                           "the meta device")
     if host_checks(t):
         for i, n in enumerate(t.tolist()):  # (B,) values: a Python loop costs less than tensor ops here
             if not 0 <= n <= high:
@@ -91,8 +94,9 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype = torch.float32, device=None, leftpad=None):
-        shape = tuple(check_int(v, n, low=1) for v, n in zip((n_layers, batch, max_len, n_kv_heads, head_dim), (
-            "n_layers", "batch", "max_len", "n_kv_heads", "head_dim")))
+        shape = tuple(check_int(v, n, low=1) for v, n in zip((n_layers, batch, max_len, n_kv_heads), (
+            "n_layers", "batch", "max_len", "n_kv_heads"))) + (check_int(head_dim, "head_dim", low=1,
+                                                                        high=MAX_HEAD_DIM),)
         check_dtype(dtype)
         check_device(device)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -188,6 +192,10 @@ class KVCache:
         q."""
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise CoconutError(f"layer must be an int in [0, {self.n_layers}), got {layer!r}")
+        check_tensor_args(("new_seqlens", "rotary_cos", "rotary_sin"), q=q, k_new=k_new, v_new=v_new,
+                          new_seqlens=new_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+        check_same_device(self.k.device, "the cache's", q=q, k_new=k_new, v_new=v_new, new_seqlens=new_seqlens,
+                          rotary_cos=rotary_cos, rotary_sin=rotary_sin)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         rot = (rotary_cos, rotary_sin, rotary_interleaved)
         drop = check_dropout_args(dropout_p, dropout_seed)

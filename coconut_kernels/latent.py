@@ -8,6 +8,7 @@ plan are shared with generation (`latent_steps`, `latent_decode`).
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import latent_decode, latent_jacobi, validation
+from .errors import CoconutError
 from .feedback import Feedback, resolve_feedback
 from .latent_decode import GenerateOutput, Sampling, parse_stop, sample_tokens
 from .latent_plan import IGNORE_INDEX, BatchPlan, PassRows, jacobi_passes, pass_rows, plan_batch
@@ -109,6 +111,13 @@ class LatentLM(nn.Module):
         transformers returns a model: `.train()` turns the checkpoint's dropout on."""
         from .models.loading import load_pretrained
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise CoconutError(f"path must be a Hugging Face checkpoint folder (a str or os.PathLike path), got "
+                               f"{type(path).__name__}")
+        unknown = sorted(set(kwargs) - {"feedback"})
+        if unknown:
+            raise CoconutError(f"from_pretrained got unknown keyword argument(s) {unknown}: expected the ids, "
+                               "tokenizer, dtype, device or feedback")
         model, tokenizer = load_pretrained(path, tokenizer=tokenizer, dtype=dtype, device=device,
                                            need_tokenizer=None in (latent_token_id, start_latent_id, end_latent_id,
                                                                    eos_token_id))

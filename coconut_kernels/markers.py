@@ -96,7 +96,8 @@ def load_folder_tokenizer(folder, *, required: bool = True) -> HFTokenizer | Non
                               f"{found}); pass latent_token_id, start_latent_id, end_latent_id and eos_token_id, "
                               f"or tokenizer=")
     _, added = _ensure_markers(raw, str(folder))
-    tokenizer = HFTokenizer(raw, eos_token=_config_eos(folder))
+    source = folder / "tokenizer.json" if (folder / "tokenizer.json").is_file() else folder / "vocab.json"
+    tokenizer = HFTokenizer(raw, eos_token=_config_eos(folder), source=str(source))
     tokenizer._new_marker_ids = added
     return tokenizer
 

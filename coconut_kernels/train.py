@@ -109,7 +109,8 @@ def _open(ctx: RunContext, plan: SaveDirPlan) -> None:
         raise error or CheckpointError(f"config key 'save_dir': rank 0 could not take {plan.save_dir}")
     ctx.run_id = plan.run_id
     ctx.log = MetricsLog(ctx.cfg.save_dir, ctx.rank == 0, ctx.cfg.tensorboard,
-                         resume_step=ctx.state["step"] if ctx.state else None)
+                         resume_step=ctx.state["step"] if ctx.state else None,
+                         title=f"{ctx.cfg.method} ({ctx.data.val_source}), run {plan.run_id}")
 
 
 def _nothing_to_do(ctx: RunContext) -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 
 import torch
 
@@ -76,8 +78,9 @@ def check_bool(value, name: str) -> bool:
     return value
 
 
-def check_device(device, name: str = "device") -> torch.device | None:
-    """None, or a torch.device for a device string / torch.device / CUDA index that this machine has."""
+def check_device(device, name: str = "device", *, meta: bool = True) -> torch.device | None:
+    """None, or a torch.device for a device string / torch.device / CUDA index that this machine has; the meta
+    device (shapes only) when `meta`, which a command line that computes something never wants."""
     if device is None:
         return None
     if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
@@ -91,12 +94,20 @@ def check_device(device, name: str = "device") -> torch.device | None:
     if dev.type == "cuda":
         n = torch.cuda.device_count()
         if n == 0:
-            raise CoconutError(f"{name} is {device!r} but this machine has no CUDA device")
+            raise CoconutError(f"{name} is {device!r} but no CUDA device is available on this machine")
         if dev.index is not None and dev.index >= n:
             raise CoconutError(f"{name} is {device!r} but this machine has {n} CUDA device(s)")
-    elif dev.type not in ("cpu", "meta"):
+    elif dev.type not in (("cpu", "meta") if meta else ("cpu",)):
         raise CoconutError(f"{name} must be a 'cpu' or 'cuda' device, got {device!r}")
     return dev
+
+
+def check_same_device(device: torch.device, where: str, **tensors) -> None:
+    """Every tensor given (None: skipped) is on `device`, described as `where` (e.g. "the cache's"): a mix with the
+    meta device would otherwise run the shape-only fake kernel and return a meta tensor instead of failing."""
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise CoconutError(f"{name} must be on {where} device ({device}), got {t.device}")
 
 
 def check_dtype(dtype, name: str = "dtype", *, floating: bool = True) -> torch.dtype | None:
@@ -118,6 +129,26 @@ def check_tensor_args(optional: tuple[str, ...] = (), **tensors) -> None:
         if not isinstance(t, torch.Tensor) and not (t is None and name in optional):
             raise CoconutError(f"{name} must be a torch.Tensor{' or None' if name in optional else ''}, got "
                                f"{type(t).__name__}")
+
+
+def check_writable(path, name: str, *, folder: bool, error: type[CoconutError] = CoconutError) -> Path:
+    """`path` (a folder when `folder`, else a file) can be written, its missing parent folders created: checked
+    without writing, so that a command fails before its work rather than when it saves the result."""
+    path = Path(path)
+    if path.exists():
+        if path.is_dir() != folder:
+            raise error(f"{name}: {path} is {'a file, not a folder' if folder else 'a folder, not a file'}")
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            raise error(f"{name}: {path} is not writable (no write permission on {path})")
+        return path
+    probe = path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise error(f"{name}: {path} cannot be created: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise error(f"{name}: {path} is not writable (no write permission on {probe})")
+    return path
 
 
 # ---- LatentLM construction -------------------------------------------------------------------------------------
@@ -240,20 +271,34 @@ def check_ids(input_ids: torch.Tensor, position_ids, vocab_size: int, max_positi
 
 def check_batch(ids_h: torch.Tensor, mask_h: torch.Tensor, labels_h: torch.Tensor | None, position_ids, *,
                 vocab_size: int, max_position: int, latent_id: int, start_latent_id: int, end_latent_id: int,
-                max_new_tokens: int | None = None, stop_kind: str = "fixed", max_latents: int | None = None) -> None:
+                max_new_tokens: int | None = None, stop_kind: str = "fixed", max_latents: int | None = None,
+                prompt_name: str | None = None, max_new_tokens_name: str = "max_new_tokens") -> None:
     """Values of a batch that `check_inputs` accepted, on host copies (ids_h, mask_h, labels_h):
 
     - input_ids in [0, vocab_size), labels -100 or in [0, vocab_size), position_ids in [0, max_position) (on the
       host or under COCONUT_DEBUG=1);
     - attention_mask of 0/1 only, each row zeros (left padding), then at least one 1, then zeros (right padding);
+    - markers (at real positions): at most one start_latent_id <bot> and one end_latent_id <eot> per row, the
+      <bot> first (the official data holds one `<bot> <latent>... <eot>` block per row, at stage 0 `<bot> <eot>`);
     - latent tokens (latent_id >= 0, the sequential feedback modes): at real positions, contiguous, not first,
       labelled -100, and read `question <bot> <latent>... <eot>` (start_latent_id right before, end_latent_id
       right after, inside the row): the same rule in training and generation;
     - the positions fit the model: each row's tokens (forward), or prompt + latents + max_new_tokens (generate,
       with the stop rule's latent budget); a stop rule other than "fixed" needs latents in every prompt.
+
+    prompt_name / max_new_tokens_name: the caller's own argument names (the engine checks one prompt, its
+    `prompt_ids`, with `max_tokens` new tokens), used in the messages instead of "input_ids row b" and
+    "max_new_tokens".
     """
     B, T = ids_h.shape
-    _range(ids_h, "input_ids", vocab_size, "token ids")
+
+    def row(b: int) -> str:
+        return prompt_name if prompt_name is not None else f"input_ids row {b}"
+
+    if prompt_name is None:
+        _range(ids_h, "input_ids", vocab_size, "token ids")
+    else:
+        _range(ids_h[0], prompt_name, vocab_size, "token ids")
     if labels_h is not None:
         _range(labels_h, "labels", vocab_size, "token ids", allowed=IGNORE_INDEX)
     if isinstance(position_ids, torch.Tensor) and host_checks(position_ids):
@@ -273,47 +318,75 @@ def check_batch(ids_h: torch.Tensor, mask_h: torch.Tensor, labels_h: torch.Tenso
                            "zeros (right padding); got holes in the ones")
     if int(length.max()) > max_position:
         b = int(length.argmax())
-        raise CoconutError(f"input_ids row {b} has {int(length[b])} tokens, more than the model's {max_position} "
-                           "positions")
+        raise CoconutError(f"{row(b)} has {int(length[b])} tokens, more than the model's {max_position} positions")
+    _check_markers(ids_h, mask, cols, start_latent_id, end_latent_id, row)
     n_lat = torch.zeros(B, dtype=torch.long)
     if latent_id >= 0:
         is_latent = ids_h == latent_id
         if bool((is_latent & ~mask).any()):
-            raise CoconutError(f"input_ids row {_first(is_latent & ~mask)[0]} has latent tokens (latent_token_id "
-                               f"{latent_id}) at padded positions (attention_mask 0)")
+            raise CoconutError(f"{row(_first(is_latent & ~mask)[0])} has latent tokens (latent_token_id {latent_id}) "
+                               f"at padded positions (attention_mask 0): {_COVER}")
         n_lat = is_latent.sum(1)
         has = n_lat > 0
         first_lat = torch.where(is_latent, cols, T).min(1).values
         last_lat = torch.where(is_latent, cols, -1).max(1).values
         bad = has & (last_lat - first_lat + 1 != n_lat)
         if bool(bad.any()):
-            raise CoconutError(f"the latent tokens of input_ids row {_first(bad)[0]} are not contiguous")
+            raise CoconutError(f"the latent tokens of {row(_first(bad)[0])} are not contiguous")
         bad = has & (first_lat == first)
         if bool(bad.any()):
-            raise CoconutError(f"input_ids row {_first(bad)[0]} starts with a latent token: a latent needs a "
-                               "previous position")
+            raise CoconutError(f"{row(_first(bad)[0])} starts with a latent token: a latent needs a previous position")
         if labels_h is not None and bool((is_latent & (labels_h != IGNORE_INDEX)).any()):
             raise CoconutError(f"labels must be {IGNORE_INDEX} at latent positions (row "
                                f"{_first(is_latent & (labels_h != IGNORE_INDEX))[0]})")
         before = ids_h.gather(1, (first_lat - 1).clamp(0, T - 1)[:, None])[:, 0]
         after = ids_h.gather(1, (last_lat + 1).clamp(0, T - 1)[:, None])[:, 0]
+        masked_eot = has & (before == start_latent_id) & (last_lat + 1 < T) & (after == end_latent_id) & \
+            (last_lat + 1 > last)
+        if bool(masked_eot.any()):
+            raise CoconutError(f"{row(_first(masked_eot)[0])}: the <eot> (end_latent_id {end_latent_id}) after its "
+                               f"latents is at a padded position (attention_mask 0): {_COVER}")
         bad = has & ((before != start_latent_id) | (after != end_latent_id) | (last_lat + 1 > last))
         if bool(bad.any()):
-            raise CoconutError(f"input_ids row {_first(bad)[0]} must read question <bot> <latent>... <eot>: its "
-                               f"latents are not between start_latent_id {start_latent_id} and end_latent_id "
-                               f"{end_latent_id}")
+            raise CoconutError(f"{row(_first(bad)[0])} must read question <bot> <latent>... <eot>: its latents are "
+                               f"not between start_latent_id {start_latent_id} and end_latent_id {end_latent_id}")
     if max_new_tokens is None:
         return
     if stop_kind != "fixed" and bool((n_lat == 0).any()):
-        raise CoconutError(f"stop={stop_kind!r} needs <bot> <latent>... <eot> in every prompt: input_ids row "
-                           f"{_first(n_lat == 0)[0]} has no latent tokens")
+        raise CoconutError(f"stop={stop_kind!r} needs <bot> <latent>... <eot> in every prompt: "
+                           f"{row(_first(n_lat == 0)[0])} has no latent tokens")
     k_max = int(n_lat.max())
     budget = k_max if max_latents is None else max(k_max, max_latents)
     total = length + max_new_tokens + (budget - n_lat)
     if int(total.max()) > max_position:
         budget = "" if max_latents is None else f" (stop's latent budget {max_latents})"
-        raise CoconutError(f"max_new_tokens: prompt + latents{budget} + max_new_tokens = {int(total.max())} positions "
-                           f"exceed the model's {max_position}")
+        raise CoconutError(f"{max_new_tokens_name}: prompt + latents{budget} + {max_new_tokens_name} = "
+                           f"{int(total.max())} positions exceed the model's {max_position}")
+
+
+# What the mask may pad (see check_batch): both sides are supported, so a marker outside the ones is the mask's fault.
+_COVER = ("attention_mask must be one run of ones per row covering the question and its <bot> <latent>... <eot>, "
+          "with zeros only before it (left padding) and after it (right padding)")
+
+
+def _check_markers(ids_h, mask, cols, start_latent_id: int, end_latent_id: int, row) -> None:
+    """At most one <bot> and one <eot> per row (real positions only), the <bot> first."""
+    T = ids_h.shape[1]
+    found = []
+    for marker, name, tag in ((start_latent_id, "start_latent_id", "<bot>"), (end_latent_id, "end_latent_id",
+                                                                               "<eot>")):
+        at = (ids_h == marker) & mask
+        count = at.sum(1)
+        if bool((count > 1).any()):
+            b = _first(count > 1)[0]
+            raise CoconutError(f"{row(b)} has {int(count[b])} {tag} tokens ({name} {marker}): a row holds at most one "
+                               "<bot> <latent>... <eot> block (one start and one end marker, as the official data)")
+        found.append((count > 0, torch.where(at, cols, T).min(1).values))
+    (has_bot, bot), (has_eot, eot) = found
+    bad = has_bot & has_eot & (eot < bot)
+    if bool(bad.any()):
+        raise CoconutError(f"{row(_first(bad)[0])} has its <eot> (end_latent_id {end_latent_id}) before its <bot> "
+                           f"(start_latent_id {start_latent_id}): a row reads question <bot> <latent>... <eot>")
 
 
 # ---- latent schedule -------------------------------------------------------------------------------------------
@@ -357,9 +430,11 @@ def check_generate(lm, input_ids, attention_mask, *, max_new_tokens, do_sample, 
 
 
 def check_sampling(*, vocab_size: int, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                   pad_token_id, return_latents, use_cuda_graph, generator, stop) -> None:
-    """generate's scalar arguments: types, finiteness and ranges (eos_token_id / pad_token_id None: the model's)."""
-    check_int(max_new_tokens, "max_new_tokens", low=1)
+                   pad_token_id, return_latents, use_cuda_graph, generator, stop,
+                   max_new_tokens_name: str = "max_new_tokens") -> None:
+    """generate's scalar arguments: types, finiteness and ranges (eos_token_id / pad_token_id None: the model's).
+    max_new_tokens_name: the caller's name of that argument (the engine's `max_tokens`)."""
+    check_int(max_new_tokens, max_new_tokens_name, low=1)
     check_bool(do_sample, "do_sample")
     # Below MIN_TEMPERATURE, logits / temperature overflow float32 (NaN probabilities); greedy is do_sample=False.
     check_real(temperature, "temperature", low=MIN_TEMPERATURE)

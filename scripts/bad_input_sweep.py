@@ -453,6 +453,43 @@ def feedback_cases():
     add(e, "backend", "set_backend('cudnn')", lambda: ck.set_backend("cudnn"))
 
 
+def sharing_cases():
+    """Arguments that name one object twice or mix devices: aliasing in-place operands, meta next to CPU, markers
+    twice in a row, an engine's own argument names."""
+    from coconut_kernels.engine import LatentEngine
+
+    idx = (torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0, 1]))
+    buf = torch.randn(2, 4, 4)
+    add("latent_feedback_", ("embeds", "hidden"), "embeds is hidden",
+        lambda: keeps([buf], lambda: ck.latent_feedback_(buf, buf, *idx)))
+    add("latent_feedback_", ("embeds", "hidden"), "embeds and hidden overlapping views",
+        lambda: keeps([buf], lambda: ck.latent_feedback_(buf[:, 1:], buf[:, :3], *idx)))
+    q, kc = torch.randn(2, 1, 1, 4), torch.zeros(2, 5, 1, 4)
+    lens = torch.tensor([1, 0], dtype=torch.int32)
+    add("latent_attention", "q", "q on meta, caches on CPU",
+        lambda: ck.latent_attention(q.to("meta"), q, q, kc, kc.clone(), lens))
+    add("latent_attention", "cache_seqlens", "cache_seqlens on meta",
+        lambda: keeps([kc], lambda: ck.latent_attention(q, q, q, kc, kc.clone(), lens.to("meta"))))
+    add("KVCache", "q", "attend(q on meta)", cache_call("attend", 0, q.to("meta"), q, q))
+    add("KVCache", "q", "attend(q as a list)", cache_call("attend", 0, q.tolist(), q, q))
+    add("KVCache", "n_new", "advance(a meta tensor)", cache_call("advance", torch.tensor([1, 1], device="meta")))
+    add("KVCache", "head_dim", "KVCache(head_dim=512), past the kernels' 256", lambda: KVCache(1, 1, 4, 1, 512))
+    add("GPT2Config", "head dim", "d_model 512 with one head", lambda: GPT2Config(d_model=512, n_head=1))
+    for ids, what in ((row(3, BOT, 4, BOT, LAT, EOT, 5), "two <bot>"), (row(3, BOT, LAT, EOT, EOT, 5), "two <eot>"),
+                      (row(3, EOT, 4, BOT, 5), "<eot> before <bot>")):
+        add("LatentLM.forward", "input_ids", what, lambda ids=ids: LM(ids))
+        add("LatentLM.generate", "input_ids", what, lambda ids=ids: LM.generate(ids, max_new_tokens=1))
+    cut = torch.tensor([[0, 1, 1, 1, 1, 0], [1] * 6])
+    add("LatentLM.forward", "attention_mask", "mask padded on both sides leaves out the <eot>",
+        lambda: LM(PROMPT, cut))
+    add("LatentLM.from_pretrained", "path", "from_pretrained(123)", lambda: LatentLM.from_pretrained(123))
+    add("LatentEngine", "lm", "LatentEngine('model', 2)", lambda: LatentEngine("model", 2))
+    engine = lambda: LatentEngine(LM, 2, use_cuda_graph=False)  # noqa: E731
+    add("LatentEngine.add", "prompt_ids", "prompt id past the vocabulary", lambda: engine().add([3, V]))
+    add("LatentEngine.add", "max_tokens", "max_tokens past the positions",
+        lambda: engine().add([3, BOT, LAT, EOT], {"max_tokens": P}))
+
+
 # ---- running ----------------------------------------------------------------------------------------------------
 
 
@@ -473,7 +510,7 @@ def _child(call, names, conn):
 
 def run(timeout: float, verbose: bool) -> int:
     for build in (construction_cases, forward_cases, generate_cases, pretrained_cases, model_cases, cache_cases,
-                  op_cases, feedback_cases):
+                  op_cases, feedback_cases, sharing_cases):
         build()
     ctx = mp.get_context("fork")
     counts = {k: 0 for k in ("clear", "unclear", "silent", "corrupted", "crash")}

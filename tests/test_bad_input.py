@@ -182,7 +182,10 @@ def test_zero_length_rows_and_holes(row, hole):
 
 
 def _layout_ok(row: list[int]) -> bool:
-    """The rule of the docs: latents contiguous, right after <bot>, followed by <eot> in the row."""
+    """The rule of the docs: at most one <bot> and one <eot>, the <bot> first (the official data's one block per
+    row); latents contiguous, right after <bot>, followed by <eot> in the row."""
+    if row.count(BOT) > 1 or row.count(EOT) > 1 or (BOT in row and EOT in row and row.index(EOT) < row.index(BOT)):
+        return False
     at = [i for i, t in enumerate(row) if t == LAT]
     if not at:
         return True
@@ -203,6 +206,46 @@ def test_latent_layout_same_rule_in_forward_and_generate(row):
     else:
         raises_clear(lambda: LM(ids, labels=labels), "input_ids")
         raises_clear(lambda: LM.generate(ids, max_new_tokens=1), "input_ids")
+
+
+@pytest.mark.parametrize("row,marker", [
+    ([1, BOT, 2, BOT, LAT, EOT, 3], "2 <bot>"),  # a doubled start marker, the second one before the latents
+    ([1, BOT, BOT, LAT, EOT, 3], "2 <bot>"),
+    ([1, BOT, LAT, EOT, 2, EOT], "2 <eot>"),
+    ([1, BOT, EOT, 2, BOT, EOT], "2 <bot>"),  # two stage-0 blocks
+    ([1, EOT, 2, BOT, 3], "before its <bot>"),
+])
+def test_markers_once_per_row_in_forward_and_generate(row, marker):
+    """The official data puts one <bot> [<latent>...] <eot> block in a row: forward and generate refuse the rest
+    with the same message."""
+    ids = torch.tensor([row])
+    labels = torch.where(ids == LAT, -100, ids)
+    a = raises_clear(lambda: LM(ids, labels=labels), marker)
+    b = raises_clear(lambda: LM.generate(ids, max_new_tokens=1), marker)
+    assert str(a) == str(b) and "input_ids row 0" in str(a)
+
+
+def test_mask_padded_on_both_sides():
+    """Padding on both sides is supported (one run of ones per row); a mask whose ones leave out the <eot> is
+    reported as the mask's fault, not as a latent layout."""
+    row = [1, 2, BOT, LAT, LAT, EOT, 3, 4]
+    ids = torch.tensor([row])
+    padded = torch.tensor([[0, 0] + row + [0]])
+    mask = torch.tensor([[0, 0] + [1] * len(row) + [0]])
+    with torch.no_grad():
+        ref = LM(ids, labels=torch.where(ids == LAT, -100, ids)).loss
+        got = LM(padded, mask, torch.where((mask == 0) | (padded == LAT), -100, padded)).loss
+    assert torch.allclose(ref, got)
+    prompt = [1, 2, BOT, LAT, LAT, EOT]
+    both = LM.generate(torch.tensor([[0] + prompt + [0]]), torch.tensor([[0] + [1] * 6 + [0]]), max_new_tokens=3)
+    assert torch.equal(both.tokens, LM.generate(torch.tensor([prompt]), max_new_tokens=3).tokens)
+    cut = torch.tensor([[0, 1, 1, 1, 1, 0], [1] * 6])  # row 0's <eot> is padding
+    for fn in (lambda: LM(PROMPT, cut), lambda: LM.generate(PROMPT, cut, max_new_tokens=1)):
+        err = str(raises_clear(fn, "attention_mask"))
+        assert "<eot>" in err and "padded position" in err and "one run of ones" in err and "not between" not in err
+    cut = torch.tensor([[0, 1, 1, 1, 0, 0], [1] * 6])  # a latent is padding
+    err = str(raises_clear(lambda: LM(PROMPT, cut), "attention_mask"))
+    assert "padded positions" in err and "one run of ones" in err
 
 
 def test_labels_at_latents_and_too_long_rows():
@@ -330,6 +373,33 @@ def test_devices_and_dtypes(device, dtype):
     raises_clear(lambda: KVCache(1, 1, 4, 1, 4, device=device), "device")
 
 
+@FAST
+@given(path=st.one_of(st.integers(), st.floats(), st.none(), st.lists(st.text(max_size=2), max_size=2),
+                      st.just(b"folder"), st.just(MODEL)))
+def test_from_pretrained_path_type(path):
+    err = raises_clear(lambda: LatentLM.from_pretrained(path), "path")
+    assert "folder" in str(err) and "os.PathLike" in str(err)
+
+
+def test_tokenizer_without_eos_names_the_file(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from coconut_kernels.data import HFTokenizer, load_tokenizer
+    from coconut_kernels.markers import load_folder_tokenizer
+
+    file = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")).save(str(file))
+    for load in (lambda: HFTokenizer.load(file), lambda: load_tokenizer(file), lambda: HFTokenizer.load(tmp_path),
+                 lambda: load_folder_tokenizer(tmp_path)):
+        err = raises_clear(load, str(file))
+        assert "eos_token" in str(err)
+    raises_clear(lambda: HFTokenizer.load(file, eos_token="<eos>"), str(file))
+    (tmp_path / "tokenizer_config.json").write_text("{")
+    raises_clear(lambda: HFTokenizer.load(file), str(tmp_path / "tokenizer_config.json"))
+    file.write_text("{")
+    raises_clear(lambda: HFTokenizer.load(file, eos_token="a"), str(file))
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A GPT-2 checkpoint folder in Hugging Face's layout, written from MODEL's tensors."""
@@ -402,7 +472,8 @@ LENGTHS_BAD = st.one_of(
     st.integers(-50, -1), st.integers(7, 50),
     st.lists(st.integers(-5, 10), min_size=2, max_size=2).filter(lambda x: min(x) < 0 or max(x) > 6),
     st.lists(st.integers(0, 3), min_size=1, max_size=4).filter(lambda x: len(x) != 2),
-    st.floats(), st.text(max_size=2), st.booleans(), st.just(torch.tensor([1.5, 1.0])))
+    st.floats(), st.text(max_size=2), st.booleans(), st.just(torch.tensor([1.5, 1.0])),
+    st.just(torch.tensor([1, 1], device="meta")))
 
 
 @FAST
@@ -445,6 +516,45 @@ def test_cache_attend_past_capacity_leaves_cache_unchanged(n):
 
 
 @FAST
+@given(which=st.sampled_from(["q", "k_new", "v_new", "cache"]), meta_first=st.booleans())
+def test_cache_attend_device_mix_with_meta(which, meta_first):
+    """A mix with the meta device is a device mismatch like any other (it would run the shape-only kernel)."""
+    cache = KVCache(1, 2, 6, 1, 4) if which != "cache" else KVCache(1, 2, 6, 1, 4, device="meta")
+    before = _state(cache) if which != "cache" else None
+    args = {n: torch.randn(2, 1, 1, 4) for n in ("q", "k_new", "v_new")}
+    if which != "cache":
+        args[which] = args[which].to("meta")
+    err = raises_clear(lambda: cache.attend(0, **args), "the cache's device")
+    assert "meta" in str(err)
+    if before is not None:
+        assert _unchanged(cache, before)
+
+
+def test_cache_attend_argument_types():
+    cache, q = _cache()
+    before = _state(cache)
+    for name in ("q", "k_new", "v_new"):
+        args = {"q": q[:, :1], "k_new": q[:, :1], "v_new": q[:, :1], name: "x"}
+        raises_clear(lambda: cache.attend(0, **args), name)
+    raises_clear(lambda: cache.attend(0, q[:, :1], q[:, :1], q[:, :1], new_seqlens=[1, 1]), "new_seqlens")
+    assert _unchanged(cache, before)
+
+
+@FAST
+@given(head_dim=st.integers(257, 4096))
+def test_head_dims_past_the_kernels_limit(head_dim):
+    """latent_attention's kernels take head dims up to 256: a larger one fails when the cache or model is built."""
+    raises_clear(lambda: KVCache(1, 1, 4, 1, head_dim), "head_dim")
+    raises_clear(lambda: LlamaConfig(n_head=1, n_kv_head=1, d_model=head_dim, head_dim=head_dim), "head_dim")
+    raises_clear(lambda: GPT2Config(n_head=1, d_model=head_dim), "head dim")
+
+
+def test_head_dim_256_is_accepted():
+    assert KVCache(1, 1, 4, 1, 256).k.shape[-1] == 256
+    assert GPT2Config(n_head=1, d_model=256).head_dim == 256
+
+
+@FAST
 @given(name=st.sampled_from(["n_layers", "batch", "max_len", "n_kv_heads", "head_dim"]), data=st.data())
 def test_cache_construction(name, data):
     sizes = dict(n_layers=1, batch=1, max_len=4, n_kv_heads=1, head_dim=4)
@@ -467,6 +577,32 @@ def test_latent_feedback_indices(which, value, inplace):
     fn = latent_feedback_ if inplace else latent_feedback
     raises_clear(lambda: fn(embeds, hidden, idx["batch_idx"], idx["dst_pos"], idx["src_pos"]), which)
     assert torch.equal(embeds, before)
+
+
+@pytest.mark.parametrize("layout", ["same", "shifted_view", "prefix_view", "transposed_batch"])
+def test_latent_feedback_inplace_refuses_overlapping_embeds_and_hidden(layout):
+    """latent_feedback_ reads hidden while it writes embeds: sharing elements would make the result depend on the
+    order of the writes, so it is refused, naming both; the out-of-place form takes such inputs."""
+    buf = torch.randn(2, 4, 4)
+    embeds, hidden = {"same": (buf, buf), "shifted_view": (buf[:, 1:], buf[:, :3]),
+                      "prefix_view": (buf, buf[:, :2]), "transposed_batch": (buf, buf.transpose(0, 1)[:2, :2])}[layout]
+    before = buf.clone()
+    idx = (torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0, 1]))
+    err = str(raises_clear(lambda: latent_feedback_(embeds, hidden, *idx), "embeds"))
+    assert "hidden" in err and "share memory" in err
+    assert torch.equal(buf, before)
+    out = latent_feedback(embeds, hidden, *idx)
+    assert torch.equal(out, latent_feedback(embeds.clone(), hidden.clone(), *idx))
+
+
+def test_latent_feedback_inplace_takes_disjoint_views_of_one_buffer():
+    buf = torch.randn(2, 3, 8)
+    embeds, hidden = buf[..., :4], buf[..., 4:]  # interleaved in memory, no element shared
+    want = latent_feedback(embeds.clone(), hidden.clone(), torch.tensor([0, 1]), torch.tensor([1, 2]),
+                           torch.tensor([0, 1]), norm="rmsnorm")
+    latent_feedback_(embeds, hidden, torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([0, 1]),
+                     norm="rmsnorm")
+    assert torch.equal(embeds, want)
 
 
 @FAST
@@ -504,6 +640,21 @@ def test_latent_attention_arguments(which, data):
 
 
 @FAST
+@given(which=st.sampled_from(["q", "k_new", "v_new", "k_cache", "v_cache", "cache_seqlens", "cache_leftpad",
+                              "new_seqlens"]))
+def test_latent_attention_device_mix_with_meta(which):
+    """The meta device mixed with CPU tensors is refused like any device mismatch, naming the argument (the C++
+    checks would never run: such a call dispatches to the shape-only fake kernel)."""
+    q = torch.randn(2, 1, 2, 4)
+    kw = dict(q=q, k_new=q[:, :, :1], v_new=q[:, :, :1], k_cache=torch.zeros(2, 5, 1, 4),
+              v_cache=torch.zeros(2, 5, 1, 4), cache_seqlens=torch.tensor([1, 0], dtype=torch.int32),
+              cache_leftpad=torch.zeros(2, dtype=torch.int32), new_seqlens=torch.ones(2, dtype=torch.int32))
+    kw[which] = kw[which].to("meta")
+    err = str(raises_clear(lambda: latent_attention(**kw), "k_cache's device"))
+    assert err.startswith(which if which != "k_cache" else "q") and "meta" in err
+
+
+@FAST
 @given(name=st.sampled_from(["temperature", "top_k", "top_p", "return_probs", "logits", "weight"]), data=st.data())
 def test_soft_embedding_arguments(name, data):
     args = {"logits": torch.randn(3, 10), "weight": torch.randn(10, 4)}
@@ -531,3 +682,38 @@ def test_linear_cross_entropy_arguments(name, data):
                               "bias": st.sampled_from([torch.zeros(3), torch.zeros(10).long(), "b"]),
                               "reduction": st.one_of(st.text(max_size=4), st.integers())}[name])
     raises_clear(lambda: linear_cross_entropy(args["hidden"], args["weight"], args["targets"], **kw), name)
+
+
+# ---- LatentEngine: its own argument names ---------------------------------------------------------------------
+
+
+@FAST
+@given(lm=st.one_of(st.text(max_size=5), st.integers(), st.none(), st.just(MODEL)))
+def test_engine_needs_a_latent_lm(lm):
+    from coconut_kernels.engine import LatentEngine
+
+    err = raises_clear(lambda: LatentEngine(lm, 2), "lm must be a LatentLM")
+    assert type(lm).__name__ in str(err)
+
+
+@pytest.mark.parametrize("prompt,params,name", [
+    ([1, 2, 99], None, "prompt_ids[2] = 99"),
+    ([1, -1], None, "prompt_ids[1] = -1"),
+    ([1, LAT, 2], None, "prompt_ids must read"),
+    ([1, BOT, BOT, LAT, EOT], None, "prompt_ids has 2 <bot>"),
+    ([1, 2, BOT, LAT, EOT], {"max_tokens": 0}, "max_tokens must be"),
+    ([1, 2, BOT, LAT, EOT], {"max_tokens": MAXPOS}, "params.max_tokens: prompt + latents + params.max_tokens"),
+    ([1, 2, 3], {"stop": "eot"}, "prompt_ids has no latent tokens"),
+])
+def test_engine_errors_use_its_own_argument_names(prompt, params, name):
+    from coconut_kernels.engine import LatentEngine
+
+    engine = LatentEngine(LM, 2, use_cuda_graph=False)
+    err = str(raises_clear(lambda: engine.add(prompt, params), name))
+    assert "input_ids" not in err and "max_new_tokens" not in err
+    assert not engine.has_unfinished()
+    raises_clear(lambda: engine.generate(5), "prompts")
+
+
+def test_from_pretrained_unknown_keyword(tmp_path):
+    raises_clear(lambda: LatentLM.from_pretrained(tmp_path, flash_attention=True), "flash_attention")

@@ -244,3 +244,14 @@ def test_official_option_loads_a_checkouts_coconut_py(tmp_path):
     with pytest.raises(FileNotFoundError, match="no coconut.py"):
         _steps("gpt2-tiny", 2, 2, torch.device("cpu"), torch.float32, official=str(tmp_path / "missing"),
                q_len=(12, 16))["official checkout"][1]()
+
+
+@pytest.mark.parametrize("argv, flag", [(["--threads", "0"], "--threads"), (["--reps", "-1"], "--reps"),
+                                        (["--sizes", "4,x"], "--sizes"), (["--device", "tpu"], "--device")])
+def test_bad_flags_are_one_line_errors(argv, flag, capsys):
+    from coconut_kernels.bench.__main__ import main
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("coconut-bench: error: ") and flag in err

@@ -42,6 +42,7 @@ from coconut_kernels.data import (
 )
 from coconut_kernels.data import cli
 from coconut_kernels.data.prosqa import reachable
+from coconut_kernels.errors import CoconutError
 
 DATA_DIR = Path(os.environ.get("COCONUT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 VALID = DATA_DIR / "prosqa_valid.json"
@@ -106,9 +107,13 @@ GOOD = {"question": "Is Tom a wumpus or yumpus?", "steps": ["Tom is a wumpus."],
         (["q", [], "a"], "record 1: expected a JSON object, got list"),
     ],
 )
-def test_bad_records_name_index_and_field(tmp_path, bad, message):
+def test_bad_records_name_file_index_and_field(tmp_path, bad, message):
+    path = _write(tmp_path, [GOOD, bad])
     with pytest.raises(ValueError) as e:
-        load_records(_write(tmp_path, [GOOD, bad]))
+        load_records(path)
+    assert str(e.value) == f"{path}: {message}"
+    with pytest.raises(ValueError) as e:
+        validate_records([GOOD, bad])
     assert str(e.value) == message
 
 
@@ -117,6 +122,9 @@ def test_bad_files(tmp_path):
         load_records(_write(tmp_path, GOOD))
     with pytest.raises(ValueError, match="not valid JSON"):
         load_records(_write(tmp_path, "[{"))
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(CoconutError, match="max_records"):
+            load_records(_write(tmp_path, [GOOD]), bad)
     with pytest.raises(ValueError, match="record 0: missing field 'steps'"):
         save_records([{"question": "q", "answer": "a"}], tmp_path / "never.json")
     assert not (tmp_path / "never.json").exists()
@@ -208,9 +216,10 @@ def test_hf_tokenizer_adds_markers_and_round_trips(records, tmp_path):
 
 def test_hf_tokenizer_without_eos_is_refused(tmp_path):
     path = _bpe_tokenizer_json(tmp_path / "tokenizer.json", ["Tom is a wumpus."] * 3, with_eos=False)
-    with pytest.raises(ValueError, match="eos_token: none of .* is in the vocabulary; pass eos_token"):
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": eos_token: none of .* is in the vocabulary .*; "
+                                         "pass eos_token"):
         HFTokenizer.load(path)
-    with pytest.raises(ValueError, match="eos_token: '<eos>' is not in the vocabulary"):
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": eos_token: '<eos>' is not in the vocabulary"):
         HFTokenizer.load(path, eos_token="<eos>")
     with pytest.raises(ValueError, match="path: no tokenizer.json at"):
         HFTokenizer.load(tmp_path / "missing")

@@ -181,7 +181,7 @@ def test_fifo_admission_bounds_the_wait(lm):
     ([1, 2], {"max_tokens": 4, "beams": 2}, "unknown sampling parameter"),
     ([1, 2], SamplingParams(n=0), "n"),
     ([1, 2], SamplingParams(n=5), "n"),
-    ([1, 2], SamplingParams(max_tokens=0), "max_new_tokens"),
+    ([1, 2], SamplingParams(max_tokens=0), "max_tokens must be"),
     ([1, 2, LAT, EOT], None, "latent"),
     ([1, BOT, LAT, LAT], None, "latent"),
     ([1, 2], SamplingParams(stop="eot"), "latent"),

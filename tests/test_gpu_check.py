@@ -28,7 +28,9 @@ def test_dry_run_passes_and_writes_the_report(dry_run):
     assert report["passed"] and report["failed_rows"] == 0
     seen = {(row["op"], row["backend"]) for row in report["correctness"]}
     assert seen >= {("latent_feedback", "triton"), ("latent_attention", "triton"), ("latent_feedback", "cpu"),
-                    ("soft_embedding", "torch")}
+                    ("soft_embedding", "torch"), ("latent_attention_determinism", "cpu"),
+                    ("latent_attention_determinism", "triton")}
+    assert all(row["tol"] == 0.0 for row in report["correctness"] if row["op"] == "latent_attention_determinism")
     assert {row["dtype"] for row in report["correctness"]} == {"fp32", "bf16", "fp16"}
     assert all(row["max_err"] is not None and row["max_err"] <= row["tol"] for row in report["correctness"]
                if not row.get("informational"))

@@ -18,9 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (B, Sq, Hq, Hkv, D, Tmax): decode of 2048 sequences with 32 kv heads (B * Hkv = 65,536 programs, one past
 # grid axis 1's limit), a 128k-token prefill with 64 query heads, a cache of 128k tokens x 64 heads x 256 dims
-# (Tmax * Hkv * D = 2^31: int32 offsets overflow), and a training pass of a 70B model.
+# (Tmax * Hkv * D = 2^31: int32 offsets overflow), a training pass of a 70B model, and decode of one sequence
+# over a 1M-token cache with one kv head (split-KV at its widest: 264 splits and their combine).
 EXTREME_ATTENTION = [(2048, 1, 32, 32, 128, 4096), (2048, 1, 64, 8, 128, 4096), (1, 131072, 64, 8, 128, 131072),
-                     (1, 1, 64, 64, 256, 131072), (64, 4096, 64, 8, 128, 4096)]
+                     (1, 1, 64, 64, 256, 131072), (64, 4096, 64, 8, 128, 4096), (1, 1, 8, 1, 128, 1 << 20)]
 
 
 def test_default_cuda_backend_is_triton(monkeypatch):
@@ -35,6 +36,52 @@ def test_default_cuda_backend_is_triton(monkeypatch):
         assert ck.get_backend("cuda") == "cuda"
     finally:
         ck.set_backend(None)
+
+
+def test_cuda_forward_routing():
+    """The "cuda" backend keeps its split-KV forward for the few query rows of decode and latent passes and sends
+    multi-row passes (prefix passes) to the tiled Triton forward; without Triton everything stays split-KV."""
+    from coconut_kernels.ops.latent_attention import SPLIT_KV_MAX_QUERIES, cuda_forward_kernel
+
+    assert SPLIT_KV_MAX_QUERIES == 8
+    assert [cuda_forward_kernel(sq, True) for sq in (1, 2, 6, 8)] == ["split_kv"] * 4
+    assert [cuda_forward_kernel(sq, True) for sq in (9, 64, 300, 131072)] == ["tiled"] * 4
+    assert cuda_forward_kernel(300, False) == "split_kv"
+
+
+@requires_triton
+@pytest.mark.parametrize("Sq", [1, 12])
+def test_cuda_backend_routes_multi_row_passes_to_tiled_forward(Sq, monkeypatch):
+    """The "cuda" backend's dispatch run on CPU tensors (the ops' CPU kernels stand in for the CUDA ones, Triton
+    runs interpreted): Sq = 1 runs the C++ composite op (split-KV on a GPU), Sq = 12 the C++ append then the
+    Triton tiled forward; forward and gradients equal the reference either way."""
+    from coconut_kernels import reference
+    from coconut_kernels.ops import latent_attention as la
+    from coconut_kernels.triton import latent_attention as tri
+
+    from tests.test_latent_attention import make_case
+
+    calls = []
+    tiled = tri.latent_attention_fwd_triton
+    monkeypatch.setattr(tri, "latent_attention_fwd_triton", lambda *a, **k: calls.append(Sq) or tiled(*a, **k))
+    monkeypatch.setattr(la, "get_backend", lambda device: "cuda")
+    c = make_case(2, Sq, 4, 2, 32, 40, rotary_dim=16, leftpad=True, ragged=True, seed=Sq)
+
+    def run(fn):
+        q, kn, vn = (c[n].float().clone().requires_grad_() for n in ("q", "k_new", "v_new"))
+        kc, vc = c["k_cache"].float().clone(), c["v_cache"].float().clone()
+        out = fn(q, kn, vn, kc, vc, c["cache_seqlens"], cache_leftpad=c["cache_leftpad"],
+                 new_seqlens=c["new_seqlens"], rotary_cos=c["rotary_cos"].float(),
+                 rotary_sin=c["rotary_sin"].float())
+        out.backward(torch.ones_like(out))
+        return out, q.grad, kn.grad, vn.grad
+
+    got = run(la.latent_attention)
+    assert calls == ([Sq] if Sq > la.SPLIT_KV_MAX_QUERIES else [])
+    want = run(lambda *a, **kw: reference.latent_attention_reference(*a, **kw)[0])  # autograd through the copy
+    for g, r in zip(got, want):
+        assert g is not None and r is not None
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
 @requires_triton
@@ -73,7 +120,11 @@ def test_triton_feedback_and_soft_embedding_grids_are_legal():
     launches = aot.record_all([
         ("feedback", lambda: aot.feedback_calls(65536, 64, 4096, 8192, torch.bfloat16, "layernorm")),
         ("soft", lambda: aot.soft_embedding_calls(65536, 128256, 8192, torch.bfloat16, 50, 0.9))])
-    assert len(launches) == 6 and aot.grid_errors(launches) == []
+    names = sorted(x.name.rsplit(".", 1)[-1] for x in launches)
+    # The soft-embedding backward reruns the forward pass (fp32 out, for grad_out . out) before its kernels.
+    assert names == sorted(["_latent_feedback_fwd_kernel", "_latent_feedback_bwd_kernel", "_threshold_kernel",
+                            "_fwd_kernel", "_fwd_kernel", "_bwd_logits_kernel", "_bwd_weight_kernel"]), names
+    assert aot.grid_errors(launches) == []
 
 
 def test_occupancy_model():
@@ -133,6 +184,14 @@ int main() {
     show("append", append_shape(a[0], a[1]));
     show("fwd_split", fwd_split_shape(a[0], a[1], a[2], a[3], a[4], 132));
     show("per_row", per_query_row_shape(a[0], a[1], a[2], "x"));
+    for (long long D : {64, 128, 256}) {  // the backward at every head-dim tile
+      show("bwd_delta", bwd_delta_shape(a[0], a[1], a[2]));
+      show("bwd_dkdv", bwd_dkdv_shape(a[0], a[3], a[4], D));
+      Shape dq = bwd_dq_shape(a[0], a[1], a[2], a[3], D);
+      char name[64];
+      std::snprintf(name, sizeof name, "bwd_dq_split%d", dq.key_split);
+      show(name, dq);
+    }
   }
   try {
     per_query_row_shape(1LL << 20, 1LL << 12, 1LL << 10, "too big");
@@ -155,7 +214,7 @@ def test_cuda_launch_configs_are_legal(tmp_path):
     lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
     assert lines[-1].startswith("error too big: the shape needs a grid of")
     rows = [ln.split() for ln in lines[:-1]]
-    assert len(rows) == 6 * 3 * 2 + 5 * 3
+    assert len(rows) == 6 * 3 * 2 + 5 * (3 + 3 * 3)
     for name, gx, gy, gz, bx, by, in_regs in rows:
         gx, gy, gz, bx, by = map(int, (gx, gy, gz, bx, by))
         assert 0 < gx < 2**31 and 0 < gy <= 65535 and 0 < gz <= 65535, name
@@ -168,6 +227,12 @@ def test_cuda_launch_configs_are_legal(tmp_path):
             if in_regs == "1":
                 lanes = bx
                 assert d // vec <= lanes * (32 // vec), name
+    # The backward's grids are 1-D (B * heads folded into x); the dQ key split is 8 at decode (Sq = 1), 1 for
+    # the 128k-token prefill.
+    bwd = [r for r in rows if r[0].startswith("bwd_")]
+    assert len(bwd) == 5 * 3 * 3 and all(r[2:4] == ["1", "1"] and r[4] == "256" for r in bwd)
+    dq = [r[0] for r in rows if r[0].startswith("bwd_dq")]
+    assert dq[:3] == ["bwd_dq_split8"] * 3 and dq[6:9] == ["bwd_dq_split1"] * 3
     by_name = {r[0]: r for r in rows}
     # d = 17000 fp32 (vec 4) at 217 registers: 288 threads, the row re-read in a loop (the launch that failed
     # with 1024 threads before the bound).
@@ -205,3 +270,40 @@ def test_dkdv_tiles_fit_each_target_shared_memory():
     r = subprocess.run([sys.executable, "-c", AOT_CHECK], env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert len([ln for ln in r.stdout.splitlines() if ln.startswith(("80 ", "90 "))]) == 6
+
+
+NO_SPILL_CHECK = r"""
+import sys, torch
+from coconut_kernels.triton import aot
+cc = int(sys.argv[1])
+cases = [("soft bf16", lambda: aot.soft_embedding_calls(8, 50257, 768, torch.bfloat16, 50, 0.9)),
+         ("soft fp32", lambda: aot.soft_embedding_calls(8, 50257, 768, torch.float32, 0, 1.0)),
+         ("decode bf16", lambda: aot.attention_calls(2, 1, 32, 8, 128, 1024, torch.bfloat16, rotary=True,
+                                                     backward=False)),
+         ("decode fp32", lambda: aot.attention_calls(1, 1, 8, 8, 256, 4096, torch.float32, backward=False))]
+bad = []
+for la in aot.unique(aot.record_all(cases, cc), cc):
+    if not la.name.endswith(("_fwd_kernel", "_combine_kernel")):
+        continue
+    row = aot.compile_launch(la, cc)
+    print(cc, la.name, la.scenario, row["status"], row.get("regs"), row.get("spill_stores"), flush=True)
+    if row["status"] != "ok":
+        bad.append(row)
+sys.exit(1 if bad else 0)
+"""
+
+
+@requires_triton
+@pytest.mark.parametrize("cc", [90])
+def test_streaming_kernels_compile_without_spills(cc):
+    """The soft-embedding forward (bf16 with a filter and a split vocabulary, fp32 without) and the split-KV
+    decode forward (bf16 with rotary, fp32 at head dim 256) with their combine kernels compile for sm_90 with
+    no register spills at the tiles the launchers choose (sm_80 is in benchmarks/results/gpu_static.csv)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", NO_SPILL_CHECK, str(cc)], env=env, capture_output=True, text=True,
+                       timeout=1500)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert len([ln for ln in r.stdout.splitlines() if ln.startswith(f"{cc} ")]) >= 6

@@ -151,6 +151,59 @@ def test_rows_past_new_seqlens_give_zero_and_minus_inf():
     assert torch.isfinite(lse[0, :, 0]).all() and out[0, 0].abs().max() > 0
 
 
+# Cache lengths of the split-KV cases (Tmax = 64, 16-key blocks): an empty cache, one key, block boundaries
+# (15/16/17, 32) and a cache full to its last row after the append.
+SPLIT_LENGTHS = [0, 1, 15, 16, 17, 32, 63]
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
+@pytest.mark.parametrize("Sq,causal", [(1, True), (3, True), (2, False)])
+def test_split_kv_forward_matches_reference(group, num_splits, Sq, causal):
+    """Flash-decoding: each split of the key range writes (m, l, acc) and the combine kernel merges them; the
+    result equals the reference for every split count, GQA ratio and length (ragged, 0 new rows included)."""
+    from coconut_kernels.triton.latent_attention import latent_attention_fwd_triton
+
+    B, Hkv, D, Tmax = len(SPLIT_LENGTHS), 2, 24, 64  # D not a power of two: masked head dims
+    c = make_case(B, Sq, Hkv * group, Hkv, D, Tmax, 0, False, True, seed=17 * group + num_splits, device=DEVICE)
+    cs = torch.tensor([min(x, Tmax - Sq) for x in SPLIT_LENGTHS], dtype=torch.int32, device=DEVICE)
+    nn = c["new_seqlens"]
+    nn[1] = 0  # a sequence with no valid new row: out 0, lse -inf
+    lp = torch.zeros_like(cs)
+    lp[4] = 3  # left padding inside the first key block
+    out, lse = latent_attention_fwd_triton(c["q"], c["k_cache"], c["v_cache"], cs, lp, nn, None, None, False,
+                                           D ** -0.5, causal, block_n=16, num_splits=num_splits)
+    out64, lse64 = R.latent_attention_fwd_reference(_f64(c["q"]), _f64(c["k_cache"]), _f64(c["v_cache"]), cs, lp,
+                                                    nn, None, None, False, D ** -0.5, causal)
+    torch.testing.assert_close(_f64(out), out64, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(_f64(lse), lse64, atol=2e-5, rtol=1e-4)
+    assert torch.isneginf(lse[1]).all() and out[1].abs().max() == 0
+
+
+def test_split_count_heuristic_fills_two_waves():
+    from coconut_kernels.triton.latent_attention import num_kv_splits
+
+    # Decode of one sequence with 8 kv heads over a 4k cache: 8 programs -> 33 splits (264 programs).
+    assert num_kv_splits(8, 4096) == 16  # capped by 256 keys per split
+    assert num_kv_splits(8, 131072) == 33
+    assert num_kv_splits(8 * 64, 131072) == 1  # B * Hkv already past two waves
+    assert num_kv_splits(1, 100) == 1  # a short cache is not split
+    assert num_kv_splits(4, 1 << 20, sms=108) == 54
+
+
+def test_decode_block_m_is_the_group():
+    """At decode the query block holds the GQA group's heads only: BLOCK_M = next power of two of the group."""
+    from coconut_kernels.triton import aot
+
+    for group, block_m in ((1, 1), (4, 4), (6, 8), (8, 8)):
+        launches = aot.record_all([("decode", lambda g=group: aot.attention_calls(
+            2, 1, 4 * g, 4, 128, 2048, torch.bfloat16, backward=False))])
+        (fwd,) = [x for x in launches if x.name == "latent_attention._fwd_kernel"]
+        assert fwd.kwargs["BLOCK_M"] == block_m
+        assert fwd.kwargs["SPLIT"]  # 8 programs: split to fill the GPU, merged by the combine kernel
+        assert any(x.name == "latent_attention._fwd_combine_kernel" for x in launches)
+
+
 def test_bad_rotary_table_raises():
     from coconut_kernels.triton.latent_attention import latent_attention_fwd_triton
 

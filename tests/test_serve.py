@@ -123,7 +123,7 @@ def test_concurrent_requests(srv):
     ({"prompt": [], "max_tokens": 4}, "empty"),
     ({"prompt": [1, 2], "beams": 2}, "unknown field"),
     ({"prompt": [1, 2], "n": 9}, "n"),
-    ({"prompt": [1, 2], "max_tokens": 0}, "max_new_tokens"),
+    ({"prompt": [1, 2], "max_tokens": 0}, "max_tokens must be"),  # the request's own field name
     ({"prompt": [1] * 97}, "limit"),
     ({"prompt": [1, LAT, EOT]}, "latent"),
     ({"prompt": "hello"}, "tokenizer"),

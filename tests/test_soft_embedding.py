@@ -211,7 +211,9 @@ def test_torch_compile_fullgraph():
         (5, 64, 20, 0, 0.5, torch.float32),
         (4, 50, 17, 10, 0.9, torch.bfloat16),
         (2, 1, 4, 1, 1e-6, torch.float32),
-        (3, 2500, 8, 10, 0.9, torch.float32),  # several blocks in the statistics kernel's passes
+        (3, 2500, 8, 10, 0.9, torch.float32),  # several blocks in the threshold kernel's passes
+        (2, 2500, 8, 300, 0.9, torch.float32),  # top_k past the one-pass list: the bisection
+        (3, 2500, 8, 0, 0.7, torch.float32),  # top_p alone: the bisection
     ],
 )
 def test_triton_interpreter_matches_cpu(n, v, d, top_k, top_p, wdtype):
@@ -232,6 +234,83 @@ def test_triton_interpreter_matches_cpu(n, v, d, top_k, top_p, wdtype):
     for a, b in zip(grads, ref_grads):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2 if wdtype == torch.bfloat16 else 1e-5, atol=1e-4)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("top_k,top_p,temperature", [(0, 1.0, 1.0), (7, 1.0, 0.5), (0, 0.8, 2.0), (12, 0.6, 0.7)])
+def test_triton_streaming_pass_matches_fp64_reference(dtype, num_splits, top_k, top_p, temperature):
+    """The streaming forward (online max/sum over the vocabulary, tensor-core dots for half weights) over V=203
+    (not a multiple of the 64-wide tiles) and d=40 (not a power of two), with the vocabulary cut into num_splits
+    slices merged by the combine kernel: the kept set, lse, out and both gradients against float64 (fp32 to
+    1e-5; fp16/bf16 within 2x PyTorch's own error in that dtype)."""
+    from coconut_kernels.triton.soft_embedding import soft_embedding_bwd, soft_embedding_fwd
+
+    n, v, d = 5, 203, 40
+    logits, weight = _inputs(n, v, d, dtype, seed=top_k + num_splits)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    out, thr, lse = soft_embedding_fwd(logits, weight, temperature, top_k, top_p, num_splits=num_splits)
+    x64, w64 = logits.double().requires_grad_(), weight.double().requires_grad_()
+    ref, probs = reference(x64, w64, return_probs=True, **kw)
+    kept = probs.detach() > 0
+    torch.testing.assert_close(logits >= thr[:, None], kept)
+    lse64 = torch.logsumexp((x64.detach() / temperature).masked_fill(~kept, float("-inf")), -1)
+    torch.testing.assert_close(lse.double(), lse64, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn(n, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    gl, gw = soft_embedding_bwd(grad_out, logits, weight, thr, lse, temperature, [True, True])
+    gl64, gw64 = torch.autograd.grad(ref, (x64, w64), grad_out.double())
+    assert out.dtype == gl.dtype == gw.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gl.double(), gl64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gw.double(), gw64, rtol=1e-5, atol=1e-5)
+        return
+    xl, wl = logits.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_l = reference(xl, wl, **kw)
+    gl_l, gw_l = torch.autograd.grad(ref_l, (xl, wl), grad_out)
+    assert_within_torch_error(out, ref.detach(), ref_l.detach())
+    assert_within_torch_error(gl, gl64, gl_l, name="grad_logits")
+    assert_within_torch_error(gw, gw64, gw_l, name="grad_weight")
+
+
+@requires_triton
+def test_triton_forward_is_one_pass_and_fills_the_gpu():
+    """Without a filter the forward is the streaming kernel alone (plus the combine of the vocabulary slices when
+    the rows and columns alone leave the GPU idle): no statistics pass; with a filter, one threshold kernel first.
+    The grid reaches two waves of an H100's 132 SMs for a GPT-2 soft-thinking step (8 rows)."""
+    from coconut_kernels.triton import aot
+    from coconut_kernels.triton.soft_embedding import num_vocab_splits
+
+    def fwd_launches(N, top_k, top_p):
+        from coconut_kernels.triton import soft_embedding as se
+        logits = torch.empty(N, 50257, device="meta", dtype=torch.bfloat16)
+        weight = torch.empty(50257, 768, device="meta", dtype=torch.bfloat16)
+        return aot.record_all([("x", lambda: se.soft_embedding_fwd(logits, weight, 1.0, top_k, top_p))])
+
+    few = fwd_launches(8, 0, 1.0)
+    assert [x.name for x in few] == ["soft_embedding._fwd_kernel", "soft_embedding._combine_kernel"]
+    assert few[0].grid[0] >= 2 * 132
+    assert [x.name for x in fwd_launches(4096, 0, 1.0)] == ["soft_embedding._fwd_kernel"]
+    assert [x.name for x in fwd_launches(8, 50, 0.9)][0] == "soft_embedding._threshold_kernel"
+    assert num_vocab_splits(12, 50257, 64) == 22
+    assert num_vocab_splits(10_000, 50257, 64) == 1
+    assert num_vocab_splits(1, 1000, 64) == 1  # fewer than 2 x 512 entries: not worth a combine
+
+
+@requires_triton
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (5, 0.6), (40, 1.0), (300, 0.8), (0, 0.6)])
+def test_triton_thresholds_keep_ties_together(top_k, top_p):
+    """Logits with many ties (integers): the one-pass top-k list (top_k <= 256) and the bisection keep the same
+    value-closed set as the CPU kernel, ties of the k-th value included."""
+    from coconut_kernels.triton.soft_embedding import soft_embedding_fwd
+
+    g = torch.Generator().manual_seed(top_k)
+    logits = torch.randint(-6, 7, (4, 700), generator=g).float()
+    weight = torch.randn(700, 8, generator=g)
+    _, thr, _ = soft_embedding_fwd(logits, weight, 1.3, top_k, top_p)
+    _, ref_thr, _ = torch.ops.coconut.soft_embedding_fwd(logits, weight, 1.3, top_k, top_p)
+    torch.testing.assert_close(logits >= thr[:, None], logits >= ref_thr[:, None])
 
 
 def test_triton_is_the_cuda_kernel():

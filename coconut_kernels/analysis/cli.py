@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +21,9 @@ from types import SimpleNamespace
 import torch
 
 from ..data import RaggedCollator, StageConfig, build_prompt, is_correct, tokenize_record
+from .._cli import run_cli
 from ..errors import CheckpointError, CoconutError
+from ..validation import check_device, check_int, check_writable
 from .graph import graph_info
 from .plots import plot_aggregate, plot_question
 from .thoughts import aggregate_steps, node_token_ids, thought_rows
@@ -88,7 +91,14 @@ def analyze(lm, tokenizer, stage_config: StageConfig, records: list[dict], out_d
             data_name: str = "data", stage: int | None = None, batch_size: int = 32, max_new_tokens: int = 64,
             plots: int = 5, device: str = "cpu") -> dict:
     """Run the analysis and write its files; returns {"steps": aggregate rows, "files": [paths]}."""
-    out = Path(out_dir)
+    if stage is not None:
+        check_int(stage, "stage", low=0)
+    check_int(batch_size, "batch_size", low=1)
+    check_int(plots, "plots", low=0)
+    device = check_device(device, meta=False)
+    if not records:
+        raise CoconutError(f"{data_name}: no records to analyse")
+    out = check_writable(out_dir, "out_dir", folder=True)
     out.mkdir(parents=True, exist_ok=True)
     stage = stage_config.max_latent_stage if stage is None else stage
     infos = [graph_info(r, f"{data_name}: record {i}") for i, r in enumerate(records)]
@@ -149,33 +159,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        import json
+    """The console script: a user error prints ``coconut-analyze: error: ...`` and returns 2 (the traceback only
+    with ``--debug``)."""
+    return run_cli("coconut-analyze", _main, argv)
 
-        data = Path(args.data)
-        if not data.is_file():
-            raise CoconutError(f"--data {data}: file not found")
-        try:
-            records = json.loads(data.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CoconutError(f"{data}: not valid JSON ({e})") from None
-        if not isinstance(records, list) or not records:
-            raise CoconutError(f"{data}: expected a non-empty JSON list of records")
-        if args.max_records is not None:
-            records = records[:args.max_records]
-        lm, tokenizer, stage_config, ckpt = load_checkpoint(args.checkpoint)
-        out = Path(args.out) if args.out else ckpt / "analysis"
-        res = analyze(lm, tokenizer, stage_config, records, out, data_name=str(data), stage=args.stage,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, plots=args.plots,
-                      device=args.device)
-    except CoconutError as e:
-        print(f"coconut-analyze: error: {e}", file=sys.stderr)
-        return 2
+
+def _main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    # every flag before the files are read and the model is loaded
+    for flag, low in (("stage", 0), ("max_records", 1), ("plots", 0), ("batch_size", 1), ("max_new_tokens", 1)):
+        if getattr(args, flag) is not None:
+            check_int(getattr(args, flag), "--" + flag.replace("_", "-"), low=low)
+    device = check_device(args.device, "--device", meta=False)
+    if args.out:
+        check_writable(args.out, "--out", folder=True)
+    data = Path(args.data)
+    if not data.is_file():
+        raise CoconutError(f"--data {data}: file not found")
+    try:
+        records = json.loads(data.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CoconutError(f"{data}: not valid JSON ({e})") from None
+    if not isinstance(records, list) or not records:
+        raise CoconutError(f"{data}: expected a non-empty JSON list of records")
+    if args.max_records is not None:
+        records = records[:args.max_records]
+    lm, tokenizer, stage_config, ckpt = load_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else check_writable(ckpt / "analysis", "--out (default)", folder=True)
+    res = analyze(lm, tokenizer, stage_config, records, out, data_name=str(data), stage=args.stage,
+                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, plots=args.plots, device=device)
     print(f"{len(records)} questions, answer accuracy {100 * res['accuracy']:.1f}%; per latent step:")
     print("step  frontier mass  other-node mass  corr(p, height)  corr(p, reaches target)  norm  cos to nearest emb")
     for s in res["steps"]:

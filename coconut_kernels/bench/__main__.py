@@ -27,6 +27,8 @@ import torch
 
 from . import harness
 from .harness import SCENARIOS
+from ..errors import CoconutError
+from ..validation import check_device
 
 PROVENANCE = ["commit", "dirty", "torch", "triton", "coconut_kernels", "device", "threads", "dtype", "date",
               "command"]
@@ -364,6 +366,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="render RECORD again from the CSVs in the results/ folder beside it, running nothing")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args(argv)
+    for flag in ("threads", "reps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be an int >= 1, got {getattr(args, flag)}")
+    if args.sizes and not all(s.strip().isdigit() and int(s) >= 1 for s in args.sizes.split(",")):
+        ap.error(f"--sizes must be comma-separated ints >= 1, got {args.sizes!r}")
+    if args.device is not None:
+        try:
+            check_device(args.device, "--device", meta=False)
+        except CoconutError as e:
+            ap.error(str(e))
 
     _load_scenarios()
     if args.list:

@@ -10,6 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import CoconutError
+from ..validation import check_int
+
 __all__ = ["load_records", "validate_records", "save_records"]
 
 # Optional ProsQA graph fields and the type each must have when present.
@@ -48,15 +51,21 @@ def validate_records(records: Any) -> list[dict]:
 
 
 def load_records(path: str | Path, max_records: int | None = None) -> list[dict]:
-    """Load and validate a JSON data file in the official format (optionally only its first records)."""
+    """Load and validate a JSON data file in the official format (optionally only its first max_records >= 1
+    records); a ValueError names the file, then the record and field."""
+    if max_records is not None:
+        check_int(max_records, "max_records", low=1)
     with open(path, encoding="utf-8") as f:
         try:
             records = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise CoconutError(f"{path}: not valid JSON ({e})") from None
     if max_records is not None and isinstance(records, list):
         records = records[:max_records]
-    return validate_records(records)
+    try:
+        return validate_records(records)
+    except ValueError as e:
+        raise CoconutError(f"{path}: {e}") from None
 
 
 def save_records(records: list[dict], path: str | Path) -> None:

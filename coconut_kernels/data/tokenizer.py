@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..errors import CoconutError
+
 __all__ = [
     "START_LATENT",
     "LATENT",
@@ -173,7 +175,11 @@ def _config_eos(folder: Path) -> str | None:
     cfg = folder / "tokenizer_config.json"
     if not cfg.is_file():
         return None
-    eos = json.loads(cfg.read_text(encoding="utf-8")).get("eos_token")
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CoconutError(f"{cfg}: not valid JSON ({e})") from None
+    eos = config.get("eos_token") if isinstance(config, dict) else None
     return eos.get("content") if isinstance(eos, dict) else eos
 
 
@@ -187,9 +193,12 @@ class HFTokenizer(Tokenizer):
     ⟨eos⟩ (as the official code sets it); pads are masked out, so their id never matters.
     """
 
-    def __init__(self, tokenizer, eos_token: str | None = None, pad_token: str | None = None):
+    def __init__(self, tokenizer, eos_token: str | None = None, pad_token: str | None = None, *,
+                 source: str | None = None):
+        """source: the file the tokenizer was read from, named in the errors."""
         from tokenizers import AddedToken
 
+        self._source = source
         self._tok = tokenizer
         self._tok.no_padding()
         self._tok.no_truncation()
@@ -199,7 +208,8 @@ class HFTokenizer(Tokenizer):
         if eos_token is None:
             eos_token = next((t for t in _EOS_CANDIDATES if self._tok.token_to_id(t) is not None), None)
             if eos_token is None:
-                raise ValueError(f"eos_token: none of {list(_EOS_CANDIDATES)} is in the vocabulary; pass eos_token")
+                raise CoconutError(f"{self._where()}eos_token: none of {list(_EOS_CANDIDATES)} is in the vocabulary "
+                                   "and no tokenizer_config.json beside it names one; pass eos_token")
         self.eos_token_id = self._id(eos_token, "eos_token")
         self.pad_token_id = self.eos_token_id if pad_token is None else self._id(pad_token, "pad_token")
         self.bot_id = self._tok.token_to_id(START_LATENT)
@@ -207,10 +217,13 @@ class HFTokenizer(Tokenizer):
         self.eot_id = self._tok.token_to_id(END_LATENT)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
+    def _where(self) -> str:
+        return "" if self._source is None else f"{self._source}: "
+
     def _id(self, token: str, name: str) -> int:
         i = self._tok.token_to_id(token)
         if i is None:
-            raise ValueError(f"{name}: {token!r} is not in the vocabulary")
+            raise CoconutError(f"{self._where()}{name}: {token!r} is not in the vocabulary")
         return i
 
     @classmethod
@@ -224,7 +237,11 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"path: no tokenizer.json at {path}")
         if eos_token is None:
             eos_token = _config_eos(file.parent)
-        return cls(_HFTok.from_file(str(file)), eos_token=eos_token, pad_token=pad_token)
+        try:
+            raw = _HFTok.from_file(str(file))
+        except Exception as e:  # tokenizers raises its own Exception type for malformed files
+            raise CoconutError(f"{file}: unreadable tokenizer ({e})") from None
+        return cls(raw, eos_token=eos_token, pad_token=pad_token, source=str(file))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

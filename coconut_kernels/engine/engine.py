@@ -22,6 +22,7 @@ import torch
 from .. import validation
 from ..errors import CoconutError
 from ..feedback import resolve_feedback
+from ..latent import LatentLM
 from ..latent_decode import DecodeState, _Decoder, _filter_logits, parse_stop, sample_tokens
 from ..latent_plan import plan_batch, plan_decode
 from ..latent_steps import forward_rows, head_logits, thought_vector
@@ -73,6 +74,9 @@ class LatentEngine:
 
     def __init__(self, lm, max_batch: int, max_tokens: int | None = None, *, prefill_chunk: int | None = None,
                  use_cuda_graph: bool = True):
+        if not isinstance(lm, LatentLM):
+            raise CoconutError(f"lm must be a LatentLM (coconut_kernels.LatentLM), got {type(lm).__name__}")
+        validation.check_bool(use_cuda_graph, "use_cuda_graph")
         self.lm, self.model = lm, lm.model
         cfg = self.model.config
         self.max_batch = validation.check_int(max_batch, "max_batch", low=1)
@@ -141,12 +145,13 @@ class LatentEngine:
         ids_h = torch.tensor([ids])
         mask = torch.ones_like(ids_h)
         validation.check_batch(ids_h, mask, None, None, **validation.batch_rules(lm, latent_id),
-                               max_new_tokens=params.max_tokens, stop_kind=rule.kind, max_latents=rule.max_latents)
+                               max_new_tokens=params.max_tokens, stop_kind=rule.kind, max_latents=rule.max_latents,
+                               prompt_name="prompt_ids", max_new_tokens_name="params.max_tokens")
         bplan = plan_batch(ids_h, mask, latent_id)
         dplan = plan_decode(bplan, params.max_tokens, rule.max_latents, cfg.max_position, len(ids), "cpu")
         if dplan.total > self.max_tokens:
-            raise CoconutError(f"prompt_ids / max_tokens: prompt + latents + max_tokens = {dplan.total} positions "
-                               f"exceed the engine's max_tokens={self.max_tokens} per slot")
+            raise CoconutError(f"prompt_ids / params.max_tokens: prompt + latents + max_tokens = {dplan.total} "
+                               f"positions exceed the engine's max_tokens={self.max_tokens} per slot")
         prefill, k = int(dplan.prefill[0]), int(bplan.n_latents[0])
         req = _Request(self._next_id, ids, params, fb, rule, prefill, ids[prefill + k:], int(dplan.latent_budget[0]))
         self._next_id += 1
@@ -180,6 +185,9 @@ class LatentEngine:
     def generate(self, prompts, params=None) -> list[RequestOutput]:
         """Run `prompts` (lists of ids) to completion; params: one for all or one per prompt. Returns one
         RequestOutput per prompt in input order; a prompt the engine refuses gets an output with .error."""
+        if not isinstance(prompts, (list, tuple)):
+            raise CoconutError(f"prompts must be a list of prompts (each a list of token ids or a 1-D tensor), got "
+                               f"{type(prompts).__name__}")
         per = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per) != len(prompts):
             raise CoconutError(f"params: expected one per prompt ({len(prompts)}), got {len(per)}")

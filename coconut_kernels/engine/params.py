@@ -48,7 +48,8 @@ class SamplingParams:
         validation.check_sampling(vocab_size=vocab_size, max_new_tokens=self.max_tokens, do_sample=self.do_sample,
                                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                   eos_token_id=None, pad_token_id=None, return_latents=self.return_latents,
-                                  use_cuda_graph=False, generator=None, stop=self.stop)
+                                  use_cuda_graph=False, generator=None, stop=self.stop,
+                                  max_new_tokens_name="max_tokens")
         if not isinstance(self.stop_token_ids, (tuple, list)):
             raise CoconutError(f"stop_token_ids must be a tuple or list of token ids, got {self.stop_token_ids!r}")
         for t in self.stop_token_ids:

@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..errors import CoconutError
+from .._cli import run_cli
+from ..errors import CheckpointError, CoconutError
+from ..validation import MIN_TEMPERATURE, check_device, check_int, check_real, check_writable
 
 __all__ = ["main", "run_eval"]
 
@@ -28,6 +29,7 @@ def _stage_setup(args) -> tuple:
     """(StageConfig, stage, max_new_tokens, data path, precision) from --official, the checkpoint's run config
     or the flags; explicit flags win."""
     from ..data import StageConfig
+    from ..training.checkpoint import read_run_config
     from ..training.config import TrainConfig
     from .official import official_config
 
@@ -40,9 +42,12 @@ def _stage_setup(args) -> tuple:
         if args.base is None and Path(args.source).is_file():
             args.base = cfg.init_from
     elif (Path(args.source) / "config.yaml").is_file() and (Path(args.source) / "model_config.json").is_file():
-        saved = yaml.safe_load((Path(args.source) / "config.yaml").read_text()) or {}
+        saved = read_run_config(args.source)
         known = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
-        cfg = TrainConfig(**{**known, "resume": False})
+        try:
+            cfg = TrainConfig(**{**known, "resume": False})
+        except ValueError as e:
+            raise CheckpointError(f"{Path(args.source) / 'config.yaml'}: {e}") from None
     knobs = {}
     if cfg is not None:
         sc = cfg.stage_config()
@@ -75,15 +80,31 @@ def _stage_setup(args) -> tuple:
     return stage_config, stage, max_new, data, precision
 
 
+def _check_flags(args) -> torch.device:
+    """The flags' types and ranges, before any file is read (the device: --device or the default)."""
+    check_int(args.samples, "--samples", low=0)
+    check_int(args.batch_size, "--batch_size", low=1)
+    check_int(args.top_k, "--top_k", low=0)
+    check_real(args.temperature, "--temperature", low=MIN_TEMPERATURE)
+    check_real(args.top_p, "--top_p", low=0.0, high=1.0, low_open=True)
+    for flag, low in (("max_records", 1), ("max_new_tokens", 1), ("stage", 0)):
+        if getattr(args, flag) is not None:
+            check_int(getattr(args, flag), f"--{flag}", low=low)
+    if args.out:
+        check_writable(args.out, "--out", folder=False)
+    return check_device(args.device, "--device", meta=False) or \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run_eval(args) -> dict:
     from ..data import RaggedCollator, load_records, tokenize_records
     from ..training.evaluate import evaluate, validation_loss
     from .hf_export import load_source
 
+    device = _check_flags(args)
     stage_config, stage, max_new_tokens, data, precision = _stage_setup(args)
     if not Path(data).is_file():
         raise CoconutError(f"--data: {data} not found")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lm = load_source(args.source, args.base).to(device=device, dtype=torch.bfloat16 if precision == "bf16"
                                                   else torch.float32)
     autocast = precision == "bf16-autocast"
@@ -91,6 +112,8 @@ def run_eval(args) -> dict:
     if tok is None:
         raise CoconutError(f"{args.source}: no tokenizer to build prompts with")
     records = tokenize_records(load_records(data, args.max_records), tok)
+    if not records:
+        raise CoconutError(f"--data: {data} holds no records")
     collator = RaggedCollator.from_tokenizer(tok)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     res = evaluate(lm, records, stage, stage_config, tok, collator, batch_size=args.batch_size,
@@ -141,19 +164,19 @@ def parser() -> argparse.ArgumentParser:
                         "autocast); default: the run config's (--official or the checkpoint's), else fp32")
     p.add_argument("--bf16", action="store_true", help="--precision bf16, as the trainer's bf16: true")
     p.add_argument("--out", default="coconut_eval.json", help="the JSON file of per-example outputs ('' for none)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script: a user error prints ``coconut-eval: error: ...`` and returns 2 (the traceback only
+    with ``--debug``)."""
+    return run_cli("coconut-eval", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    if args.samples < 0:
-        print("coconut-eval: error: --samples: expected an int >= 0", file=sys.stderr)
-        return 2
-    try:
-        res = run_eval(args)
-    except ValueError as e:
-        print(f"coconut-eval: error: {e}", file=sys.stderr)
-        return 2
+    res = run_eval(args)
     print(f"{res['method']} stage {res['stage']} on {res['data']} ({res['n']} examples)")
     print(f"  answer exact match {100 * res['accuracy']:.1f}%   CoT exact match {100 * res['cot_accuracy']:.1f}%   "
           f"validation loss {res['val_loss']:.4f}")

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from .._cli import run_cli
 from ..errors import CheckpointError, CoconutError
+from ..validation import check_writable
 
 __all__ = ["export_hf", "load_source", "main"]
 
@@ -127,6 +129,12 @@ def export_hf(lm, out, *, dtype: torch.dtype | None = None, base_config: dict | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script: a user error prints ``coconut-export: error: ...`` and returns 2 (the traceback only
+    with ``--debug``)."""
+    return run_cli("coconut-export", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="coconut-export", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a coconut-train checkpoint folder, a Hugging Face folder, or an official "
                                   "checkpoint_N file (with --base)")
@@ -135,16 +143,17 @@ def main(argv: list[str] | None = None) -> int:
                                                 "model_id (architecture, tokenizer, config fields)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="the weights' dtype (default: as loaded)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
+    if not (args.overwrite and Path(args.out).exists()):  # before the model is loaded
+        check_writable(args.out, "out", folder=True)
+    lm = load_source(args.source, args.base)
+    base = Path(args.base if args.base else args.source) / "config.json"
     try:
-        lm = load_source(args.source, args.base)
-        base = Path(args.base if args.base else args.source) / "config.json"
         base_config = json.loads(base.read_text()) if base.is_file() else None
-        out = export_hf(lm, args.out, dtype=_DTYPES.get(args.dtype), base_config=base_config,
-                        overwrite=args.overwrite)
-    except ValueError as e:
-        print(f"coconut-export: error: {e}", file=sys.stderr)
-        return 2
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{base}: not valid JSON ({e})") from None
+    out = export_hf(lm, args.out, dtype=_DTYPES.get(args.dtype), base_config=base_config, overwrite=args.overwrite)
     print(f"coconut-export: wrote {out} (vocabulary {lm.model.config.vocab_size}, markers {tuple(lm.latent_ids)})")
     return 0
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CoconutError
-from ..ops.latent_attention import draw_dropout_seed
+from ..ops.latent_attention import MAX_HEAD_DIM, draw_dropout_seed
 from ..validation import check_dropout, check_model_config
 from .base import CausalLM
 from .linear import Linear, attention, mlp
@@ -52,6 +52,9 @@ class GPT2Config:
             setattr(self, name, check_dropout(getattr(self, name), f"GPT2Config.{name}"))
         if self.d_model % self.n_head:
             raise CoconutError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
+        if self.head_dim > MAX_HEAD_DIM:
+            raise CoconutError(f"d_model / n_head: the head dim {self.d_model} / {self.n_head} = {self.head_dim} "
+                               f"exceeds the attention kernels' {MAX_HEAD_DIM}; use more heads")
         if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
             raise CoconutError(f"unsupported GPT-2 activation {self.activation!r}; supported: {sorted(_ACTIVATIONS)}")
         if self.d_ff is None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import CoconutError
-from ..ops.latent_attention import draw_dropout_seed
+from ..ops.latent_attention import MAX_HEAD_DIM, draw_dropout_seed
 from ..validation import check_dropout, check_model_config, check_real
 from .base import CausalLM
 from .linear import Linear, attention, mlp
@@ -57,6 +57,8 @@ class LlamaConfig:
                 raise CoconutError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head}) "
                                    "unless head_dim is given")
             self.head_dim = self.d_model // self.n_head
+        if self.head_dim > MAX_HEAD_DIM:
+            raise CoconutError(f"head_dim ({self.head_dim}) exceeds the attention kernels' {MAX_HEAD_DIM}")
         if self.n_head % self.n_kv_head:
             raise CoconutError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:

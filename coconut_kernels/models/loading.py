@@ -182,6 +182,8 @@ def load_pretrained(source, *, tokenizer=None, dtype: torch.dtype | None = None,
     from ..markers import add_latent_tokens, load_folder_tokenizer
 
     folder = Path(source)
+    if not folder.exists():
+        raise CheckpointNotFoundError(f"{folder} does not exist (expected a Hugging Face checkpoint folder)")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face checkpoint folder)")
     if not (folder / "config.json").is_file():

@@ -12,7 +12,7 @@ import torch
 
 from ..backend import get_backend
 from ..errors import CoconutError, library_error
-from ..validation import check_bool, check_dropout, check_int, check_real, check_tensor_args
+from ..validation import check_bool, check_dropout, check_int, check_real, check_same_device, check_tensor_args
 
 __all__ = ["latent_attention", "draw_dropout_seed"]
 
@@ -21,6 +21,10 @@ def draw_dropout_seed() -> int:
     """A seed for the attention dropout, drawn from torch's default CPU generator (so torch.manual_seed makes
     it reproducible, and no device is synchronised)."""
     return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+
+# The kernels' largest head dimension (csrc/latent_attention_checks.h; the CUDA kernels' register tiles are sized
+# for it): KVCache and the model configs refuse a larger one when they are built, not at the first attention.
+MAX_HEAD_DIM = 256
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,13 +66,42 @@ def _composite_fake(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_left
 
 # ---- backend choice ------------------------------------------------------------------------------------------
 
+# Query rows per sequence up to which the "cuda" backend runs its CUDA C++ split-KV forward. That kernel gives
+# every query row (b, t, kv head) its own blocks, each streaming the row's whole key range: its K/V reads grow
+# with Sq, and pay off only while the key splits are what keeps the SMs busy (decode, latent passes, Jacobi
+# passes of a few thoughts). The tiled Triton forward reads each K/V tile once for 16-64 query rows, so passes
+# with more rows (prefix passes, Sq = 300) run there. The crossover is a design estimate until
+# benchmarks/gpu_check.sh times both on a GPU.
+SPLIT_KV_MAX_QUERIES = 8
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def cuda_forward_kernel(Sq: int, triton_available: bool) -> str:
+    """The forward the "cuda" backend runs for Sq query rows: "split_kv" (CUDA C++, flash-decoding) or "tiled"
+    (Triton); split-KV serves every Sq where Triton is not installed."""
+    return "split_kv" if Sq <= SPLIT_KV_MAX_QUERIES or not triton_available else "tiled"
+
+
+def _routes_to_tiled(q) -> bool:
+    return cuda_forward_kernel(q.shape[1], _HAS_TRITON) == "tiled"
+
+
+def _cuda_fwd(q, k_cache, v_cache, *args):
+    """latent_attention_fwd of the "cuda" backend: split-KV or tiled by cuda_forward_kernel. Both return lse
+    (B, Hq, Sq) fp32 and out in q's dtype, so the CUDA C++ backward takes either."""
+    if _routes_to_tiled(q):
+        from ..triton import latent_attention as tri
+
+        return tri.latent_attention_fwd_triton(q, k_cache, v_cache, *args)
+    return torch.ops.coconut.latent_attention_fwd.default(q, k_cache, v_cache, *args)
+
 
 def _backend(device: torch.device, dropout: bool) -> str:
     """The backend that runs a call on `device`: the CUDA C++ kernels have no attention dropout, so a call with
     dropout goes to Triton there (to the reference where Triton is not installed)."""
     backend = get_backend(device)
     if backend == "cuda" and dropout:
-        return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+        return "triton" if _HAS_TRITON else "torch"
     return backend
 
 
@@ -78,7 +111,8 @@ def kernels(device: torch.device, dropout: bool = False):
     backend = _backend(device, dropout)
     if backend in ("cpu", "cuda"):
         ops = torch.ops.coconut
-        return ops.kv_cache_append_.default, ops.latent_attention_fwd.default, ops.latent_attention_bwd.default
+        fwd = ops.latent_attention_fwd.default if backend == "cpu" else _cuda_fwd
+        return ops.kv_cache_append_.default, fwd, ops.latent_attention_bwd.default
     if backend == "triton":
         from ..triton import latent_attention as tri  # imported lazily: needs triton and a GPU (or the interpreter)
 
@@ -92,16 +126,26 @@ def kernels(device: torch.device, dropout: bool = False):
 def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
                       rotary_sin, rotary_interleaved, softmax_scale, causal, dropout_p=0.0, dropout_seed=0):
     """kv_cache_append_ then latent_attention_fwd: (out, lse). Every argument is checked before the cache is
-    written (the compiled composite op does it in C++), so a rejected call leaves the cache unchanged."""
+    written (the compiled composite op does it in C++; here q, and the append checks the rest before writing),
+    so a rejected call leaves the cache unchanged."""
     args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
+    # The compiled ops check devices too, but a mix with the meta device dispatches to the fake kernels, which
+    # return meta tensors: so the devices are checked here, for every backend, as the C++ checks name them.
+    check_same_device(k_cache.device, "k_cache's", q=q, k_new=k_new, v_new=v_new, v_cache=v_cache,
+                      cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, new_seqlens=new_seqlens,
+                      rotary_cos=rotary_cos, rotary_sin=rotary_sin)
     try:
-        if _backend(q.device, dropout_p > 0) in ("cpu", "cuda"):
+        backend = _backend(q.device, dropout_p > 0)
+        if backend == "cpu" or (backend == "cuda" and not _routes_to_tiled(q)):
             return torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args,
                                                               softmax_scale, causal, dropout_p, dropout_seed)
         if q.dim() != 4 or k_new.dim() != 4 or q.shape[:2] != k_new.shape[:2] or q.shape[3] != k_new.shape[3] \
                 or q.shape[2] % k_new.shape[2] != 0:
             raise CoconutError(f"q {tuple(q.shape)} must be (B, Sq, Hq, D) with B, Sq, D as k_new "
                                f"{tuple(k_new.shape)} and Hq a multiple of its head count")
+        if q.dtype != k_new.dtype or q.device != k_new.device:
+            raise CoconutError(f"q must have k_new's dtype and device ({k_new.dtype}, {k_new.device}), got "
+                               f"{q.dtype}, {q.device}")
         append, fwd, _ = kernels(q.device, dropout_p > 0)
         append(k_cache, v_cache, k_new, v_new, *args)
         return fwd(q, k_cache, v_cache, *args, softmax_scale, causal, dropout_p, dropout_seed)

@@ -81,6 +81,33 @@ def _check_types(embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight, bias
     check_real(eps, "eps", low=0.0)
 
 
+def _check_no_overlap(embeds, hidden) -> None:
+    """embeds shares no element with hidden: the kernels read hidden's rows while they write embeds', so a shared
+    element would be read before or after it is overwritten depending on the launch order. Views of one buffer
+    that do not share elements (e.g. two halves of the last dim) pass. Free unless both are views of one
+    storage whose spans meet; then one mark pass over the span (a host sync on CUDA). Skipped while tracing
+    under torch.compile (fake tensors have no memory)."""
+    if torch.compiler.is_compiling() or embeds.device != hidden.device or embeds.device.type == "meta" or \
+            embeds.dtype != hidden.dtype or embeds.numel() == 0 or hidden.numel() == 0:
+        return  # a device or dtype mix is reported by the other checks
+    if embeds.untyped_storage().data_ptr() != hidden.untyped_storage().data_ptr():
+        return
+
+    def span(t):  # [first, last] element of the storage that t can touch
+        return t.storage_offset(), t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+
+    (e0, e1), (h0, h1) = span(embeds), span(hidden)
+    if e1 < h0 or h1 < e0:
+        return
+    lo = min(e0, h0)
+    marks = torch.zeros(max(e1, h1) - lo + 1, dtype=torch.bool, device=embeds.device)
+    marks.as_strided(embeds.shape, embeds.stride(), e0 - lo).fill_(True)
+    if bool(marks.as_strided(hidden.shape, hidden.stride(), h0 - lo).any()):
+        raise CoconutError("embeds and hidden share memory (the same tensor, or overlapping views of one): "
+                           "latent_feedback_ reads hidden while it writes embeds in place; pass hidden.clone() or "
+                           "use latent_feedback, which writes a copy")
+
+
 def _check_indices(embeds, hidden, batch_idx, dst_pos, src_pos):
     """Index ranges and unique destinations; syncs the host (only called under COCONUT_DEBUG=1)."""
     batched = batch_idx is not None
@@ -236,10 +263,12 @@ def latent_feedback_(embeds: torch.Tensor, hidden: torch.Tensor, batch_idx: torc
     Errors (CoconutError, a ValueError, naming the argument): ranks, dtypes, devices, d, weight/bias shape, norm
         name, index dtype; index range and duplicate destinations are checked always on CPU and under
         COCONUT_DEBUG=1 on CUDA (a host sync). Without it a GPU kernel skips bad rows: it never writes out of bounds.
-    Not supported: embeds and hidden sharing memory (rows read while being written), negative indices.
+    Not supported: embeds and hidden sharing elements (rows read while being written: a CoconutError),
+        negative indices.
     Returns embeds.
     """
     _check_types(embeds, hidden, batch_idx, dst_pos, src_pos, norm, weight, bias, eps)
+    _check_no_overlap(embeds, hidden)
     if torch.is_grad_enabled() and embeds.requires_grad and embeds.is_leaf:
         raise CoconutError("embeds is a leaf tensor that requires grad: latent_feedback_ would write it in place; "
                            "use latent_feedback")

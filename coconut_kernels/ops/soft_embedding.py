@@ -138,9 +138,12 @@ def soft_embedding(
     Backends: CPU tensors run the C++ kernel (per-row quickselect for the thresholds — no full sort — then a
     per-row gather of the kept embedding rows when few are kept, a chunked GEMM otherwise). CUDA tensors run the
     Triton kernels for backends "triton" and "cuda" (there is no CUDA C++ kernel for this op), and
-    `reference.soft_embedding_reference` for "torch". Triton finds the thresholds by bisection over the logits'
-    bit patterns (32 passes over the row per filter), so the chosen set can differ from the CPU's only when the
-    cumulative probability is within float32 rounding of top_p.
+    `reference.soft_embedding_reference` for "torch". Triton finds a top_k <= 256 threshold in one pass over the
+    row (a sorted list of its largest logits, one more pass for top_p), other thresholds by bisection over the
+    logits' bit patterns (32 passes over the row per filter); the chosen set can differ from the CPU's only when
+    the cumulative probability is within float32 rounding of top_p. Its forward is then one streaming pass over
+    the vocabulary (online softmax, fp16/bf16 GEMMs on tensor cores with fp32 accumulation, fp32 ones in IEEE
+    fp32).
 
     Noise variants (Gumbel on the logits, Dirichlet on the probabilities) are the caller's: add Gumbel noise
     to `logits` before the call. A row whose logits are all -inf gives NaN, as torch.softmax does; NaN logits

@@ -18,6 +18,8 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .. import validation
+from .._cli import run_cli
 from ..errors import CoconutError
 from ..engine import LatentEngine, SamplingParams
 
@@ -238,16 +240,21 @@ def create_app(engine: LatentEngine, model_name: str = "coconut", *, tokenizer=N
     return app
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     """coconut-serve CHECKPOINT: serve a Hugging Face folder as a LatentLM (LatentLM.from_pretrained: the ids
-    not given come from its tokenizer, which also makes string prompts possible) on --host:--port."""
+    not given come from its tokenizer, which also makes string prompts possible) on --host:--port. A user error
+    prints ``coconut-serve: error: ...`` and returns 2 (the traceback only with ``--debug``)."""
+    return run_cli("coconut-serve", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     import argparse
 
     import uvicorn
 
     from ..latent import LatentLM
 
-    ap = argparse.ArgumentParser(prog="coconut-serve", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="coconut-serve", description=main.__doc__.split("\n")[0])
     ap.add_argument("checkpoint")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
@@ -256,9 +263,17 @@ def main(argv=None) -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=None, help="positions per slot (default: the model's)")
     ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args(argv)
+    # the flags before the model is loaded, under their own names
+    validation.check_int(a.port, "--port", low=0, high=65535)
+    validation.check_int(a.max_batch, "--max-batch", low=1)
+    validation.check_int(a.max_queue, "--max-queue", low=1)
+    if a.max_tokens is not None:
+        validation.check_int(a.max_tokens, "--max-tokens", low=2)
     lm = LatentLM.from_pretrained(a.checkpoint, latent_token_id=a.latent_token_id, start_latent_id=a.start_latent_id,
                                   end_latent_id=a.end_latent_id, eos_token_id=a.eos_token_id)
     app = create_app(LatentEngine(lm.eval(), a.max_batch, a.max_tokens), a.checkpoint, tokenizer=lm.tokenizer,
                      max_queue=a.max_queue)
     uvicorn.run(app, host=a.host, port=a.port)
+    return 0

@@ -103,7 +103,7 @@ class TrainConfig:
     dist: str = "ddp"  # ddp | fsdp (used when launched by torchrun with more than one process)
     device: str | None = None  # None: cuda when available, else cpu
     progress: bool = True
-    log_every: int = 10  # optimizer steps between progress-bar updates of the loss
+    log_every: int = 10  # optimizer steps between progress updates (the bar's loss; a line when not on a terminal)
     tensorboard: bool = True  # when the tensorboard package is installed
 
     def __post_init__(self):
@@ -163,6 +163,9 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < (1 if name != "eval_stage" else 0):
                 raise ConfigError(f"config key {name!r}: expected None or a positive int, got {v}")
+        if self.num_epochs == 0 and not self.only_eval:
+            raise ConfigError("config key 'num_epochs': expected an int >= 1 for a training run, got 0 (to evaluate "
+                              "without training, set only_eval: true)")
         if self.start_epoch and self.start_epoch >= self.num_epochs and self.resume is False and not self.only_eval:
             raise ConfigError(f"config key 'start_epoch': expected < num_epochs ({self.num_epochs}), got "
                               f"{self.start_epoch}")
@@ -243,10 +246,12 @@ def _check_device(device: str | None) -> None:
     import torch
 
     try:
-        torch.device(device)
+        kind = torch.device(device).type
     except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):  # whether this machine has the GPU is checked when the run starts
         raise ConfigError(f"config key 'device': expected a torch device such as cpu, cuda or cuda:1, "
-                         f"got {device!r}") from None
+                          f"got {device!r}")
 
 
 def _choice(name: str, value: str, choices) -> None:

@@ -53,9 +53,8 @@ def _read(path: str, max_records: int | None, key: str) -> list[dict]:
         raise ConfigError(f"config key {key!r}: data file {path} not found")
     try:
         return load_records(path, max_records)
-    except ValueError as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    except ValueError as e:  # its message names the file
+        raise ConfigError(str(e)) from None
 
 
 def check_stages(cfg: TrainConfig, train: list[dict], val: list[dict]) -> None:

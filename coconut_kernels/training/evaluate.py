@@ -131,10 +131,10 @@ def validation_loss(lm, records: list[TokenizedRecord], stage: int, stage_config
     return {"val_loss": total / max(count, 1), "tokens": count}
 
 
-def evaluate_stage(ctx: RunContext, step: int, epoch: int, stage: int) -> dict:
+def evaluate_stage(ctx: RunContext, step: int, epoch: int, stage: int, train_loss: float | None = None) -> dict:
     """Evaluate the run's model on the validation split at `stage` (what run.py reports: answer and CoT exact
-    match, the validation loss of the stage's training layout, and the latents per example), log the row
-    (and print it with a few samples on rank 0); every rank calls it."""
+    match, the validation loss of the stage's training layout, and the latents per example), log the row with
+    the epoch's mean `train_loss` (and print it with a few samples on rank 0); every rank calls it."""
     cfg, data = ctx.cfg, ctx.data
     autocast = cfg.compute_precision == "bf16-autocast"
     with ctx.par.whole() as lm:
@@ -146,7 +146,7 @@ def evaluate_stage(ctx: RunContext, step: int, epoch: int, stage: int) -> dict:
                                batch_size=cfg.eval_batch_size, device=ctx.device, autocast=autocast,
                                schedule=cfg.schedule)
     row = {"step": step, "epoch": epoch, "stage": stage, "accuracy": res["accuracy"],
-           "cot_accuracy": res["cot_accuracy"], "val_loss": loss["val_loss"], "mean_latents": res["mean_latents"],
+           "cot_accuracy": res["cot_accuracy"], "val_loss": loss["val_loss"], "train_loss": train_loss, "mean_latents": res["mean_latents"],
            "mean_new_tokens": res["mean_new_tokens"], "correct": res["correct"], "n": res["n"],
            "elapsed_s": ctx.elapsed()}
     ctx.log.eval(row)
@@ -154,7 +154,8 @@ def evaluate_stage(ctx: RunContext, step: int, epoch: int, stage: int) -> dict:
     if ctx.rank == 0:
         print(f"[eval] epoch {epoch} stage {stage}: accuracy {100 * row['accuracy']:.1f}% "
               f"({row['correct']}/{row['n']}), CoT match {100 * row['cot_accuracy']:.1f}%, validation loss "
-              f"{row['val_loss']:.4f}, {row['mean_new_tokens']:.1f} new tokens", file=sys.stderr)
+              f"{row['val_loss']:.4f}" + ("" if train_loss is None else f" (training loss {train_loss:.4f})") +
+              f", {row['mean_new_tokens']:.1f} new tokens", file=sys.stderr)
         for s in res["samples"]:
             print(f"  [{'ok' if s['correct'] else 'x '}] {s['output']!r}", file=sys.stderr)
     return row

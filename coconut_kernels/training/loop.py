@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -23,7 +25,7 @@ from .config import TrainConfig
 from .context import RunContext
 from .evaluate import evaluate_stage
 
-__all__ = ["Loop", "lr_at", "dropout_seed"]
+__all__ = ["Loop", "Progress", "lr_at", "dropout_seed"]
 
 
 def dropout_seed(seed: int, epoch: int, micro_batch: int, rank: int) -> int:
@@ -68,6 +70,7 @@ class Loop:
     def _reset_sums(self) -> None:
         self.loss_sum = torch.zeros((), device=self.ctx.device)
         self.tokens = 0
+        self.t_group = time.perf_counter()  # the start of the next optimizer step's micro-batches
 
     def _restore(self) -> None:
         st, ctx = self.ctx.state, self.ctx
@@ -102,16 +105,16 @@ class Loop:
             self.optimizer = make_optimizer(cfg, ctx.lm)
         batches = ctx.data.epoch_batches(epoch, stage)
         ctx.par.module.train()  # the model config's dropout (evaluation switches to eval mode and back)
-        show = cfg.progress and ctx.rank == 0
-        bar = _progress(show, self.steps_per_epoch, self.skip // cfg.grad_accum_steps, f"epoch {epoch} stage {stage}")
+        bar = Progress(cfg.progress and ctx.rank == 0, epoch, stage, self.steps_per_epoch,
+                       self.skip // cfg.grad_accum_steps, cfg.log_every)
         self._reset_sums()
+        epoch_losses = []
         for b in range(self.skip, ctx.data.n_micro):
             if not self._micro_batch(batches, b, epoch):
                 continue
-            loss, lr = self._optimizer_step(epoch, stage)
-            bar.update(1)
-            if self.step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            loss, lr, tokens = self._optimizer_step(epoch, stage)
+            epoch_losses.append(loss)
+            bar.update(self.step, loss, lr, tokens)
             more = b + 1 < ctx.data.n_micro
             if self._done() and more:
                 bar.close()
@@ -123,7 +126,10 @@ class Loop:
         self.skip = 0
         row = None
         if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch == cfg.num_epochs - 1:
-            row = evaluate_stage(ctx, self.step, epoch, stage)
+            # a resumed epoch's mean covers the steps this process took; a skipped non-finite step is left out
+            finite = [x for x in epoch_losses if math.isfinite(x)]
+            train_loss = sum(finite) / len(finite) if finite else None
+            row = evaluate_stage(ctx, self.step, epoch, stage, train_loss=train_loss)
         if not cfg.save_only_improve or (row is not None and row["accuracy"] > self.best):
             self.best = row["accuracy"] if row is not None else self.best
             save_run(ctx, self.optimizer, self.step, epoch + 1, 0)
@@ -170,9 +176,9 @@ class Loop:
         # DDP and FSDP average the processes' gradients: the world size undoes that mean
         return n[b - start] / max(total, 1.0) * ctx.world
 
-    def _optimizer_step(self, epoch: int, stage: int) -> tuple[float, float]:
+    def _optimizer_step(self, epoch: int, stage: int) -> tuple[float, float, int]:
         """Apply the accumulated gradients (unless the loss or gradient norm is not finite); log the step.
-        Returns (mean loss over the ranks, lr)."""
+        Returns (mean loss over the ranks, lr, tokens of every rank)."""
         ctx, cfg = self.ctx, self.ctx.cfg
         lr = lr_at(cfg, self.step, self.total_steps)
         for g in self.optimizer.param_groups:
@@ -191,10 +197,12 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         ctx.losses.append((self.step, loss))
+        seconds = time.perf_counter() - self.t_group
         ctx.log.train({"step": self.step, "epoch": epoch, "stage": stage, "loss": loss, "lr": lr,
-                       "grad_norm": norm, "tokens": tokens, "skipped": int(skipped), "elapsed_s": ctx.elapsed()})
+                       "grad_norm": norm, "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+                       "skipped": int(skipped), "elapsed_s": ctx.elapsed()})
         self._reset_sums()
-        return loss, lr
+        return loss, lr, tokens
 
     def _stop_nonfinite(self, loss: float, norm: float, epoch: int, stage: int) -> None:
         """Stop before the bad update is applied or checkpointed: the last good checkpoint stays `latest`."""
@@ -205,20 +213,55 @@ class Loop:
                            f"max_grad_norm, or set skip_nonfinite: true to skip such steps")
 
 
-class _NoBar:
-    def update(self, n=1):
-        pass
+class Progress:
+    """What an epoch shows while it trains (rank 0, `progress: true`): stage, epoch, step, loss, lr and
+    throughput (tokens per second since the epoch began, every process's tokens). A tqdm bar on a terminal;
+    elsewhere (a log file, a pipe) a plain line every `log_every` steps and at the epoch's end, so a log
+    gets readable lines instead of carriage-return redraws."""
 
-    def set_postfix(self, **kw):
-        pass
+    def __init__(self, show: bool, epoch: int, stage: int, total: int, initial: int, log_every: int,
+                 stream=None):
+        self.show, self.epoch, self.stage, self.total, self.log_every = show, epoch, stage, total, log_every
+        self.stream = stream if stream is not None else sys.stderr
+        self.done, self.tokens, self.t0 = initial, 0, time.perf_counter()
+        self.last: tuple[int, float, float] | None = None  # (step, loss, lr) of the newest update
+        self.bar = None
+        if show and _is_tty(self.stream):
+            from tqdm import tqdm
 
-    def close(self):
-        pass
+            self.bar = tqdm(total=total, initial=initial, desc=f"stage {stage} epoch {epoch}", dynamic_ncols=True,
+                            leave=True, file=self.stream, unit="step")
+
+    def rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+
+    def update(self, step: int, loss: float, lr: float, tokens: int) -> None:
+        self.done += 1
+        self.tokens += tokens
+        self.last = (step, loss, lr)
+        if not self.show:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % self.log_every == 0 or self.done == self.total:
+                self.bar.set_postfix(step=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.rate():.0f}")
+        elif step % self.log_every == 0:
+            self._line()
+
+    def _line(self) -> None:
+        step, loss, lr = self.last
+        print(f"[train] stage {self.stage} epoch {self.epoch} step {step} ({self.done}/{self.total} of the "
+              f"epoch) loss {loss:.4f} lr {lr:.2e} {self.rate():.0f} tokens/s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.show and self.last is not None and self.last[0] % self.log_every:
+            self._line()  # the epoch's last step, unless its line was just written
 
 
-def _progress(show: bool, total: int, initial: int, desc: str):
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,20 +1,24 @@
 """The trainer's metric log: CSV files (``train_log.csv`` per optimizer step, ``eval_log.csv`` per
-evaluation), the same rows as JSON lines in ``metrics.jsonl``, and TensorBoard scalars when the
-``tensorboard`` package is installed. Only rank 0 writes. On resume, rows past the resumed step are
-dropped, so the log of a resumed run reads as one uninterrupted run.
+evaluation: the learning curves per epoch and stage), the same rows as JSON lines in ``metrics.jsonl``, the
+curves drawn as ``learning_curves.png`` (`training.curves`, when matplotlib is installed), and TensorBoard
+scalars when the ``tensorboard`` package is installed. Only rank 0 writes. On resume, rows past the resumed
+step are dropped, so the log of a resumed run reads as one uninterrupted run.
 """
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 __all__ = ["MetricsLog", "TRAIN_FIELDS", "EVAL_FIELDS", "read_csv", "format_eval_table"]
 
-# skipped: 1 when a non-finite loss or gradient norm skipped the update (skip_nonfinite)
-TRAIN_FIELDS = ("step", "epoch", "stage", "loss", "lr", "grad_norm", "tokens", "skipped", "elapsed_s")
-EVAL_FIELDS = ("step", "epoch", "stage", "accuracy", "cot_accuracy", "val_loss", "mean_latents", "mean_new_tokens",
-               "correct", "n", "elapsed_s")
+# skipped: 1 when a non-finite loss or gradient norm skipped the update (skip_nonfinite); tokens_per_s: the
+# step's tokens (every process) over its wall time, forward, backward and update
+TRAIN_FIELDS = ("step", "epoch", "stage", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "skipped", "elapsed_s")
+# train_loss: the mean training loss of the epoch's optimizer steps (empty for only_eval)
+EVAL_FIELDS = ("step", "epoch", "stage", "accuracy", "cot_accuracy", "val_loss", "train_loss", "mean_latents",
+               "mean_new_tokens", "correct", "n", "elapsed_s")
 
 
 def read_csv(path: str | Path) -> list[dict]:
@@ -23,10 +27,13 @@ def read_csv(path: str | Path) -> list[dict]:
 
 
 class MetricsLog:
-    def __init__(self, save_dir: str | Path, enabled: bool, tensorboard: bool, resume_step: int | None = None):
+    def __init__(self, save_dir: str | Path, enabled: bool, tensorboard: bool, resume_step: int | None = None,
+                 title: str = ""):
         self.enabled = enabled
         self.dir = Path(save_dir)
         self.tb = None
+        self.title = title  # of the learning-curve figure
+        self._plot_skipped = False
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -70,8 +77,23 @@ class MetricsLog:
 
     def eval(self, row: dict) -> None:
         self._write("eval", EVAL_FIELDS, row)
+        self.plot()
+
+    def plot(self) -> None:
+        """Redraw learning_curves.png from the CSVs; without matplotlib, say once that it is skipped."""
+        if not self.enabled or self._plot_skipped:
+            return
+        from .curves import CURVES_FILE, plot_learning_curves
+
+        try:
+            plot_learning_curves(self.dir, self.title)
+        except ImportError:
+            self._plot_skipped = True
+            print(f"coconut-train: matplotlib is not installed: {CURVES_FILE} skipped (the curves are in "
+                  f"train_log.csv and eval_log.csv; pip install matplotlib to draw them)", file=sys.stderr)
 
     def close(self) -> None:
+        self.plot()
         if self.tb is not None:
             self.tb.close()
 

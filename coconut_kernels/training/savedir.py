@@ -24,13 +24,16 @@ from pathlib import Path
 
 
 from ..errors import CheckpointError, ConfigError
+from ..validation import check_writable
 from .checkpoint import RUN_FILE, read_run_config, run_id_of
 from .config import RESUME_FIXED, RESUME_FREE, TrainConfig
+from .curves import CURVES_FILE
 
 __all__ = ["SaveDirPlan", "check_save_dir", "claim_save_dir", "write_run_id", "check_resume_config"]
 
 # what marks a folder as holding a run (besides step-* checkpoint folders)
-_RUN_ENTRIES = (RUN_FILE, "latest", "train_log.csv", "eval_log.csv", "metrics.jsonl", "summary.json", "tensorboard")
+_RUN_ENTRIES = (RUN_FILE, "latest", "train_log.csv", "eval_log.csv", "metrics.jsonl", "summary.json", "tensorboard",
+                CURVES_FILE)
 
 
 @dataclass
@@ -50,19 +53,6 @@ def _held(save_dir: Path) -> list[str]:
     return [n for n in names if n in _RUN_ENTRIES or n.startswith("step-")]
 
 
-def _check_writable(save_dir: Path) -> None:
-    """The folder, or its nearest existing ancestor, must be a writable folder (checked without writing)."""
-    probe = save_dir
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CheckpointError(f"config key 'save_dir': {save_dir} cannot be created: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise CheckpointError(f"config key 'save_dir': {save_dir} is not writable (no write permission on {probe})")
-
-
 def _aside(save_dir: Path, old_id: str | None) -> Path:
     """A free sibling name for the old run: ``<save_dir>.old-<run id>`` (numbered if taken)."""
     base = f"{save_dir.name}.old-{old_id or 'unknown'}"
@@ -76,7 +66,7 @@ def check_save_dir(cfg: TrainConfig, checkpoint: Path | None) -> SaveDirPlan:
     """Decide, without writing, what this run does with `cfg.save_dir` (`checkpoint`: the one it resumes
     from, if any); raise naming the choices when the folder belongs to another run."""
     save_dir = Path(cfg.save_dir)
-    _check_writable(save_dir)
+    check_writable(save_dir, "config key 'save_dir'", folder=True, error=CheckpointError)
     held = _held(save_dir)
     folder_id = run_id_of(save_dir) if held else None
     ckpt_id = run_id_of(checkpoint) if checkpoint is not None else None

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel the library launches, for sm_80 and sm_90, without a GPU.
 
     python -m coconut_kernels.triton.aot [--full] [--cuda] [--out benchmarks/results/gpu_static.csv]
+    python -m coconut_kernels.triton.aot --kernels REGEX --append --out ...   (recompile some kernels' rows)
 
 The launch configurations are not listed by hand: the library's own launchers run on meta tensors (shapes and
 dtypes, no data) while every @triton.jit kernel's `run` is replaced by a recorder, so what is compiled is
@@ -32,7 +33,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and __name__ == "__main__":
+from .device import interpreted
+
+if interpreted() and __name__ == "__main__":
     # The interpreter replaces @triton.jit kernels by Python functions: nothing to compile.
     sys.exit("run the AOT compiler without TRITON_INTERPRET=1")
 
@@ -178,9 +181,9 @@ def scenarios(full: bool):
     """(name, thunk) pairs. Shapes are the models' (GPT-2: 12 x 64 heads, no rotary; Llama-family: GQA with
     rotary at head dims 64/128/256); Sq=1 is decode, Sq=300 a prefix or multi-row latent pass.
 
-    The CI subset (~110 compilations, minutes on 2 cores) has every kernel at least once, every head dim in
-    bf16 and the tightest shared-memory cases (rotary; fp32 at head dim 128), and the attention kernels with
-    dropout once; `full` (~1,000) crosses dtypes,
+    The CI subset (174 compilations, minutes on 2 cores) has every kernel at least once, every head dim in
+    bf16, the tightest shared-memory cases (rotary; fp32 at head dim 128), split-KV decode at GQA ratios
+    1/4/8 in each dtype and the attention kernels with dropout once; `full` (~1,000) crosses dtypes,
     head dims, rotary, GQA, decode, causality, left padding and ragged rows, norms and filters."""
     out = []
     if full:
@@ -197,6 +200,11 @@ def scenarios(full: bool):
         att += [(torch.bfloat16, 128, dict(rotary=True, group=4, Sq=1, leftpad=True, new_seqlens=True)),
                 (torch.bfloat16, 64, dict(rotary=False, group=1, Sq=300)),
                 (torch.bfloat16, 64, dict(rotary=False, group=1, Sq=300, dropout=True))]
+        # Decode (split-KV forward and its combine) at the other GQA ratios, dtypes and head dims; the backward
+        # of Sq=1 adds nothing the cases above do not compile.
+        att += [(dt, D, dict(rotary=r, group=g, Sq=1, backward=False)) for dt, D, r, g in
+                [(torch.bfloat16, 64, False, 1), (torch.float16, 128, True, 8), (torch.bfloat16, 256, True, 8),
+                 (torch.float32, 128, True, 4), (torch.float32, 256, False, 1)]]
     for dtype, D, v in att:
         dn = str(dtype).rsplit(".", 1)[-1]
         v = dict(v)
@@ -212,7 +220,8 @@ def scenarios(full: bool):
             16, 4, 64, d, dtype, norm)))
     soft = itertools.product(DTYPES, [(8, 50257, 768), (4096, 128256, 4096)], [(0, 1.0), (50, 0.9), (50, 1.0),
                                                                                  (0, 0.9)]) if full \
-        else [(torch.bfloat16, (8, 50257, 768), (50, 0.9)), (torch.float32, (8, 50257, 768), (0, 1.0))]
+        else [(torch.bfloat16, (8, 50257, 768), (50, 0.9)), (torch.float32, (8, 50257, 768), (0, 1.0)),
+              (torch.float16, (4096, 128256, 4096), (0, 0.9))]  # many rows: unsplit vocabulary, 64-row tiles
     for dtype, (N, V, D), (k, p) in soft:
         dn = str(dtype).rsplit(".", 1)[-1]
         out.append((f"soft_embedding {dn} N={N} V={V} D={D} top_k={k} top_p={p}",
@@ -417,7 +426,8 @@ def demangle(sym: str) -> str:
 
 # Threads per block of each CUDA C++ kernel at its largest launch (the __launch_bounds__ of csrc/cuda/).
 CUDA_BLOCK_THREADS = {"append_kernel": 128, "fwd_split_kernel": 128, "fwd_combine_kernel": 128,
-                      "bwd_row_kernel": 128, "latent_feedback_fwd_kernel": 1024, "latent_feedback_bwd_kernel": 1024}
+                      "bwd_delta_kernel": 256, "bwd_dkdv_kernel": 256, "bwd_dq_kernel": 256,
+                      "latent_feedback_fwd_kernel": 1024, "latent_feedback_bwd_kernel": 1024}
 
 
 def cuda_kernel_name(demangled: str) -> str:
@@ -464,6 +474,9 @@ def main(argv=None) -> int:
                     help="python whose torch headers (a CUDA build, for cusparse.h and co.) compile the .cu files")
     ap.add_argument("--append", action="store_true", help="keep the --out rows of the kinds not compiled now")
     ap.add_argument("--targets", default="80,90")
+    ap.add_argument("--kernels", default=None, metavar="REGEX",
+                    help="compile only the Triton kernels whose module.name matches (with --append, the table's "
+                         "other rows are kept)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=None, help="CSV to write (default: print the worst rows only)")
     a = ap.parse_args(argv)
@@ -480,6 +493,8 @@ def main(argv=None) -> int:
         for cc in ccs:
             launches = record_all(scenarios(a.full), cc)
             errors += grid_errors(launches)
+            if a.kernels:
+                launches = [la for la in launches if re.search(a.kernels, la.name)]
             _TODO.extend((la, cc) for la in unique(launches, cc))
         print(f"{len(_TODO)} compilations", flush=True)
         if a.jobs > 1:
@@ -498,10 +513,11 @@ def main(argv=None) -> int:
         if r["status"] in ("compile error", "over shared-memory limit"):
             errors.append(f"{r['kernel']} [{r.get('config', '')}] {r['target']}: {r['status']} {r.get('error', '')}")
     if a.out:
-        if a.append and os.path.exists(a.out):  # keep the rows of the kinds this run did not compile
+        if a.append and os.path.exists(a.out):  # keep the rows of the kinds (kernels) this run did not compile
             kinds = {r["kind"] for r in rows}
             with open(a.out, newline="") as f:
-                rows += [r for r in csv.DictReader(f) if r["kind"] not in kinds]
+                rows += [r for r in csv.DictReader(f) if r["kind"] not in kinds or
+                         (a.kernels and r["kind"] == "triton" and not re.search(a.kernels, r["kernel"]))]
         with open(a.out, "w", newline="") as f:
             w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
             w.writeheader()

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import H100_SMS, sm_count
+
 LOG2E = 1.4426950408889634
 
 
@@ -137,14 +139,25 @@ def _append_kernel(K, V, KNew, VNew, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos
 
 
 @triton.jit(do_not_specialize=["dropout_seed"])
-def _fwd_kernel(Q, K, V, Out, Lse, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, Sin,
+def _fwd_kernel(Q, K, V, Out, Lse, PartAcc, PartML, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, Sin,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-                stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, qk_scale_log2, dropout_seed, drop_threshold, keep_scale,
+                stride_ro, seqlen_ro, B, Sq, Hq, Hkv, Tmax, D, qk_scale_log2, num_splits, dropout_seed,
+                drop_threshold, keep_scale,
                 GROUP: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr,
-                ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+                DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m, bh = _split_pid(Sq * GROUP, BLOCK_M)
+    # SPLIT (flash-decoding): the key range of each query block is cut into num_splits chunks, one program
+    # each; a program writes its unnormalised (m, l, acc) to PartML / PartAcc and _fwd_combine_kernel merges
+    # them. Without it one program covers the whole range and writes out and lse itself.
+    pid_m, outer = _split_pid(Sq * GROUP, BLOCK_M)
+    if SPLIT:
+        split = outer % num_splits
+        bh = outer // num_splits
+    else:
+        split = 0
+        bh = outer
     b = bh // Hkv
     hkv = bh % Hkv
     cs, lp, n_valid = _seq_lengths(CacheSeqlens, CacheLeftpad, NewSeqlens, b, Sq, HAS_LEFTPAD, HAS_NEW_SEQLENS)
@@ -161,14 +174,21 @@ def _fwd_kernel(Q, K, V, Out, Lse, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, 
                       Cos, Sin, stride_ro, ROT_DIM, INTERLEAVED, False)
     q = q.to(K.dtype.element_ty)
 
+    lo = lp
     hi = _key_end(pid_m, cs, lp, n_valid, Tmax, GROUP, CAUSAL, BLOCK_M)
+    if SPLIT:
+        # Equal chunks of whole key blocks over the actual range (read on the device: no host sync); the last
+        # splits of a short range are empty and report l = 0.
+        per = tl.cdiv(tl.cdiv(tl.maximum(hi - lp, 0), num_splits), BLOCK_N) * BLOCK_N
+        lo = tl.minimum(lp + split * per, hi)
+        hi = tl.minimum(lo + per, hi)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * stride_kb + hkv * stride_kh
     v_base = V + b * stride_vb + hkv * stride_vh
-    for start in range(lp, hi, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         offs_n, n_ok, k, v = _kv_block(k_base, v_base, start, hi, offs_d, d_ok, stride_kt, stride_vt, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
         ok = row_ok[:, None] & n_ok[None, :]
@@ -184,12 +204,52 @@ def _fwd_kernel(Q, K, V, Out, Lse, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, 
         acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
         m_i = m_new
 
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(Out + b * stride_ob + t[:, None] * stride_ot + hq[:, None] * stride_oh + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=in_q[:, None] & d_ok[None, :])
-    tl.store(Lse + (b * Hq + hq) * Sq + t, lse, mask=in_q)
+    row = (b * Hq + hq) * Sq + t  # the (b, head, t) index of lse and of the partials
+    if SPLIT:
+        n_rows = B * Hq * Sq
+        part = split * n_rows + row
+        tl.store(PartML + 2 * part, m_i, mask=in_q)
+        tl.store(PartML + 2 * part + 1, l_i, mask=in_q)
+        tl.store(PartAcc + part[:, None] * D + offs_d[None, :], acc, mask=in_q[:, None] & d_ok[None, :])
+    else:
+        has_keys = l_i > 0.0
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634,
+                       float("-inf"))
+        tl.store(Out + b * stride_ob + t[:, None] * stride_ot + hq[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=in_q[:, None] & d_ok[None, :])
+        tl.store(Lse + row, lse, mask=in_q)
+
+
+@triton.jit
+def _fwd_combine_kernel(PartAcc, PartML, Out, Lse, stride_ob, stride_ot, stride_oh, n_rows, Sq, Hq, D, num_splits,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Merges the num_splits partial softmaxes of BLOCK_R (b, head, t) rows: with M the largest partial max,
+    # l = sum_s l_s 2^(m_s - M) and out = sum_s acc_s 2^(m_s - M) / l (fp32 throughout).
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = r < n_rows
+    mask = r_ok[:, None] & (offs_d < D)[None, :]
+    m = tl.full([BLOCK_R], -1.0e30, tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(PartML + 2 * (s * n_rows + r), mask=r_ok, other=-1.0e30))
+    l_sum = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s in range(0, num_splits):
+        part = s * n_rows + r
+        w = tl.exp2(tl.load(PartML + 2 * part, mask=r_ok, other=-1.0e30) - m)
+        l_sum += w * tl.load(PartML + 2 * part + 1, mask=r_ok, other=0.0)
+        acc += w[:, None] * tl.load(PartAcc + part[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    has_keys = l_sum > 0.0
+    out = acc / tl.where(has_keys, l_sum, 1.0)[:, None]
+    lse = tl.where(has_keys, (m + tl.log2(tl.where(has_keys, l_sum, 1.0))) / 1.4426950408889634, float("-inf"))
+    t = r % Sq
+    bh = r // Sq
+    b = bh // Hq
+    h = bh % Hq
+    tl.store(Out + b[:, None] * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Lse + r, lse, mask=r_ok)
 
 
 @triton.jit
@@ -479,10 +539,36 @@ def _attention_common(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seq
     return B, Sq, Hq, Hkv, D, lengths, stride_ro, seqlen_ro, rot_dim
 
 
+# Keys per split at least: below it the combine's extra reads and launch cost more than the parallelism gains.
+_MIN_KEYS_PER_SPLIT = 256
+
+
+def _fwd_tiles(block_m, block_n, rows, block_d):
+    """Forward tiles. Query rows are the (t, group head) pairs of one kv head, so at decode (Sq = 1) a block has
+    `group` real rows: BLOCK_M is the next power of two of the rows (not 16 as tl.dot's MMA tile: Triton pads a
+    short M inside the MMA, so the q/acc registers hold real rows only); keys as in _tiles."""
+    big = 64 if block_d <= 128 else 32
+    if block_m is None:
+        block_m = min(big, triton.next_power_of_2(max(rows, 1)))
+    return block_m, big if block_n is None else block_n
+
+
+def num_kv_splits(programs: int, Tmax: int, sms: int = H100_SMS) -> int:
+    """Split count of the key range (flash-decoding) for a grid of `programs` (query blocks x B x Hkv) over a
+    cache of capacity Tmax: enough to fill about two waves of `sms` SMs (one program per SM is a wave; two
+    keep the tail of uneven lengths short), with at least
+    _MIN_KEYS_PER_SPLIT keys of capacity per split (the lengths are on the device; Tmax bounds them)."""
+    want = triton.cdiv(2 * sms, max(programs, 1))
+    return max(1, min(want, Tmax // _MIN_KEYS_PER_SPLIT))
+
+
 def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
                                 rotary_sin, rotary_interleaved, softmax_scale, causal, dropout_p=0.0, dropout_seed=0, *,
-                                block_m=None, block_n=None):
-    """(out, lse): attention of q (B, Sq, Hq, D) to the cache; out in q's dtype, lse fp32 (B, Hq, Sq)."""
+                                block_m=None, block_n=None, num_splits=None):
+    """(out, lse): attention of q (B, Sq, Hq, D) to the cache; out in q's dtype, lse fp32 (B, Hq, Sq).
+
+    num_splits: how many programs share each query block's key range (split-KV, merged by a combine kernel);
+    None chooses by num_kv_splits (1 when B x Hkv x query blocks already fill the GPU)."""
     B, Sq, Hq, Hkv, D, lengths, stride_ro, seqlen_ro, rot_dim = _attention_common(
         q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin)
     *drop, dropout = _dropout_args(dropout_p, dropout_seed)
@@ -492,16 +578,32 @@ def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpa
         lse.fill_(float("-inf"))
         return out, lse
     group = Hq // Hkv
-    block_m, block_n = _tiles(block_m, block_n, Sq * group, _block_d(D))
-    _fwd_kernel[(triton.cdiv(Sq * group, block_m) * B * Hkv,)](
-        q, k_cache, v_cache, out, lse, *lengths,
+    Tmax = k_cache.shape[1]
+    block_d = _block_d(D)
+    block_m, block_n = _fwd_tiles(block_m, block_n, Sq * group, block_d)
+    programs = triton.cdiv(Sq * group, block_m) * B * Hkv
+    if num_splits is None:
+        num_splits = num_kv_splits(programs, Tmax, sm_count(q.device))
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    split = num_splits > 1
+    n_rows = B * Hq * Sq
+    # fp32 partials (m, l interleaved; acc) of every split; a 1-element placeholder when not splitting.
+    part_acc = torch.empty((num_splits * n_rows * D) if split else 1, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty((num_splits * n_rows * 2) if split else 1, dtype=torch.float32, device=q.device)
+    _fwd_kernel[(programs * num_splits,)](
+        q, k_cache, v_cache, out, lse, part_acc, part_ml, *lengths,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
-        stride_ro, seqlen_ro, Sq, Hq, Hkv, k_cache.shape[1], D, softmax_scale * LOG2E, *drop,
+        stride_ro, seqlen_ro, B, Sq, Hq, Hkv, Tmax, D, softmax_scale * LOG2E, num_splits, *drop,
         GROUP=group, HAS_LEFTPAD=cache_leftpad is not None, HAS_NEW_SEQLENS=new_seqlens is not None,
-        ROT_DIM=rot_dim, INTERLEAVED=bool(rotary_interleaved), CAUSAL=bool(causal), DROPOUT=dropout,
-        PRECISION=_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
-        num_stages=_kv_stages(block_m, block_n, _block_d(D), q.dtype, _capability(q.device)))
+        ROT_DIM=rot_dim, INTERLEAVED=bool(rotary_interleaved), CAUSAL=bool(causal), SPLIT=split,
+        DROPOUT=dropout, PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_stages=_kv_stages(block_m, block_n, block_d, q.dtype, _capability(q.device)))
+    if split:
+        block_r = 16 if block_d <= 128 else 8
+        _fwd_combine_kernel[(triton.cdiv(n_rows, block_r),)](
+            part_acc, part_ml, out, lse, *out.stride()[:3], n_rows, Sq, Hq, D, num_splits,
+            BLOCK_R=block_r, BLOCK_D=block_d)
     return out, lse
 
 

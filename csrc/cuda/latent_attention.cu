@@ -1,7 +1,8 @@
 // CUDA kernels of latent_attention (schemas in csrc/ops.cpp): the KV-cache append with rotary, a split-KV
-// (flash-decoding) forward for the small query counts of decoding and latent passes, and a simple backward
-// (one block per query row, fp32 atomics into the gradient accumulators). The tiled Triton kernels
-// (coconut_kernels/triton/latent_attention.py) are the alternative for long query blocks (prefix passes).
+// (flash-decoding) forward for the small query counts of decoding and latent passes, and a tiled,
+// deterministic backward (dK/dV per key block, dQ per query block, no atomics). Passes with more query rows
+// (prefix passes) run the tiled Triton forward instead: the dispatcher in coconut_kernels/ops/latent_attention.py
+// routes them (cuda_forward_kernel).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -352,7 +353,25 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- backward -------------------------------------------------------------------------------------------
+// ---- backward: tiled, deterministic ---------------------------------------------------------------------
+// The work split of flash-attention 2: delta = rowsum(dO * O) first; then one block per (b, kv head, key
+// block) walks every query row of the kv head (all t, all G query heads of the group) and keeps the dK/dV of
+// its keys in registers, adding them to the accumulators once: no other block touches those rows, so no
+// atomics. One block per (b, kv head, query row block) walks the key blocks for dQ. Every sum runs in a fixed
+// order, so two runs give bitwise equal results. fp32 on CUDA cores (no tensor cores). Tile sizes:
+// launch_config.h; tests/test_latent_attention_cuda_bwd.py replays the same loops in PyTorch.
+
+template <int DMAX>
+struct BwdCfg {
+  static constexpr int TPD = launch::bwd_tpd(DMAX);  // lanes per key (dK/dV) or per query row (dQ)
+  // Lane dl holds the 4-dim chunks dl, dl + TPD, ...: chunk j starts at dim 4 * (dl + TPD * j).
+  static constexpr int CHUNKS = DMAX / 4 / TPD;
+  static constexpr int E = 4 * CHUNKS;
+  static constexpr int BN = launch::bwd_key_block(DMAX);
+  static constexpr int BM = launch::kBwdRowTile;
+  static constexpr int BNQ = launch::bwd_dq_key_tile(DMAX);
+  static_assert(CHUNKS * 4 * TPD == DMAX && TPD <= 32 && 32 % TPD == 0, "a key's lanes share one warp");
+};
 
 struct BwdParams {
   const void* grad_out;  // contiguous (B, Sq, Hq, D), as q, out and dq
@@ -360,16 +379,17 @@ struct BwdParams {
   const void* k;
   const void* v;
   const void* out;
-  const float* lse;
+  const float* lse;  // (B, Hq, Sq)
+  float* delta;      // (B, Hq, Sq): rowsum(dO * O), written by bwd_delta_kernel
   void* dq;
   float* grad_k;  // contiguous fp32 (B, Tmax, Hkv, D)
   float* grad_v;
   Lengths L;
   Rotary R;
   CacheStrides ks, vs;
-  int Sq, Hq, Hkv, D, Tmax;
-  float scale;
-  bool causal;
+  int B, Sq, Hq, Hkv, D, Tmax;
+  float scale, scale_log2;
+  bool causal, aligned;
 };
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -378,99 +398,286 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// One block per query row: warps walk the keys, lanes the head dims; dK/dV go to the fp32 accumulators with
-// atomics (rows of one key are shared by every query row and head of the group), dq is un-rotated at the end.
-template <typename T, int DMAX>
-__global__ void __launch_bounds__(kThreads) bwd_row_kernel(BwdParams p) {
-  constexpr int PER_LANE = DMAX / 32;
-  __shared__ float vec_s[DMAX];
-  __shared__ float dq_s[kWarps][DMAX];
-  __shared__ float red_s[kWarps];
+// Sum over the W adjacent lanes that hold one row (every lane of the warp takes part).
+template <int W>
+__device__ __forceinline__ float lanes_sum(float x) {
+#pragma unroll
+  for (int off = W / 2; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
 
-  const int64_t row = blockIdx.x;  // (b * Sq + t) * Hq + hq
-  const int hq = row % p.Hq;
-  const int t = (row / p.Hq) % p.Sq;
-  const int64_t b = row / p.Hq / p.Sq;
-  const int hkv = hq / (p.Hq / p.Hkv);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int cs, lp, nn;
-  seq_lengths(p.L, b, p.Sq, cs, lp, nn);
-  T* dq = static_cast<T*>(p.dq) + row * p.D;
-  if (t >= nn) {  // rows past new_seqlens contribute nothing
-    for (int d = threadIdx.x; d < p.D; d += kThreads) dq[d] = T(0.f);
-    return;
-  }
-  const int pos = cs + t - lp;
-  const T* qr = static_cast<const T*>(p.q) + row * p.D;
+// Element d of query row `row` rotated to position `pos` (no rotation past R.dim).
+template <typename T>
+__device__ __forceinline__ float rotated(const T* row, const Rotary& R, int d, int pos) {
+  const RotCoef rc = rot_coef(R, d, pos, false);
+  return static_cast<float>(row[d]) * rc.c + static_cast<float>(row[rc.partner]) * rc.s;
+}
+
+__device__ __forceinline__ float dot4(const float4& a, const float* b) {
+  return a.x * b[0] + a.y * b[1] + a.z * b[2] + a.w * b[3];
+}
+
+// One warp per query row (b, t, hq).
+template <typename T>
+__global__ void __launch_bounds__(launch::kBwdThreads) bwd_delta_kernel(BwdParams p) {
+  const int64_t row = (int64_t)blockIdx.x * launch::kBwdDeltaRowsPerBlock + threadIdx.x / 32;  // (b*Sq+t)*Hq+hq
+  const int lane = threadIdx.x % 32;
+  if (row >= (int64_t)p.B * p.Sq * p.Hq) return;  // warp-uniform
   const T* go = static_cast<const T*>(p.grad_out) + row * p.D;
   const T* o = static_cast<const T*>(p.out) + row * p.D;
   float part = 0.f;
-  for (int d = threadIdx.x; d < DMAX; d += kThreads) {
-    float val = 0.f;
-    if (d < p.D) {
-      const RotCoef rc = rot_coef(p.R, d, pos, false);
-      val = static_cast<float>(qr[d]) * rc.c + static_cast<float>(qr[rc.partner]) * rc.s;
-      part += static_cast<float>(go[d]) * static_cast<float>(o[d]);
-    }
-    vec_s[d] = val;
-  }
+  for (int d = lane; d < p.D; d += 32) part += static_cast<float>(go[d]) * static_cast<float>(o[d]);
   part = warp_sum(part);
-  if (lane == 0) red_s[warp] = part;
-  __syncthreads();
-  float delta = 0.f;  // rowsum(dO * O)
-  for (int w = 0; w < kWarps; ++w) delta += red_s[w];
-  const float lse = p.lse[(b * p.Hq + hq) * p.Sq + t];
-
-  float qv[PER_LANE], gv[PER_LANE], dqv[PER_LANE];
-#pragma unroll
-  for (int j = 0; j < PER_LANE; ++j) {
-    const int d = lane + 32 * j;
-    qv[j] = vec_s[d];
-    gv[j] = d < p.D ? static_cast<float>(go[d]) : 0.f;
-    dqv[j] = 0.f;
+  if (lane == 0) {
+    const int hq = row % p.Hq;
+    const int t = (row / p.Hq) % p.Sq;
+    const int64_t b = row / p.Hq / p.Sq;
+    p.delta[(b * p.Hq + hq) * p.Sq + t] = part;
   }
+}
+
+// Block (b, kv head, key block of BN keys), the key blocks of one (b, kv head) adjacent in x. Thread: key
+// n0 + tid / TPD, lane tid % TPD. Query rows m = t * G + g are staged BM at a time in shared memory (q rotated);
+// for each row every key's lanes form s = q.k and dp = dO.v, then dV += p dO, dK += dS q.
+template <typename T, int DMAX>
+__global__ void __launch_bounds__(launch::kBwdThreads) bwd_dkdv_kernel(BwdParams p) {
+  using C = BwdCfg<DMAX>;
+  __shared__ __align__(16) float q_s[C::BM][DMAX];
+  __shared__ __align__(16) float do_s[C::BM][DMAX];
+  __shared__ float lse_s[C::BM];  // log2 domain
+  __shared__ float delta_s[C::BM];
+  __shared__ int t_s[C::BM];
+
+  const int nkb = (p.Tmax + C::BN - 1) / C::BN;
+  const int kb = blockIdx.x % nkb;
+  const int64_t bh = blockIdx.x / nkb;
+  const int hkv = bh % p.Hkv;
+  const int64_t b = bh / p.Hkv;
+  const int G = p.Hq / p.Hkv;
+  int cs, lp, nn;
+  seq_lengths(p.L, b, p.Sq, cs, lp, nn);
   const int lo = max(lp, 0);
-  const int hi = min(p.causal ? cs + t + 1 : cs + nn, p.Tmax);
-  const T* kbase = static_cast<const T*>(p.k) + b * p.ks.b + hkv * p.ks.h;
-  const T* vbase = static_cast<const T*>(p.v) + b * p.vs.b + hkv * p.vs.h;
-  for (int r = lo + warp; r < hi; r += kWarps) {
-    float kv[PER_LANE], vv[PER_LANE];
-    float s = 0.f, dp = 0.f;
+  const int hi = min(cs + nn, p.Tmax);  // keys that some valid query row sees: [lo, hi)
+  const int n0 = kb * C::BN;
+  if (n0 >= hi || n0 + C::BN <= lo) return;  // block-uniform: nothing to add
+
+  const int dl = threadIdx.x % C::TPD;
+  const int n = n0 + threadIdx.x / C::TPD;
+  const bool key_ok = n >= lo && n < hi;
+  const T* krow = static_cast<const T*>(p.k) + b * p.ks.b + (int64_t)n * p.ks.t + (int64_t)hkv * p.ks.h;
+  const T* vrow = static_cast<const T*>(p.v) + b * p.vs.b + (int64_t)n * p.vs.t + (int64_t)hkv * p.vs.h;
+  float kr[C::E], vr[C::E], dk[C::E], dv[C::E];
 #pragma unroll
-    for (int j = 0; j < PER_LANE; ++j) {
-      const int d = lane + 32 * j;
-      kv[j] = d < p.D ? static_cast<float>(kbase[(int64_t)r * p.ks.t + d]) : 0.f;
-      vv[j] = d < p.D ? static_cast<float>(vbase[(int64_t)r * p.vs.t + d]) : 0.f;
-      s += qv[j] * kv[j];
-      dp += gv[j] * vv[j];
+  for (int j = 0; j < C::CHUNKS; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int d = 4 * (dl + C::TPD * j) + i, e = 4 * j + i;
+      kr[e] = key_ok && d < p.D ? static_cast<float>(krow[d]) : 0.f;
+      vr[e] = key_ok && d < p.D ? static_cast<float>(vrow[d]) : 0.f;
+      dk[e] = dv[e] = 0.f;
     }
-    s = warp_sum(s);
-    dp = warp_sum(dp);
-    const float pr = __expf(s * p.scale - lse);
-    const float ds = pr * (dp - delta) * p.scale;
-    const int64_t g_off = ((b * p.Tmax + r) * p.Hkv + hkv) * p.D;
+
+  // Causal: row t sees key n0 only once cs + t >= n0.
+  const int m_lo = p.causal ? max(n0 - cs, 0) * G : 0;
+  const int m_hi = nn * G;
+  const T* q = static_cast<const T*>(p.q);
+  const T* go = static_cast<const T*>(p.grad_out);
+  for (int m0 = m_lo; m0 < m_hi; m0 += C::BM) {
+    __syncthreads();  // the previous tile is no longer read
+    for (int i = threadIdx.x; i < C::BM * DMAX; i += launch::kBwdThreads) {
+      const int r = i / DMAX, d = i % DMAX, m = m0 + r;
+      float qv = 0.f, gv = 0.f;
+      if (m < m_hi && d < p.D) {
+        const int t = m / G;
+        const int64_t row = ((b * p.Sq + t) * p.Hq + hkv * G + m % G) * p.D;
+        qv = rotated(q + row, p.R, d, cs + t - lp);
+        gv = static_cast<float>(go[row + d]);
+      }
+      q_s[r][d] = qv;
+      do_s[r][d] = gv;
+    }
+    if (threadIdx.x < C::BM) {
+      const int m = m0 + threadIdx.x;
+      if (m < m_hi) {
+        const int t = m / G;
+        const int64_t idx = (b * p.Hq + hkv * G + m % G) * p.Sq + t;
+        lse_s[threadIdx.x] = p.lse[idx] * kLog2e;
+        delta_s[threadIdx.x] = p.delta[idx];
+        t_s[threadIdx.x] = t;
+      }
+    }
+    __syncthreads();
+    const int rows = min(C::BM, m_hi - m0);
+    for (int r = 0; r < rows; ++r) {
+      float s = 0.f, dp = 0.f;
 #pragma unroll
-    for (int j = 0; j < PER_LANE; ++j) {
-      const int d = lane + 32 * j;
-      if (d < p.D) {
-        atomicAdd(p.grad_v + g_off + d, pr * gv[j]);
-        atomicAdd(p.grad_k + g_off + d, ds * qv[j]);
-        dqv[j] += ds * kv[j];
+      for (int j = 0; j < C::CHUNKS; ++j) {
+        const int d = 4 * (dl + C::TPD * j);
+        s += dot4(*reinterpret_cast<const float4*>(&q_s[r][d]), &kr[4 * j]);
+        dp += dot4(*reinterpret_cast<const float4*>(&do_s[r][d]), &vr[4 * j]);
+      }
+      s = lanes_sum<C::TPD>(s);
+      dp = lanes_sum<C::TPD>(dp);
+      const bool ok = key_ok && (!p.causal || n <= cs + t_s[r]);
+      const float pr = ok ? exp2f(s * p.scale_log2 - lse_s[r]) : 0.f;
+      const float ds = pr * (dp - delta_s[r]);
+#pragma unroll
+      for (int j = 0; j < C::CHUNKS; ++j) {
+        const int d = 4 * (dl + C::TPD * j);
+        const float4 qv = *reinterpret_cast<const float4*>(&q_s[r][d]);
+        const float4 gv = *reinterpret_cast<const float4*>(&do_s[r][d]);
+        dv[4 * j] += pr * gv.x;
+        dv[4 * j + 1] += pr * gv.y;
+        dv[4 * j + 2] += pr * gv.z;
+        dv[4 * j + 3] += pr * gv.w;
+        dk[4 * j] += ds * qv.x;
+        dk[4 * j + 1] += ds * qv.y;
+        dk[4 * j + 2] += ds * qv.z;
+        dk[4 * j + 3] += ds * qv.w;
       }
     }
   }
+  if (!key_ok) return;
+  // This block owns rows [n0, n0 + BN) of kv head hkv: a plain read-add-write, once.
+  const int64_t g_off = ((b * p.Tmax + n) * p.Hkv + hkv) * p.D;
 #pragma unroll
-  for (int j = 0; j < PER_LANE; ++j) dq_s[warp][lane + 32 * j] = dqv[j];
-  __syncthreads();
-  for (int d = threadIdx.x; d < DMAX; d += kThreads) {
-    float sum = 0.f;
-    for (int w = 0; w < kWarps; ++w) sum += dq_s[w][d];
-    vec_s[d] = sum;  // dq of the rotated q
+  for (int j = 0; j < C::CHUNKS; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int d = 4 * (dl + C::TPD * j) + i;
+      if (d < p.D) {
+        p.grad_k[g_off + d] += dk[4 * j + i] * p.scale;
+        p.grad_v[g_off + d] += dv[4 * j + i];
+      }
+    }
+}
+
+// Block (b, kv head, block of RB query rows m = t * G + g), the row blocks of one (b, kv head) adjacent in x.
+// Thread: row tid / TPD % RB, lane tid % TPD, key lane tid / (TPD * RB) of KSPLIT; the key lanes of a row take
+// every KSPLIT-th key of each staged K/V tile and are summed in a fixed order at the end (KSPLIT > 1 keeps
+// the threads busy when the pass has few rows, as at decode).
+template <typename T, int DMAX, int KSPLIT>
+__global__ void __launch_bounds__(launch::kBwdThreads) bwd_dq_kernel(BwdParams p) {
+  using C = BwdCfg<DMAX>;
+  constexpr int RB = launch::bwd_dq_rows(DMAX, KSPLIT);
+  constexpr int kTile = C::BNQ * DMAX;
+  constexpr int kRed = KSPLIT * RB * DMAX;
+  static_assert(C::BNQ % KSPLIT == 0 && RB * C::TPD >= 32, "uniform trip counts; a warp shares one key lane");
+  // The K and V tiles while the keys are walked, then each key lane's partial dq.
+  __shared__ __align__(16) float smem[2 * kTile > kRed ? 2 * kTile : kRed];
+  float* k_s = smem;
+  float* v_s = smem + kTile;
+
+  const int G = p.Hq / p.Hkv;
+  const int rows_total = p.Sq * G;
+  const int nrb = (rows_total + RB - 1) / RB;
+  const int rb = blockIdx.x % nrb;
+  const int64_t bh = blockIdx.x / nrb;
+  const int hkv = bh % p.Hkv;
+  const int64_t b = bh / p.Hkv;
+  int cs, lp, nn;
+  seq_lengths(p.L, b, p.Sq, cs, lp, nn);
+
+  const int dl = threadIdx.x % C::TPD;
+  const int r = (threadIdx.x / C::TPD) % RB;
+  const int kl = threadIdx.x / (C::TPD * RB);
+  const int m = rb * RB + r;
+  const int t = m / G;
+  const int hq = hkv * G + m % G;
+  const bool row_ok = m < rows_total && t < nn;
+  const int64_t row = (b * p.Sq + t) * p.Hq + hq;
+  float qr[C::E], gr[C::E], dq[C::E];
+#pragma unroll
+  for (int j = 0; j < C::CHUNKS; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int d = 4 * (dl + C::TPD * j) + i, e = 4 * j + i;
+      const bool in = row_ok && d < p.D;
+      qr[e] = in ? rotated(static_cast<const T*>(p.q) + row * p.D, p.R, d, cs + t - lp) : 0.f;
+      gr[e] = in ? static_cast<float>(static_cast<const T*>(p.grad_out)[row * p.D + d]) : 0.f;
+      dq[e] = 0.f;
+    }
+  const int64_t stat = (b * p.Hq + hq) * p.Sq + t;
+  const float lse2 = row_ok ? p.lse[stat] * kLog2e : 0.f;
+  const float delta = row_ok ? p.delta[stat] : 0.f;
+  const int row_hi = min(p.causal ? cs + t + 1 : cs + nn, p.Tmax);  // this row sees keys [lo, row_hi)
+
+  // The block's key range: up to its last valid row's end; empty when no row is valid.
+  const int lo = max(lp, 0);
+  const int t_first = rb * RB / G;
+  const int t_last = min((min(rb * RB + RB, rows_total) - 1) / G, nn - 1);
+  const int hi = t_last >= t_first ? min(p.causal ? cs + t_last + 1 : cs + nn, p.Tmax) : lo;
+  const T* kbase = static_cast<const T*>(p.k) + b * p.ks.b + (int64_t)hkv * p.ks.h;
+  const T* vbase = static_cast<const T*>(p.v) + b * p.vs.b + (int64_t)hkv * p.vs.h;
+  constexpr int VEC = Vec<T>::N, NV = DMAX / VEC;
+  for (int n0 = lo; n0 < hi; n0 += C::BNQ) {
+    __syncthreads();  // the previous tile is no longer read
+    for (int i = threadIdx.x; i < C::BNQ * NV; i += launch::kBwdThreads) {
+      const int c = i / NV, d0 = (i % NV) * VEC, nk = n0 + c;
+      const int valid = nk < hi ? min(max(p.D - d0, 0), VEC) : 0;
+      float kx[VEC], vx[VEC];
+      if (valid > 0) {
+        Vec<T>::load(kbase + (int64_t)nk * p.ks.t + d0, kx, valid, p.aligned);
+        Vec<T>::load(vbase + (int64_t)nk * p.vs.t + d0, vx, valid, p.aligned);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) kx[e] = vx[e] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        k_s[c * DMAX + d0 + e] = kx[e];
+        v_s[c * DMAX + d0 + e] = vx[e];
+      }
+    }
+    __syncthreads();
+    for (int c = kl; c < C::BNQ; c += KSPLIT) {
+      float s = 0.f, dp = 0.f;
+#pragma unroll
+      for (int j = 0; j < C::CHUNKS; ++j) {
+        const int d = c * DMAX + 4 * (dl + C::TPD * j);
+        s += dot4(*reinterpret_cast<const float4*>(&k_s[d]), &qr[4 * j]);
+        dp += dot4(*reinterpret_cast<const float4*>(&v_s[d]), &gr[4 * j]);
+      }
+      s = lanes_sum<C::TPD>(s);
+      dp = lanes_sum<C::TPD>(dp);
+      const bool ok = row_ok && n0 + c < row_hi;  // n0 + c >= lo by the loop
+      const float ds = ok ? exp2f(s * p.scale_log2 - lse2) * (dp - delta) : 0.f;
+#pragma unroll
+      for (int j = 0; j < C::CHUNKS; ++j) {
+        const float4 kv = *reinterpret_cast<const float4*>(&k_s[c * DMAX + 4 * (dl + C::TPD * j)]);
+        dq[4 * j] += ds * kv.x;
+        dq[4 * j + 1] += ds * kv.y;
+        dq[4 * j + 2] += ds * kv.z;
+        dq[4 * j + 3] += ds * kv.w;
+      }
+    }
   }
+
+  __syncthreads();  // the K/V tiles are no longer read: the buffer takes the partial dq of each key lane
+  float* red = smem;  // [KSPLIT][RB][DMAX]
+#pragma unroll
+  for (int j = 0; j < C::CHUNKS; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[(kl * RB + r) * DMAX + 4 * (dl + C::TPD * j) + i] = dq[4 * j + i];
   __syncthreads();
-  for (int d = threadIdx.x; d < p.D; d += kThreads) {
-    const RotCoef rc = rot_coef(p.R, d, pos, true);
-    dq[d] = T(vec_s[d] * rc.c + vec_s[rc.partner] * rc.s);
+  if (KSPLIT > 1) {  // key lane 0's slots take the sum, in key-lane order
+    for (int i = threadIdx.x; i < RB * DMAX; i += launch::kBwdThreads) {
+      float acc = red[i];
+      for (int k = 1; k < KSPLIT; ++k) acc += red[k * RB * DMAX + i];
+      red[i] = acc;
+    }
+    __syncthreads();
+  }
+  // dq of the un-rotated q: the transposed rotation mixes dims held by other lanes, hence through red.
+  T* dq_out = static_cast<T*>(p.dq);
+  for (int i = threadIdx.x; i < RB * DMAX; i += launch::kBwdThreads) {
+    const int rr = i / DMAX, d = i % DMAX, mm = rb * RB + rr;
+    if (mm >= rows_total || d >= p.D) continue;
+    const int tt = mm / G;
+    const float* x = red + rr * DMAX;
+    const RotCoef rc = rot_coef(p.R, d, cs + tt - lp, true);
+    const float val = tt < nn ? (x[d] * rc.c + x[rc.partner] * rc.s) * p.scale : 0.f;  // rows past new_seqlens: 0
+    dq_out[((b * p.Sq + tt) * p.Hq + hkv * G + mm % G) * p.D + d] = T(val);
   }
 }
 
@@ -489,9 +696,11 @@ void dispatch_dtype(at::ScalarType st, F&& f) {
 // Register tiles are sized by the head dim rounded up to 64, 128 or 256 (D <= 256 is checked).
 template <typename F>
 void dispatch_head_dim(int64_t D, F&& f) {
-  if (D <= 64) f(std::integral_constant<int, 64>{});
-  else if (D <= 128) f(std::integral_constant<int, 128>{});
-  else f(std::integral_constant<int, 256>{});
+  switch (launch::head_dim_tile(D)) {
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: f(std::integral_constant<int, 256>{});
+  }
 }
 
 Lengths lengths_of(const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& cache_leftpad,
@@ -623,17 +832,32 @@ at::Tensor latent_attention_bwd_cuda(const at::Tensor& grad_out, const at::Tenso
   at::Tensor dq = at::empty_like(q);
   if (q.numel() == 0) return dq;
   const RotaryTables rot(rotary_cos, rotary_sin, rotary_interleaved);
+  at::Tensor delta = at::empty({d.B, d.Hq, d.Sq}, q.options().dtype(at::kFloat));
   BwdParams p{go.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), o.data_ptr(), l.data_ptr<float>(),
-              dq.data_ptr(), grad_k_cache.data_ptr<float>(), grad_v_cache.data_ptr<float>(),
-              lengths_of(cache_seqlens, cache_leftpad, new_seqlens), rot.args, strides_of(k_cache),
-              strides_of(v_cache), (int)d.Sq, (int)d.Hq, (int)d.Hkv, (int)d.D, (int)d.Tmax, (float)softmax_scale,
-              causal};
+              delta.data_ptr<float>(), dq.data_ptr(), grad_k_cache.data_ptr<float>(),
+              grad_v_cache.data_ptr<float>(), lengths_of(cache_seqlens, cache_leftpad, new_seqlens), rot.args,
+              strides_of(k_cache), strides_of(v_cache), (int)d.B, (int)d.Sq, (int)d.Hq, (int)d.Hkv, (int)d.D,
+              (int)d.Tmax, (float)softmax_scale, (float)(softmax_scale * kLog2e), causal,
+              aligned16(k_cache) && aligned16(v_cache)};
+  const launch::Shape delta_shape = launch::bwd_delta_shape(d.B, d.Sq, d.Hq);
+  const launch::Shape dkdv_shape = launch::bwd_dkdv_shape(d.B, d.Hkv, d.Tmax, d.D);
+  const launch::Shape dq_shape = launch::bwd_dq_shape(d.B, d.Sq, d.Hq, d.Hkv, d.D);
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    bwd_delta_kernel<T><<<(unsigned)delta_shape.grid_x, launch::kBwdThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     dispatch_head_dim(d.D, [&](auto dmax) {
-      const auto shape = launch::per_query_row_shape(d.B, d.Sq, d.Hq, "latent_attention backward");
-      bwd_row_kernel<T, decltype(dmax)::value><<<(unsigned)shape.grid_x, kThreads, 0, stream>>>(p);
+      constexpr int DM = decltype(dmax)::value;
+      if (dkdv_shape.grid_x > 0) {  // Tmax = 0: no key, nothing to add
+        bwd_dkdv_kernel<T, DM><<<(unsigned)dkdv_shape.grid_x, launch::kBwdThreads, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (dq_shape.key_split == 1) {
+        bwd_dq_kernel<T, DM, 1><<<(unsigned)dq_shape.grid_x, launch::kBwdThreads, 0, stream>>>(p);
+      } else {
+        bwd_dq_kernel<T, DM, launch::kBwdKeySplit><<<(unsigned)dq_shape.grid_x, launch::kBwdThreads, 0, stream>>>(p);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

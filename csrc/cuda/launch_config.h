@@ -20,6 +20,7 @@ struct Shape {
   int64_t grid_x = 1, grid_y = 1, grid_z = 1;
   int block_x = 1, block_y = 1;
   bool in_regs = false;  // latent_feedback: the row lives in registers (else re-read from memory in a loop)
+  int key_split = 1;      // latent_attention dQ: key lanes per block (bwd_dq_key_split)
 };
 
 inline void check_grid(const Shape& s, const char* what) {
@@ -92,12 +93,72 @@ inline Shape fwd_split_shape(int64_t B, int64_t Sq, int64_t Hq, int64_t Hkv, int
   return s;
 }
 
-// One block per query row (b, t, hq): the split combine and the backward.
+// One block per query row (b, t, hq): the split combine.
 inline Shape per_query_row_shape(int64_t B, int64_t Sq, int64_t Hq, const char* what) {
   Shape s;
   s.grid_x = B * Sq * Hq;
   s.block_x = kAttnThreads;
   check_grid(s, what);
+  return s;
+}
+
+// ---- latent_attention backward (tiled, deterministic) ------------------------------------------------------
+// The rows of one kv head are its (t, g) pairs, m = t * G + g (G = Hq / Hkv query heads per kv head). A thread
+// holds one key (dK/dV kernel) or one query row (dQ kernel) in bwd_tpd(DMAX) lanes, each lane every
+// bwd_tpd-th 4-dim chunk of the head dims: 16 fp32 values per tile, so that K, V, dK, dV (dK/dV kernel) or
+// q, dO, dQ (dQ kernel) stay in registers at ~128 registers a thread, two 256-thread blocks per SM (32 values
+// took ~230 registers: one block). Tiles are sized by DMAX, the head dim rounded up to 64, 128 or 256.
+
+constexpr int kBwdThreads = 256;
+constexpr int kBwdDeltaRowsPerBlock = kBwdThreads / kWarp;  // one warp per query row
+constexpr int kBwdRowTile = 16;  // query rows staged in shared memory per step of the dK/dV kernel
+constexpr int kBwdKeySplit = 8;  // key lanes of a dQ block when the rows are few (decode-sized passes)
+
+constexpr int bwd_tpd(int dmax) { return dmax / 16; }
+// Keys of one dK/dV block: one per bwd_tpd lanes.
+constexpr int bwd_key_block(int dmax) { return kBwdThreads / bwd_tpd(dmax); }
+// Keys of one shared-memory K/V tile of the dQ kernel: 2 fp32 tiles of 16 KB each.
+constexpr int bwd_dq_key_tile(int dmax) { return 4096 / dmax; }
+// Key lanes of a dQ block: the key split when a block of one key lane would be more than half empty.
+inline int bwd_dq_key_split(int64_t rows, int dmax) {
+  return rows * 2 <= kBwdThreads / bwd_tpd(dmax) ? kBwdKeySplit : 1;
+}
+// Query rows of one dQ block.
+constexpr int bwd_dq_rows(int dmax, int key_split) { return kBwdThreads / bwd_tpd(dmax) / key_split; }
+
+// The head-dim tile (DMAX) the kernels are instantiated for (dispatch_head_dim).
+inline int head_dim_tile(int64_t D) { return D <= 64 ? 64 : D <= 128 ? 128 : 256; }
+
+// delta = rowsum(dO * O), one warp per query row (b, t, hq).
+inline Shape bwd_delta_shape(int64_t B, int64_t Sq, int64_t Hq) {
+  Shape s;
+  s.grid_x = (B * Sq * Hq + kBwdDeltaRowsPerBlock - 1) / kBwdDeltaRowsPerBlock;
+  s.block_x = kBwdThreads;
+  check_grid(s, "latent_attention backward (delta)");
+  return s;
+}
+
+// Block (b, kv head, key block), the key blocks of one (b, kv head) adjacent; 1-D so B * Hkv has no 65,535 cap.
+inline Shape bwd_dkdv_shape(int64_t B, int64_t Hkv, int64_t Tmax, int64_t D) {
+  Shape s;
+  const int bn = bwd_key_block(head_dim_tile(D));
+  s.grid_x = B * Hkv * ((Tmax + bn - 1) / bn);
+  s.block_x = kBwdThreads;
+  check_grid(s, "latent_attention backward (dK/dV)");
+  return s;
+}
+
+// Block (b, kv head, query row block), 1-D as the dK/dV grid.
+inline Shape bwd_dq_shape(int64_t B, int64_t Sq, int64_t Hq, int64_t Hkv, int64_t D) {
+  Shape s;
+  const int dmax = head_dim_tile(D);
+  const int64_t rows = Sq * (Hq / Hkv);
+  const int split = bwd_dq_key_split(rows, dmax);
+  const int rb = bwd_dq_rows(dmax, split);
+  s.grid_x = B * Hkv * ((rows + rb - 1) / rb);
+  s.block_x = kBwdThreads;
+  s.key_split = split;
+  check_grid(s, "latent_attention backward (dQ)");
   return s;
 }
 

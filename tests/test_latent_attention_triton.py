@@ -85,9 +85,11 @@ def test_append_fwd_bwd_match_reference(case):
 def test_dropout_matches_reference_with_the_same_mask(case):
     """Attention dropout: the forward and both backward kernels draw reference.attention_dropout_keep's mask."""
     check_against_reference(case, dropout=(0.3, 2 ** 40 + 17))
+    # split-KV forward: each split's partial output carries its keys' dropped weights
+    check_against_reference(case, dropout=(0.3, 2 ** 40 + 17), num_splits=3)
 
 
-def check_against_reference(case, dropout=(0.0, 0)):
+def check_against_reference(case, dropout=(0.0, 0), **fwd_options):
     from coconut_kernels.triton.latent_attention import (
         kv_cache_append_triton, latent_attention_bwd_triton, latent_attention_fwd_triton)
 
@@ -104,7 +106,8 @@ def check_against_reference(case, dropout=(0.0, 0)):
     torch.testing.assert_close(_f64(k_cache), k_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_f64(v_cache), v_ref)
 
-    out, lse = latent_attention_fwd_triton(c["q"], k_cache, v_cache, *lens, *rot, scale, causal, *dropout, **BLOCKS)
+    out, lse = latent_attention_fwd_triton(c["q"], k_cache, v_cache, *lens, *rot, scale, causal, *dropout, **BLOCKS,
+                                           **fwd_options)
     q64 = _f64(c["q"]).requires_grad_()
     k64 = k_ref.clone().requires_grad_()
     v64 = v_ref.clone().requires_grad_()

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from .errors import CoconutError
-from .ops.latent_attention import (MAX_HEAD_DIM, NewRows, append_and_attend, grad_accumulators, kernels,
-                                   latent_attention, no_double_backward)
+from .ops.latent_attention import (MAX_HEAD_DIM, NewRows, append_and_attend, check_dropout_args, grad_accumulators,
+                                   kernels, latent_attention, no_double_backward)
 from .validation import check_device, check_dtype, check_int, check_same_device, check_tensor_args, host_checks
 
 __all__ = ["KVCache", "AttendedPass"]
@@ -186,9 +186,10 @@ class KVCache:
         return p
 
     def attend(self, layer: int, q, k_new, v_new, *, new_seqlens=None, rotary_cos=None, rotary_sin=None,
-               rotary_interleaved=False, softmax_scale=None, causal=True):
+               rotary_interleaved=False, softmax_scale=None, causal=True, dropout_p=0.0, dropout_seed=None):
         """Append k_new/v_new (B, Sq, Hkv, D) to layer `layer` at seqlens and attend q (B, Sq, Hq, D) to it; see
-        coconut_kernels.latent_attention for the mask, rotary and new_seqlens semantics. Returns out like q."""
+        coconut_kernels.latent_attention for the mask, rotary, new_seqlens and dropout semantics. Returns out like
+        q."""
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise CoconutError(f"layer must be an int in [0, {self.n_layers}), got {layer!r}")
         check_tensor_args(("new_seqlens", "rotary_cos", "rotary_sin"), q=q, k_new=k_new, v_new=v_new,
@@ -197,13 +198,14 @@ class KVCache:
                           rotary_cos=rotary_cos, rotary_sin=rotary_sin)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         rot = (rotary_cos, rotary_sin, rotary_interleaved)
+        drop = check_dropout_args(dropout_p, dropout_seed)
         if not (torch.is_grad_enabled() and (q.requires_grad or k_new.requires_grad or v_new.requires_grad)):
             return latent_attention(q, k_new, v_new, self.k[layer], self.v[layer], self.seqlens, softmax_scale=scale,
                                     causal=causal, cache_leftpad=self.leftpad, new_seqlens=new_seqlens,
                                     rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                                    rotary_interleaved=rotary_interleaved)
+                                    rotary_interleaved=rotary_interleaved, dropout_p=drop[0], dropout_seed=drop[1])
         return self.differentiable_pass(layer, q.shape[1], new_seqlens, lambda chain, lengths: _CachedAttention.apply(
-            chain, q, k_new, v_new, self, layer, lengths, rot, scale, causal))
+            chain, q, k_new, v_new, self, layer, lengths, rot, scale, causal, drop))
 
     def differentiable_pass(self, layer: int, n_rows: int, new_seqlens, node):
         """Run `node(chain, lengths)` as layer `layer`'s next differentiable pass of n_rows new rows; returns its
@@ -222,16 +224,18 @@ class AttendedPass:
     q (run); the backward gives the gradients of q, k_new, v_new (backward). The state of every node that
     KVCache.differentiable_pass runs (_CachedAttention's ctx, the model layer's fused attention node)."""
 
-    __slots__ = ("state", "layer", "lengths", "rot", "scale", "causal", "first", "handoff", "n_rows", "new_dtype")
+    __slots__ = ("state", "layer", "lengths", "rot", "scale", "causal", "dropout", "first", "handoff", "n_rows",
+                 "new_dtype")
 
     @classmethod
-    def run(cls, cache, layer, lengths, chain, q, k_new, v_new, rot, scale, causal):
-        """(record, out, lse): append + attend for the layer's next pass; `chain` is the layer's chain token."""
+    def run(cls, cache, layer, lengths, chain, q, k_new, v_new, rot, scale, causal, dropout=(0.0, 0)):
+        """(record, out, lse): append + attend for the layer's next pass; `chain` is the layer's chain token;
+        dropout = (dropout_p, dropout_seed) of the attention probabilities (the backward regenerates the mask)."""
         self = cls()
         out, lse = append_and_attend(q, k_new, v_new, cache.k[layer], cache.v[layer], lengths.seqlens, cache.leftpad,
-                                     lengths.new_seqlens, *rot, scale, causal)
+                                     lengths.new_seqlens, *rot, scale, causal, *dropout)
         self.state, self.layer, self.lengths = cache._train, layer, lengths
-        self.rot, self.scale, self.causal = rot, scale, causal
+        self.rot, self.scale, self.causal, self.dropout = rot, scale, causal, dropout
         self.first = chain is None
         # A fork's first pass of the layer (after a differentiable pass of its parent): its backward hands the
         # gradient of the rows copied from the parent to the parent's accumulator.
@@ -260,9 +264,9 @@ class AttendedPass:
             state.grad_kv[layer] = grad_kv
         dq = None
         if grad_out is not None:
-            _, _, bwd = kernels(q.device)
+            _, _, bwd = kernels(q.device, self.dropout[0] > 0)
             dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, lengths.seqlens, state.leftpad,
-                     lengths.new_seqlens, *self.rot, self.scale, self.causal, grad_kv[0], grad_kv[1])
+                     lengths.new_seqlens, *self.rot, self.scale, self.causal, grad_kv[0], grad_kv[1], *self.dropout)
         dk = dv = None
         if want_dk or want_dv:
             rows = lengths.rows(state.leftpad, self.n_rows, k_cache.shape[1])
@@ -309,8 +313,9 @@ class _CachedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, chain, q, k_new, v_new, cache, layer, lengths, rot, scale, causal):
-        ctx.pass_, out, lse = AttendedPass.run(cache, layer, lengths, chain, q, k_new, v_new, rot, scale, causal)
+    def forward(ctx, chain, q, k_new, v_new, cache, layer, lengths, rot, scale, causal, dropout):
+        ctx.pass_, out, lse = AttendedPass.run(cache, layer, lengths, chain, q, k_new, v_new, rot, scale, causal,
+                                               dropout)
         ctx.save_for_backward(q, out, lse)
         ctx.set_materialize_grads(False)
         return out, q.new_zeros(())
@@ -320,4 +325,4 @@ class _CachedAttention(torch.autograd.Function):
         q, out, lse = ctx.saved_tensors
         dq, dk, dv, chain_grad = ctx.pass_.backward(q, out, lse, grad_out, grad_chain, ctx.needs_input_grad[2],
                                                     ctx.needs_input_grad[3])
-        return chain_grad, dq, dk, dv, None, None, None, None, None, None
+        return chain_grad, dq, dk, dv, None, None, None, None, None, None, None

@@ -107,7 +107,8 @@ class LatentLM(nn.Module):
                         dtype=None, device=None, **kwargs) -> "LatentLM":
         """A Hugging Face folder (config.json + safetensors) and its tokenizer (tokenizer.json, or vocab.json +
         merges.txt): ids not given are read from the tokenizer, the three markers added to it and to the
-        model in the official order when it lacks them (`coconut_kernels.add_latent_tokens`)."""
+        model in the official order when it lacks them (`coconut_kernels.add_latent_tokens`). In eval mode, as
+        transformers returns a model: `.train()` turns the checkpoint's dropout on."""
         from .models.loading import load_pretrained
 
         if not isinstance(path, (str, os.PathLike)):
@@ -120,7 +121,8 @@ class LatentLM(nn.Module):
         model, tokenizer = load_pretrained(path, tokenizer=tokenizer, dtype=dtype, device=device,
                                            need_tokenizer=None in (latent_token_id, start_latent_id, end_latent_id,
                                                                    eos_token_id))
-        return cls(model, latent_token_id, start_latent_id, end_latent_id, eos_token_id, tokenizer=tokenizer, **kwargs)
+        lm = cls(model, latent_token_id, start_latent_id, end_latent_id, eos_token_id, tokenizer=tokenizer, **kwargs)
+        return lm.eval()
 
     def _logits(self, normed: torch.Tensor) -> torch.Tensor:
         return head_logits(self.model, normed)

@@ -47,6 +47,41 @@ def apply_rotary_reference(x, cos, sin, positions, interleaved: bool = False, in
     return torch.cat((y, rest), dim=-1)
 
 
+# Attention dropout: element (b, h, t, j) (sequence, query head, query row of the call, cache row of the key) is
+# kept when the first word of Philox-4x32-10 at counter offset = ((b * Hq + h) * Sq + t) * Tmax + j, key = the
+# seed, shifted right by 8 bits, is >= floor(p * 2^24) (csrc/dropout.h; Triton's tl.randint draws the same word).
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(a: int, x: torch.Tensor):
+    """(high, low) 32-bit words of a * x for a constant a < 2^32 and int64 x in [0, 2^32), without overflowing
+    int64: a is split into 16-bit halves."""
+    hi_part, lo_part = x * (a >> 16), x * (a & 0xFFFF)
+    return (hi_part + (lo_part >> 16)) >> 16, (((hi_part & 0xFFFF) << 16) + lo_part) & _M32
+
+
+def philox_first_word(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """The first word of Philox-4x32-10 with counter (offset low, offset high, 0, 0) and key (seed low, seed
+    high), as int64 in [0, 2^32): Triton's tl.randint(seed, offsets)."""
+    off = offsets.to(torch.int64)
+    c0, c1 = off & _M32, (off >> 32) & _M32
+    c2 = c3 = torch.zeros_like(off)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        a_hi, a_lo = _mul32(0xD2511F53, c0)
+        b_hi, b_lo = _mul32(0xCD9E8D57, c2)
+        c0, c2, c1, c3 = b_hi ^ c1 ^ k0, a_hi ^ c3 ^ k1, b_lo, a_lo
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0
+
+
+def attention_dropout_keep(seed: int, p: float, B: int, Hq: int, Sq: int, Tmax: int, device=None) -> torch.Tensor:
+    """The keep mask (B, Hq, Sq, Tmax) bool that latent_attention's kernels draw for dropout_p = p and
+    dropout_seed = seed, for q (B, Sq, Hq, D) over a cache of Tmax rows."""
+    offsets = torch.arange(B * Hq * Sq * Tmax, device=device, dtype=torch.int64).view(B, Hq, Sq, Tmax)
+    return (philox_first_word(seed, offsets) >> 8) >= int(p * 16777216.0)
+
+
 def kv_cache_append_reference(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad=None,
                               new_seqlens=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
     """In place: cache rows cache_seqlens[b] + t (t < new_seqlens[b]) <- k_new (rotated) / v_new rows t.
@@ -72,10 +107,12 @@ def kv_cache_append_reference(k_cache, v_cache, k_new, v_new, cache_seqlens, cac
 
 def latent_attention_fwd_reference(q, k_cache, v_cache, cache_seqlens, cache_leftpad=None, new_seqlens=None,
                                    rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
-                                   softmax_scale=None, causal=True):
+                                   softmax_scale=None, causal=True, dropout_p=0.0, dropout_seed=0):
     """(out, lse): attention of q (B, Sq, Hq, D) to the cache rows [cache_leftpad[b], cache_seqlens[b] + n_new)
     (causal: up to the query's own row). Computes in q's dtype; lse (B, Hq, Sq) is fp32 (fp64 for fp64 q); rows
-    t >= new_seqlens[b] give out = 0 and lse = -inf. Does not change the cache."""
+    t >= new_seqlens[b] give out = 0 and lse = -inf. dropout_p > 0 drops the probabilities with the mask of
+    attention_dropout_keep(dropout_seed, ...) and scales the kept ones by 1 / (1 - dropout_p) (lse is the
+    undropped one). Does not change the cache."""
     B, Sq, Hq, D = q.shape
     Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
     dev = q.device
@@ -99,23 +136,27 @@ def latent_attention_fwd_reference(q, k_cache, v_cache, cache_seqlens, cache_lef
     # Rows with no key (pad queries, t >= new_seqlens) get a finite softmax then 0, so no NaN reaches autograd.
     has_key = allowed.any(-1)[:, None, :, None]
     p = torch.softmax(scores.masked_fill(~has_key, 0), dim=-1) * allowed[:, None]
+    if dropout_p > 0:
+        keep = attention_dropout_keep(dropout_seed, dropout_p, B, Hq, Sq, Tmax, dev)
+        p = p * keep * (1.0 / (1.0 - dropout_p))
     out = torch.einsum("bhst,bthd->bshd", p, v)
     return out, lse
 
 
 def latent_attention_reference(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad=None,
                                new_seqlens=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
-                               softmax_scale=None, causal=True):
+                               softmax_scale=None, causal=True, dropout_p=0.0, dropout_seed=0):
     """kv_cache_append_reference (in place) followed by latent_attention_fwd_reference: (out, lse)."""
     kv_cache_append_reference(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens,
                               rotary_cos, rotary_sin, rotary_interleaved)
     return latent_attention_fwd_reference(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens,
-                                          rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal)
+                                          rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal,
+                                          dropout_p, dropout_seed)
 
 
 def latent_attention_bwd_reference(grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad,
                                    new_seqlens, rotary_cos, rotary_sin, rotary_interleaved, softmax_scale,
-                                   causal, grad_k_cache, grad_v_cache):
+                                   causal, grad_k_cache, grad_v_cache, dropout_p=0.0, dropout_seed=0):
     """Backward of latent_attention_fwd_reference by autograd: returns dq (w.r.t. the un-rotated q) and adds
     the cache rows' gradients into grad_k_cache / grad_v_cache in place. out and lse are not needed."""
     with torch.enable_grad():
@@ -123,7 +164,8 @@ def latent_attention_bwd_reference(grad_out, q, k_cache, v_cache, out, lse, cach
         kg = k_cache.detach().requires_grad_()
         vg = v_cache.detach().requires_grad_()
         o, _ = latent_attention_fwd_reference(qg, kg, vg, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
-                                              rotary_sin, rotary_interleaved, softmax_scale, causal)
+                                              rotary_sin, rotary_interleaved, softmax_scale, causal, dropout_p,
+                                              dropout_seed)
         dq, dk, dv = torch.autograd.grad(o, (qg, kg, vg), grad_out.to(o.dtype))
     grad_k_cache.add_(dk.to(grad_k_cache.dtype))
     grad_v_cache.add_(dv.to(grad_v_cache.dtype))

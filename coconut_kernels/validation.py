@@ -64,6 +64,14 @@ def check_real(value, name: str, *, low: float | None = None, high: float | None
     return value
 
 
+def check_dropout(value, name: str) -> float:
+    """A dropout probability: a finite float in [0, 1); else CoconutError naming it."""
+    value = check_real(value, name, low=0.0, high=1.0)
+    if value >= 1.0:
+        raise CoconutError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
 def check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise CoconutError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")

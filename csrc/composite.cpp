@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "common.h"
+#include "dropout.h"
 #include "latent_attention_checks.h"
 
 namespace coconut {
@@ -31,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention(
     at::Tensor& v_cache, const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& cache_leftpad,
     const std::optional<at::Tensor>& new_seqlens, const std::optional<at::Tensor>& rotary_cos,
     const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved, std::optional<double> softmax_scale,
-    bool causal) {
+    bool causal, double dropout_p, int64_t dropout_seed) {
   static auto append = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("coconut::kv_cache_append_", "")
                            .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -44,15 +45,16 @@ std::tuple<at::Tensor, at::Tensor> latent_attention(
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double,
-                            bool)>();
+                            bool, double, int64_t)>();
   // Everything is validated before the append, so a rejected call leaves the cache unchanged.
   check_latent_attention_args(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens,
                               rotary_cos, rotary_sin);
+  const Dropout drop(dropout_p, dropout_seed);  // its checks, before the cache is written
   const double scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt((double)q.size(3));
   append.call(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
               rotary_interleaved);
   return fwd.call(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
-                  rotary_interleaved, scale, causal);
+                  rotary_interleaved, scale, causal, dropout_p, dropout_seed);
 }
 
 TORCH_LIBRARY_IMPL(coconut, CompositeExplicitAutograd, m) {

@@ -47,23 +47,27 @@ TORCH_LIBRARY(coconut, m) {
   // Attention of q (at rows cache_seqlens[b] + t) to cache rows [cache_leftpad[b], cache_seqlens[b] + n_new),
   // causal aligned bottom-right. Rows t >= new_seqlens[b] give out = 0 and lse = -inf.
   // out has q's dtype, lse (B, Hq, Sq) is fp32 (fp64 for fp64 inputs, so fp64 gradients are exact).
+  // dropout_p > 0: the probabilities (not lse) are dropped with the keep mask of dropout_seed (see
+  // csrc/dropout.h) and the kept ones scaled by 1 / (1 - dropout_p); the backward regenerates the mask.
   m.def(
       "latent_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
       "Tensor? cache_leftpad, Tensor? new_seqlens, Tensor? rotary_cos, Tensor? rotary_sin, "
-      "bool rotary_interleaved, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+      "bool rotary_interleaved, float softmax_scale, bool causal, float dropout_p=0., int dropout_seed=0) "
+      "-> (Tensor out, Tensor lse)");
   // Backward of latent_attention_fwd. Returns dq with respect to the un-rotated q; ADDS the gradients
   // of the cache rows (rotated keys, values) into grad_k_cache / grad_v_cache (fp32, cache's shape).
   m.def(
       "latent_attention_bwd(Tensor grad_out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor out, "
       "Tensor lse, Tensor cache_seqlens, Tensor? cache_leftpad, Tensor? new_seqlens, Tensor? rotary_cos, "
       "Tensor? rotary_sin, bool rotary_interleaved, float softmax_scale, bool causal, "
-      "Tensor(a!) grad_k_cache, Tensor(b!) grad_v_cache) -> Tensor");
+      "Tensor(a!) grad_k_cache, Tensor(b!) grad_v_cache, float dropout_p=0., int dropout_seed=0) -> Tensor");
   // Append + attend in one call (the decode path).
   m.def(
       "latent_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor cache_seqlens, Tensor? cache_leftpad=None, Tensor? new_seqlens=None, "
       "Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=False, "
-      "float? softmax_scale=None, bool causal=True) -> (Tensor out, Tensor lse)");
+      "float? softmax_scale=None, bool causal=True, float dropout_p=0., int dropout_seed=0) "
+      "-> (Tensor out, Tensor lse)");
 
   // ---- soft_embedding -------------------------------------------------------------------------
   // Soft-thinking input: out[n] = sum_i p[n, i] * weight[i] with p = softmax(logits[n] / temperature) over

@@ -15,6 +15,22 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
+# The transformers GPT-2 that tests compare against runs its eager attention, the same math on every version
+# pyproject allows (>= 4.46). Its SDPA path has two bugs in the lowest ones: (1) before 4.52 a padding mask goes
+# through AttentionMaskConverter._make_causal_mask, whose torch.full((T, T), torch.finfo(dtype).min) lacks dtype=,
+# so the mask is float32 and an fp64 model fails with "value cannot be converted to type float without overflow";
+# (2) 4.46's GPT2SdpaAttention calls scaled_dot_product_attention with its default scale, ignoring
+# scale_attn_weights and scale_attn_by_inverse_layer_idx.
+HF_GPT2_EAGER = {"attn_implementation": "eager"}
+
+
+def transformers_version() -> tuple[int, int]:
+    """(major, minor) of the installed transformers."""
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int(minor)
+
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0

@@ -5,6 +5,7 @@ import torch
 
 import coconut_kernels
 from coconut_kernels import KVCache
+from coconut_kernels.reference import attention_dropout_keep
 
 from .helpers import assert_within_torch_error
 
@@ -24,16 +25,18 @@ def rope_complex(x, cos, sin, pos, interleaved):
     return torch.cat((y.to(x.dtype), rest), -1)
 
 
-def concat_attention_passes(passes, leftpad, Hkv, rotary=None, interleaved=False, causal=True):
+def concat_attention_passes(passes, leftpad, Hkv, rotary=None, interleaved=False, causal=True, dropout=None):
     """The plain way: every pass concatenates all past (rotated) K/V of the layer and runs full attention.
 
-    passes: list of (qkv per layer: [(q, k, v)], n_new (B,)). Returns outs[pass][layer]."""
+    passes: list of (qkv per layer: [(q, k, v)], n_new (B,)). dropout: (p, seeds[pass][layer], Tmax): the
+    probabilities are dropped with reference.attention_dropout_keep's mask, its key axis the keys' cache rows.
+    Returns outs[pass][layer]."""
     B = leftpad.shape[0]
     L = len(passes[0][0])
     past = [[] for _ in range(L)]
     seqlens = torch.zeros(B, dtype=torch.long)
     outs = []
-    for qkv, n_new in passes:
+    for i, (qkv, n_new) in enumerate(passes):
         S = qkv[0][0].shape[1]
         t = torch.arange(S)
         rows = seqlens[:, None] + t  # (B, S) cache row of each new token
@@ -58,6 +61,10 @@ def concat_attention_passes(passes, leftpad, Hkv, rotary=None, interleaved=False
             s = scores.masked_fill(~mask[:, None], float("-inf"))
             s = s.masked_fill(~mask.any(-1)[:, None, :, None], 0.0)
             p = torch.softmax(s, -1) * mask[:, None]
+            if dropout is not None:
+                prob, seeds, Tmax = dropout
+                keep = attention_dropout_keep(seeds[i][layer], prob, B, q.shape[2], S, Tmax)
+                p = p * keep.gather(-1, R[:, None, None, :].expand(-1, q.shape[2], S, -1)) / (1 - prob)
             pass_out.append(torch.einsum("bhst,bthd->bshd", p, V))
         outs.append(pass_out)
         seqlens = seqlens + n_new
@@ -74,12 +81,14 @@ def make_passes(B, L, Hq, Hkv, D, lengths, n_new_of, dtype, seed=0):
     return passes
 
 
-def run_cache(cache, passes, rotary=None, interleaved=False, causal=True, ragged=True):
+def run_cache(cache, passes, rotary=None, interleaved=False, causal=True, ragged=True, dropout=None):
     outs = []
-    for qkv, n_new in passes:
+    for i, (qkv, n_new) in enumerate(passes):
         ns = n_new.to(torch.int32) if ragged else None
         rot = {} if rotary is None else dict(rotary_cos=rotary[0], rotary_sin=rotary[1])
-        outs.append([cache.attend(layer, q, k, v, new_seqlens=ns, rotary_interleaved=interleaved, causal=causal, **rot)
+        drop = lambda layer: {} if dropout is None else dict(dropout_p=dropout[0], dropout_seed=dropout[1][i][layer])  # noqa: E731
+        outs.append([cache.attend(layer, q, k, v, new_seqlens=ns, rotary_interleaved=interleaved, causal=causal, **rot,
+                                  **drop(layer))
                      for layer, (q, k, v) in enumerate(qkv)])
         cache.advance(ns if ragged else qkv[0][0].shape[1])
     return outs
@@ -104,8 +113,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + ["gqa_rotary_dropout"])
 def test_multipass_gradients_match_concatenation(case, dtype):
+    drop = case.endswith("_dropout")
+    case = case.removesuffix("_dropout")
     B, L, Hq, Hkv, D, leftpad, rotary_dim, interleaved = CASES[case]
     leftpad = torch.tensor(leftpad)
     prefix, suffix = 7, 5
@@ -118,11 +129,13 @@ def test_multipass_gradients_match_concatenation(case, dtype):
         ang = torch.rand(32, rotary_dim // 2, generator=g, dtype=torch.float64) * 6
         rotary = (ang.cos().to(dtype), ang.sin().to(dtype))
 
-    ref = concat_attention_passes(passes, leftpad, Hkv, rotary, interleaved)
+    # dropout: each pass and layer its own seed, the mask of every backend's rule
+    dropout = (0.3, [[100 * i + layer for layer in range(L)] for i in range(len(passes))]) if drop else None
+    ref = concat_attention_passes(passes, leftpad, Hkv, rotary, interleaved, dropout=dropout and (*dropout, 20))
     ref_grads = torch.autograd.grad(loss_of(ref), leaves(passes))
 
     cache = KVCache(L, B, 20, Hkv, D, dtype=dtype, leftpad=leftpad)
-    outs = run_cache(cache, passes, rotary, interleaved)
+    outs = run_cache(cache, passes, rotary, interleaved, dropout=dropout)
     grads = torch.autograd.grad(loss_of(outs), leaves(passes))
 
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)

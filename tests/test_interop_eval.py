@@ -110,3 +110,22 @@ def test_eval_bad_input(trained, tmp_path, capsys):
     assert "--data: " in capsys.readouterr().err
     assert main([str(tmp_path / "checkpoint_3"), "--data", str(data)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_coconut_eval_precision_has_the_trainers_meanings(trained, tmp_path, capsys):
+    """--precision fp32 | bf16 (the whole model cast, as the trainer's bf16: true; --bf16 is its alias) |
+    bf16-autocast; the default is the checkpoint's run config's (fp32 here)."""
+    ckpt, data, _ = trained
+    flags = [str(ckpt), "--data", str(data), "--stage", "2", "--max_new_tokens", "4", "--max_records", "4"]
+    got = {}
+    for name, extra in (("default", []), ("fp32", ["--precision", "fp32"]), ("bf16", ["--precision", "bf16"]),
+                        ("alias", ["--bf16"]), ("autocast", ["--precision", "bf16-autocast"])):
+        out = tmp_path / f"{name}.json"
+        assert main([*flags, *extra, "--out", str(out)]) == 0
+        got[name] = json.loads(out.read_text())
+    assert [got[n]["precision"] for n in got] == ["fp32", "fp32", "bf16", "bf16", "bf16-autocast"]
+    assert got["alias"]["val_loss"] == got["bf16"]["val_loss"] and got["alias"]["examples"] == got["bf16"]["examples"]
+    assert got["bf16"]["val_loss"] != got["fp32"]["val_loss"] != got["autocast"]["val_loss"]
+    capsys.readouterr()
+    assert main([*flags, "--bf16", "--precision", "bf16-autocast", "--out", ""]) == 2
+    assert "--bf16 means --precision bf16" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from coconut_kernels import LatentLM
 from coconut_kernels.data import AlignedCollator, RaggedCollator
 from coconut_kernels.feedback import MixtureFeedback, ProjectedFeedback, SoftFeedback, resolve_feedback
 from coconut_kernels.models import from_pretrained
-from tests.helpers import assert_within_torch_error
+from tests.helpers import HF_GPT2_EAGER, assert_within_torch_error
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,10 +27,12 @@ EOS, BOT, LAT, EOT, PAD = V - 4, V - 3, V - 2, V - 1, V - 4
 
 
 def hf_gpt2(dtype, seed=0):
+    """transformers' GPT-2; the fp64 reference with eager attention (tests/helpers.py: HF_GPT2_EAGER), the
+    low-precision baselines with the default SDPA ones."""
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=128, n_embd=32, n_layer=2, n_head=4,
                                   bos_token_id=EOS, eos_token_id=EOS, attn_pdrop=0.0, embd_pdrop=0.0,
-                                  resid_pdrop=0.0)
+                                  resid_pdrop=0.0, **(HF_GPT2_EAGER if dtype == torch.float64 else {}))
     return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
 
 

@@ -310,3 +310,109 @@ def test_device_mismatch_is_named():
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     with pytest.raises(ValueError, match="cache_seqlens must be on k_cache's device"):
         ops.latent_attention_fwd.default.redispatch(keys, *fwd_args(c))
+
+
+# ---- attention dropout ------------------------------------------------------------------------------------
+
+
+def run_all_dropout(c, impl, p, seed):
+    """run_all with attention dropout (p, seed) in the forward and the backward."""
+    append, fwd, bwd = ((ops.kv_cache_append_, ops.latent_attention_fwd, ops.latent_attention_bwd) if impl == "op"
+                        else (R.kv_cache_append_reference, R.latent_attention_fwd_reference,
+                              R.latent_attention_bwd_reference))
+    append(*append_args(c))
+    a = fwd_args(c)
+    out, lse = fwd(*a, p, seed)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out.dtype)
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    gk = torch.zeros(c["k_cache"].shape, dtype=acc)
+    gv = torch.zeros_like(gk)
+    dq = bwd(grad_out, a[0], a[1], a[2], out, lse, *a[3:], gk, gv, p, seed)
+    return dict(out=out, lse=lse, dq=dq, dk=gk, dv=gv)
+
+
+def test_dropout_zero_is_the_undropped_op_exactly():
+    for case in (0, 2, 4):
+        B, Sq, Hq, Hkv, D, Tmax, opts = CASES[case]
+        c = cast(make_case(B, Sq, Hq, Hkv, D, Tmax, seed=case, **opts), torch.float32)
+        plain = run_all(cast(c, torch.float32), "op")
+        zero = run_all_dropout(cast(c, torch.float32), "op", 0.0, 123)
+        for name, t in zero.items():
+            assert torch.equal(t, plain[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_dropout_matches_reference_with_the_same_mask(case, dtype):
+    """Forward and backward (dq, and the gradients of every cache row) equal the reference's, which drops with
+    attention_dropout_keep: the kernels regenerate the forward's mask in the backward."""
+    B, Sq, Hq, Hkv, D, Tmax, opts = CASES[case]
+    c = cast(make_case(B, Sq, Hq, Hkv, D, Tmax, seed=case, **opts), dtype)
+    got = run_all_dropout(cast(c, dtype), "op", 0.3, 1000 + case)
+    want = run_all_dropout(cast(c, dtype), "ref", 0.3, 1000 + case)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        torch.testing.assert_close(got[name], want[name].to(got[name].dtype), **TOL[dtype], msg=name)
+    undropped = run_all(cast(c, dtype), "op")
+    assert not torch.allclose(got["out"], undropped["out"])  # the dropout did something
+    assert torch.equal(got["lse"], undropped["lse"])  # lse is the undropped softmax's
+
+
+def test_dropout_mask_is_the_documented_one_and_drops_p():
+    """With V = identity the output rows are the dropped probabilities themselves: a plain softmax times the mask of
+    reference.attention_dropout_keep / (1 - p); the dropped fraction is p."""
+    B, S, H, p, seed = 2, 64, 3, 0.25, 99
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, S, H, S, generator=g, dtype=torch.float64)
+    k = torch.randn(B, S, H, S, generator=g, dtype=torch.float64)
+    v = torch.eye(S, dtype=torch.float64).expand(B, H, S, S).transpose(1, 2).contiguous()  # v[b, j, h] = e_j
+    kc, vc = torch.zeros_like(k), torch.zeros_like(v)
+    lens = torch.zeros(B, dtype=torch.int32)
+    out = latent_attention(q, k, v, kc, vc, lens, causal=False, dropout_p=p, dropout_seed=seed)  # (B, S, H, S)
+    probs = torch.softmax(torch.einsum("bshd,bthd->bhst", q, k) * S ** -0.5, -1)
+    keep = R.attention_dropout_keep(seed, p, B, H, S, S)
+    torch.testing.assert_close(out.permute(0, 2, 1, 3), probs * keep / (1 - p), rtol=1e-12, atol=1e-12)
+    dropped = 1 - keep.double().mean().item()
+    n = keep.numel()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / n) ** 0.5, dropped
+    assert torch.equal(out.permute(0, 2, 1, 3) == 0, ~keep)
+
+
+def test_dropout_seed_decides_the_mask():
+    c = cast(make_case(2, 5, 4, 2, 16, 30, rotary_dim=8, leftpad=True, seed=5), torch.float32)
+
+    def out(seed, p=0.4):
+        kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+        return latent_attention(c["q"], c["k_new"], c["v_new"], kc, vc, c["cache_seqlens"], dropout_p=p,
+                                dropout_seed=seed, cache_leftpad=c["cache_leftpad"], rotary_cos=c["rotary_cos"].float(),
+                                rotary_sin=c["rotary_sin"].float())
+
+    assert torch.equal(out(5), out(5))
+    assert not torch.equal(out(5), out(6))
+    torch.manual_seed(3)
+    drawn = out(None)  # a seed drawn from torch's generator
+    torch.manual_seed(3)
+    assert torch.equal(drawn, out(None))
+
+
+@pytest.mark.parametrize("Sq", [1, 3])
+def test_dropout_gradcheck(Sq):
+    c = make_case(2, Sq, 4, 2, 8, 10, rotary_dim=8, leftpad=True, seed=2)
+    q, k, v = (c[n].requires_grad_() for n in ("q", "k_new", "v_new"))
+
+    def f(q, k, v):
+        return latent_attention(q, k, v, c["k_cache"], c["v_cache"], c["cache_seqlens"], dropout_p=0.5,
+                                dropout_seed=77, **entry_kwargs(c))
+
+    torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("kwargs,message", [(dict(dropout_p=1.0), "dropout_p must be in \\[0, 1\\)"),
+                                            (dict(dropout_p=-0.1), "dropout_p must be in"),
+                                            (dict(dropout_p=0.1, dropout_seed=-1), "dropout_seed must be an int"),
+                                            (dict(dropout_p=0.1, dropout_seed=1.5), "dropout_seed must be an int")])
+def test_bad_dropout_arguments(kwargs, message):
+    c = good_inputs()
+    with pytest.raises(ValueError, match=message):
+        latent_attention(c["q"], c["k_new"], c["v_new"], c["k_cache"], c["v_cache"], c["cache_seqlens"], **kwargs)
+    with pytest.raises(ValueError, match="dropout_p must be in|dropout_seed must be >= 0"):  # the C++ op's checks
+        ops.latent_attention_fwd(*fwd_args(c), 1.5 if "dropout_seed" not in kwargs else 0.1, -1)

@@ -78,6 +78,18 @@ def _ids(c):
 
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
 def test_append_fwd_bwd_match_reference(case):
+    check_against_reference(case)
+
+
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 4, 7)], ids=[_ids(CASES[i]) for i in (0, 4, 7)])
+def test_dropout_matches_reference_with_the_same_mask(case):
+    """Attention dropout: the forward and both backward kernels draw reference.attention_dropout_keep's mask."""
+    check_against_reference(case, dropout=(0.3, 2 ** 40 + 17))
+    # split-KV forward: each split's partial output carries its keys' dropped weights
+    check_against_reference(case, dropout=(0.3, 2 ** 40 + 17), num_splits=3)
+
+
+def check_against_reference(case, dropout=(0.0, 0), **fwd_options):
     from coconut_kernels.triton.latent_attention import (
         kv_cache_append_triton, latent_attention_bwd_triton, latent_attention_fwd_triton)
 
@@ -94,11 +106,13 @@ def test_append_fwd_bwd_match_reference(case):
     torch.testing.assert_close(_f64(k_cache), k_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_f64(v_cache), v_ref)
 
-    out, lse = latent_attention_fwd_triton(c["q"], k_cache, v_cache, *lens, *rot, scale, causal, **BLOCKS)
+    out, lse = latent_attention_fwd_triton(c["q"], k_cache, v_cache, *lens, *rot, scale, causal, *dropout, **BLOCKS,
+                                           **fwd_options)
     q64 = _f64(c["q"]).requires_grad_()
     k64 = k_ref.clone().requires_grad_()
     v64 = v_ref.clone().requires_grad_()
-    out64, lse64 = R.latent_attention_fwd_reference(q64, k64, v64, *lens, _f64(c["cos"]), _f64(c["sin"]), il, scale, causal)
+    out64, lse64 = R.latent_attention_fwd_reference(q64, k64, v64, *lens, _f64(c["cos"]), _f64(c["sin"]), il, scale, causal,
+                                                    *dropout)
     torch.testing.assert_close(_f64(out), out64, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(_f64(lse), lse64.detach(), atol=2e-5, rtol=1e-4)
 
@@ -108,7 +122,7 @@ def test_append_fwd_bwd_match_reference(case):
     gv0 = torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     gk, gv = gk0.clone(), gv0.clone()
     dq = latent_attention_bwd_triton(grad_out, c["q"], k_cache, v_cache, out, lse, *lens, *rot, scale, causal, gk, gv,
-                                     **BLOCKS)
+                                     *dropout, **BLOCKS)
     torch.testing.assert_close(_f64(dq), q64.grad, atol=5e-5, rtol=1e-4)
     # The accumulators receive the gradient added to what they held.
     torch.testing.assert_close(_f64(gk - gk0), k64.grad, atol=5e-5, rtol=1e-4)

@@ -13,14 +13,14 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from coconut_kernels.models import GPT2, Llama, LlamaConfig, from_pretrained, load_config  # noqa: E402
-from tests.helpers import assert_within_torch_error  # noqa: E402
+from tests.helpers import HF_GPT2_EAGER, assert_within_torch_error, transformers_version  # noqa: E402
 
 V = 101
 
 
 def _hf_config(case):
     gpt2 = dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-                attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **HF_GPT2_EAGER)
     llama = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
     scaled = lambda kind, **kw: dict(llama, rope_theta=1000.0, rope_scaling={"rope_type": kind, **kw})  # noqa: E731
@@ -96,7 +96,9 @@ def saved(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [c if c != "llama-yarn" else pytest.param(c, marks=pytest.mark.skipif(
+    transformers_version() < (4, 51), reason="transformers < 4.51 computes YaRN from max_position_embeddings, "
+    "ignoring rope_scaling['original_max_position_embeddings'] (16 here)")) for c in CASES])
 def test_logits_match_transformers_fp32(saved, case):
     hf, folder = saved(case)
     model = from_pretrained(folder)
@@ -313,3 +315,78 @@ def test_legacy_rope_scaling_config():
     hf.update(model_type="llama", rope_theta=500.0, rope_scaling={"type": "linear", "factor": 3.0})
     c = load_config(hf)
     assert c.rope_theta == 500.0 and c.rope_scaling == {"rope_type": "linear", "factor": 3.0}
+
+
+# ---- dropout ------------------------------------------------------------------------------------------------
+
+
+def _dropout_gpt2(embd, resid, attn):
+    hf = _hf_model("gpt2").double()
+    hf.config.embd_pdrop, hf.config.resid_pdrop, hf.config.attn_pdrop = embd, resid, attn
+    hf.transformer.drop.p = embd  # the modules were built with the config's 0.0
+    for block in hf.transformer.h:
+        block.attn.resid_dropout.p = block.mlp.dropout.p = resid
+        block.attn.attn_dropout.p = attn
+    return hf
+
+
+def test_gpt2_dropout_is_read_from_the_checkpoint_and_off_in_eval():
+    hf = _dropout_gpt2(0.1, 0.2, 0.3)
+    ours = from_pretrained(hf)
+    c = ours.config
+    assert (c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) == (0.1, 0.2, 0.3)
+    assert not ours.training  # as transformers' from_pretrained
+    ids, mask, pos = _batch(2, 12, [0, 3])
+    with torch.no_grad():
+        eval_logits = ours(ids, pos, mask)
+        _assert_logits_close(eval_logits, _hf_logits(hf, ids, mask, pos), mask, 1e-10)  # no dropout in eval
+        ours.train()
+        torch.manual_seed(0)
+        a = ours(ids, pos, mask)
+        torch.manual_seed(0)
+        b = ours(ids, pos, mask)
+        torch.manual_seed(1)
+        c1 = ours(ids, pos, mask)
+    assert torch.equal(a, b) and not torch.allclose(a, c1) and not torch.allclose(a, eval_logits)
+    # a config without the keys gets transformers' defaults: 0.1 each
+    cfg = {k: v for k, v in hf.config.to_dict().items() if not k.endswith("_pdrop")}
+    assert {getattr(load_config(cfg), n) for n in GPT2.dropout_fields} == {0.1}
+
+
+def test_gpt2_embedding_and_residual_dropout_equal_transformers_in_train_mode():
+    """With the same torch seed, HF GPT-2 and ours draw the same embedding and residual dropout masks (the same
+    calls, shapes and order), so their train-mode logits agree: the dropout sits where transformers has it."""
+    hf = _dropout_gpt2(0.15, 0.25, 0.0).train()
+    ours = from_pretrained(hf).train()
+    ids, _, _ = _batch(2, 16, [0, 0])
+    with torch.no_grad():
+        torch.manual_seed(5)
+        want = hf(input_ids=ids).logits
+        torch.manual_seed(5)
+        got = ours(ids)
+        torch.manual_seed(6)
+        other = ours(ids)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got, other)
+
+
+def test_attention_dropout_of_both_families_in_train_mode_only():
+    for case, field in (("gpt2", "attn_pdrop"), ("llama-linear", "attention_dropout")):
+        ours = from_pretrained(_hf_model(case)).double()
+        ours.set_dropout(0.0)
+        setattr(ours.config, field, 0.4)
+        ids, mask, pos = _batch(2, 10, [0, 2])
+        with torch.no_grad():
+            plain = ours(ids, pos, mask)
+            ours.train()
+            torch.manual_seed(2)
+            dropped = ours(ids, pos, mask)
+            torch.manual_seed(2)
+            again = ours(ids, pos, mask)
+            ours.eval()
+            torch.testing.assert_close(ours(ids, pos, mask), plain, rtol=0, atol=0)
+        assert torch.equal(dropped, again) and not torch.allclose(dropped, plain), case
+    with pytest.raises(ValueError, match="dropout must be in"):
+        ours.set_dropout(1.0)
+    with pytest.raises(ValueError, match="attention_dropout"):
+        LlamaConfig(n_layer=1, n_head=2, d_model=8, d_ff=16, attention_dropout=-0.5)

@@ -271,8 +271,34 @@ def test_init_from_a_hugging_face_folder_adds_the_latent_markers(tmp_path):
     save_records(records, data)
     out = run(tiny(tmp_path, init_from=str(folder), train_path=str(data), num_epochs=1, max_new_tokens=4))
     assert len(out["losses"]) == 3
-    weights_vocab = json.loads((out["checkpoint"] / "model_config.json").read_text())["vocab_size"]
-    assert weights_vocab == n_vocab + 3
+    saved = json.loads((out["checkpoint"] / "model_config.json").read_text())
+    assert saved["vocab_size"] == n_vocab + 3
+    # the official recipe: the checkpoint's dropout (transformers' GPT-2 default, 0.1 everywhere) in training
+    assert (saved["embd_pdrop"], saved["resid_pdrop"], saved["attn_pdrop"]) == (0.1, 0.1, 0.1)
+
+
+def test_dropout_key_overrides_the_checkpoints(tmp_path):
+    from coconut_kernels.training import TrainConfig
+    from coconut_kernels.training.build import build_lm, build_tokenizer
+
+    records = generate_dataset(4, seed=5)
+    folder = tmp_path / "hf"
+    make_hf_folder(folder, records)
+    for dropout, want in ((None, 0.1), (0.0, 0.0), (0.25, 0.25)):
+        cfg = TrainConfig(init_from=str(folder), dropout=dropout)
+        lm = build_lm(cfg, build_tokenizer(cfg, records, None), None)
+        c = lm.model.config
+        assert (c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) == (want, want, want), dropout
+    with pytest.raises(ValueError, match="config key 'dropout'"):
+        TrainConfig(model=TINY_MODEL, dropout=1.0)
+
+
+def test_dropout_seeds_depend_on_the_run_seed_and_position_only():
+    from coconut_kernels.training.loop import dropout_seed
+
+    seeds = {dropout_seed(s, e, b, r) for s in (0, 1) for e in (0, 1) for b in (0, 1, 2) for r in (0, 1)}
+    assert len(seeds) == 24 and all(0 <= x < 2 ** 63 for x in seeds)
+    assert dropout_seed(3, 1, 2, 0) == dropout_seed(3, 1, 2, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------

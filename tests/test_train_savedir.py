@@ -244,7 +244,8 @@ def test_a_failed_resumed_run_leaves_earlier_files(tmp_path, monkeypatch):
 KILL_CFG = dict(generate_train=40, generate_val=2, data_seed=3, model=TINY_MODEL, method="coconut",
                 max_latent_stage=2, epochs_per_stage=1, num_epochs=3, lr=3e-3, batch_size=4, eval_batch_size=2,
                 max_new_tokens=4, eval_every=0, save_every_steps=1, keep_checkpoints=2, progress=False,
-                tensorboard=False, seed=0, warmup_steps=2)  # 30 optimizer steps, a checkpoint after each
+                tensorboard=False, seed=0, warmup_steps=2,
+                dropout=0.1)  # 30 optimizer steps, a checkpoint after each; dropout: its masks must resume too
 
 
 def test_sigkill_at_a_random_step_then_resume_gives_the_same_weights(tmp_path):

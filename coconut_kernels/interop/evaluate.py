@@ -5,7 +5,9 @@ official checkpoint_N file with ``--base``) decodes the stage's prompts greedily
 match and CoT exact match (the official extraction: `coconut_kernels.data.eval`), the validation loss of the
 stage's training layout, the latents run per example and, with ``--samples k --temperature t``, pass@k over
 k sampled decodings; ``--out`` gets every example's output as JSON. The curriculum knobs come from
-``--official ARGS_YAML``, else a coconut-train checkpoint's own run config, else the flags.
+``--official ARGS_YAML``, else a coconut-train checkpoint's own run config, else the flags. ``--precision``
+has the trainer's meanings: fp32, bf16 (the whole model cast to bf16, as run.py's ``bf16: true``; ``--bf16`` is
+its alias) or bf16-autocast (fp32 weights under bf16 autocast); by default the run config's, else fp32.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ __all__ = ["main", "run_eval"]
 
 
 def _stage_setup(args) -> tuple:
-    """(StageConfig, stage, max_new_tokens, data path) from --official, the checkpoint's run config or the
-    flags; explicit flags win."""
+    """(StageConfig, stage, max_new_tokens, data path, precision) from --official, the checkpoint's run config
+    or the flags; explicit flags win."""
     from ..data import StageConfig
     from ..training.checkpoint import read_run_config
     from ..training.config import TrainConfig
@@ -72,7 +74,10 @@ def _stage_setup(args) -> tuple:
         raise CoconutError("--data: no evaluation file (give --data FILE, or --official with a val_path)")
     max_new = args.max_new_tokens or (cfg.max_new_tokens if cfg is not None and args.official else None) or \
         (64 if "gsm" in str(data) else 128)
-    return stage_config, stage, max_new, data
+    if args.bf16 and args.precision not in (None, "bf16"):
+        raise CoconutError(f"--bf16 means --precision bf16 (the whole model cast), not {args.precision!r}; give one")
+    precision = "bf16" if args.bf16 else args.precision or (cfg.compute_precision if cfg is not None else "fp32")
+    return stage_config, stage, max_new, data, precision
 
 
 def _check_flags(args) -> torch.device:
@@ -97,10 +102,12 @@ def run_eval(args) -> dict:
     from .hf_export import load_source
 
     device = _check_flags(args)
-    stage_config, stage, max_new_tokens, data = _stage_setup(args)
+    stage_config, stage, max_new_tokens, data, precision = _stage_setup(args)
     if not Path(data).is_file():
         raise CoconutError(f"--data: {data} not found")
-    lm = load_source(args.source, args.base).to(device)
+    lm = load_source(args.source, args.base).to(device=device, dtype=torch.bfloat16 if precision == "bf16"
+                                                  else torch.float32)
+    autocast = precision == "bf16-autocast"
     tok = lm.tokenizer
     if tok is None:
         raise CoconutError(f"{args.source}: no tokenizer to build prompts with")
@@ -110,14 +117,14 @@ def run_eval(args) -> dict:
     collator = RaggedCollator.from_tokenizer(tok)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     res = evaluate(lm, records, stage, stage_config, tok, collator, batch_size=args.batch_size,
-                   max_new_tokens=max_new_tokens, device=device, autocast=args.bf16, outputs=True, samples=args.samples,
+                   max_new_tokens=max_new_tokens, device=device, autocast=autocast, outputs=True, samples=args.samples,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator)
     loss = validation_loss(lm, records, stage, stage_config, tok, collator, batch_size=args.batch_size, device=device,
-                           autocast=args.bf16)
+                           autocast=autocast)
     summary = {"source": str(args.source), "data": str(data), "method": stage_config.method, "stage": stage,
                "n": res["n"], "accuracy": res["accuracy"], "cot_accuracy": res["cot_accuracy"],
                "val_loss": loss["val_loss"], "mean_latents": res["mean_latents"],
-               "mean_new_tokens": res["mean_new_tokens"], "max_new_tokens": max_new_tokens}
+               "mean_new_tokens": res["mean_new_tokens"], "max_new_tokens": max_new_tokens, "precision": precision}
     if args.samples:
         summary.update({"samples": args.samples, "temperature": args.temperature,
                         f"pass@{args.samples}": res[f"pass@{args.samples}"],
@@ -130,6 +137,8 @@ def run_eval(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
+    from ..training.config import PRECISIONS
+
     p = argparse.ArgumentParser(prog="coconut-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a coconut-train checkpoint folder, a Hugging Face folder, or an official "
                                   "checkpoint_N file (with --base)")
@@ -150,7 +159,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="of the sampling")
     p.add_argument("--device")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="as the trainer's key: fp32, bf16 (the whole model cast), bf16-autocast (fp32 weights under "
+                        "autocast); default: the run config's (--official or the checkpoint's), else fp32")
+    p.add_argument("--bf16", action="store_true", help="--precision bf16, as the trainer's bf16: true")
     p.add_argument("--out", default="coconut_eval.json", help="the JSON file of per-example outputs ('' for none)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p

@@ -49,7 +49,7 @@ def load_source(source, base=None):
 
 def _load_ours(folder: Path):
     """A coconut-train checkpoint folder as the trainer builds it (model config, tokenizer, run config's
-    feedback), its weights loaded strictly."""
+    feedback), its weights loaded strictly; in eval mode, as every loader returns a model (no dropout)."""
     import yaml
 
     from ..data import load_tokenizer
@@ -67,7 +67,7 @@ def _load_ours(folder: Path):
         lm.load_state_dict(load_weights(folder), strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{folder}: weights do not fit the model ({e})") from None
-    return lm
+    return lm.eval()
 
 
 def _tokenizer_config(tokenizer) -> dict:

@@ -13,10 +13,12 @@ Interface (both families)::
         # from model_type; unsupported model types / architectures / options and missing or unused
         # tensors raise CheckpointError (a ValueError) naming them, a missing folder or file
         # CheckpointNotFoundError (also a FileNotFoundError). dtype None keeps the checkpoint's dtype.
+        # Returned in eval mode, as transformers does.
     load_config(path_or_dict_or_hf_config) -> GPT2Config | LlamaConfig
 
     model.config          # dataclass: vocab_size, n_layer, n_head, n_kv_head, d_model, head_dim,
                           # max_position, norm_eps, tie_embeddings, d_ff, model_type, + family fields
+    model.set_dropout(p)  # every dropout probability of the config (model.dropout_fields) to p
     model.embed(input_ids) -> (B, n, d)              # token embeddings only (no positions)
     model.forward_embeds(x, cache, *, position_ids=None, new_seqlens=None) -> (B, n, d)
         # every layer on input embeddings x against `cache` (its attention per layer; the cache is NOT
@@ -38,7 +40,16 @@ LatentLM's multi-pass forward uses), where the small passes' rows are multiplied
 gradient instead of one weight-sized product and sum per pass, and where a block's attention and feed-forward
 (`models.linear.attention`, `models.linear.mlp`) are one autograd node each.
 
-Not implemented: dropout (the layers have none: train COCONUT with dropout 0), sliding-window
+Dropout, in train mode only (`model.train()`; `from_pretrained` returns eval mode), as transformers applies it:
+GPT-2 drops the input embeddings (token + position, so fed-back latent vectors too) with `embd_pdrop`, each block's
+attention and MLP outputs before the residual additions with `resid_pdrop`, and the attention probabilities with
+`attn_pdrop`; the Llama family only the attention probabilities (`attention_dropout`). The probabilities come from
+the checkpoint's config.json (transformers' defaults where it has none: 0.1 for GPT-2, 0 for Llama); a config
+built here defaults to 0. Embedding and residual dropout use torch's RNG (`torch.nn.functional.dropout`); the
+attention dropout runs inside the fused `latent_attention` op with a seed drawn per layer and pass from torch's
+default CPU generator, so `torch.manual_seed` makes a training step reproducible.
+
+Not implemented: sliding-window
 attention (Mistral / Qwen2 with a window: new_cache refuses caches longer than the window), rope types
 other than default / linear / dynamic / llama3 / yarn ("dynamic" is static: identical to plain RoPE up
 to max_position, unlike transformers' rescaling beyond it), partial rotary embeddings.

@@ -11,7 +11,7 @@ from torch import nn
 from ..backend import debug_checks
 from ..cache import KVCache
 from ..errors import CoconutError
-from ..validation import check_device, check_dtype, check_ids, check_inputs, check_int, host_checks
+from ..validation import check_device, check_dropout, check_dtype, check_ids, check_inputs, check_int, host_checks
 
 
 class CausalLM(nn.Module):
@@ -19,7 +19,15 @@ class CausalLM(nn.Module):
     optional untied `lm_head`. Subclasses set `norm_kind` and implement `forward_embeds`."""
 
     norm_kind: str
+    dropout_fields: tuple[str, ...]  # the config's dropout probabilities
     lm_head_bias = None  # none of the supported families has an LM-head bias
+
+    def set_dropout(self, p: float) -> None:
+        """Set every dropout probability of the config (`dropout_fields`) to p in [0, 1); dropout acts in train
+        mode only."""
+        p = check_dropout(p, "dropout")
+        for name in self.dropout_fields:
+            setattr(self.config, name, p)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, n, d) of `input_ids` (B, n), without positions: GPT-2 adds those in

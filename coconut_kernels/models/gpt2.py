@@ -9,11 +9,12 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CoconutError
-from ..ops.latent_attention import MAX_HEAD_DIM
-from ..validation import check_model_config
+from ..ops.latent_attention import MAX_HEAD_DIM, draw_dropout_seed
+from ..validation import check_dropout, check_model_config
 from .base import CausalLM
 from .linear import Linear, attention, mlp
 
@@ -36,11 +37,19 @@ class GPT2Config:
     scale_attn_weights: bool = True  # False: no 1/sqrt(head_dim) in the softmax
     scale_attn_by_inverse_layer_idx: bool = False  # softmax scale further divided by layer index + 1
     initializer_range: float = 0.02
+    # dropout in train mode, as HF GPT-2: on the input embeddings (token + position), on each block's attention
+    # and MLP outputs before the residual additions, and on the attention probabilities. 0 here; from_hf reads a
+    # checkpoint's (transformers' default 0.1 where config.json has none).
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
     model_type: str = "gpt2"
 
     def __post_init__(self):
         check_model_config(self, ("vocab_size", "n_layer", "n_head", "d_model", "max_position", "d_ff"),
                            ("norm_eps", "initializer_range"), optional=("d_ff",))
+        for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
+            setattr(self, name, check_dropout(getattr(self, name), f"GPT2Config.{name}"))
         if self.d_model % self.n_head:
             raise CoconutError(f"d_model ({self.d_model}) must be a multiple of n_head ({self.n_head})")
         if self.head_dim > MAX_HEAD_DIM:
@@ -72,6 +81,8 @@ class GPT2Config:
             scale_attn_weights=hf.get("scale_attn_weights", True),
             scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
             initializer_range=hf.get("initializer_range", 0.02),
+            embd_pdrop=hf.get("embd_pdrop", 0.1), resid_pdrop=hf.get("resid_pdrop", 0.1),
+            attn_pdrop=hf.get("attn_pdrop", 0.1),
         )
 
 
@@ -92,18 +103,24 @@ class GPT2Block(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer + 1
         self.softmax_scale = scale
+        self.config = config  # the dropout probabilities are read at each call (set_dropout changes them)
 
     def forward(self, x, cache, new_seqlens):
         heads = (self.n_head, self.n_head, self.head_dim)
-        x = x + attention(self.ln_1(x), self.c_attn, self.c_proj, cache, self.layer, heads, new_seqlens=new_seqlens,
-                          softmax_scale=self.softmax_scale)
-        return x + mlp(self.ln_2(x), self.c_fc, self.mlp_proj, self.act)
+        train, resid_p = self.training, self.config.resid_pdrop
+        attn_p = self.config.attn_pdrop if train else 0.0
+        a = attention(self.ln_1(x), self.c_attn, self.c_proj, cache, self.layer, heads, new_seqlens=new_seqlens,
+                      softmax_scale=self.softmax_scale, dropout_p=attn_p,
+                      dropout_seed=draw_dropout_seed() if attn_p > 0 else 0)
+        x = x + F.dropout(a, resid_p, train)
+        return x + F.dropout(mlp(self.ln_2(x), self.c_fc, self.mlp_proj, self.act), resid_p, train)
 
 
 class GPT2(CausalLM):
     """GPT-2 language model. See `coconut_kernels.models` for the interface."""
 
     norm_kind = "layernorm"
+    dropout_fields = ("embd_pdrop", "resid_pdrop", "attn_pdrop")
     hf_prefix = "transformer."
     # buffers that old checkpoints carry (causal mask), and the tied LM head that some save
     hf_ignored = re.compile(r"(^|\.)attn\.(masked_)?bias$|^lm_head\.weight$")
@@ -135,11 +152,12 @@ class GPT2(CausalLM):
                        new_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Run every layer on input embeddings x (B, n, d) against `cache` (not advanced); returns the
         hidden state before the final norm. Adds wpe[position_ids]; the default positions continue each
-        sequence from the cache (cache row - leftpad, pads clamped to 0 as the official collator does)."""
+        sequence from the cache (cache row - leftpad, pads clamped to 0 as the official collator does).
+        In train mode, the config's dropout (embeddings, residual branches, attention probabilities)."""
         if position_ids is None:
             start = cache.seqlens.long() - cache.leftpad.long()
             position_ids = (start[:, None] + torch.arange(x.shape[1], device=x.device)).clamp_min(0)
-        x = x + self.wpe(position_ids)
+        x = F.dropout(x + self.wpe(position_ids), self.config.embd_pdrop, self.training)
         for block in self.layers:
             x = block(x, cache, new_seqlens)
         return x

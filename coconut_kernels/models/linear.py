@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import AttendedPass, KVCache
-from ..ops.latent_attention import no_double_backward
+from ..ops.latent_attention import check_dropout_args, no_double_backward
 
 __all__ = ["Linear", "batched_weight_grads", "mlp", "attention", "ACTIVATIONS"]
 
@@ -299,10 +299,10 @@ class _DeferredMLP(torch.autograd.Function):
 
 def attention(x: torch.Tensor, qkv: Linear, out: Linear, cache, layer: int, heads: tuple[int, int, int], *,
               new_seqlens=None, softmax_scale=None, rotary_cos=None, rotary_sin=None,
-              rotary_interleaved=False) -> torch.Tensor:
+              rotary_interleaved=False, dropout_p=0.0, dropout_seed=None) -> torch.Tensor:
     """out(cache.attend(layer, q, k, v, ...)) with [q | k | v] = qkv(x) (B, n, (Hq + 2 Hkv) D) for heads = (Hq, Hkv,
     D): one autograd node inside batched_weight_grads() (see the module docstring), the same values and gradients
-    as the plain composition."""
+    as the plain composition. dropout_p / dropout_seed: the attention-probability dropout (cache.attend's)."""
     B, n, _ = x.shape
     Hq, _, D = heads
     # a KVCache subclass may override attend: the fused node would skip it
@@ -310,14 +310,16 @@ def attention(x: torch.Tensor, qkv: Linear, out: Linear, cache, layer: int, head
     if session is None:
         q, k, v = _split_heads(qkv(x), heads)
         a = cache.attend(layer, q, k, v, new_seqlens=new_seqlens, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                         rotary_interleaved=rotary_interleaved, softmax_scale=softmax_scale)
+                         rotary_interleaved=rotary_interleaved, softmax_scale=softmax_scale, dropout_p=dropout_p,
+                         dropout_seed=dropout_seed)
         return out(a.reshape(B, n, Hq * D))
     e1, w1, b1 = session.entry(qkv)
     e2, w2, b2 = session.entry(out)
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
     rot = (rotary_cos, rotary_sin, rotary_interleaved)
+    drop = check_dropout_args(dropout_p, dropout_seed)
     return cache.differentiable_pass(layer, n, new_seqlens, lambda chain, lengths: _DeferredAttention.apply(
-        chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads, rot, scale, session))
+        chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads, rot, scale, drop, session))
 
 
 def _split_heads(qkv: torch.Tensor, heads: tuple[int, int, int]):
@@ -334,10 +336,10 @@ class _DeferredAttention(torch.autograd.Function):
     (input, output gradient) rows to its entry, as _DeferredLinear does."""
 
     @staticmethod
-    def forward(ctx, chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads, rot, scale, session):
+    def forward(ctx, chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads, rot, scale, drop, session):
         B, n, _ = x.shape
         q, k, v = _split_heads(F.linear(x, w1, b1), heads)
-        ctx.pass_, o, lse = AttendedPass.run(cache, layer, lengths, chain, q, k, v, rot, scale, True)
+        ctx.pass_, o, lse = AttendedPass.run(cache, layer, lengths, chain, q, k, v, rot, scale, True, drop)
         ctx.save_for_backward(x, q, o, lse, w1, w2)
         ctx.entries, ctx.gathers, ctx.session = (e1, e2), (w1.grad_fn, w2.grad_fn), session
         ctx.with_bias = (b1 is not None, b2 is not None)
@@ -362,4 +364,4 @@ class _DeferredAttention(torch.autograd.Function):
         dqkv = torch.cat([dq.reshape(B, n, -1), dk.reshape(B, n, -1), dv.reshape(B, n, -1)], dim=-1)
         _give_rows(g1, e1, x, dqkv, ctx.with_bias[0])
         dx = dqkv @ w1 if ctx.needs_input_grad[1] else None
-        return chain_grad, dx, *([None] * 13)
+        return chain_grad, dx, *([None] * 14)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import CoconutError
-from ..ops.latent_attention import MAX_HEAD_DIM
-from ..validation import check_model_config, check_real
+from ..ops.latent_attention import MAX_HEAD_DIM, draw_dropout_seed
+from ..validation import check_dropout, check_model_config, check_real
 from .base import CausalLM
 from .linear import Linear, attention, mlp
 
@@ -41,6 +41,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral / Qwen2: caches longer than this are refused
     initializer_range: float = 0.02
+    attention_dropout: float = 0.0  # on the attention probabilities in train mode (HF's only dropout here)
     model_type: str = "llama"
 
     def __post_init__(self):
@@ -48,6 +49,7 @@ class LlamaConfig:
                                   "max_position", "sliding_window"), ("norm_eps", "initializer_range"),
                            optional=("n_kv_head", "head_dim", "sliding_window"))
         check_real(self.rope_theta, f"{type(self).__name__}.rope_theta", low=0.0, low_open=True)
+        self.attention_dropout = check_dropout(self.attention_dropout, f"{type(self).__name__}.attention_dropout")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -105,7 +107,8 @@ class LlamaConfig:
             head_dim=hf.get("head_dim"), max_position=hf["max_position_embeddings"],
             norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
             rope_theta=theta, rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **rope},
-            sliding_window=window, initializer_range=hf.get("initializer_range", 0.02), model_type=model_type,
+            sliding_window=window, initializer_range=hf.get("initializer_range", 0.02),
+            attention_dropout=hf.get("attention_dropout", 0.0), model_type=model_type,
             **bias,
         )
 
@@ -191,11 +194,14 @@ class LlamaBlock(nn.Module):
         self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
         self.gate_up_proj = Linear(c.d_model, 2 * c.d_ff, bias=c.mlp_bias)
         self.down_proj = Linear(c.d_ff, c.d_model, bias=c.mlp_bias)
+        self.config = c  # the dropout probability is read at each call (set_dropout changes it)
 
     def forward(self, x, cache, new_seqlens, cos, sin):
         heads = (self.n_head, self.n_kv_head, self.head_dim)
+        p = self.config.attention_dropout if self.training else 0.0
         x = x + attention(self.attn_norm(x), self.qkv_proj, self.o_proj, cache, self.layer, heads,
-                          new_seqlens=new_seqlens, rotary_cos=cos, rotary_sin=sin)
+                          new_seqlens=new_seqlens, rotary_cos=cos, rotary_sin=sin, dropout_p=p,
+                          dropout_seed=draw_dropout_seed() if p > 0 else 0)
         return x + mlp(self.mlp_norm(x), self.gate_up_proj, self.down_proj, "swiglu")
 
 
@@ -203,6 +209,7 @@ class Llama(CausalLM):
     """Llama / Qwen2 / Mistral language model. See `coconut_kernels.models` for the interface."""
 
     norm_kind = "rmsnorm"
+    dropout_fields = ("attention_dropout",)
     hf_prefix = "model."
     hf_ignored = re.compile(r"rotary_emb\.inv_freq$|^lm_head\.weight$")
 

@@ -137,7 +137,8 @@ def from_pretrained(source, dtype: torch.dtype | None = None, device=None) -> GP
     both naming the file.
 
     dtype None keeps the checkpoint's (the source model's) floating dtype; device None: the CPU for a
-    folder, the source model's device for a model object."""
+    folder, the source model's device for a model object. The model is returned in eval mode, as transformers'
+    from_pretrained returns it: call .train() to train with the config's dropout."""
     check_dtype(dtype)
     device = check_device(device)
     if isinstance(source, (str, os.PathLike)):
@@ -168,7 +169,7 @@ def from_pretrained(source, dtype: torch.dtype | None = None, device=None) -> GP
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # shapes that contradict the config
         raise CheckpointError(f"{where}: its tensors do not match its config (config.json): {e}") from None
-    return model
+    return model.eval()
 
 
 def load_pretrained(source, *, tokenizer=None, dtype: torch.dtype | None = None, device=None,
@@ -239,7 +240,8 @@ def to_hf_config(config, *, eos_token_id: int | None = None, bos_token_id: int |
                 "tie_word_embeddings": config.tie_embeddings, "activation_function": config.activation,
                 "scale_attn_weights": config.scale_attn_weights,
                 "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
-                "initializer_range": config.initializer_range}
+                "initializer_range": config.initializer_range, "embd_pdrop": config.embd_pdrop,
+                "resid_pdrop": config.resid_pdrop, "attn_pdrop": config.attn_pdrop}
     else:
         if config.model_type == "llama" and config.qkv_bias != config.o_bias:
             raise ValueError("a Llama config with q/k/v biases but no output bias (or the reverse) has no "
@@ -254,7 +256,7 @@ def to_hf_config(config, *, eos_token_id: int | None = None, bos_token_id: int |
                 "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling, "hidden_act": "silu",
                 "mlp_bias": config.mlp_bias, "sliding_window": config.sliding_window,
                 "use_sliding_window": config.sliding_window is not None,
-                "initializer_range": config.initializer_range}
+                "initializer_range": config.initializer_range, "attention_dropout": config.attention_dropout}
         if config.model_type != "qwen2":
             ours["attention_bias"] = config.qkv_bias
         for key in ("rope_parameters", "layer_types"):  # superseded by the fields above

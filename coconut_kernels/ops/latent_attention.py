@@ -12,9 +12,15 @@ import torch
 
 from ..backend import get_backend
 from ..errors import CoconutError, library_error
-from ..validation import check_bool, check_real, check_same_device, check_tensor_args
+from ..validation import check_bool, check_dropout, check_int, check_real, check_same_device, check_tensor_args
 
-__all__ = ["latent_attention"]
+__all__ = ["latent_attention", "draw_dropout_seed"]
+
+
+def draw_dropout_seed() -> int:
+    """A seed for the attention dropout, drawn from torch's default CPU generator (so torch.manual_seed makes
+    it reproducible, and no device is synchronised)."""
+    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
 
 # The kernels' largest head dimension (csrc/latent_attention_checks.h; the CUDA kernels' register tiles are sized
 # for it): KVCache and the model configs refuse a larger one when they are built, not at the first attention.
@@ -37,7 +43,7 @@ def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, n
 
 @torch.library.register_fake("coconut::latent_attention_fwd")
 def _fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
-              rotary_interleaved, softmax_scale, causal):
+              rotary_interleaved, softmax_scale, causal, dropout_p=0.0, dropout_seed=0):
     B, Sq, Hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, Sq),
                                                                                    dtype=_acc_dtype(q.dtype))
@@ -45,13 +51,15 @@ def _fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, ro
 
 @torch.library.register_fake("coconut::latent_attention_bwd")
 def _bwd_fake(grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
-              rotary_sin, rotary_interleaved, softmax_scale, causal, grad_k_cache, grad_v_cache):
+              rotary_sin, rotary_interleaved, softmax_scale, causal, grad_k_cache, grad_v_cache, dropout_p=0.0,
+              dropout_seed=0):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("coconut::latent_attention")
 def _composite_fake(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad=None, new_seqlens=None,
-                    rotary_cos=None, rotary_sin=None, rotary_interleaved=False, softmax_scale=None, causal=True):
+                    rotary_cos=None, rotary_sin=None, rotary_interleaved=False, softmax_scale=None, causal=True,
+                    dropout_p=0.0, dropout_seed=0):
     return _fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
                      rotary_interleaved, softmax_scale, causal)
 
@@ -88,9 +96,19 @@ def _cuda_fwd(q, k_cache, v_cache, *args):
     return torch.ops.coconut.latent_attention_fwd.default(q, k_cache, v_cache, *args)
 
 
-def kernels(device: torch.device):
-    """(append, fwd, bwd) callables with the op signatures for the backend that runs on `device`."""
+def _backend(device: torch.device, dropout: bool) -> str:
+    """The backend that runs a call on `device`: the CUDA C++ kernels have no attention dropout, so a call with
+    dropout goes to Triton there (to the reference where Triton is not installed)."""
     backend = get_backend(device)
+    if backend == "cuda" and dropout:
+        return "triton" if _HAS_TRITON else "torch"
+    return backend
+
+
+def kernels(device: torch.device, dropout: bool = False):
+    """(append, fwd, bwd) callables with the op signatures for the backend that runs on `device` (a call with
+    attention dropout when `dropout`)."""
+    backend = _backend(device, dropout)
     if backend in ("cpu", "cuda"):
         ops = torch.ops.coconut
         fwd = ops.latent_attention_fwd.default if backend == "cpu" else _cuda_fwd
@@ -106,7 +124,7 @@ def kernels(device: torch.device):
 
 
 def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
-                      rotary_sin, rotary_interleaved, softmax_scale, causal):
+                      rotary_sin, rotary_interleaved, softmax_scale, causal, dropout_p=0.0, dropout_seed=0):
     """kv_cache_append_ then latent_attention_fwd: (out, lse). Every argument is checked before the cache is
     written (the compiled composite op does it in C++; here q, and the append checks the rest before writing),
     so a rejected call leaves the cache unchanged."""
@@ -117,10 +135,10 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_le
                       cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, new_seqlens=new_seqlens,
                       rotary_cos=rotary_cos, rotary_sin=rotary_sin)
     try:
-        backend = get_backend(q.device)
+        backend = _backend(q.device, dropout_p > 0)
         if backend == "cpu" or (backend == "cuda" and not _routes_to_tiled(q)):
             return torch.ops.coconut.latent_attention.default(q, k_new, v_new, k_cache, v_cache, *args,
-                                                              softmax_scale, causal)
+                                                              softmax_scale, causal, dropout_p, dropout_seed)
         if q.dim() != 4 or k_new.dim() != 4 or q.shape[:2] != k_new.shape[:2] or q.shape[3] != k_new.shape[3] \
                 or q.shape[2] % k_new.shape[2] != 0:
             raise CoconutError(f"q {tuple(q.shape)} must be (B, Sq, Hq, D) with B, Sq, D as k_new "
@@ -128,11 +146,19 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_le
         if q.dtype != k_new.dtype or q.device != k_new.device:
             raise CoconutError(f"q must have k_new's dtype and device ({k_new.dtype}, {k_new.device}), got "
                                f"{q.dtype}, {q.device}")
-        append, fwd, _ = kernels(q.device)
+        append, fwd, _ = kernels(q.device, dropout_p > 0)
         append(k_cache, v_cache, k_new, v_new, *args)
-        return fwd(q, k_cache, v_cache, *args, softmax_scale, causal)
+        return fwd(q, k_cache, v_cache, *args, softmax_scale, causal, dropout_p, dropout_seed)
     except ValueError as e:  # the kernels' own argument checks (C++ TORCH_CHECK_VALUE, Triton wrappers)
         raise library_error(e) from None
+
+
+def check_dropout_args(dropout_p, dropout_seed) -> tuple[float, int]:
+    """(dropout_p, dropout_seed) checked, the seed drawn (draw_dropout_seed) when None and dropout_p > 0."""
+    p = check_dropout(dropout_p, "dropout_p")
+    if dropout_seed is None:
+        return p, draw_dropout_seed() if p > 0 else 0
+    return p, check_int(dropout_seed, "dropout_seed", low=0, high=2 ** 63 - 1)
 
 
 def no_double_backward(where: str) -> RuntimeError:
@@ -228,15 +254,17 @@ class _LatentAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
-                rotary_sin, rotary_interleaved, softmax_scale, causal):
+                rotary_sin, rotary_interleaved, softmax_scale, causal, dropout_p, dropout_seed):
         out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens,
-                                     rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal)
+                                     rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal, dropout_p,
+                                     dropout_seed)
         ctx.save_for_backward(q, out, lse)
         # Lengths are cloned: callers advance cache_seqlens in place before the backward runs.
         ctx.lengths = (cache_seqlens.clone(), None if cache_leftpad is None else cache_leftpad.clone(),
                        None if new_seqlens is None else new_seqlens.clone())
         ctx.cache = (k_cache, v_cache)
         ctx.args = (rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal)
+        ctx.dropout = (dropout_p, dropout_seed)
         ctx.n_rows, ctx.new_dtype = k_new.shape[1], k_new.dtype
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -249,19 +277,19 @@ class _LatentAttention(torch.autograd.Function):
         k_cache, v_cache = ctx.cache
         seqlens, leftpad, new_seqlens = ctx.lengths
         cos, sin, interleaved, scale, causal = ctx.args
-        _, _, bwd = kernels(q.device)
+        _, _, bwd = kernels(q.device, ctx.dropout[0] > 0)
         gk, gv = grad_accumulators(k_cache, ctx.n_rows)
         dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, seqlens, leftpad, new_seqlens, cos, sin,
-                 interleaved, scale, causal, gk, gv)
+                 interleaved, scale, causal, gk, gv, *ctx.dropout)
         rows = NewRows(seqlens, leftpad, new_seqlens, ctx.n_rows, k_cache.shape[1])
         dk = rows.take(gk, cos, sin, interleaved, ctx.new_dtype)
         dv = rows.take(gv, dtype=ctx.new_dtype)
-        return dq, dk, dv, *([None] * 10)
+        return dq, dk, dv, *([None] * 12)
 
 
 def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softmax_scale=None, causal=True,
                      cache_leftpad=None, new_seqlens=None, rotary_cos=None, rotary_sin=None,
-                     rotary_interleaved=False, return_lse=False):
+                     rotary_interleaved=False, dropout_p=0.0, dropout_seed=None, return_lse=False):
     """Append new keys/values to a preallocated KV cache (in place) and attend the new queries to the cache.
 
     The decode/latent-pass primitive of flash-attention's ``flash_attn_with_kvcache``, with a backward pass.
@@ -285,10 +313,19 @@ def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softma
             r - cache_leftpad[b]; seqlen_ro must cover every position written or queried.
         rotary_interleaved: False = NeoX/GPT-J-NeoX style (dims i and i + rotary_dim/2 rotate together),
             True = GPT-J style (dims 2i and 2i+1), as flash-attention.
+        dropout_p: attention-probability dropout in [0, 1) (as nn.functional.dropout on the softmax output: the
+            kept probabilities are scaled by 1 / (1 - dropout_p); lse stays the undropped one). Apply it in training
+            only: the op does not look at a module's train/eval mode.
+        dropout_seed: int in [0, 2^63): the seed of the keep mask, which the backward regenerates (nothing is
+            stored). Element (b, h, t, j) (query head h of new row t, cache row j) is kept unless the Philox draw
+            at counter ((b * Hq + h) * Sq + t) * Tmax + j falls below dropout_p (csrc/dropout.h; the same mask on
+            every backend, and `coconut_kernels.reference.attention_dropout_keep` rebuilds it). None draws one
+            from torch's default CPU generator (``draw_dropout_seed``).
         return_lse: also return lse (B, Hq, Sq), the log-sum-exp of the scaled scores.
 
     Dtypes: q, k_new, v_new, k_cache, v_cache share one of fp32, fp16, bf16 (and fp64 on CPU); accumulation is
-    fp32 (fp64 for fp64); lse is fp32 (fp64 for fp64 inputs).
+    fp32 (fp64 for fp64); lse is fp32 (fp64 for fp64 inputs). Dropout runs in the CPU C++ and Triton kernels; on
+    the "cuda" backend a call with dropout_p > 0 runs the Triton kernels.
 
     Mask: query t of sequence b sits at cache row s + t, s = cache_seqlens[b], p = cache_leftpad[b],
     n = new_seqlens[b]. Causal: it sees rows [p, s + t]; non-causal: rows [p, s + n). Example s = 4, p = 1,
@@ -303,7 +340,7 @@ def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softma
     (including the new tokens attending each other); the earlier cache contents are constants here (use
     ``KVCache`` to train through several passes). lse is not differentiable.
 
-    Not supported: dropout, alibi, sliding windows, softcapping, paged caches, gradients w.r.t. lse or the
+    Not supported: alibi, sliding windows, softcapping, paged caches, gradients w.r.t. lse or the
     rotary tables, double backward (raises), fp64 on CUDA. Validation of the lengths' values (cache_seqlens + n
     ≤ Tmax, rotary table length, ...) runs always on CPU and on CUDA only with COCONUT_DEBUG=1 (it needs a host
     sync); the kernels never write outside the cache.
@@ -318,9 +355,10 @@ def latent_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, *, softma
     for flag, name in ((causal, "causal"), (rotary_interleaved, "rotary_interleaved"), (return_lse, "return_lse")):
         check_bool(flag, name)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    drop = check_dropout_args(dropout_p, dropout_seed)
     args = (cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin, rotary_interleaved)
     if torch.is_grad_enabled() and (q.requires_grad or k_new.requires_grad or v_new.requires_grad):
-        out, lse = _LatentAttention.apply(q, k_new, v_new, k_cache, v_cache, *args, scale, causal)
+        out, lse = _LatentAttention.apply(q, k_new, v_new, k_cache, v_cache, *args, scale, causal, *drop)
     else:
-        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, *args, scale, causal)
+        out, lse = append_and_attend(q, k_new, v_new, k_cache, v_cache, *args, scale, causal, *drop)
     return (out, lse) if return_lse else out

@@ -59,7 +59,7 @@ def _model_from_dict(spec: dict, vocab_size: int, where: str):
         raise ConfigError(f"{where}: config key(s) {', '.join('model.' + k for k in unknown)} do not exist for "
                           f"family {family!r}; valid: {', '.join(sorted(names))}")
     spec.setdefault("vocab_size", vocab_size)
-    _check_dims(spec, config_cls, where)
+    _check_dims(spec, config_cls, where, model_cls.dropout_fields)
     if spec["vocab_size"] < vocab_size:
         raise ConfigError(f"{where}: model.vocab_size {spec['vocab_size']} is smaller than the tokenizer's "
                           f"{vocab_size}")
@@ -72,7 +72,8 @@ def _model_from_dict(spec: dict, vocab_size: int, where: str):
 
 def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
     """The LatentLM to train, in fp32 on the CPU (the caller moves it). Weights: the resume checkpoint's,
-    else init_from's (ours or Hugging Face's), else a fresh `model` config initialised from `seed`."""
+    else init_from's (ours or Hugging Face's), else a fresh `model` config initialised from `seed`. Dropout: the
+    model config's, or `dropout` when set."""
     ours = checkpoint if checkpoint is not None else (
         Path(cfg.init_from) if cfg.init_from and is_checkpoint(cfg.init_from) else None)
     torch.manual_seed(cfg.seed)
@@ -84,6 +85,8 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
         add_latent_tokens(model, tokenizer)  # the official marker rows: copies of "<<"
     else:
         model = _model_from_dict(cfg.model, tokenizer.vocab_size, "config key 'model'")
+    if cfg.dropout is not None:
+        model.set_dropout(cfg.dropout)
     lm = LatentLM(model, tokenizer.latent_id, tokenizer.bot_id, tokenizer.eot_id, tokenizer.eos_token_id,
                   feedback=cfg.feedback_mode)
     if ours is not None:
@@ -131,8 +134,9 @@ _SIZES = ("vocab_size", "n_layer", "n_head", "d_model", "max_position", "d_ff", 
           "sliding_window")
 
 
-def _check_dims(spec: dict, config_cls, where: str) -> None:
-    floats = {f.name for f in dataclasses.fields(config_cls) if str(f.type).startswith("float")}
+def _check_dims(spec: dict, config_cls, where: str, probabilities: tuple[str, ...] = ()) -> None:
+    """Sizes >= 1, other floats > 0; `probabilities` (dropout, may be 0) are left to the config's own check."""
+    floats = {f.name for f in dataclasses.fields(config_cls) if str(f.type).startswith("float")} - set(probabilities)
     for key, value in spec.items():
         if key in _SIZES and value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -79,7 +79,10 @@ class TrainConfig:
     loss_average: str = "micro_batch"
     bf16: bool = False  # the official key: true casts the whole model (weights, optimizer state) to bf16
     precision: str | None = None  # fp32 | bf16 (= bf16: true) | bf16-autocast (fp32 weights); None: from bf16
-    seed: int = 0
+    # None: the dropout of the model's config (a Hugging Face checkpoint's config.json: GPT-2 0.1 on embeddings,
+    # residuals and attention probabilities, as the official run.py trains); a number sets every probability
+    dropout: float | None = None
+    seed: int = 0  # also seeds each micro-batch's dropout (with the epoch, micro-batch and rank)
     collate: str = "ragged"  # ragged (no compute on pads) | aligned (the official left padding)
     max_steps: int | None = None  # stop (and checkpoint) after this many optimizer steps
     skip_nonfinite: bool = False  # a NaN/inf loss or gradient norm skips the step (logged) instead of stopping
@@ -170,6 +173,8 @@ class TrainConfig:
             raise ConfigError(f"config key 'lr': expected > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"config key 'weight_decay': expected >= 0, got {self.weight_decay}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"config key 'dropout': expected None or a number in [0, 1), got {self.dropout}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"config key 'max_grad_norm': expected None or > 0, got {self.max_grad_norm}")
 

@@ -10,6 +10,7 @@ beats the best of this process's run so far (as run.py, the best starts at 0 on 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import time
@@ -24,7 +25,15 @@ from .config import TrainConfig
 from .context import RunContext
 from .evaluate import evaluate_stage
 
-__all__ = ["Loop", "Progress", "lr_at"]
+__all__ = ["Loop", "Progress", "lr_at", "dropout_seed"]
+
+
+def dropout_seed(seed: int, epoch: int, micro_batch: int, rank: int) -> int:
+    """The seed torch's generators get before micro-batch `micro_batch` of `epoch` on process `rank`: the dropout
+    masks depend on the run's seed and the position in the run only, so a resumed run draws the same ones (and
+    the processes of a distributed run draw different ones)."""
+    digest = hashlib.sha256(f"dropout-{seed}-{epoch}-{micro_batch}-{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -95,12 +104,13 @@ class Loop:
         if self.skip == 0 and epoch > 0 and self._resets(epoch):
             self.optimizer = make_optimizer(cfg, ctx.lm)
         batches = ctx.data.epoch_batches(epoch, stage)
+        ctx.par.module.train()  # the model config's dropout (evaluation switches to eval mode and back)
         bar = Progress(cfg.progress and ctx.rank == 0, epoch, stage, self.steps_per_epoch,
                        self.skip // cfg.grad_accum_steps, cfg.log_every)
         self._reset_sums()
         epoch_losses = []
         for b in range(self.skip, ctx.data.n_micro):
-            if not self._micro_batch(batches, b):
+            if not self._micro_batch(batches, b, epoch):
                 continue
             loss, lr, tokens = self._optimizer_step(epoch, stage)
             epoch_losses.append(loss)
@@ -133,7 +143,7 @@ class Loop:
             return False
         return cfg.reset_optimizer_every == "epoch" or cfg.stage_of_epoch(epoch) != cfg.stage_of_epoch(epoch - 1)
 
-    def _micro_batch(self, batches: list[list], b: int) -> bool:
+    def _micro_batch(self, batches: list[list], b: int, epoch: int) -> bool:
         """Forward and backward of micro-batch `b` of the epoch's `batches`; True when it closes an
         accumulation group."""
         ctx, accum = self.ctx, self.ctx.cfg.grad_accum_steps
@@ -141,6 +151,7 @@ class Loop:
         group = min(accum, ctx.data.n_micro - group_start)
         last_in_group = b == group_start + group - 1
         batch = {k: v.to(ctx.device) for k, v in ctx.data.collator(batches[b]).items()}
+        torch.manual_seed(dropout_seed(ctx.cfg.seed, epoch, b, ctx.rank))
         with ctx.par.no_sync(last_in_group):
             with self.autocast:
                 out = ctx.par.module(batch["input_ids"], batch["attention_mask"], batch["labels"],

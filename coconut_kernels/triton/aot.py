@@ -139,8 +139,9 @@ def _t(*shape, dtype=torch.float32):
 
 
 def attention_calls(B, Sq, Hq, Hkv, D, Tmax, dtype, *, rotary=False, interleaved=False, causal=True, leftpad=False,
-                    new_seqlens=False, backward=True):
-    """Calls the append, forward and (optionally) backward launchers once at this shape."""
+                    new_seqlens=False, backward=True, dropout=False):
+    """Calls the append, forward and (optionally) backward launchers once at this shape (with attention dropout
+    when `dropout`)."""
     q = _t(B, Sq, Hq, D, dtype=dtype)
     kn, vn = _t(B, Sq, Hkv, D, dtype=dtype), _t(B, Sq, Hkv, D, dtype=dtype)
     kc, vc = _t(B, Tmax, Hkv, D, dtype=dtype), _t(B, Tmax, Hkv, D, dtype=dtype)
@@ -148,12 +149,13 @@ def attention_calls(B, Sq, Hq, Hkv, D, Tmax, dtype, *, rotary=False, interleaved
     lp = _t(B, dtype=torch.int32) if leftpad else None
     ns = _t(B, dtype=torch.int32) if new_seqlens else None
     cos = sin = _t(Tmax, D // 2) if rotary else None
+    drop = (0.1, 2 ** 40 + 1) if dropout else (0.0, 0)
     _la.kv_cache_append_triton(kc, vc, kn, vn, cs, lp, ns, cos, sin, interleaved)
-    out, lse = _la.latent_attention_fwd_triton(q, kc, vc, cs, lp, ns, cos, sin, interleaved, D ** -0.5, causal)
+    out, lse = _la.latent_attention_fwd_triton(q, kc, vc, cs, lp, ns, cos, sin, interleaved, D ** -0.5, causal, *drop)
     if backward:
         gk, gv = _t(B, Tmax, Hkv, D), _t(B, Tmax, Hkv, D)
         _la.latent_attention_bwd_triton(out, q, kc, vc, out, lse, cs, lp, ns, cos, sin, interleaved, D ** -0.5,
-                                        causal, gk, gv)
+                                        causal, gk, gv, *drop)
 
 
 def feedback_calls(n, B, T, d, dtype, norm, *, affine=True, batched=True):
@@ -179,9 +181,9 @@ def scenarios(full: bool):
     """(name, thunk) pairs. Shapes are the models' (GPT-2: 12 x 64 heads, no rotary; Llama-family: GQA with
     rotary at head dims 64/128/256); Sq=1 is decode, Sq=300 a prefix or multi-row latent pass.
 
-    The CI subset (168 compilations, minutes on 2 cores) has every kernel at least once, every head dim in
-    bf16, the tightest shared-memory cases (rotary; fp32 at head dim 128) and split-KV decode at GQA ratios
-    1/4/8 in each dtype; `full` (~1,000) crosses dtypes,
+    The CI subset (174 compilations, minutes on 2 cores) has every kernel at least once, every head dim in
+    bf16, the tightest shared-memory cases (rotary; fp32 at head dim 128), split-KV decode at GQA ratios
+    1/4/8 in each dtype and the attention kernels with dropout once; `full` (~1,000) crosses dtypes,
     head dims, rotary, GQA, decode, causality, left padding and ragged rows, norms and filters."""
     out = []
     if full:
@@ -189,12 +191,15 @@ def scenarios(full: bool):
                for dt, D, r, g, sq, i, c, lp in itertools.product(DTYPES, HEAD_DIMS, (False, True), (1, 4), (1, 300),
                                                                   (False, True), (True, False), (False, True))
                if r or not i]
+        att += [(dt, D, dict(rotary=True, group=4, Sq=sq, dropout=True))
+                for dt, D, sq in itertools.product(DTYPES, HEAD_DIMS, (1, 300))]
     else:
         att = [(dt, D, dict(rotary=True, group=4, Sq=300)) for dt, D in
                [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 128),
                 (torch.float32, 256), (torch.float16, 128)]]
         att += [(torch.bfloat16, 128, dict(rotary=True, group=4, Sq=1, leftpad=True, new_seqlens=True)),
-                (torch.bfloat16, 64, dict(rotary=False, group=1, Sq=300))]
+                (torch.bfloat16, 64, dict(rotary=False, group=1, Sq=300)),
+                (torch.bfloat16, 64, dict(rotary=False, group=1, Sq=300, dropout=True))]
         # Decode (split-KV forward and its combine) at the other GQA ratios, dtypes and head dims; the backward
         # of Sq=1 adds nothing the cases above do not compile.
         att += [(dt, D, dict(rotary=r, group=g, Sq=1, backward=False)) for dt, D, r, g in

@@ -7,6 +7,10 @@ under TRITON_INTERPRET=1. Lengths are read from device tensors inside the kernel
 
 Query heads of one GQA group share a program: its rows are the (t, g) pairs of one kv head, so every K/V
 tile is loaded once per group (this is what makes Sq=1 decode efficient).
+
+Attention dropout (DROPOUT): the keep mask of element (b, h, t, j) comes from tl.randint(seed, offset) at
+offset ((b * Hq + h) * Sq + t) * Tmax + j (csrc/dropout.h states the rule every backend follows), so the
+backward kernels regenerate the forward's mask; lse stays the undropped softmax's.
 """
 from __future__ import annotations
 
@@ -88,6 +92,14 @@ def _key_end(pid_m, cs, lp, n_valid, Tmax, GROUP: tl.constexpr, CAUSAL: tl.const
 
 
 @triton.jit
+def _keep_factor(seed, b, hq, t, offs_n, Hq, Sq, Tmax, threshold, keep_scale):
+    """(rows, BLOCK_N) factors of the probabilities: keep_scale where the element is kept, else 0."""
+    offs = ((b * Hq + hq[:, None]) * Sq + t[:, None]) * Tmax + offs_n[None, :]
+    r = tl.randint(seed, offs.to(tl.int64))
+    return tl.where((r >> 8).to(tl.int32) >= threshold, keep_scale, 0.0)
+
+
+@triton.jit
 def _kv_block(k_base, v_base, start, hi, offs_d, d_ok, stride_kt, stride_vt, BLOCK_N: tl.constexpr):
     """Cache rows [start, start + BLOCK_N) below hi of K and V (zeros elsewhere), with their row indices."""
     offs_n = start + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -126,13 +138,15 @@ def _append_kernel(K, V, KNew, VNew, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos
     tl.store(V + b * stride_vb + row[:, None] * stride_vt + h[:, None] * stride_vh + offs_d[None, :], v, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_seed"])
 def _fwd_kernel(Q, K, V, Out, Lse, PartAcc, PartML, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, Sin,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-                stride_ro, seqlen_ro, B, Sq, Hq, Hkv, Tmax, D, qk_scale_log2, num_splits,
+                stride_ro, seqlen_ro, B, Sq, Hq, Hkv, Tmax, D, qk_scale_log2, num_splits, dropout_seed,
+                drop_threshold, keep_scale,
                 GROUP: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr,
                 ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+                DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # SPLIT (flash-decoding): the key range of each query block is cut into num_splits chunks, one program
     # each; a program writes its unnormalised (m, l, acc) to PartML / PartAcc and _fwd_combine_kernel merges
@@ -185,6 +199,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, PartAcc, PartML, CacheSeqlens, CacheLeftpad, 
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = p * _keep_factor(dropout_seed, b, hq, t, offs_n, Hq, Sq, Tmax, drop_threshold, keep_scale)
         acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -253,14 +269,14 @@ def _bwd_delta_kernel(DO, O, Delta, stride_dob, stride_dot, stride_doh, stride_o
     tl.store(Delta + (b * Hq + h) * Sq + t, tl.sum(do * o, 1), mask=t < Sq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_seed"])
 def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, GK, GV, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, Sin,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                      stride_gkb, stride_gkt, stride_gkh, stride_gvb, stride_gvt, stride_gvh,
-                     stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, sm_scale,
+                     stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, sm_scale, dropout_seed, drop_threshold, keep_scale,
                      GROUP: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr,
-                     ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
+                     ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     # One program owns one key block of one (b, kv head) and sums over every query row and query head of
@@ -307,9 +323,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, GK, GV, CacheSeqlens, CacheLeftpad
             if CAUSAL:
                 ok = ok & (offs_n[None, :] <= q_pos[:, None])
             p = tl.where(ok, tl.exp(s - tl.where(row_ok, lse, 0.0)[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(DO.dtype.element_ty)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v).to(DO.dtype.element_ty), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            if DROPOUT:  # dV takes the dropped P; dS = P (mask * dP - delta)
+                f = _keep_factor(dropout_seed, b, hq, t, offs_n, Hq, Sq, Tmax, drop_threshold, keep_scale)
+                dv += tl.dot(tl.trans((p * f).to(DO.dtype.element_ty)), do, input_precision=PRECISION)
+                ds = p * (dp * f - delta[:, None])
+            else:
+                dv += tl.dot(tl.trans(p.to(DO.dtype.element_ty)), do, input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(K.dtype.element_ty)), q, input_precision=PRECISION)
         gk_ptr = GK + b * stride_gkb + offs_n[:, None] * stride_gkt + hkv * stride_gkh + offs_d[None, :]
         gv_ptr = GV + b * stride_gvb + offs_n[:, None] * stride_gvt + hkv * stride_gvh + offs_d[None, :]
@@ -317,14 +338,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, GK, GV, CacheSeqlens, CacheLeftpad
         tl.store(gv_ptr, tl.load(gv_ptr, mask=kv_mask) + dv, mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_seed"])
 def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, CacheSeqlens, CacheLeftpad, NewSeqlens, Cos, Sin,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                    stride_dqb, stride_dqt, stride_dqh,
-                   stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, sm_scale,
+                   stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, sm_scale, dropout_seed, drop_threshold, keep_scale,
                    GROUP: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_NEW_SEQLENS: tl.constexpr,
-                   ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
+                   ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # dq of the rotated q; with rotary the launcher rotates it back (_unrotate_kernel) afterwards.
     pid_m, bh = _split_pid(Sq * GROUP, BLOCK_M)
@@ -360,6 +381,8 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, CacheSeqlens, CacheLeftpad, NewS
             ok = ok & (offs_n[None, :] <= q_pos[:, None])
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v).to(DO.dtype.element_ty), input_precision=PRECISION)
+        if DROPOUT:
+            dp = dp * _keep_factor(dropout_seed, b, hq, t, offs_n, Hq, Sq, Tmax, drop_threshold, keep_scale)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(K.dtype.element_ty), k, input_precision=PRECISION)
     tl.store(DQ + b * stride_dqb + t[:, None] * stride_dqt + hq[:, None] * stride_dqh + offs_d[None, :],
@@ -492,6 +515,16 @@ def kv_cache_append_triton(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_
         INTERLEAVED=bool(rotary_interleaved), BLOCK_M=block_m, BLOCK_D=_block_d(D))
 
 
+def _dropout_args(dropout_p, dropout_seed):
+    """(seed, threshold, keep scale, on) of the kernels' dropout (the rule of csrc/dropout.h)."""
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int) or not 0 <= dropout_seed < 2 ** 63:
+        raise ValueError(f"dropout_seed must be an int in [0, 2^63), got {dropout_seed!r}")
+    return dropout_seed, int(p * 16777216.0), 1.0 / (1.0 - p), p > 0.0
+
+
 def _attention_common(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin):
     B, Sq, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -530,14 +563,15 @@ def num_kv_splits(programs: int, Tmax: int, sms: int = H100_SMS) -> int:
 
 
 def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos,
-                                rotary_sin, rotary_interleaved, softmax_scale, causal, *, block_m=None, block_n=None,
-                                num_splits=None):
+                                rotary_sin, rotary_interleaved, softmax_scale, causal, dropout_p=0.0, dropout_seed=0, *,
+                                block_m=None, block_n=None, num_splits=None):
     """(out, lse): attention of q (B, Sq, Hq, D) to the cache; out in q's dtype, lse fp32 (B, Hq, Sq).
 
     num_splits: how many programs share each query block's key range (split-KV, merged by a combine kernel);
     None chooses by num_kv_splits (1 when B x Hkv x query blocks already fill the GPU)."""
     B, Sq, Hq, Hkv, D, lengths, stride_ro, seqlen_ro, rot_dim = _attention_common(
         q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin)
+    *drop, dropout = _dropout_args(dropout_p, dropout_seed)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -560,10 +594,10 @@ def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpa
     _fwd_kernel[(programs * num_splits,)](
         q, k_cache, v_cache, out, lse, part_acc, part_ml, *lengths,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
-        stride_ro, seqlen_ro, B, Sq, Hq, Hkv, Tmax, D, softmax_scale * LOG2E, num_splits,
+        stride_ro, seqlen_ro, B, Sq, Hq, Hkv, Tmax, D, softmax_scale * LOG2E, num_splits, *drop,
         GROUP=group, HAS_LEFTPAD=cache_leftpad is not None, HAS_NEW_SEQLENS=new_seqlens is not None,
         ROT_DIM=rot_dim, INTERLEAVED=bool(rotary_interleaved), CAUSAL=bool(causal), SPLIT=split,
-        PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DROPOUT=dropout, PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_stages=_kv_stages(block_m, block_n, block_d, q.dtype, _capability(q.device)))
     if split:
         block_r = 16 if block_d <= 128 else 8
@@ -575,10 +609,11 @@ def latent_attention_fwd_triton(q, k_cache, v_cache, cache_seqlens, cache_leftpa
 
 def latent_attention_bwd_triton(grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad,
                                 new_seqlens, rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal,
-                                grad_k_cache, grad_v_cache, *, block_m=None, block_n=None):
+                                grad_k_cache, grad_v_cache, dropout_p=0.0, dropout_seed=0, *, block_m=None, block_n=None):
     """dq (w.r.t. the un-rotated q, q's dtype); adds the cache gradients into grad_k_cache / grad_v_cache (fp32)."""
     B, Sq, Hq, Hkv, D, lengths, stride_ro, seqlen_ro, rot_dim = _attention_common(
         q, k_cache, v_cache, cache_seqlens, cache_leftpad, new_seqlens, rotary_cos, rotary_sin)
+    *drop, dropout = _dropout_args(dropout_p, dropout_seed)
     for name, x in (("grad_k_cache", grad_k_cache), ("grad_v_cache", grad_v_cache)):
         if x.dtype != torch.float32 or x.shape != k_cache.shape:
             raise ValueError(f"{name} must be float32 of k_cache's shape {tuple(k_cache.shape)}, "
@@ -599,7 +634,7 @@ def latent_attention_bwd_triton(grad_out, q, k_cache, v_cache, out, lse, cache_s
         BLOCK_M=block_m, BLOCK_D=block_d)
     lse = lse.contiguous()
     flags = dict(GROUP=group, HAS_LEFTPAD=cache_leftpad is not None, HAS_NEW_SEQLENS=new_seqlens is not None,
-                 ROT_DIM=rot_dim, INTERLEAVED=bool(rotary_interleaved), CAUSAL=bool(causal),
+                 ROT_DIM=rot_dim, INTERLEAVED=bool(rotary_interleaved), CAUSAL=bool(causal), DROPOUT=dropout,
                  PRECISION=_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     Tmax = k_cache.shape[1]
     common = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *grad_out.stride()[:3])
@@ -609,12 +644,12 @@ def latent_attention_bwd_triton(grad_out, q, k_cache, v_cache, out, lse, cache_s
     _bwd_dkdv_kernel[(triton.cdiv(Tmax, kv_n) * B * Hkv,)](
         q, k_cache, v_cache, grad_out, lse, delta, grad_k_cache, grad_v_cache, *lengths, *common,
         *grad_k_cache.stride()[:3], *grad_v_cache.stride()[:3],
-        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale,
+        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale, *drop,
         **dict(flags, BLOCK_M=kv_m, BLOCK_N=kv_n), num_warps=kv_warps, num_stages=kv_stages)
     dq_rot = torch.empty(dq.shape, dtype=torch.float32, device=q.device) if rot_dim else dq
     _bwd_dq_kernel[(triton.cdiv(Sq * group, block_m) * B * Hkv,)](
         q, k_cache, v_cache, grad_out, lse, delta, dq_rot, *lengths, *common, *dq_rot.stride()[:3],
-        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale, **flags,
+        stride_ro, seqlen_ro, Sq, Hq, Hkv, Tmax, D, softmax_scale, *drop, **flags,
         num_stages=_kv_stages(block_m, block_n, block_d, q.dtype, _capability(q.device)))
     if rot_dim:
         _unrotate_kernel[(B * triton.cdiv(Sq * Hq, block_m),)](

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../dropout.h"
 #include "../latent_attention_checks.h"
 
 namespace coconut {
@@ -147,9 +148,10 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& cache_leftpad, const std::optional<at::Tensor>& new_seqlens,
     const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
-    bool rotary_interleaved, double softmax_scale, bool causal) {
+    bool rotary_interleaved, double softmax_scale, bool causal, double dropout_p, int64_t dropout_seed) {
   const auto d = check_latent_attention_args(q, at::Tensor(), at::Tensor(), k_cache, v_cache, cache_seqlens,
                                              cache_leftpad, new_seqlens, rotary_cos, rotary_sin);
+  const Dropout drop(dropout_p, dropout_seed);
   const LengthTensors lt(cache_seqlens, cache_leftpad, new_seqlens);
   const RotaryTables rt(rotary_cos, rotary_sin, acc_scalar_type(q.scalar_type()));
   const at::Tensor qc = q.contiguous();
@@ -159,10 +161,10 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_fwd_cpu(
     using acc_t = typename acc_type<scalar_t>::type;
     if (d.Sq == 1)  // decode and the one-row latent passes: one stream over the cache per sequence
       COCONUT_CALL_KERNEL(decode_kernel<scalar_t>, qc, k_cache, v_cache, out, lse, lt.view(d.Sq),
-                          rt.view<acc_t>(rotary_interleaved), softmax_scale);
+                          rt.view<acc_t>(rotary_interleaved), softmax_scale, drop);
     else
       COCONUT_CALL_KERNEL(fwd_kernel<scalar_t>, qc, k_cache, v_cache, out, lse, lt.view(d.Sq),
-                          rt.view<acc_t>(rotary_interleaved), softmax_scale, causal);
+                          rt.view<acc_t>(rotary_interleaved), softmax_scale, causal, drop);
   });
   return {out, lse};
 }
@@ -176,10 +178,11 @@ at::Tensor latent_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
                                     const std::optional<at::Tensor>& rotary_cos,
                                     const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
                                     double softmax_scale, bool causal, at::Tensor& grad_k_cache,
-                                    at::Tensor& grad_v_cache) {
+                                    at::Tensor& grad_v_cache, double dropout_p, int64_t dropout_seed) {
   const auto d = check_latent_attention_args(q, at::Tensor(), at::Tensor(), k_cache, v_cache, cache_seqlens,
                                              cache_leftpad, new_seqlens, rotary_cos, rotary_sin);
   check_latent_attention_bwd_args(d, q, grad_out, out, lse, k_cache, grad_k_cache, grad_v_cache);
+  const Dropout drop(dropout_p, dropout_seed);
   const LengthTensors lt(cache_seqlens, cache_leftpad, new_seqlens);
   const RotaryTables rt(rotary_cos, rotary_sin, acc_scalar_type(q.scalar_type()));
   const at::Tensor qc = q.contiguous(), goc = grad_out.contiguous(), oc = out.contiguous(), lc = lse.contiguous();
@@ -188,10 +191,10 @@ at::Tensor latent_attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
     using acc_t = typename acc_type<scalar_t>::type;
     if (d.Sq == 1)
       COCONUT_CALL_KERNEL(decode_bwd_kernel<scalar_t>, goc, qc, k_cache, v_cache, oc, lc, dq, grad_k_cache,
-                          grad_v_cache, lt.view(d.Sq), rt.view<acc_t>(rotary_interleaved), softmax_scale);
+                          grad_v_cache, lt.view(d.Sq), rt.view<acc_t>(rotary_interleaved), softmax_scale, drop);
     else
       COCONUT_CALL_KERNEL(bwd_kernel<scalar_t>, goc, qc, k_cache, v_cache, oc, lc, dq, grad_k_cache, grad_v_cache,
-                          lt.view(d.Sq), rt.view<acc_t>(rotary_interleaved), softmax_scale, causal);
+                          lt.view(d.Sq), rt.view<acc_t>(rotary_interleaved), softmax_scale, causal, drop);
   });
   return dq;
 }

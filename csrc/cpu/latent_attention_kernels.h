@@ -296,10 +296,10 @@ struct FwdPointers {
 template <typename scalar_t>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor& out,
                 at::Tensor& lse, const Lengths& len, const Rotary<typename acc_type<scalar_t>::type>& rot,
-                double softmax_scale, bool causal) {
+                double softmax_scale, bool causal, const Dropout& drop) {
   using acc_t = typename acc_type<scalar_t>::type;
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Dp = round_up(D, kNR);
+  const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Dp = round_up(D, kNR), Tmax = k_cache.size(1);
   const int64_t n_chunks = (Sq + kQueryChunk - 1) / kQueryChunk;
   const FwdPointers<scalar_t> P(q, k_cache, v_cache, out, lse, softmax_scale);
   const scalar_t *qp = P.q, *kc = P.k, *vc = P.v;
@@ -312,7 +312,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   at::parallel_for(0, B * Hkv * n_chunks, grain_for(work), [&](int64_t begin, int64_t end) {
     const int64_t M_max = G * kQueryChunk;
     std::vector<acc_t> Q(M_max * Dp), O(M_max * Dp), S(M_max * kKeyBlock), m(M_max), l(M_max);
-    std::vector<acc_t> Kt(D * kKeyBlock), Vb(kKeyBlock * Dp);
+    std::vector<acc_t> Kt(D * kKeyBlock), Vb(kKeyBlock * Dp), f(drop.on() ? kKeyBlock : 0);
     std::vector<int64_t> hi(M_max);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % n_chunks, g = (task / n_chunks) % Hkv, b = task / (n_chunks * Hkv);
@@ -372,6 +372,11 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
           acc_t* si = S.data() + i * kKeyBlock;
           const int64_t nj = std::max<int64_t>(0, std::min(nk, hi[i] + 1 - k0));
           if (nj > 0) online_softmax_block(si, nj, m[i], l[i], O.data() + i * Dp, Dp);
+          if (nj > 0 && drop.on()) {  // l keeps the whole sum: only the values' weights are dropped
+            const int64_t t = t0 + i / G, h = g * G + i % G;
+            drop.factors(f.data(), nj, ((b * Hq + h) * Sq + t) * Tmax + k0);
+            for (int64_t j = 0; j < nj; ++j) si[j] *= f[j];
+          }
           for (int64_t j = nj; j < nk; ++j) si[j] = 0;  // masked keys
         }
         if (few_rows && D != Dp) {
@@ -461,10 +466,10 @@ struct AccRows {
 template <typename scalar_t>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor& out,
                    at::Tensor& lse, const Lengths& len, const Rotary<typename acc_type<scalar_t>::type>& rot,
-                   double softmax_scale) {
+                   double softmax_scale, const Dropout& drop) {
   using acc_t = typename acc_type<scalar_t>::type;
   const int64_t B = q.size(0), Hq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k_cache.size(2), G = Hq / Hkv;
+  const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Tmax = k_cache.size(1);
   const FwdPointers<scalar_t> P(q, k_cache, v_cache, out, lse, softmax_scale);
   const scalar_t *qp = P.q, *kc = P.k, *vc = P.v;
   scalar_t* op = P.out;
@@ -476,7 +481,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   std::vector<acc_t> part(n_split > 1 ? B * n_split * Hq * W : 0);
 
   at::parallel_for(0, B * n_split, grain_for(Hq * splits.keys * D / n_split), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> Q(Hq * D), O(Hq * D), S(Hq * kDecodeBlock), m(Hq), l(Hq), Kb, Vb;
+    std::vector<acc_t> Q(Hq * D), O(Hq * D), S(Hq * kDecodeBlock), m(Hq), l(Hq), Kb, Vb,
+        f(drop.on() ? kDecodeBlock : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_split, split = task % n_split;
       const auto [k_lo, k_hi] = splits.rows(b, split);
@@ -494,8 +500,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         const AccRows<scalar_t, acc_t> K(kc + b * ks[0] + k0 * ks[1], ks[1], ks[2], nk, Hkv, D, Kb);
         for (int64_t j = 0; j < nk; ++j)
           for (int64_t h = 0; h < Hq; ++h) S[h * kDecodeBlock + j] = dot(Q.data() + h * D, K.at(j, h / G), D);
-        for (int64_t h = 0; h < Hq; ++h)
-          online_softmax_block(S.data() + h * kDecodeBlock, nk, m[h], l[h], O.data() + h * D, D);
+        for (int64_t h = 0; h < Hq; ++h) {
+          acc_t* sh = S.data() + h * kDecodeBlock;
+          online_softmax_block(sh, nk, m[h], l[h], O.data() + h * D, D);
+          if (drop.on()) {  // the one query row: t = 0
+            drop.factors(f.data(), nk, (b * Hq + h) * Tmax + k0);
+            for (int64_t j = 0; j < nk; ++j) sh[j] *= f[j];
+          }
+        }
         const AccRows<scalar_t, acc_t> V(vc + b * vs[0] + k0 * vs[1], vs[1], vs[2], nk, Hkv, D, Vb);
         for (int64_t j = 0; j < nk; ++j)
           for (int64_t h = 0; h < Hq; ++h) axpy(O.data() + h * D, S[h * kDecodeBlock + j], V.at(j, h / G), D);
@@ -540,7 +552,8 @@ template <typename scalar_t>
 void decode_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_cache,
                        const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
                        at::Tensor& grad_k, at::Tensor& grad_v, const Lengths& len,
-                       const Rotary<typename acc_type<scalar_t>::type>& rot, double softmax_scale) {
+                       const Rotary<typename acc_type<scalar_t>::type>& rot, double softmax_scale,
+                       const Dropout& drop) {
   using acc_t = typename acc_type<scalar_t>::type;
   const int64_t B = q.size(0), Hq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Tmax = k_cache.size(1);
@@ -558,7 +571,7 @@ void decode_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at
   at::parallel_for(0, B * n_split, grain_for(3 * Hq * splits.keys * D / n_split), [&](int64_t begin,
                                                                                            int64_t end) {
     std::vector<acc_t> Q(Hq * D), dO(Hq * D), dQ(Hq * D), Di(Hq), L(Hq), P(Hq * kDecodeBlock),
-        dS(Hq * kDecodeBlock), Kb, Vb;
+        dS(Hq * kDecodeBlock), Kb, Vb, f(drop.on() ? kDecodeBlock : 0);
     std::vector<char> live(Hq);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_split, split = task % n_split;
@@ -595,6 +608,14 @@ void decode_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at
           }
           for (int64_t j = 0; j < nk; ++j) p[j] = scale * p[j] - L[h];
           exp_block(p, p, nk);
+          if (drop.on()) {  // dS = P (mask * dP - Di); dV takes the dropped P
+            drop.factors(f.data(), nk, (b * Hq + h) * Tmax + k0);
+            for (int64_t j = 0; j < nk; ++j) {
+              ds[j] = p[j] * (ds[j] * f[j] - Di[h]) * scale;
+              p[j] *= f[j];
+            }
+            continue;
+          }
           for (int64_t j = 0; j < nk; ++j) ds[j] = p[j] * (ds[j] - Di[h]) * scale;
         }
         for (int64_t j = 0; j < nk; ++j) {
@@ -641,7 +662,7 @@ template <typename scalar_t>
 void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& grad_k, at::Tensor& grad_v,
                 const Lengths& len, const Rotary<typename acc_type<scalar_t>::type>& rot, double softmax_scale,
-                bool causal) {
+                bool causal, const Dropout& drop) {
   using acc_t = typename acc_type<scalar_t>::type;
   const int64_t B = q.size(0), Sq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Tmax = k_cache.size(1), Dp = round_up(D, kNR);
@@ -656,7 +677,7 @@ void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tenso
   at::parallel_for(0, B * Hkv, grain_for(3 * G * Sq * mean_keys(len, B) * D), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> Q, dO, dQ, Di, L, S, dP, Pt, dSt;
     std::vector<acc_t> Kt(D * kKeyBlock), Vt(D * kKeyBlock), Kb(kKeyBlock * Dp), dKb(kKeyBlock * Dp),
-        dVb(kKeyBlock * Dp);
+        dVb(kKeyBlock * Dp), f(drop.on() ? kKeyBlock : 0);
     std::vector<int64_t> hi;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task % Hkv, b = task / Hkv;
@@ -723,7 +744,16 @@ void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tenso
           const int64_t nj = std::max<int64_t>(0, std::min(nk, hi[i] + 1 - k0));
           for (int64_t j = 0; j < nj; ++j) p[j] = scale * p[j] - L[i];
           exp_block(p, p, nj);
-          for (int64_t j = 0; j < nj; ++j) ds[j] = p[j] * (ds[j] - Di[i]) * scale;
+          if (drop.on()) {  // dS = P (mask * dP - Di); dV takes the dropped P
+            const int64_t t = i / G, h = g * G + i % G;
+            drop.factors(f.data(), nj, ((b * Hq + h) * Sq + t) * Tmax + k0);
+            for (int64_t j = 0; j < nj; ++j) {
+              ds[j] = p[j] * (ds[j] * f[j] - Di[i]) * scale;
+              p[j] *= f[j];
+            }
+          } else {
+            for (int64_t j = 0; j < nj; ++j) ds[j] = p[j] * (ds[j] - Di[i]) * scale;
+          }
           for (int64_t j = nj; j < kKeyBlock; ++j) p[j] = ds[j] = 0;  // masked keys
           for (int64_t j = 0; j < nk; ++j) {
             Pt[j * Mi + r] = p[j];

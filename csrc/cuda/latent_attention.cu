@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../dropout.h"
 #include "../latent_attention_checks.h"
 #include "launch_config.h"
 
@@ -758,13 +759,22 @@ void kv_cache_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Te
   });
 }
 
+// These kernels have no attention dropout: the op's Python entry point sends calls with dropout_p > 0 to the
+// Triton kernels (or the reference), so a direct call with dropout is refused rather than silently not dropped.
+void check_no_dropout(double dropout_p, int64_t dropout_seed) {
+  const Dropout drop(dropout_p, dropout_seed);  // the argument checks every backend makes
+  COCONUT_CHECK(!drop.on(), "the CUDA C++ kernels of latent_attention have no attention dropout (dropout_p = ",
+                dropout_p, "); run with dropout_p = 0, or use the Triton backend (set_backend(\"triton\"))");
+}
+
 std::tuple<at::Tensor, at::Tensor> latent_attention_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& cache_leftpad, const std::optional<at::Tensor>& new_seqlens,
     const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
-    double softmax_scale, bool causal) {
+    double softmax_scale, bool causal, double dropout_p, int64_t dropout_seed) {
   const auto d = check_latent_attention_args(q_in, at::Tensor(), at::Tensor(), k_cache, v_cache, cache_seqlens,
                                              cache_leftpad, new_seqlens, rotary_cos, rotary_sin);
+  check_no_dropout(dropout_p, dropout_seed);
   check_cuda_dtype(k_cache);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous();
@@ -811,10 +821,11 @@ at::Tensor latent_attention_bwd_cuda(const at::Tensor& grad_out, const at::Tenso
                                      const std::optional<at::Tensor>& rotary_cos,
                                      const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
                                      double softmax_scale, bool causal, at::Tensor& grad_k_cache,
-                                     at::Tensor& grad_v_cache) {
+                                     at::Tensor& grad_v_cache, double dropout_p, int64_t dropout_seed) {
   const auto d = check_latent_attention_args(q_in, at::Tensor(), at::Tensor(), k_cache, v_cache, cache_seqlens,
                                              cache_leftpad, new_seqlens, rotary_cos, rotary_sin);
   check_latent_attention_bwd_args(d, q_in, grad_out, out, lse, k_cache, grad_k_cache, grad_v_cache);
+  check_no_dropout(dropout_p, dropout_seed);
   check_cuda_dtype(k_cache);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();

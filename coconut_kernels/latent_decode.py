@@ -277,7 +277,7 @@ class _Generation:
         self.lm, self.model, self.fb, self.rule, self.sampling = lm, lm.model, fb, rule, sampling
         self.plan, self.input_ids, self.eos, self.readout = plan, input_ids, eos, readout
         B, device = input_ids.shape[0], input_ids.device
-        self.dec = DecodeStep(lm, B, plan.total + 1, device, use_cuda_graph)
+        self.dec = DecodeStep(lm, B, plan.total, device, use_cuda_graph)
         d, dtype = self.model.config.d_model, self.model.embed_tokens.weight.dtype
         # Static step buffers (a CUDA graph replays over them).
         self.s_tok = torch.zeros(B, dtype=torch.long, device=device)

@@ -129,3 +129,26 @@ def test_coconut_eval_precision_has_the_trainers_meanings(trained, tmp_path, cap
     capsys.readouterr()
     assert main([*flags, "--bf16", "--precision", "bf16-autocast", "--out", ""]) == 2
     assert "--bf16 means --precision bf16" in capsys.readouterr().err
+
+
+def test_evaluation_stops_answers_at_the_model_positions(trained, capsys):
+    """The official loop decodes up to max_new_tokens and fails only if an answer runs past the model's positions;
+    the evaluation therefore gives each batch the room its longest prompt leaves instead of refusing it."""
+    ckpt, _, records = trained
+    lm = load_source(ckpt)
+    tok = lm.tokenizer
+    recs = tokenize_records(records, tok)
+    sc = StageConfig(method="coconut", c_thought=1, max_latent_stage=2)
+    asked = []
+    real = lm.generate
+
+    def spy(ids, mask, *, max_new_tokens, **kw):
+        asked.append((ids.shape[1], max_new_tokens))
+        return real(ids, mask, max_new_tokens=max_new_tokens, **kw)
+
+    lm.generate = spy
+    res = evaluate(lm, recs, 2, sc, tok, RaggedCollator.from_tokenizer(tok), batch_size=5, max_new_tokens=10_000,
+                   device=torch.device("cpu"))
+    assert res["n"] == len(records)
+    assert asked and all(width + n == TINY["max_position"] for width, n in asked)
+    assert "cut at the model's 512 positions" in capsys.readouterr().err

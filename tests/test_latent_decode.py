@@ -102,3 +102,21 @@ def test_real_capture_failure_on_a_cpu_build(graphs_on_cpu):
         out = run(lm, True)
     assert len(fallback_warnings(record)) == 1
     assert same(out, run(lm, False))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_fills_the_model_positions_to_the_last(family):
+    """prompt + latents + max_new_tokens == max_position is allowed (generate's own check) and runs: the decode
+    cache holds exactly the positions the answer needs, which GPT-2's learned positions also bound."""
+    from coconut_kernels import LatentLM
+    from coconut_kernels.models import GPT2, GPT2Config, Llama, LlamaConfig
+    torch.manual_seed(0)
+    model = (GPT2(GPT2Config(vocab_size=16, n_layer=1, n_head=2, d_model=8, max_position=32)) if family == "gpt2"
+             else Llama(LlamaConfig(vocab_size=16, n_layer=1, n_head=2, d_model=8, d_ff=16, max_position=32)))
+    lm = LatentLM(model.eval(), 13, 12, 14, 15)
+    ids = torch.tensor([[1, 2, 12, 13, 13, 14], [0, 3, 4, 12, 13, 14]])
+    mask = torch.tensor([[1] * 6, [0, 1, 1, 1, 1, 1]])
+    full = lm.generate(ids, mask, max_new_tokens=26, eos_token_id=-1)
+    assert full.lengths.tolist() == [26, 26]
+    short = lm.generate(ids, mask, max_new_tokens=20, eos_token_id=-1)
+    assert torch.equal(full.tokens[:, :20], short.tokens)

@@ -41,12 +41,15 @@ def evaluate(lm, records: list[TokenizedRecord], stage: int, stage_config: Stage
     lm.eval()
     rows = []
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    requested, capped = max_new_tokens, False
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
         prompts = [build_prompt(r, stage, stage_config, tokenizer) for r in chunk]
         batch = collator(prompts)
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
+        max_new_tokens = _room(lm, ids, requested)
+        capped |= max_new_tokens < requested
         with amp:
             out = lm.generate(ids, mask, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                               **(schedule or {}))
@@ -64,7 +67,21 @@ def evaluate(lm, records: list[TokenizedRecord], stage: int, stage_config: Stage
             text = _decode(tokenizer, prompt, gen[b], int(lengths[b]))
             rows.append(_score(rec, tokenizer, text, int(lengths[b]), int(n_lat[b]), drawn_texts))
     lm.train(was_training)
+    if capped and rank == 0:
+        print(f"[eval] max_new_tokens {requested}: answers of the longest prompts were cut at the model's "
+              f"{lm.model.config.max_position} positions", file=sys.stderr, flush=True)
     return _summary(rows, device, world, n_samples, samples, outputs)
+
+
+def _room(lm, ids: torch.Tensor, max_new_tokens: int) -> int:
+    """max_new_tokens, or fewer where the batch's prompts (latents included) leave fewer positions: the official
+    loop decodes until EOS or max_new_tokens and fails only if an answer actually runs past the model's positions,
+    so an evaluation stops a row there instead of refusing the whole batch."""
+    room = lm.model.config.max_position - ids.shape[1]
+    if room < 1:
+        raise ValueError(f"an evaluation prompt of {ids.shape[1]} tokens (latents included) leaves no room for an "
+                         f"answer in the model's {lm.model.config.max_position} positions")
+    return min(max_new_tokens, room)
 
 
 def _decode(tokenizer, prompt, row: torch.Tensor, n: int) -> str:

@@ -5,7 +5,9 @@ official checkpoint_N file with ``--base``) decodes the stage's prompts greedily
 match and CoT exact match (the official extraction: `coconut_kernels.data.eval`), the validation loss of the
 stage's training layout, the latents run per example and, with ``--samples k --temperature t``, pass@k over
 k sampled decodings; ``--out`` gets every example's output as JSON. The curriculum knobs come from
-``--official ARGS_YAML``, else a coconut-train checkpoint's own run config, else the flags.
+``--official ARGS_YAML``, else a coconut-train checkpoint's own run config, else the flags; so does the latent
+schedule (``--latent_schedule jacobi --jacobi_iters T`` as in coconut-train; default: the checkpoint's, else
+sequential), which both the decoding and the validation loss run.
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ import torch
 import yaml
 
 from ..errors import CoconutError
+from ..validation import LATENT_SCHEDULES
 
 __all__ = ["main", "run_eval"]
 
 
 def _stage_setup(args) -> tuple:
-    """(StageConfig, stage, max_new_tokens, data path) from --official, the checkpoint's run config or the
-    flags; explicit flags win."""
+    """(StageConfig, stage, max_new_tokens, data path, latent schedule) from --official, the checkpoint's run
+    config or the flags; explicit flags win."""
     from ..data import StageConfig
     from ..training.config import TrainConfig
     from .official import official_config
@@ -67,7 +70,23 @@ def _stage_setup(args) -> tuple:
         raise CoconutError("--data: no evaluation file (give --data FILE, or --official with a val_path)")
     max_new = args.max_new_tokens or (cfg.max_new_tokens if cfg is not None and args.official else None) or \
         (64 if "gsm" in str(data) else 128)
-    return stage_config, stage, max_new, data
+    return stage_config, stage, max_new, data, _schedule(args, cfg)
+
+
+def _schedule(args, cfg) -> dict:
+    """LatentLM's latent_schedule / jacobi_iters: the flags over the run config's (TrainConfig's defaults when
+    there is none), checked before any work."""
+    from ..training.config import TrainConfig
+    from ..validation import check_schedule
+
+    schedule = args.latent_schedule or (cfg.latent_schedule if cfg is not None else "sequential")
+    iters = args.jacobi_iters if args.jacobi_iters is not None else \
+        (cfg.jacobi_iters if cfg is not None else TrainConfig.jacobi_iters)
+    try:
+        check_schedule(schedule, iters if schedule == "jacobi" else args.jacobi_iters)
+    except ValueError as e:
+        raise CoconutError(f"--latent_schedule / --jacobi_iters: {e}") from None
+    return {"latent_schedule": schedule, "jacobi_iters": iters if schedule == "jacobi" else None}
 
 
 def run_eval(args) -> dict:
@@ -75,7 +94,7 @@ def run_eval(args) -> dict:
     from ..training.evaluate import evaluate, validation_loss
     from .hf_export import load_source
 
-    stage_config, stage, max_new_tokens, data = _stage_setup(args)
+    stage_config, stage, max_new_tokens, data, schedule = _stage_setup(args)
     if not Path(data).is_file():
         raise CoconutError(f"--data: {data} not found")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -88,13 +107,14 @@ def run_eval(args) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     res = evaluate(lm, records, stage, stage_config, tok, collator, batch_size=args.batch_size,
                    max_new_tokens=max_new_tokens, device=device, autocast=args.bf16, outputs=True, samples=args.samples,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator)
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator,
+                   schedule=schedule)
     loss = validation_loss(lm, records, stage, stage_config, tok, collator, batch_size=args.batch_size, device=device,
-                           autocast=args.bf16)
+                           autocast=args.bf16, schedule=schedule)
     summary = {"source": str(args.source), "data": str(data), "method": stage_config.method, "stage": stage,
                "n": res["n"], "accuracy": res["accuracy"], "cot_accuracy": res["cot_accuracy"],
                "val_loss": loss["val_loss"], "mean_latents": res["mean_latents"],
-               "mean_new_tokens": res["mean_new_tokens"], "max_new_tokens": max_new_tokens}
+               "mean_new_tokens": res["mean_new_tokens"], "max_new_tokens": max_new_tokens, **schedule}
     if args.samples:
         summary.update({"samples": args.samples, "temperature": args.temperature,
                         f"pass@{args.samples}": res[f"pass@{args.samples}"],
@@ -117,6 +137,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--c_thought", type=int)
     p.add_argument("--max_latent_stage", type=int)
     p.add_argument("--pad_latent_to_max", type=lambda s: s.lower() in ("1", "true", "yes"))
+    p.add_argument("--latent_schedule", choices=list(LATENT_SCHEDULES),
+                   help="sequential (a pass per thought) or jacobi (PCCoT, --jacobi_iters passes over all thoughts); "
+                        "default: the checkpoint's run config, else sequential")
+    p.add_argument("--jacobi_iters", type=int, help="Jacobi iterations (default: the checkpoint's, else 3)")
     p.add_argument("--stage", type=int, help="the curriculum stage of the prompts (default: the run's last)")
     p.add_argument("--max_records", type=int)
     p.add_argument("--batch_size", type=int, default=32)

@@ -63,7 +63,7 @@ def train_step(module, batch, schedule: dict | None = None):
 
 
 def _train_cases(state, size, B, n, jacobi, device, dtype, q_len, reps, ref_max):
-    scenario = f"latent_scaling_train B={B}"
+    scenario = f"latent_scaling_train_B{B}"
     batch = {}
 
     def get():
@@ -92,7 +92,7 @@ def _train_cases(state, size, B, n, jacobi, device, dtype, q_len, reps, ref_max)
 
 
 def _generate_cases(state, size, B, n, jacobi, device, dtype, q_len, reps, ref_max):
-    scenario = f"latent_scaling_generate B={B}"
+    scenario = f"latent_scaling_generate_B{B}"
     prompts = {}
 
     def get():

@@ -45,8 +45,11 @@ class KeptRows:
 
     def add(self, h: torch.Tensor, rows: PassRows, with_logits: bool) -> None:
         h2 = h.reshape(-1, h.shape[-1])
-        self.hidden.append(h2.index_select(0, rows.loss_rows))
-        self.targets.append(rows.targets)
+        # A pass without labelled rows (every one-row latent pass, as a rule) adds nothing; the first pass always
+        # adds its (possibly empty) rows, so the loss has something to concatenate.
+        if rows.loss_rows.numel() or not self.hidden:
+            self.hidden.append(h2.index_select(0, rows.loss_rows))
+            self.targets.append(rows.targets)
         if with_logits:
             valid = rows.valid_rows
             self.logit_rows.append((h2.index_select(0, valid), valid // rows.width, rows.col_flat[valid]))

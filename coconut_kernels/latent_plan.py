@@ -54,13 +54,17 @@ class BatchPlan:
 
 
 def _sequential_passes(first: torch.Tensor, n_lat: torch.Tensor, length: torch.Tensor) -> list[PassSpan]:
-    """The passes of the sequential schedule (see BatchPlan) from each example's first latent row."""
+    """The passes of the sequential schedule (see BatchPlan) from each example's first latent row. The one-row
+    latent passes are computed together, as rows of (k - 1, B) tensors."""
     k = int(n_lat.max())
     zero = torch.zeros_like(n_lat)
     has = n_lat > 0
     passes = [PassSpan(PREFILL, zero, torch.where(has, first, length))]
-    for i in range(1, k):
-        passes.append(PassSpan(LATENT, torch.where(n_lat > i, first + i - 1, zero), (n_lat > i).long()))
+    if k > 1:
+        i = torch.arange(1, k)[:, None]
+        thinking = n_lat[None] > i                                              # (k - 1, B)
+        starts = torch.where(thinking, first[None] + i - 1, 0)
+        passes += [PassSpan(LATENT, st, ct) for st, ct in zip(starts.unbind(0), thinking.long().unbind(0))]
     if k > 0:
         last = first + n_lat - 1
         passes.append(PassSpan(ANSWER, torch.where(has, last, zero), torch.where(has, length - last, zero)))
@@ -133,7 +137,7 @@ class PassRows:
 
 
 def _pass_pieces(plan: BatchPlan, p: int, span: PassSpan, labels: torch.Tensor | None, T: int):
-    """The host tensors of one pass, in PassRows' field order after kind and width."""
+    """The host tensors of one pass, in PassRows' field order after kind and width, each 1-D (col flattened)."""
     start, count = span.start, span.count
     t = torch.arange(int(count.max()))
     local = start[:, None] + t[None]                             # (B, width) local rows
@@ -149,28 +153,51 @@ def _pass_pieces(plan: BatchPlan, p: int, span: PassSpan, labels: torch.Tensor |
     none = torch.zeros(0, dtype=torch.long)
     feed_rows = (count > 0).nonzero().squeeze(1) if p > 0 and span.chained else none
     produce = ((plan.n_latents > p) & (count > 0)).nonzero().squeeze(1) if span.chained else none
-    return [col, count, feed_rows, produce, (count - 1).clamp(min=0)[produce], flat, target,
+    return [col.reshape(-1), count, feed_rows, produce, (count - 1).clamp(min=0)[produce], flat, target,
             valid.reshape(-1).nonzero().squeeze(1), col.reshape(-1)]
+
+
+def _latent_pieces(plan: BatchPlan, spans: list[PassSpan], labels: torch.Tensor | None, T: int):
+    """_pass_pieces of the sequential schedule's one-row latent passes 1 .. k - 1, computed together: a pass's
+    examples that think (count 1) are fed, produce the next latent from their one row (src 0) and are its
+    valid rows."""
+    count = torch.stack([s.count for s in spans])                          # (K, B) of 0 / 1
+    col = (plan.leftpad[None] + torch.stack([s.start for s in spans])).clamp(max=T - 1)
+    sizes = count.sum(1).tolist()
+    thinking = count.nonzero()[:, 1].split(sizes)
+    src = torch.zeros(sum(sizes), dtype=torch.long).split(sizes)
+    if labels is not None:
+        local = col - plan.leftpad[None]
+        target = torch.where((count > 0) & (local + 1 < plan.length[None]),
+                             labels.gather(1, (col + 1).clamp(max=T - 1).t()).t(), IGNORE_INDEX)
+        labelled = target != IGNORE_INDEX
+        flat = labelled.nonzero()[:, 1].split(labelled.sum(1).tolist())
+        targets = target[labelled].split(labelled.sum(1).tolist())
+    else:
+        flat = targets = [torch.zeros(0, dtype=torch.long)] * len(spans)
+    return [[c, n, rows, rows, z, f, tg, rows, c]
+            for c, n, rows, z, f, tg in zip(col.unbind(0), count.unbind(0), thinking, src, flat, targets)]
 
 
 def pass_rows(plan: BatchPlan, labels: torch.Tensor | None, T: int, device,
               passes: list[PassSpan] | None = None) -> list[PassRows]:
     """Every pass's index tensors (of `passes`, default the sequential plan.passes), built on the host and moved
-    to `device` in one copy."""
+    to `device` in one copy, then cut into views in one split (per-pass Python work stays off the latent loop)."""
+    spans = plan.passes if passes is None else passes
+    # The sequential one-row latent passes (chained, after the prefill) are planned together.
+    latent = [p for p, s in enumerate(spans) if s.kind == LATENT and s.chained and p > 0]
+    batched = dict(zip(latent, _latent_pieces(plan, [spans[p] for p in latent], labels, T))) if latent else {}
     host, layout = [], []
-    for p, span in enumerate(plan.passes if passes is None else passes):
-        pieces = _pass_pieces(plan, p, span, labels, T)
-        layout.append((span.kind, pieces[0].shape[1], [x.numel() for x in pieces]))
-        host.extend(x.reshape(-1).long() for x in pieces)
-    dev = torch.cat(host).to(device, non_blocking=True)
-    out, offset = [], 0
-    for kind, width, sizes in layout:
-        parts = []
-        for n in sizes:
-            parts.append(dev[offset:offset + n])
-            offset += n
-        parts[0] = parts[0].view(plan.batch, width)
-        out.append(PassRows(kind, width, *parts))
+    for p, span in enumerate(spans):
+        pieces = batched[p] if p in batched else _pass_pieces(plan, p, span, labels, T)
+        layout.append((span.kind, pieces[0].numel() // plan.batch))
+        host.extend(pieces)
+    parts = torch.cat(host).long().to(device, non_blocking=True).split([x.numel() for x in host])
+    out, n = [], len(PassRows.__dataclass_fields__) - 2
+    for i, (kind, width) in enumerate(layout):
+        mine = list(parts[i * n:(i + 1) * n])
+        mine[0] = mine[0].view(plan.batch, width)
+        out.append(PassRows(kind, width, *mine))
     return out
 
 

@@ -152,3 +152,23 @@ def test_evaluation_stops_answers_at_the_model_positions(trained, capsys):
     assert res["n"] == len(records)
     assert asked and all(width + n == TINY["max_position"] for width, n in asked)
     assert "cut at the model's 512 positions" in capsys.readouterr().err
+
+
+def test_eval_latent_schedule(trained, tmp_path, capsys):
+    """--latent_schedule jacobi --jacobi_iters T reaches generate and the validation loss: with T >= the stage's
+    thought count (2) the outputs and the loss are the sequential schedule's; fewer iterations are recorded."""
+    ckpt, data, _ = trained
+    common = [str(ckpt), "--data", str(data), "--stage", "2", "--max_new_tokens", "8", "--batch_size", "4"]
+    res = {}
+    for name, flags in (("seq", []), ("exact", ["--latent_schedule", "jacobi", "--jacobi_iters", "2"]),
+                        ("one", ["--latent_schedule", "jacobi", "--jacobi_iters", "1"])):
+        assert main(common + flags + ["--out", str(tmp_path / f"{name}.json")]) == 0
+        res[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert res["seq"]["latent_schedule"] == "sequential" and res["seq"]["jacobi_iters"] is None
+    assert (res["exact"]["latent_schedule"], res["exact"]["jacobi_iters"]) == ("jacobi", 2)
+    assert [e["output"] for e in res["exact"]["examples"]] == [e["output"] for e in res["seq"]["examples"]]
+    assert res["exact"]["val_loss"] == pytest.approx(res["seq"]["val_loss"], rel=1e-5)
+    assert res["one"]["jacobi_iters"] == 1 and res["one"]["n"] == res["seq"]["n"]
+    capsys.readouterr()
+    assert main(common + ["--latent_schedule", "jacobi", "--jacobi_iters", "0"]) == 2
+    assert "--jacobi_iters" in capsys.readouterr().err

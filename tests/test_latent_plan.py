@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from coconut_kernels.latent_decode import DecodeState, StopRule
-from coconut_kernels.latent_plan import ANSWER, LATENT, PREFILL, pass_rows, plan_batch, plan_decode
+from coconut_kernels.latent_plan import (ANSWER, LATENT, PREFILL, PassRows, _pass_pieces, pass_rows, plan_batch,
+                                         plan_decode)
 
 BOT, LAT, EOT, PAD = 8, 9, 7, 0
 IGN = -100
@@ -77,6 +78,34 @@ def test_pass_rows_of_a_ragged_batch():
     assert rows[3].loss_rows.tolist() == [1, 2, 3, 6, 7] and rows[3].targets.tolist() == [4, 5, 6, 4, 6]
     assert rows[1].loss_rows.numel() == rows[2].loss_rows.numel() == 0
     assert rows[3].valid_rows.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_latent_passes_planned_together_equal_one_by_one(seed):
+    """The one-row latent passes planned in one batched computation (pass_rows) hold the index tensors the
+    per-pass planning gives, on random ragged and left-padded batches with labels on latent rows too."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = 5, 24
+    lengths = torch.randint(6, T + 1, (B,), generator=g)
+    pads = torch.randint(0, 2, (B,), generator=g) * (T - lengths)
+    ids, mask = torch.full((B, T), PAD), torch.zeros(B, T, dtype=torch.long)
+    labels = torch.randint(1, 7, (B, T), generator=g)
+    for b in range(B):
+        n, p = int(lengths[b]), int(pads[b])
+        k = int(torch.randint(0, min(6, n - 3), (), generator=g))
+        row = torch.randint(1, 7, (n,), generator=g)
+        row[1], row[2:2 + k], row[2 + k] = BOT, LAT, EOT
+        ids[b, p:p + n], mask[b, p:p + n] = row, 1
+    labels[torch.rand(B, T, generator=g) < 0.5] = IGN
+    plan = plan_batch(ids, mask, LAT)
+    rows = pass_rows(plan, labels, T, "cpu")
+    assert len(rows) == len(plan.passes)
+    for p, (span, r) in enumerate(zip(plan.passes, rows)):
+        expect = _pass_pieces(plan, p, span, labels, T)
+        got = [getattr(r, f) for f in list(PassRows.__dataclass_fields__)[2:]]
+        assert r.width * B == expect[0].numel()
+        for name, a, e in zip(list(PassRows.__dataclass_fields__)[2:], got, expect):
+            assert a.reshape(-1).tolist() == e.reshape(-1).tolist(), (p, name)
 
 
 def test_plan_without_latents_is_one_prefill_pass():

@@ -37,7 +37,8 @@ RECORD = Path("benchmarks") / "RESULTS.md"   # the record, relative to the repos
 NOTES = "## Notes"  # the record's one hand-written section: --write-results keeps it as it is
 
 # The order scenarios run and print in; a bench module registers its scenario when imported.
-ORDER = ("latent_feedback", "latent_attention", "soft_embedding", "train_step", "generate", "engine")
+ORDER = ("latent_feedback", "latent_attention", "soft_embedding", "train_step", "generate", "latent_scaling",
+         "engine")
 
 
 def _load_scenarios() -> None:
@@ -139,9 +140,15 @@ def run_scenario(scn, settings: dict, info: dict, progress) -> list[dict]:
             mem = (None, "")
             if case.extra.get("memory", True):
                 mem = _optional(case, scn, progress, harness.peak_memory, step, device)
+            calls = None
+            if case.extra.get("aten_calls"):  # the operator calls of one step (not timed: the mode slows it)
+                calls = _optional(case, scn, progress, harness.count_aten_calls, step)
             del step
             if mem is not None:
                 rows += _case_rows(case, times[id(case)], *mem, info, device)
+                if calls is not None:
+                    rows.append({**rows[-1], "metric": "aten calls per step", "unit": "calls",
+                                 **dict.fromkeys(("p20", "p50", "p80"), sum(calls.values()))})
             progress(f"{scn.name}: {case.provider} {case.x_name}={case.x_value}: "
                      f"{harness.quantiles(times[id(case)])[1] * 1e3:.2f} ms")
     return rows
@@ -174,6 +181,8 @@ def _case_rows(case, times: list[float], mem, mem_kind: str, info: dict, device)
             "x_value": case.x_value, **provenance(info)}
     p20, p50, p80 = harness.quantiles(times)
     rows = [{**base, "metric": "time", "unit": "s", "p20": p20, "p50": p50, "p80": p80}]
+    if case.extra.get("max"):  # the slowest repetition, beside the median: rare slow steps show here
+        rows.append({**base, "metric": "time max", "unit": "s", **dict.fromkeys(("p20", "p50", "p80"), max(times))})
     if mem is not None:
         rows.append({**base, "metric": f"memory ({mem_kind})", "unit": "MiB", "p20": mem / 2**20,
                      "p50": mem / 2**20, "p80": mem / 2**20})
@@ -367,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render-results", nargs="?", const=str(RECORD), default=None, metavar="RECORD",
                     help="render RECORD again from the CSVs in the results/ folder beside it, running nothing")
     ap.add_argument("--full", action="store_true",
-                    help="the whole workload of the scenarios that run a reduced one by default (engine)")
+                    help="the whole workload of the scenarios that run a reduced one by default (latent_scaling, "
+                         "engine)")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args(argv)
     for flag in ("threads", "reps"):
@@ -420,11 +430,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         scn = SCENARIOS[name]
         rows = run_scenario(scn, settings, info, progress)
-        all_rows.extend(rows)
         print(f"\n## {name}: {scn.description}\n")
         print(format_table(ratio_table(rows)), flush=True)
         if memory_note(rows):
             print(memory_note(rows), flush=True)
+        if scn.summarize is not None:
+            rows += scn.summarize(rows)
+            if scn.summary_table is not None:
+                print("\n" + format_table(scn.summary_table(rows)), flush=True)
+        all_rows.extend(rows)
     info["wall_s"] = time.perf_counter() - t0
     paths = write_outputs(all_rows, info, out)
     print(f"\nwrote {out / 'results.csv'}, {out / 'machine.json'}, " + ", ".join(str(p) for p in paths))

@@ -11,12 +11,14 @@ allocated when the step began.
 """
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass
@@ -40,6 +42,9 @@ class Scenario:
     description: str
     cases: Callable[[dict], Iterator[Case]]   # settings -> cases
     x_label: str = "B"
+    # rows derived from all of the scenario's rows (e.g. a fit over x), and their table
+    summarize: Callable[[list[dict]], list[dict]] | None = None
+    summary_table: Callable[[list[dict]], list[list[str]]] | None = None
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -66,6 +71,27 @@ def time_step(step: Callable[[], object], reps: int, warmup: int, device: torch.
         _sync(device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+class AtenCalls(TorchDispatchMode):
+    """Counts the operator calls (aten and the library's own) made while active, by overload packet."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_aten_calls(step: Callable[[], object]) -> collections.Counter:
+    """The operator calls of one call of `step`, forward and backward (the CPU autograd engine runs the
+    backward on the calling thread, under the same mode; a CUDA backward runs on the engine's device thread,
+    whose calls are not counted)."""
+    with AtenCalls() as mode:
+        step()
+    return mode.calls
 
 
 def saved_bytes(step: Callable[[], object]) -> int:

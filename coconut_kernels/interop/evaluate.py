@@ -8,6 +8,8 @@ k sampled decodings; ``--out`` gets every example's output as JSON. The curricul
 ``--official ARGS_YAML``, else a coconut-train checkpoint's own run config, else the flags. ``--precision``
 has the trainer's meanings: fp32, bf16 (the whole model cast to bf16, as run.py's ``bf16: true``; ``--bf16`` is
 its alias) or bf16-autocast (fp32 weights under bf16 autocast); by default the run config's, else fp32.
+The latent schedule too (``--latent_schedule jacobi --jacobi_iters T`` as in coconut-train; default: the
+checkpoint's, else sequential), which both the decoding and the validation loss run.
 """
 from __future__ import annotations
 
@@ -20,14 +22,14 @@ import torch
 
 from .._cli import run_cli
 from ..errors import CheckpointError, CoconutError
-from ..validation import MIN_TEMPERATURE, check_device, check_int, check_real, check_writable
+from ..validation import LATENT_SCHEDULES, MIN_TEMPERATURE, check_device, check_int, check_real, check_writable
 
 __all__ = ["main", "run_eval"]
 
 
 def _stage_setup(args) -> tuple:
-    """(StageConfig, stage, max_new_tokens, data path, precision) from --official, the checkpoint's run config
-    or the flags; explicit flags win."""
+    """(StageConfig, stage, max_new_tokens, data path, precision, latent schedule) from --official, the
+    checkpoint's run config or the flags; explicit flags win."""
     from ..data import StageConfig
     from ..training.checkpoint import read_run_config
     from ..training.config import TrainConfig
@@ -77,7 +79,7 @@ def _stage_setup(args) -> tuple:
     if args.bf16 and args.precision not in (None, "bf16"):
         raise CoconutError(f"--bf16 means --precision bf16 (the whole model cast), not {args.precision!r}; give one")
     precision = "bf16" if args.bf16 else args.precision or (cfg.compute_precision if cfg is not None else "fp32")
-    return stage_config, stage, max_new, data, precision
+    return stage_config, stage, max_new, data, precision, _schedule(args, cfg)
 
 
 def _check_flags(args) -> torch.device:
@@ -96,13 +98,29 @@ def _check_flags(args) -> torch.device:
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _schedule(args, cfg) -> dict:
+    """LatentLM's latent_schedule / jacobi_iters: the flags over the run config's (TrainConfig's defaults when
+    there is none), checked before any work."""
+    from ..training.config import TrainConfig
+    from ..validation import check_schedule
+
+    schedule = args.latent_schedule or (cfg.latent_schedule if cfg is not None else "sequential")
+    iters = args.jacobi_iters if args.jacobi_iters is not None else \
+        (cfg.jacobi_iters if cfg is not None else TrainConfig.jacobi_iters)
+    try:
+        check_schedule(schedule, iters if schedule == "jacobi" else args.jacobi_iters)
+    except ValueError as e:
+        raise CoconutError(f"--latent_schedule / --jacobi_iters: {e}") from None
+    return {"latent_schedule": schedule, "jacobi_iters": iters if schedule == "jacobi" else None}
+
+
 def run_eval(args) -> dict:
     from ..data import RaggedCollator, load_records, tokenize_records
     from ..training.evaluate import evaluate, validation_loss
     from .hf_export import load_source
 
     device = _check_flags(args)
-    stage_config, stage, max_new_tokens, data, precision = _stage_setup(args)
+    stage_config, stage, max_new_tokens, data, precision, schedule = _stage_setup(args)
     if not Path(data).is_file():
         raise CoconutError(f"--data: {data} not found")
     lm = load_source(args.source, args.base).to(device=device, dtype=torch.bfloat16 if precision == "bf16"
@@ -118,13 +136,15 @@ def run_eval(args) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     res = evaluate(lm, records, stage, stage_config, tok, collator, batch_size=args.batch_size,
                    max_new_tokens=max_new_tokens, device=device, autocast=autocast, outputs=True, samples=args.samples,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator)
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, generator=generator,
+                   schedule=schedule)
     loss = validation_loss(lm, records, stage, stage_config, tok, collator, batch_size=args.batch_size, device=device,
-                           autocast=autocast)
+                           autocast=autocast, schedule=schedule)
     summary = {"source": str(args.source), "data": str(data), "method": stage_config.method, "stage": stage,
                "n": res["n"], "accuracy": res["accuracy"], "cot_accuracy": res["cot_accuracy"],
                "val_loss": loss["val_loss"], "mean_latents": res["mean_latents"],
-               "mean_new_tokens": res["mean_new_tokens"], "max_new_tokens": max_new_tokens, "precision": precision}
+               "mean_new_tokens": res["mean_new_tokens"], "max_new_tokens": max_new_tokens, "precision": precision,
+               **schedule}
     if args.samples:
         summary.update({"samples": args.samples, "temperature": args.temperature,
                         f"pass@{args.samples}": res[f"pass@{args.samples}"],
@@ -149,6 +169,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--c_thought", type=int)
     p.add_argument("--max_latent_stage", type=int)
     p.add_argument("--pad_latent_to_max", type=lambda s: s.lower() in ("1", "true", "yes"))
+    p.add_argument("--latent_schedule", choices=list(LATENT_SCHEDULES),
+                   help="sequential (a pass per thought) or jacobi (PCCoT, --jacobi_iters passes over all thoughts); "
+                        "default: the checkpoint's run config, else sequential")
+    p.add_argument("--jacobi_iters", type=int, help="Jacobi iterations (default: the checkpoint's, else 3)")
     p.add_argument("--stage", type=int, help="the curriculum stage of the prompts (default: the run's last)")
     p.add_argument("--max_records", type=int)
     p.add_argument("--batch_size", type=int, default=32)

@@ -63,7 +63,8 @@ def load_checkpoint(path: str | Path):
         raise CheckpointError(f"{cfg_file}: {e}") from None
     tokenizer = load_tokenizer(path / TOKENIZER)
     feedback = "pause" if method == "pause_as_thought" else cfg.get("feedback", "hidden")
-    lm = build_lm(SimpleNamespace(init_from=None, seed=0, model=None, feedback_mode=feedback), tokenizer, path)
+    lm = build_lm(SimpleNamespace(init_from=None, seed=0, model=None, feedback_mode=feedback, dropout=None),
+                  tokenizer, path)
     vocab = lm.model.embed_tokens.weight.shape[0]
     for name in ("bot_id", "latent_id", "eot_id"):
         if getattr(tokenizer, name) >= vocab:

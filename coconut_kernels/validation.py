@@ -278,8 +278,9 @@ def check_batch(ids_h: torch.Tensor, mask_h: torch.Tensor, labels_h: torch.Tenso
     - input_ids in [0, vocab_size), labels -100 or in [0, vocab_size), position_ids in [0, max_position) (on the
       host or under COCONUT_DEBUG=1);
     - attention_mask of 0/1 only, each row zeros (left padding), then at least one 1, then zeros (right padding);
-    - markers (at real positions): at most one start_latent_id <bot> and one end_latent_id <eot> per row, the
-      <bot> first (the official data holds one `<bot> <latent>... <eot>` block per row, at stage 0 `<bot> <eot>`);
+    - markers (at real positions): a row's block runs from its first start_latent_id <bot> to the next
+      end_latent_id <eot>, with no <eot> before it and no second <bot> inside (the official data holds one
+      `<bot> <latent>... <eot>` block per row, at stage 0 `<bot> <eot>`); after it markers are ordinary tokens;
     - latent tokens (latent_id >= 0, the sequential feedback modes): at real positions, contiguous, not first,
       labelled -100, and read `question <bot> <latent>... <eot>` (start_latent_id right before, end_latent_id
       right after, inside the row): the same rule in training and generation;
@@ -370,23 +371,26 @@ _COVER = ("attention_mask must be one run of ones per row covering the question 
 
 
 def _check_markers(ids_h, mask, cols, start_latent_id: int, end_latent_id: int, row) -> None:
-    """At most one <bot> and one <eot> per row (real positions only), the <bot> first."""
+    """A row's block is its first <bot> up to the first <eot> after it: no <eot> before that <bot> and no second
+    <bot> inside the block. After the block's <eot> the markers are ordinary tokens, as in the official forward
+    (which finds thoughts by the latent token alone): a sampled answer may hold them."""
     T = ids_h.shape[1]
-    found = []
-    for marker, name, tag in ((start_latent_id, "start_latent_id", "<bot>"), (end_latent_id, "end_latent_id",
-                                                                               "<eot>")):
-        at = (ids_h == marker) & mask
-        count = at.sum(1)
-        if bool((count > 1).any()):
-            b = _first(count > 1)[0]
-            raise CoconutError(f"{row(b)} has {int(count[b])} {tag} tokens ({name} {marker}): a row holds at most one "
-                               "<bot> <latent>... <eot> block (one start and one end marker, as the official data)")
-        found.append((count > 0, torch.where(at, cols, T).min(1).values))
-    (has_bot, bot), (has_eot, eot) = found
-    bad = has_bot & has_eot & (eot < bot)
+    at_bot = (ids_h == start_latent_id) & mask
+    at_eot = (ids_h == end_latent_id) & mask
+    has_bot = at_bot.any(1)
+    bot = torch.where(at_bot, cols, T).min(1).values
+    bad = has_bot & (torch.where(at_eot, cols, T).min(1).values < bot)
     if bool(bad.any()):
-        raise CoconutError(f"{row(_first(bad)[0])} has its <eot> (end_latent_id {end_latent_id}) before its <bot> "
+        raise CoconutError(f"{row(_first(bad)[0])} has an <eot> (end_latent_id {end_latent_id}) before its <bot> "
                            f"(start_latent_id {start_latent_id}): a row reads question <bot> <latent>... <eot>")
+    after_bot = cols[None] > bot[:, None]
+    eot = torch.where(at_eot & after_bot, cols, T).min(1).values
+    inside = (at_bot & after_bot & (cols[None] < eot[:, None])).sum(1)
+    if bool((inside > 0).any()):
+        b = _first(inside > 0)[0]
+        raise CoconutError(f"{row(b)} has {int(inside[b]) + 1} <bot> tokens (start_latent_id {start_latent_id}) "
+                           "before the <eot> that closes its block: a row reads question <bot> <latent>... <eot> "
+                           "(after that <eot>, markers are ordinary tokens)")
 
 
 # ---- latent schedule -------------------------------------------------------------------------------------------

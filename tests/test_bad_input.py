@@ -182,10 +182,14 @@ def test_zero_length_rows_and_holes(row, hole):
 
 
 def _layout_ok(row: list[int]) -> bool:
-    """The rule of the docs: at most one <bot> and one <eot>, the <bot> first (the official data's one block per
-    row); latents contiguous, right after <bot>, followed by <eot> in the row."""
-    if row.count(BOT) > 1 or row.count(EOT) > 1 or (BOT in row and EOT in row and row.index(EOT) < row.index(BOT)):
-        return False
+    """The rule of the docs: a row's block runs from its first <bot> to the first <eot> after it, with no <eot>
+    before that <bot> and no second <bot> inside; later markers are ordinary tokens (the official forward's
+    meaning); latents contiguous, right after a <bot>, followed by an <eot>."""
+    if BOT in row:
+        b0 = row.index(BOT)
+        e0 = row.index(EOT, b0) if EOT in row[b0:] else len(row)
+        if EOT in row[:b0] or BOT in row[b0 + 1:e0]:
+            return False
     at = [i for i, t in enumerate(row) if t == LAT]
     if not at:
         return True
@@ -211,18 +215,32 @@ def test_latent_layout_same_rule_in_forward_and_generate(row):
 @pytest.mark.parametrize("row,marker", [
     ([1, BOT, 2, BOT, LAT, EOT, 3], "2 <bot>"),  # a doubled start marker, the second one before the latents
     ([1, BOT, BOT, LAT, EOT, 3], "2 <bot>"),
-    ([1, BOT, LAT, EOT, 2, EOT], "2 <eot>"),
-    ([1, BOT, EOT, 2, BOT, EOT], "2 <bot>"),  # two stage-0 blocks
+    ([1, BOT, 2, BOT], "2 <bot>"),  # no <eot> yet: the block runs to the end
     ([1, EOT, 2, BOT, 3], "before its <bot>"),
 ])
 def test_markers_once_per_row_in_forward_and_generate(row, marker):
-    """The official data puts one <bot> [<latent>...] <eot> block in a row: forward and generate refuse the rest
-    with the same message."""
+    """A row's block is one <bot> [<latent>...] <eot>, as the official data writes it: forward and generate refuse
+    a second <bot> inside it or an <eot> before it with the same message."""
     ids = torch.tensor([row])
     labels = torch.where(ids == LAT, -100, ids)
     a = raises_clear(lambda: LM(ids, labels=labels), marker)
     b = raises_clear(lambda: LM.generate(ids, max_new_tokens=1), marker)
     assert str(a) == str(b) and "input_ids row 0" in str(a)
+
+
+@pytest.mark.parametrize("row", [[1, BOT, LAT, EOT, 2, EOT], [1, BOT, EOT, 2, BOT, EOT], [1, BOT, LAT, EOT, BOT, 2],
+                                 [1, EOT, 2]])
+def test_markers_after_the_block_are_ordinary_tokens(row):
+    """After the block's <eot> (or in a row without <bot>) the markers are ordinary tokens, as in the official
+    forward: a sampled answer that holds them can be scored. Causal: the logits up to the block's end are those of
+    the row cut there."""
+    ids = torch.tensor([row])
+    cut = row.index(EOT) + 1
+    with torch.no_grad():
+        full = LM(ids, return_logits=True).logits[0, :cut]
+        part = LM(ids[:, :cut], return_logits=True).logits[0]
+    torch.testing.assert_close(full, part)
+    assert LM.generate(ids, max_new_tokens=1).tokens.shape == (1, 1)
 
 
 def test_mask_padded_on_both_sides():

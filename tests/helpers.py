@@ -41,3 +41,14 @@ def assert_within_torch_error(out, ref64, torch_lowp, factor: float = 2.0, atol:
     err = max_err(out, ref64)
     base = max_err(torch_lowp, ref64)
     assert err <= factor * base + atol, f"{name}: error {err:.3e} > {factor} x PyTorch's {base:.3e} + {atol}"
+
+
+class CharTokenizer:
+    """One character per token id: decoded text and token positions line up."""
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+    def decode(self, ids):
+        return "".join(self.chars[t] for t in ids)
+
+    def encode(self, text):
+        return [self.chars.index(c) for c in text]

@@ -12,6 +12,7 @@ from coconut_kernels import CoconutError, LatentLM
 from coconut_kernels.engine import LatentEngine, SamplingParams
 from coconut_kernels.engine import engine as engine_mod
 from coconut_kernels.models import GPT2, GPT2Config
+from .helpers import CharTokenizer
 
 V = 61
 EOS, BOT, LAT, EOT = V - 4, V - 3, V - 2, V - 1
@@ -252,15 +253,6 @@ def test_abort_frees_the_slots(lm):
     assert out.samples[0].token_ids == alone(lm, [7, 8], 3)[0]
 
 
-class CharTokenizer:
-    """One character per token id: decoded text and token positions line up."""
-    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-
-    def decode(self, ids):
-        return "".join(self.chars[t] for t in ids)
-
-    def encode(self, text):
-        return [self.chars.index(c) for c in text]
 
 
 def test_stop_strings_end_a_sample_and_cut_its_text(lm):

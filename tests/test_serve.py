@@ -25,6 +25,7 @@ from coconut_kernels import LatentLM  # noqa: E402
 from coconut_kernels.engine import LatentEngine  # noqa: E402
 from coconut_kernels.models import GPT2, GPT2Config  # noqa: E402
 from coconut_kernels.serve import create_app  # noqa: E402
+from .helpers import CharTokenizer  # noqa: E402
 
 V = 61
 EOS, BOT, LAT, EOT = V - 4, V - 3, V - 2, V - 1
@@ -84,6 +85,16 @@ def post(srv, body, timeout=60):
     return httpx.post(f"{srv.url}/v1/completions", json=body, timeout=timeout)
 
 
+def stream_choices(s, body) -> list[dict]:
+    """The choice of every server-sent event of a streamed completion, in order."""
+    out = []
+    with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[6:])["choices"][0])
+    return out
+
+
 def test_health_and_models(srv):
     assert httpx.get(f"{srv.url}/health", timeout=10).json()["status"] == "ok"
     assert httpx.get(f"{srv.url}/v1/models", timeout=10).json()["data"][0]["id"] == "tiny"
@@ -106,13 +117,9 @@ def test_n_samples_and_seed(srv):
 def test_stream_equals_non_stream(srv):
     body = {"prompt": [9, 8, BOT, LAT, LAT, EOT], "max_tokens": 10, "temperature": 0}
     whole = post(srv, body).json()["choices"][0]
-    toks, finish = [], None
-    with httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                c = json.loads(line[6:])["choices"][0]
-                toks += c["token_ids"]
-                finish = c["finish_reason"] or finish
+    chunks = stream_choices(srv, body)
+    toks = [t for c in chunks for t in c["token_ids"]]
+    finish = next((c["finish_reason"] for c in reversed(chunks) if c["finish_reason"]), None)
     assert toks == whole["token_ids"] and finish == whole["finish_reason"]
 
 
@@ -184,25 +191,12 @@ def test_body_over_the_limit_is_413(srv):
     assert post(srv, {"prompt": [1, 2], "max_tokens": 2, "temperature": 0}).status_code == 200
 
 
-class CharTokenizer:
-    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-
-    def decode(self, ids):
-        return "".join(self.chars[t] for t in ids)
-
-    def encode(self, text):
-        return [self.chars.index(c) for c in text]
 
 
 def stream_text(s, body):
-    text, finish = "", None
-    with httpx.stream("POST", f"{s.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                c = json.loads(line[6:])["choices"][0]
-                text += c["text"]
-                finish = c["finish_reason"] or finish
-    return text, finish
+    chunks = stream_choices(s, body)
+    return "".join(c["text"] for c in chunks), next((c["finish_reason"] for c in reversed(chunks)
+                                                   if c["finish_reason"]), None)
 
 
 def test_multi_token_stop_strings_cut_the_text_also_when_streaming():

@@ -15,24 +15,13 @@ from coconut_kernels.training import TrainConfig, read_csv
 from coconut_kernels.training.curves import CURVES_FILE, plot_learning_curves
 from coconut_kernels.training.loop import Progress
 
-TINY_MODEL = {"family": "gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_position": 512}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from .test_train import one_thread  # noqa: F401  (the trainer tests' autouse fixture: one thread)
+from .test_train import tiny as _train_tiny
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:
-    base = dict(generate_train=12, generate_val=4, data_seed=3, model=TINY_MODEL, method="coconut",
-                max_latent_stage=2, epochs_per_stage=1, num_epochs=3, lr=3e-3, batch_size=4, eval_batch_size=4,
-                max_new_tokens=8, save_dir=str(tmp_path / "run"), progress=True, log_every=2, tensorboard=False,
-                seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    """The trainer tests' tiny config, with progress lines every 2 steps."""
+    return _train_tiny(tmp_path, **{"max_new_tokens": 8, "progress": True, "log_every": 2, **kw})
 
 
 def test_curves_per_epoch_and_stage(tmp_path, capsys):

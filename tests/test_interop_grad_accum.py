@@ -18,6 +18,8 @@ import torch
 from coconut_kernels.train import run
 from coconut_kernels.training import TrainConfig
 
+from .test_train import one_thread  # noqa: F401  (the trainer tests' autouse fixture: one thread)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"family": "gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_position": 512}
 # stage 1 (start_epoch 1): every example carries a latent, so each step is a multi-pass forward
@@ -41,14 +43,6 @@ if int(os.environ.get("RANK", "0")) == 0:
     torch.save(grads[0], sys.argv[1])
 sys.exit(rc)
 """
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def first_step_grads(tmp_path, monkeypatch, **kw) -> list[torch.Tensor]:

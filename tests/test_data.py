@@ -430,6 +430,11 @@ def generated():
     return generate_dataset(300, seed=0)
 
 
+@pytest.fixture(scope="module")
+def generated_small():
+    return generate_dataset(300, seed=0, size="small")
+
+
 @needs_data
 def test_generator_matches_split_statistics(records, generated):
     ref, gen = _stats(records), _stats(generated)
@@ -439,7 +444,9 @@ def test_generator_matches_split_statistics(records, generated):
     assert {len(r["steps"]) for r in generated} == {3, 4, 5, 6}
 
 
-def test_generator_problems_are_well_formed(generated):
+@pytest.mark.parametrize("size", ["prosqa", "small"])
+def test_generator_problems_are_well_formed(size, generated, generated_small):
+    generated = {"prosqa": generated, "small": generated_small}[size]
     validate_records(generated)
     for r in generated:
         sym, edges, root = r["idx_to_symbol"], r["edges"], r["root"]
@@ -477,6 +484,21 @@ def test_generator_is_deterministic_and_cli_writes_it(generated, tmp_path):
     assert load_records(out) == generate_dataset(20, seed=3)
     with pytest.raises(ValueError, match="n: expected an int >= 0, got -1"):
         generate_dataset(-1)
+
+
+def test_generator_small_size(generated, generated_small, tmp_path):
+    """The small size: the same construction with about half the nodes and a third of the words, depth 3-4;
+    deterministic per (seed, size), and the default size is unchanged by the knob."""
+    small, full = _stats(generated_small), _stats(generated)
+    assert small["nodes"] < 0.7 * full["nodes"] and small["words"] < 0.5 * full["words"]
+    assert {len(r["steps"]) for r in generated_small} == {3, 4}
+    assert generate_dataset(300, seed=0, size="small") == generated_small != generated
+    assert generate_dataset(300, seed=0, size="prosqa") == generated
+    out = tmp_path / "small.json"
+    assert cli.main(["prosqa", "--n", "6", "--seed", "2", "--size", "small", "--out", str(out)]) == 0
+    assert load_records(out) == generate_dataset(6, seed=2, size="small")
+    with pytest.raises(ValueError, match=r"size: expected one of \['prosqa', 'small'\], got 'huge'"):
+        generate_dataset(3, size="huge")
 
 
 def test_cli_as_a_module(tmp_path):

@@ -356,6 +356,7 @@ def test_unknown_config_key(tmp_path, capsys):
     ("dist", "horovod", "'dist': expected one of"),
     ("latent_schedule", "parallel", "'latent_schedule': expected one of"),
     ("jacobi_iters", 0, "'jacobi_iters': expected an int >= 1"),
+    ("generate_size", "huge", "'generate_size': expected one of"),
 ])
 def test_bad_config_values(key, value, match):
     with pytest.raises(ValueError, match=match):
@@ -519,3 +520,12 @@ def test_reset_optimizer_every_epoch_or_stage(tmp_path):
     every_stage = [x for _, x in run(tiny(tmp_path / "s", reset_optimizer_every="stage", **kw))["losses"]]
     assert every_epoch[:4] == every_stage[:4]  # epoch 0 and the first step of epoch 1 (same weights)
     assert every_epoch[4:] != every_stage[4:]
+
+
+def test_generate_size_reaches_both_splits():
+    from coconut_kernels.training.data import load_data
+    cfg = load_config(None, {"generate_train": 5, "generate_val": 3, "data_seed": 4, "generate_size": "small",
+                             "model": TINY_MODEL})
+    train, val, source = load_data(cfg)
+    assert train == generate_dataset(5, seed=4, size="small") and val == generate_dataset(3, seed=5, size="small")
+    assert source == "generated (3 small problems, seed 5)"

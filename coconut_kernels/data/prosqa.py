@@ -3,15 +3,19 @@
 Follows the paper's recipe: a random DAG of fictional "-pus" concepts whose roots are people; the question
 lists every edge as a sentence, shuffled, and asks whether the root person is one of two leaf concepts, of
 which exactly one is reachable from that person; the steps walk one shortest path to it. The size knobs
-are tuned so the means match the validation split (≈23 nodes, ≈36 edges, 3.75 steps, ≈180 words).
+are tuned so the means match the validation split (≈23 nodes, ≈36 edges, 3.75 steps, ≈180 words): the
+``"prosqa"`` size. The ``"small"`` size draws the same kind of graph with fewer people, concepts per level and
+extra parents (≈11 nodes, ≈13 edges, 3.4 steps, ≈70 words): a problem a model trained from scratch on a CPU
+can learn in minutes, for demonstrating the curriculum, not for comparing with the paper.
 """
 from __future__ import annotations
 
 import itertools
 import random
 from collections import deque
+from dataclasses import dataclass
 
-__all__ = ["concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable"]
+__all__ = ["concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable", "GraphSize", "SIZES"]
 
 # Nouns are onset + vowel + (m|r|l) + "pus", the pattern of the split's vocabulary; the onsets cover every
 # noun the split uses, so a word tokenizer built from generated data also covers the split.
@@ -24,15 +28,42 @@ _NAMES = ("Alex", "Amy", "Ben", "Bob", "Carol", "Dan", "Davis", "Eli", "Emma", "
           "Oliver", "Owen", "Polly", "Quinn", "Rex", "Rose", "Sally", "Sam", "Stella", "Ted", "Tom",
           "Uma", "Vera", "Wren", "Zoe")
 
-# Distributions measured on the validation split (weights, not probabilities).
-_STEPS = {3: 124, 4: 133, 5: 36, 6: 7}  # reasoning steps = root-to-target distance
-_EXTRA_PERSONS = {0: 180, 1: 93, 2: 21, 3: 5, 4: 1}  # people beyond the root and one distractor
-_EXTRA_PARENTS = {0: 40, 1: 34, 2: 17, 3: 6, 4: 3}  # in-degree of a concept minus one
-_NEG_LEVEL = {1: 64, 2: 160, 3: 71, 4: 5}  # distance of the wrong candidate from the other people
-# Concepts per distance from the root (root side) / from the other people (other side).
-_ROOT_SIDE_SIZES = ((2, 4), (3, 6), (2, 4), (1, 3), (1, 2), (1, 1))
-_OTHER_SIDE_SIZES = ((2, 4), (2, 5), (0, 3), (0, 1))
-_CROSS_EDGE_P = 0.2  # chance that an extra parent of a root-side concept comes from the other side
+
+@dataclass(frozen=True)
+class GraphSize:
+    """How big a generated graph is: weight tables (value -> weight) and (low, high) ranges per level."""
+
+    steps: dict  # reasoning steps = root-to-target distance
+    extra_persons: dict  # people beyond the root and one distractor
+    extra_parents: dict  # in-degree of a concept minus one
+    neg_level: dict  # distance of the wrong candidate from the other people
+    root_side_sizes: tuple  # concepts per distance from the root
+    other_side_sizes: tuple  # concepts per distance from the other people
+    cross_edge_p: float  # chance that an extra parent of a root-side concept comes from the other side
+
+
+SIZES = {
+    # Distributions measured on the published validation split.
+    "prosqa": GraphSize(
+        steps={3: 124, 4: 133, 5: 36, 6: 7},
+        extra_persons={0: 180, 1: 93, 2: 21, 3: 5, 4: 1},
+        extra_parents={0: 40, 1: 34, 2: 17, 3: 6, 4: 3},
+        neg_level={1: 64, 2: 160, 3: 71, 4: 5},
+        root_side_sizes=((2, 4), (3, 6), (2, 4), (1, 3), (1, 2), (1, 1)),
+        other_side_sizes=((2, 4), (2, 5), (0, 3), (0, 1)),
+        cross_edge_p=0.2,
+    ),
+    # The same construction, smaller: depth 3-4, 1-3 concepts per level, at most one extra parent.
+    "small": GraphSize(
+        steps={3: 3, 4: 2},
+        extra_persons={0: 3, 1: 1},
+        extra_parents={0: 3, 1: 2},
+        neg_level={1: 1, 2: 2, 3: 1},
+        root_side_sizes=((2, 3), (1, 3), (1, 2), (1, 1)),
+        other_side_sizes=((2, 3), (1, 2), (0, 1)),
+        cross_edge_p=0.2,
+    ),
+}
 
 
 def concept_nouns() -> list[str]:
@@ -64,20 +95,22 @@ def reachable(n_nodes: int, edges, source: int) -> dict[int, int]:
     return dist
 
 
-def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: list[str] | None = None) -> dict:
+def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: list[str] | None = None,
+                     size: str = "prosqa") -> dict:
     """One ProsQA-style record: question, steps, answer, idx_to_symbol, edges, root, target, neg_target.
 
     Construction: people are level 0; concepts are added level by level on two sides. A root-side concept
     at level j has a parent at level j-1 and extra parents from level j-1, earlier concepts of level j or
     (rarely) the other side, so its distance from the root is exactly j. Other-side concepts take parents
     from the other side only, so none is reachable from the root. The target is a root-side leaf at the
-    deepest level, the wrong candidate an other-side leaf.
+    deepest level, the wrong candidate an other-side leaf. ``size`` names an entry of ``SIZES``.
     """
+    g = _size(size)
     nouns = concept_nouns() if nouns is None else nouns
     names = person_names() if names is None else names
-    n_steps = _draw(rng, _STEPS)
-    n_people = 2 + _draw(rng, _EXTRA_PERSONS)
-    neg_level = min(_draw(rng, _NEG_LEVEL), len(_OTHER_SIDE_SIZES))
+    n_steps = _draw(rng, g.steps)
+    n_people = 2 + _draw(rng, g.extra_persons)
+    neg_level = min(_draw(rng, g.neg_level), len(g.other_side_sizes))
 
     root = rng.randrange(2)
     nodes_side = ["r" if p == root else "o" for p in range(n_people)]  # person indices come first
@@ -85,8 +118,8 @@ def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: 
     parents: list[list[int]] = [[] for _ in range(n_people)]
     closed: set[int] = set()  # the two candidates stay leaves
 
-    sizes_r = [rng.randint(*_ROOT_SIDE_SIZES[j]) for j in range(n_steps)]
-    sizes_o = [rng.randint(*_OTHER_SIDE_SIZES[j]) for j in range(len(_OTHER_SIDE_SIZES))]
+    sizes_r = [rng.randint(*g.root_side_sizes[j]) for j in range(n_steps)]
+    sizes_o = [rng.randint(*g.other_side_sizes[j]) for j in range(len(g.other_side_sizes))]
     for j in range(neg_level):  # the wrong candidate needs a chain of other-side levels above it
         sizes_o[j] = max(sizes_o[j], 1)
     sizes_r += [0] * (len(sizes_o) - len(sizes_r))
@@ -107,8 +140,8 @@ def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: 
             pool = [v for v in same if level[v] in (j - 1, j) and v != first]
             cross = [v for v in range(node) if nodes_side[v] == "o" and v not in closed] if side == "r" else []
             extra: list[int] = []
-            for _ in range(_draw(rng, _EXTRA_PARENTS)):
-                src = cross if cross and rng.random() < _CROSS_EDGE_P else pool
+            for _ in range(_draw(rng, g.extra_parents)):
+                src = cross if cross and rng.random() < g.cross_edge_p else pool
                 src = [v for v in src if v not in extra and v != first]
                 if src:
                     extra.append(rng.choice(src))
@@ -157,9 +190,17 @@ def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: 
     }
 
 
-def generate_dataset(n: int, seed: int = 0) -> list[dict]:
-    """``n`` records, the same for the same seed."""
+def _size(size: str) -> GraphSize:
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
+    return SIZES[size]
+
+
+def generate_dataset(n: int, seed: int = 0, size: str = "prosqa") -> list[dict]:
+    """``n`` records, the same for the same seed and size (``"prosqa"``: the published split's shape;
+    ``"small"``: smaller graphs, see the module docstring)."""
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n: expected an int >= 0, got {n!r}")
+    _size(size)
     rng = random.Random(seed)
-    return [generate_problem(rng) for _ in range(n)]
+    return [generate_problem(rng, size=size) for _ in range(n)]

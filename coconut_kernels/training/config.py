@@ -19,6 +19,7 @@ import yaml
 from ..data import METHODS, StageConfig
 from ..errors import ConfigError
 from ..feedback import MODES
+from ..data.prosqa import SIZES
 from ..validation import LATENT_SCHEDULES
 
 __all__ = ["TrainConfig", "load_config", "config_parser"]
@@ -42,6 +43,7 @@ class TrainConfig:
     val_if_missing: str = "error"  # "generate": a val_path that does not exist falls back to a generated split
     generate_train: int = 2000
     generate_val: int = 200
+    generate_size: str = "prosqa"  # generated graphs: prosqa (the published split's shape) | small (a CPU demo's)
     data_seed: int = 0
     max_train_records: int | None = None
     max_val_records: int | None = None
@@ -133,6 +135,7 @@ class TrainConfig:
         _choice("dist", self.dist, ("ddp", "fsdp"))
         _choice("lr_schedule", self.lr_schedule, _SCHEDULES)
         _choice("val_if_missing", self.val_if_missing, ("error", "generate"))
+        _choice("generate_size", self.generate_size, tuple(SIZES))
         _choice("weight_decay_scope", self.weight_decay_scope, ("all", "matrices"))
         _choice("reset_optimizer_every", self.reset_optimizer_every, ("epoch", "stage"))
         self._check_precision()

@@ -13,6 +13,7 @@ import yaml
 from coconut_kernels.data import RaggedCollator, StageConfig, generate_dataset, save_records, tokenize_records
 from coconut_kernels.interop.evaluate import main
 from coconut_kernels.interop.hf_export import load_source
+from coconut_kernels.interop.hf_export import main as export_main
 from coconut_kernels.latent import GenerateOutput
 from coconut_kernels.train import run
 from coconut_kernels.training import TrainConfig
@@ -91,6 +92,23 @@ def test_oracle_gets_every_answer_and_chain(trained):
     res = evaluate(lm, recs, 0, sc, tok, RaggedCollator.from_tokenizer(tok), batch_size=4, max_new_tokens=200,
                    device=torch.device("cpu"), outputs=True)
     assert res["accuracy"] == 1.0 and res["cot_accuracy"] == 1.0, res["outputs"][0]
+
+
+def test_eval_and_export_take_a_save_folder(trained, tmp_path, capsys):
+    """A save folder, or its `latest` pointer, means its newest checkpoint (as coconut-analyze takes it)."""
+    ckpt, data, records = trained
+    runs = {}
+    for source in (ckpt, ckpt.parent, ckpt.parent / "latest"):
+        out = tmp_path / f"{len(runs)}.json"
+        assert main([str(source), "--data", str(data), "--max_new_tokens", "8", "--out", str(out)]) == 0
+        runs[source] = json.loads(out.read_text())
+    first, *rest = runs.values()
+    for res in rest:
+        assert res["source"] == str(ckpt) and res["examples"] == first["examples"]
+    capsys.readouterr()
+    # coconut-export loads the newest checkpoint too (then refuses this one's word tokenizer, as for the folder)
+    assert export_main([str(ckpt.parent), str(tmp_path / "hf")]) == 2
+    assert "the model has a WordTokenizer" in capsys.readouterr().err
 
 
 def test_eval_with_an_official_config(trained, tmp_path, capsys):

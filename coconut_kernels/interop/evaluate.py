@@ -1,7 +1,7 @@
 """`coconut-eval`: a model evaluated as the official run reports it, and more.
 
-``coconut-eval SOURCE --data FILE`` (SOURCE: a coconut-train checkpoint folder, a Hugging Face folder, or an
-official checkpoint_N file with ``--base``) decodes the stage's prompts greedily and reports answer exact
+``coconut-eval SOURCE --data FILE`` (SOURCE: a coconut-train checkpoint folder or save folder (its newest
+checkpoint), a Hugging Face folder, or an official checkpoint_N file with ``--base``) decodes the stage's prompts greedily and reports answer exact
 match and CoT exact match (the official extraction: `coconut_kernels.data.eval`), the validation loss of the
 stage's training layout, the latents run per example and, with ``--samples k --temperature t``, pass@k over
 k sampled decodings; ``--out`` gets every example's output as JSON. The curriculum knobs come from
@@ -199,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    from ..training.checkpoint import resolve_source
+
     args = parser().parse_args(argv)
+    args.source = resolve_source(args.source)
     res = run_eval(args)
     print(f"{res['method']} stage {res['stage']} on {res['data']} ({res['n']} examples)")
     print(f"  answer exact match {100 * res['accuracy']:.1f}%   CoT exact match {100 * res['cot_accuracy']:.1f}%   "

@@ -20,6 +20,7 @@ import torch
 
 from .._cli import run_cli
 from ..errors import CheckpointError, CoconutError
+from ..training.checkpoint import resolve_source
 from ..validation import check_writable
 
 __all__ = ["export_hf", "load_source", "main"]
@@ -136,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="coconut-export", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="a coconut-train checkpoint folder, a Hugging Face folder, or an official "
-                                  "checkpoint_N file (with --base)")
+    p.add_argument("source", help="a coconut-train checkpoint folder or save folder (its newest checkpoint), a "
+                                  "Hugging Face folder, or an official checkpoint_N file (with --base)")
     p.add_argument("out", help="the Hugging Face folder to write (written whole or not at all)")
     p.add_argument("--base", default=None, help="for an official checkpoint file: the Hugging Face folder of its "
                                                 "model_id (architecture, tokenizer, config fields)")
@@ -145,6 +146,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
+    args.source = resolve_source(args.source)
     if not (args.overwrite and Path(args.out).exists()):  # before the model is loaded
         check_writable(args.out, "out", folder=True)
     lm = load_source(args.source, args.base)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .config import TrainConfig
     from .context import RunContext
 
-__all__ = ["save_checkpoint", "load_weights", "load_trainer_state", "latest_checkpoint", "read_model_config",
+__all__ = ["save_checkpoint", "load_weights", "load_trainer_state", "latest_checkpoint", "resolve_source", "read_model_config",
            "is_checkpoint", "resume_path", "save_run", "run_id_of"]
 
 WEIGHTS = "model.safetensors"
@@ -149,6 +149,19 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
             return p
     steps = sorted((int(m.group(1)), p) for p in save_dir.glob("step-*") if (m := _NAME.match(p.name)) and p.is_dir())
     return steps[-1][1] if steps else None
+
+
+def resolve_source(source: str | Path) -> str:
+    """A model source as given to coconut-eval / coconut-export, with a coconut-train save folder (or its
+    ``latest`` pointer file) replaced by its newest checkpoint; anything else is returned unchanged."""
+    path = Path(source)
+    if path.is_file() and path.name == "latest":
+        path = path.parent
+    if path.is_dir() and not is_checkpoint(path) and not (path / "config.json").is_file():
+        newest = latest_checkpoint(path)
+        if newest is not None:
+            return str(newest)
+    return str(source)
 
 
 def read_model_config(path: str | Path) -> dict:

@@ -497,8 +497,34 @@ def test_generator_small_size(generated, generated_small, tmp_path):
     out = tmp_path / "small.json"
     assert cli.main(["prosqa", "--n", "6", "--seed", "2", "--size", "small", "--out", str(out)]) == 0
     assert load_records(out) == generate_dataset(6, seed=2, size="small")
+    assert cli.main(["prosqa", "--n", "6", "--seed", "2", "--size", "small", "--render", "edges", "--out", str(out)]) == 0
+    assert load_records(out) == generate_dataset(6, seed=2, size="small", render="edges")
     with pytest.raises(ValueError, match=r"size: expected one of \['prosqa', 'small'\], got 'huge'"):
         generate_dataset(3, size="huge")
+
+
+def test_generator_edges_render(generated_small):
+    """The edges render: the same graphs as the text render, the question lists each edge once as `X Y`, then
+    the two options and the root; the steps walk a shortest path node by node; the answer is the target; the
+    word tokenizer reads it back whole."""
+    edges = generate_dataset(300, seed=0, size="small", render="edges")
+    graph = ("idx_to_symbol", "edges", "root", "target", "neg_target")
+    assert [[r[k] for k in graph] for r in edges] == [[r[k] for k in graph] for r in generated_small]
+    validate_records(edges)
+    tok = WordTokenizer.from_records(edges)
+    for r in edges:
+        sym, root = r["idx_to_symbol"], r["root"]
+        listed, tail = r["question"].rsplit(". ", 1)
+        assert sorted(listed.split(", ")) == sorted(f"{sym[a]} {sym[b]}" for a, b in r["edges"])
+        tgt, neg = sym[r["target"]], sym[r["neg_target"]]
+        assert tail in (f"{tgt} or {neg}? {sym[root]}", f"{neg} or {tgt}? {sym[root]}")
+        path = [sym[root], *r["steps"]]
+        assert all([a, b] in [[sym[x], sym[y]] for x, y in r["edges"]] for a, b in zip(path, path[1:]))
+        assert r["answer"] == path[-1] == tgt
+        assert reachable(len(sym), r["edges"], root)[r["target"]] == len(r["steps"])
+        assert tok.decode(tok.encode(r["question"])) == r["question"]
+    with pytest.raises(ValueError, match=r"render: expected one of \['text', 'edges'\], got 'graph'"):
+        generate_dataset(2, render="graph")
 
 
 def test_cli_as_a_module(tmp_path):

@@ -528,4 +528,4 @@ def test_generate_size_reaches_both_splits():
                              "model": TINY_MODEL})
     train, val, source = load_data(cfg)
     assert train == generate_dataset(5, seed=4, size="small") and val == generate_dataset(3, seed=5, size="small")
-    assert source == "generated (3 small problems, seed 5)"
+    assert source == "generated (3 small problems, text render, seed 5)"

@@ -1,7 +1,7 @@
 """`coconut-data`: command line for the data package (``python -m coconut_kernels.data.cli``).
 
-``coconut-data prosqa --n N --seed S [--size prosqa|small] --out FILE`` writes N ProsQA-style records in the
-official JSON format; the same seed and size always write the same file.
+``coconut-data prosqa --n N --seed S [--size prosqa|small] [--render text|edges] --out FILE`` writes N
+ProsQA-style records in the official JSON format; the same seed, size and render always write the same file.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from .._cli import run_cli
-from .prosqa import SIZES, generate_dataset
+from .prosqa import RENDERS, SIZES, generate_dataset
 from .records import save_records
 
 
@@ -28,11 +28,13 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", choices=sorted(SIZES), default="prosqa",
                    help="graph size: prosqa (the published split's shape, default) or small (a CPU demo's)")
+    p.add_argument("--render", choices=RENDERS, default="text",
+                   help="text (the published sentences, default) or edges (compact 'X Y' pairs, node-name steps)")
     p.add_argument("--out", required=True, help="output JSON file")
     args = parser.parse_args(argv)
     if args.n < 0:
         parser.error("--n must be >= 0")
-    records = generate_dataset(args.n, seed=args.seed, size=args.size)
+    records = generate_dataset(args.n, seed=args.seed, size=args.size, render=args.render)
     save_records(records, args.out)
     print(f"wrote {len(records)} problems to {args.out}", file=sys.stderr)
     return 0

@@ -15,7 +15,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable", "GraphSize", "SIZES"]
+__all__ = ["concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable", "GraphSize", "SIZES", "RENDERS"]
 
 # Nouns are onset + vowel + (m|r|l) + "pus", the pattern of the split's vocabulary; the onsets cover every
 # noun the split uses, so a word tokenizer built from generated data also covers the split.
@@ -66,6 +66,9 @@ SIZES = {
 }
 
 
+RENDERS = ("text", "edges")
+
+
 def concept_nouns() -> list[str]:
     """The fictional concept vocabulary (375 nouns, fixed order)."""
     return [o + v + c + "pus" for o, v, c in itertools.product(_ONSETS, _VOWELS, _CODAS)]
@@ -96,16 +99,18 @@ def reachable(n_nodes: int, edges, source: int) -> dict[int, int]:
 
 
 def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: list[str] | None = None,
-                     size: str = "prosqa") -> dict:
+                     size: str = "prosqa", render: str = "text") -> dict:
     """One ProsQA-style record: question, steps, answer, idx_to_symbol, edges, root, target, neg_target.
 
     Construction: people are level 0; concepts are added level by level on two sides. A root-side concept
     at level j has a parent at level j-1 and extra parents from level j-1, earlier concepts of level j or
     (rarely) the other side, so its distance from the root is exactly j. Other-side concepts take parents
     from the other side only, so none is reachable from the root. The target is a root-side leaf at the
-    deepest level, the wrong candidate an other-side leaf. ``size`` names an entry of ``SIZES``.
+    deepest level, the wrong candidate an other-side leaf. ``size`` names an entry of ``SIZES``; ``render``
+    one of ``RENDERS`` (the same graph either way, see ``generate_dataset``).
     """
     g = _size(size)
+    _check_render(render)
     nouns = concept_nouns() if nouns is None else nouns
     names = person_names() if names is None else names
     n_steps = _draw(rng, g.steps)
@@ -172,16 +177,23 @@ def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: 
     path.reverse()
 
     def sentence(a: int, b: int) -> str:
+        if render == "edges":
+            return f"{symbols[a]} {symbols[b]}"
         return f"{symbols[a]} is a {symbols[b]}." if a < n_people else f"Every {symbols[a]} is a {symbols[b]}."
 
     statements = [sentence(a, b) for a, b in edges]
     rng.shuffle(statements)
     a, b = (target, neg_target) if rng.random() < 0.5 else (neg_target, target)
-    question = " ".join(statements) + f" Is {symbols[root]} a {symbols[a]} or {symbols[b]}?"
+    if render == "edges":
+        question = ", ".join(statements) + f". {symbols[a]} or {symbols[b]}? {symbols[root]}"
+        steps, answer = [symbols[v] for v in path[1:]], symbols[target]
+    else:
+        question = " ".join(statements) + f" Is {symbols[root]} a {symbols[a]} or {symbols[b]}?"
+        steps, answer = [sentence(a, b) for a, b in zip(path, path[1:])], f"{symbols[root]} is a {symbols[target]}."
     return {
         "question": question,
-        "steps": [sentence(a, b) for a, b in zip(path, path[1:])],
-        "answer": f"{symbols[root]} is a {symbols[target]}.",
+        "steps": steps,
+        "answer": answer,
         "idx_to_symbol": symbols,
         "edges": edges,
         "root": root,
@@ -196,11 +208,24 @@ def _size(size: str) -> GraphSize:
     return SIZES[size]
 
 
-def generate_dataset(n: int, seed: int = 0, size: str = "prosqa") -> list[dict]:
-    """``n`` records, the same for the same seed and size (``"prosqa"``: the published split's shape;
-    ``"small"``: smaller graphs, see the module docstring)."""
+def _check_render(render: str) -> None:
+    if render not in RENDERS:
+        raise ValueError(f"render: expected one of {list(RENDERS)}, got {render!r}")
+
+
+def generate_dataset(n: int, seed: int = 0, size: str = "prosqa", render: str = "text") -> list[dict]:
+    """``n`` records, the same for the same seed, size and render.
+
+    ``size``: ``"prosqa"`` (the published split's shape) or ``"small"`` (smaller graphs, see the module
+    docstring). ``render``: ``"text"`` (the published split's sentences: ``Every X is a Y.``, steps are such
+    sentences, the answer ``Tom is a Y.``) or ``"edges"`` (the same graphs, compactly: the question lists the
+    edges as ``X Y`` pairs, then ``A or B? Tom``; each step is the next node's name and the answer the
+    target's name, as in the from-scratch ProsQA experiments of Zhu et al. 2025, "Reasoning by
+    Superposition"); the graph fields are the same for both.
+    """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n: expected an int >= 0, got {n!r}")
     _size(size)
+    _check_render(render)
     rng = random.Random(seed)
-    return [generate_problem(rng, size=size) for _ in range(n)]
+    return [generate_problem(rng, size=size, render=render) for _ in range(n)]

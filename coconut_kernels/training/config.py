@@ -19,7 +19,7 @@ import yaml
 from ..data import METHODS, StageConfig
 from ..errors import ConfigError
 from ..feedback import MODES
-from ..data.prosqa import SIZES
+from ..data.prosqa import RENDERS, SIZES
 from ..validation import LATENT_SCHEDULES
 
 __all__ = ["TrainConfig", "load_config", "config_parser"]
@@ -44,6 +44,7 @@ class TrainConfig:
     generate_train: int = 2000
     generate_val: int = 200
     generate_size: str = "prosqa"  # generated graphs: prosqa (the published split's shape) | small (a CPU demo's)
+    generate_render: str = "text"  # generated records: text (the published sentences) | edges (compact X Y pairs)
     data_seed: int = 0
     max_train_records: int | None = None
     max_val_records: int | None = None
@@ -136,6 +137,7 @@ class TrainConfig:
         _choice("lr_schedule", self.lr_schedule, _SCHEDULES)
         _choice("val_if_missing", self.val_if_missing, ("error", "generate"))
         _choice("generate_size", self.generate_size, tuple(SIZES))
+        _choice("generate_render", self.generate_render, RENDERS)
         _choice("weight_decay_scope", self.weight_decay_scope, ("all", "matrices"))
         _choice("reset_optimizer_every", self.reset_optimizer_every, ("epoch", "stage"))
         self._check_precision()

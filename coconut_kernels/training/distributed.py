@@ -47,6 +47,10 @@ def process_group(world: int, device: torch.device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield
+        if own:
+            # every rank done with its collectives before any tears gloo down (a rank that destroyed its
+            # group while its peer's last work was in flight was seen to abort under load)
+            dist.barrier()
     finally:
         if own:
             dist.destroy_process_group()

@@ -44,6 +44,22 @@ def test_written_chains_read_back():
     assert c["end_target"] == pytest.approx(1 / 3) and c["end_wrong_option"] == pytest.approx(1 / 3)
 
 
+def test_edges_render_chains_read_back():
+    """The generator's edges render: node names one per line, each step from the node before (the root first)."""
+    record = dict(RECORD, question="Tom wumpus, Tom yumpus, wumpus zorpus. zorpus or lempus? Tom",
+                  steps=["wumpus", "zorpus"], answer="zorpus")
+    outputs = [
+        {"idx": 0, "output": "wumpus\nzorpus\n### zorpus"},  # a walk to the target
+        {"idx": 0, "output": "yumpus\nyumpus\n### yumpus"},  # root edge, then a self-loop
+        {"idx": 0, "output": "shumpus\nlempus\n### lempus"},  # foreign, then no edge
+    ]
+    c = read_chains([record], outputs, "outs")
+    assert c["steps"] == 6 and c["edge_steps"] == pytest.approx(3 / 6)
+    assert c["foreign_steps"] == pytest.approx(2 / 6) and c["self_loops"] == pytest.approx(1 / 6)
+    assert c["root_first"] == pytest.approx(2 / 3) and c["walks"] == pytest.approx(1 / 3)
+    assert c["end_target"] == pytest.approx(1 / 3) and c["end_wrong_option"] == pytest.approx(1 / 3)
+
+
 def test_command_line_and_bad_input(tmp_path, capsys):
     data, outs = tmp_path / "valid.json", tmp_path / "eval.json"
     data.write_text(json.dumps([RECORD]))

@@ -10,7 +10,8 @@ the target with probability `random_walk`; answering the option that fewer edges
 of the root (the first choice a chain must make). With ``--outputs`` (coconut-eval's per-example file), the
 written chains are read back: the share of their steps that are edges of the question's graph, of steps
 that name a word which is no node of the question, of steps that name one node twice ("Every X is a X."), of chains whose first step leaves the root along an edge, of
-chains that are a walk from the root, and where the chains end.
+chains that are a walk from the root, and where the chains end. Records of the generator's edges render
+(steps are node names, one per line) are read as walks from the root.
 """
 from __future__ import annotations
 
@@ -66,10 +67,23 @@ def baselines(records: list[dict], where: str) -> dict:
     return {"n": len(records), "random_walk": walk / n, "fewer_parents": fewer / n, "root_children": children / n}
 
 
-def chain_steps(text: str, info: GraphInfo) -> list[tuple[int | None, int | None]]:
-    """The (subject, object) node indices of each step written before "###" (None: not a node name)."""
+def chain_steps(text: str, info: GraphInfo, render: str = "text") -> list[tuple[int | None, int | None]]:
+    """The (subject, object) node indices of each step written before "###" (None: not a node name).
+    ``render="edges"`` (the generator's compact records): one node name per line, each step going from the
+    node before it (the root for the first)."""
     index = {s: i for i, s in enumerate(info.symbols)}
-    return [(index.get(a), index.get(b)) for a, b in _STEP.findall(text.split("###")[0])]
+    chain = text.split("###")[0]
+    if render == "edges":
+        names = [line.strip() for line in chain.split("\n") if line.strip()]
+        nodes = [info.root] + [index.get(name) for name in names]
+        return list(zip(nodes, nodes[1:]))
+    return [(index.get(a), index.get(b)) for a, b in _STEP.findall(chain)]
+
+
+def _render(record: dict) -> str:
+    """"text" when the record's steps are sentences (``Every X is a Y.``), "edges" when they are node names."""
+    steps = record.get("steps") or []
+    return "edges" if steps and all(isinstance(x, str) and not _STEP.search(x) for x in steps) else "text"
 
 
 def read_chains(records: list[dict], outputs: list[dict], where: str) -> dict:
@@ -84,7 +98,7 @@ def read_chains(records: list[dict], outputs: list[dict], where: str) -> dict:
                                f"(0..{len(records) - 1}), got {i!r}")
         info = graph_info(records[i], f"data record {i}")
         edges = set(info.edges)
-        steps = chain_steps(str(ex.get("output", "")), info)
+        steps = chain_steps(str(ex.get("output", "")), info, _render(records[i]))
         on_edge = [s in edges for s in steps]
         n_steps += len(steps)
         edge_steps += sum(on_edge)

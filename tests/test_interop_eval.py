@@ -111,6 +111,30 @@ def test_eval_and_export_take_a_save_folder(trained, tmp_path, capsys):
     assert "the model has a WordTokenizer" in capsys.readouterr().err
 
 
+def test_resolve_source_edge_cases(trained, tmp_path):
+    from coconut_kernels.errors import CheckpointError
+    from coconut_kernels.training.checkpoint import resolve_source
+    ckpt = trained[0]
+    assert resolve_source(ckpt.parent) == resolve_source(ckpt.parent / "latest") == str(ckpt)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "latest").write_text("step-000001")  # a Hugging Face folder is never read as a save folder
+    assert resolve_source(hf) == str(hf)
+    official = tmp_path / "official"
+    official.mkdir()
+    (official / "latest").write_bytes(b"\xf9\x00" * 200)  # an official checkpoint file that is called latest
+    assert resolve_source(official / "latest") == str(official / "latest")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert resolve_source(empty) == str(empty)  # not a save folder: the loader says what it expected
+    died = tmp_path / "died"
+    died.mkdir()
+    (died / "run.json").write_text('{"run_id": "x"}')
+    with pytest.raises(CheckpointError, match="died: a coconut-train save folder without a complete checkpoint"):
+        resolve_source(died)
+
+
 def test_eval_with_an_official_config(trained, tmp_path, capsys):
     ckpt, data, records = trained
     path = tmp_path / "eval.yaml"

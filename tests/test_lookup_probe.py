@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("transformers")
+
 spec = importlib.util.spec_from_file_location("lookup_probe",
                                               Path(__file__).parents[1] / "examples" / "prosqa_cpu" / "lookup_probe.py")
 probe = importlib.util.module_from_spec(spec)

@@ -357,6 +357,7 @@ def test_unknown_config_key(tmp_path, capsys):
     ("latent_schedule", "parallel", "'latent_schedule': expected one of"),
     ("jacobi_iters", 0, "'jacobi_iters': expected an int >= 1"),
     ("generate_size", "huge", "'generate_size': expected one of"),
+    ("generate_render", "graph", "'generate_render': expected one of"),
 ])
 def test_bad_config_values(key, value, match):
     with pytest.raises(ValueError, match=match):
@@ -529,3 +530,25 @@ def test_generate_size_reaches_both_splits():
     train, val, source = load_data(cfg)
     assert train == generate_dataset(5, seed=4, size="small") and val == generate_dataset(3, seed=5, size="small")
     assert source == "generated (3 small problems, text render, seed 5)"
+    cfg = load_config(None, {"generate_train": 2, "generate_val": 2, "generate_render": "edges", "model": TINY_MODEL})
+    train, val, source = load_data(cfg)
+    assert train == generate_dataset(2, seed=0, render="edges") and val == generate_dataset(2, seed=1, render="edges")
+    assert source == "generated (2 prosqa problems, edges render, seed 1)"
+
+
+def test_a_failed_rank_leaves_its_peer_a_clean_exit(tmp_path):
+    """One rank raising inside the process group: the other passes the closing barrier with a line naming the
+    failed rank and exits 0 (torchrun reports the failed one), rather than a second traceback or a hang."""
+    script = tmp_path / "fail.py"
+    script.write_text("import os, torch\n"
+                      "from coconut_kernels.training.distributed import process_group\n"
+                      "with process_group(2, torch.device('cpu')):\n"
+                      "    if int(os.environ['RANK']) == 1:\n"
+                      "        raise SystemExit(3)\n"
+                      "print('rank 0 done', flush=True)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and "rank 0 done" in proc.stdout
+    assert "[dist] rank 0: the closing barrier failed" in proc.stderr and "Rank 1 failed" in proc.stderr
+    assert "exitcode  : 3" in proc.stderr

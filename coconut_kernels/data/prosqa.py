@@ -5,7 +5,7 @@ lists every edge as a sentence, shuffled, and asks whether the root person is on
 which exactly one is reachable from that person; the steps walk one shortest path to it. The size knobs
 are tuned so the means match the validation split (≈23 nodes, ≈36 edges, 3.75 steps, ≈180 words): the
 ``"prosqa"`` size. The ``"small"`` size draws the same kind of graph with fewer people, concepts per level and
-extra parents (≈11 nodes, ≈13 edges, 3.4 steps, ≈70 words): a problem a model trained from scratch on a CPU
+extra parents (≈13 nodes, ≈14 edges, 3.4 steps, ≈70 words): a problem a model trained from scratch on a CPU
 can learn in minutes, for demonstrating the curriculum, not for comparing with the paper.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import itertools
 import random
 from collections import deque
 from dataclasses import dataclass
+from types import MappingProxyType
 
 __all__ = ["concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable", "GraphSize", "SIZES", "RENDERS"]
 
@@ -40,6 +41,10 @@ class GraphSize:
     root_side_sizes: tuple  # concepts per distance from the root
     other_side_sizes: tuple  # concepts per distance from the other people
     cross_edge_p: float  # chance that an extra parent of a root-side concept comes from the other side
+
+    def __post_init__(self):  # read-only tables: SIZES is shared by every caller
+        for name in ("steps", "extra_persons", "extra_parents", "neg_level"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
 
 SIZES = {

@@ -160,8 +160,8 @@ def parser() -> argparse.ArgumentParser:
     from ..training.config import PRECISIONS
 
     p = argparse.ArgumentParser(prog="coconut-eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="a coconut-train checkpoint folder, a Hugging Face folder, or an official "
-                                  "checkpoint_N file (with --base)")
+    p.add_argument("source", help="a coconut-train checkpoint folder or save folder (its newest checkpoint), a "
+                                  "Hugging Face folder, or an official checkpoint_N file (with --base)")
     p.add_argument("--data", help="records in the official JSON format (default: --official's val_path)")
     p.add_argument("--base", help="for an official checkpoint file: the Hugging Face folder of its model_id")
     p.add_argument("--official", help="an official args/*.yaml: its method, curriculum and evaluated stage")

@@ -35,7 +35,7 @@ METHODS = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought")
 ROW_NAMES = {"coconut": "COCONUT", "cot": "CoT", "no_cot": "No-CoT", "no_thoughts": "COCONUT w/o thought",
              "pause_as_thought": "pause as thought"}
 # Accuracy (%) on the test split, mean over the paper's runs: Table 1 of arXiv:2412.06769 (the same in v1 and v3;
-# run-to-run spreads there: ProsQA COCONUT ±0.3, CoT ±1.9, No-CoT ±1.0, pause as thought ±0.8).
+# run-to-run spreads there, ProsQA: COCONUT ±0.3, CoT ±1.9, No-CoT ±1.0, w/o thought ±1.1, pause as thought ±0.8).
 PAPER = {
     "gsm8k": {"cot": 42.9, "no_cot": 16.5, "coconut": 34.1, "no_thoughts": 21.6, "pause_as_thought": 24.1},
     "prontoqa": {"cot": 98.8, "no_cot": 93.8, "coconut": 99.8, "no_thoughts": 99.9, "pause_as_thought": 100.0},

@@ -139,28 +139,43 @@ def run_id_of(folder: str | Path) -> str | None:
         return None  # not written by a run that records its id: never this run's to prune
 
 
+def _pointer(save_dir: Path) -> Path | None:
+    """The step folder a save folder's ``latest`` file names, None when there is no such small text file
+    naming an existing folder (an official checkpoint file may also be called ``latest``)."""
+    pointer = save_dir / "latest"
+    try:
+        if not pointer.is_file() or pointer.stat().st_size > 256:
+            return None
+        p = save_dir / pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return p if _NAME.match(p.name) and p.is_dir() else None
+
+
 def latest_checkpoint(save_dir: str | Path) -> Path | None:
     """The newest complete checkpoint in ``save_dir`` (the one ``latest`` names, else the highest step)."""
     save_dir = Path(save_dir)
-    pointer = save_dir / "latest"
-    if pointer.is_file():
-        p = save_dir / pointer.read_text().strip()
-        if p.is_dir():
-            return p
+    named = _pointer(save_dir)
+    if named is not None:
+        return named
     steps = sorted((int(m.group(1)), p) for p in save_dir.glob("step-*") if (m := _NAME.match(p.name)) and p.is_dir())
     return steps[-1][1] if steps else None
 
 
 def resolve_source(source: str | Path) -> str:
     """A model source as given to coconut-eval / coconut-export, with a coconut-train save folder (or its
-    ``latest`` pointer file) replaced by its newest checkpoint; anything else is returned unchanged."""
+    ``latest`` pointer file) replaced by its newest checkpoint; anything else is returned unchanged. A save
+    folder without a complete checkpoint (a run that stopped before its first save) is an error."""
     path = Path(source)
-    if path.is_file() and path.name == "latest":
+    if path.is_file() and path.name == "latest" and _pointer(path.parent) is not None:
         path = path.parent
     if path.is_dir() and not is_checkpoint(path) and not (path / "config.json").is_file():
         newest = latest_checkpoint(path)
         if newest is not None:
             return str(newest)
+        if (path / "latest").exists() or (path / RUN_FILE).is_file() or any(path.glob("step-*")):
+            raise CheckpointError(f"{source}: a coconut-train save folder without a complete checkpoint (the run "
+                                  f"stopped before its first save?)")
     return str(source)
 
 

@@ -4,7 +4,9 @@ and collectives the rest of the trainer needs so that no other unit has to know 
 """
 from __future__ import annotations
 
+import datetime
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -48,12 +50,24 @@ def process_group(world: int, device: torch.device):
     try:
         yield
         if own:
-            # every rank done with its collectives before any tears gloo down (a rank that destroyed its
-            # group while its peer's last work was in flight was seen to abort under load)
-            dist.barrier()
+            _closing_barrier()
     finally:
         if own:
             dist.destroy_process_group()
+
+
+def _closing_barrier(timeout_s: float = 60.0) -> None:
+    """Every rank done with its collectives before any tears the group down (a rank that destroyed its gloo
+    group while its peer's last work was in flight was seen to abort at exit under load). Bounded, and never
+    an error of its own: a peer that failed has already made the run fail, and its error is the one to read."""
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except Exception as e:  # noqa: BLE001 - the run's own result stands; say why the exit was not in step
+        print(f"[dist] rank {dist.get_rank()}: the closing barrier failed ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); a peer may have failed", file=sys.stderr, flush=True)
 
 
 class Parallel:

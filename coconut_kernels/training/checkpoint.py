@@ -140,8 +140,8 @@ def run_id_of(folder: str | Path) -> str | None:
 
 
 def _pointer(save_dir: Path) -> Path | None:
-    """The step folder a save folder's ``latest`` file names, None when there is no such small text file
-    naming an existing folder (an official checkpoint file may also be called ``latest``)."""
+    """The folder a save folder's ``latest`` file names, None when there is no such small text file naming an
+    existing folder (an official checkpoint file may also be called ``latest``)."""
     pointer = save_dir / "latest"
     try:
         if not pointer.is_file() or pointer.stat().st_size > 256:
@@ -149,7 +149,7 @@ def _pointer(save_dir: Path) -> Path | None:
         p = save_dir / pointer.read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return p if _NAME.match(p.name) and p.is_dir() else None
+    return p if p.is_dir() else None  # a step folder, or the bridge folder of a step being re-saved
 
 
 def latest_checkpoint(save_dir: str | Path) -> Path | None:

@@ -497,7 +497,8 @@ def test_generator_small_size(generated, generated_small, tmp_path):
     out = tmp_path / "small.json"
     assert cli.main(["prosqa", "--n", "6", "--seed", "2", "--size", "small", "--out", str(out)]) == 0
     assert load_records(out) == generate_dataset(6, seed=2, size="small")
-    assert cli.main(["prosqa", "--n", "6", "--seed", "2", "--size", "small", "--render", "edges", "--out", str(out)]) == 0
+    edges = ["prosqa", "--n", "6", "--seed", "2", "--size", "small", "--render", "edges", "--out", str(out)]
+    assert cli.main(edges) == 0
     assert load_records(out) == generate_dataset(6, seed=2, size="small", render="edges")
     with pytest.raises(ValueError, match=r"size: expected one of \['prosqa', 'small'\], got 'huge'"):
         generate_dataset(3, size="huge")

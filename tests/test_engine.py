@@ -253,8 +253,6 @@ def test_abort_frees_the_slots(lm):
     assert out.samples[0].token_ids == alone(lm, [7, 8], 3)[0]
 
 
-
-
 def test_stop_strings_end_a_sample_and_cut_its_text(lm):
     p = [5, 6, 7, BOT, LAT, EOT]
     tok = CharTokenizer()

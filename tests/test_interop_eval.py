@@ -12,8 +12,7 @@ import yaml
 
 from coconut_kernels.data import RaggedCollator, StageConfig, generate_dataset, save_records, tokenize_records
 from coconut_kernels.interop.evaluate import main
-from coconut_kernels.interop.hf_export import load_source
-from coconut_kernels.interop.hf_export import main as export_main
+from coconut_kernels.interop.hf_export import load_source, main as export_main
 from coconut_kernels.latent import GenerateOutput
 from coconut_kernels.train import run
 from coconut_kernels.training import TrainConfig

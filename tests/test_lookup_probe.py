@@ -29,7 +29,8 @@ def test_batches_hold_pairs_then_a_query_and_its_value():
 def test_a_short_run_reports_both_models(capsys):
     threads = torch.get_num_threads()  # the probe sets its own
     try:
-        probe.main(["--steps", "2", "--every", "1", "--pairs", "3", "--symbols", "8", "--d_model", "16", "--heads", "2"])
+        probe.main(["--steps", "2", "--every", "1", "--pairs", "3", "--symbols", "8", "--d_model", "16",
+                    "--heads", "2"])
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()

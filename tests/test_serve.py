@@ -191,8 +191,6 @@ def test_body_over_the_limit_is_413(srv):
     assert post(srv, {"prompt": [1, 2], "max_tokens": 2, "temperature": 0}).status_code == 200
 
 
-
-
 def stream_text(s, body):
     chunks = stream_choices(s, body)
     return "".join(c["text"] for c in chunks), next((c["finish_reason"] for c in reversed(chunks)

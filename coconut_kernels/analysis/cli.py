@@ -39,16 +39,13 @@ def load_checkpoint(path: str | Path):
     (or a save folder, whose newest checkpoint is taken)."""
     from ..data import load_tokenizer
     from ..training.build import build_lm
-    from ..training.checkpoint import TOKENIZER, is_checkpoint, latest_checkpoint, read_run_config
+    from ..training.checkpoint import TOKENIZER, is_checkpoint, read_run_config, resolve_source
 
-    path = Path(path)
+    path = Path(resolve_source(path))
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder not found")
     if not is_checkpoint(path):
-        newest = latest_checkpoint(path)
-        if newest is None:
-            raise CheckpointError(f"{path}: neither a coconut-train checkpoint nor a save folder holding one")
-        path = newest
+        raise CheckpointError(f"{path}: neither a coconut-train checkpoint nor a save folder holding one")
     cfg_file = path / "config.yaml"
     cfg = read_run_config(path)
     method = cfg.get("method", "coconut")

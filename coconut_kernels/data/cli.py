@@ -27,7 +27,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--n", type=int, required=True, help="number of problems")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", choices=sorted(SIZES), default="prosqa",
-                   help="graph size: prosqa (the published split's shape, default) or small (a CPU demo's)")
+                   help="graph size: prosqa (the published split's shape, default) or small (shorter, for CPU runs)")
     p.add_argument("--render", choices=RENDERS, default="text",
                    help="text (the published sentences, default) or edges (compact 'X Y' pairs, node-name steps)")
     p.add_argument("--out", required=True, help="output JSON file")

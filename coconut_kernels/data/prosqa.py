@@ -5,8 +5,9 @@ lists every edge as a sentence, shuffled, and asks whether the root person is on
 which exactly one is reachable from that person; the steps walk one shortest path to it. The size knobs
 are tuned so the means match the validation split (≈23 nodes, ≈36 edges, 3.75 steps, ≈180 words): the
 ``"prosqa"`` size. The ``"small"`` size draws the same kind of graph with fewer people, concepts per level and
-extra parents (≈13 nodes, ≈14 edges, 3.4 steps, ≈70 words): a problem a model trained from scratch on a CPU
-can learn in minutes, for demonstrating the curriculum, not for comparing with the paper.
+extra parents (≈13 nodes, ≈14 edges, 3.4 steps, ≈70 words): shorter sequences for experiments on a CPU, not
+for comparing with the paper (a small model trained from scratch has not learnt even these in 30 CPU
+minutes; see the README).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ["concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable", "GraphSize", "SIZES", "RENDERS"]
+__all__ = ["concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable", "GraphSize", "SIZES",
+           "RENDERS"]
 
 # Nouns are onset + vowel + (m|r|l) + "pus", the pattern of the split's vocabulary; the onsets cover every
 # noun the split uses, so a word tokenizer built from generated data also covers the split.

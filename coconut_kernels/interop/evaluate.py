@@ -1,8 +1,8 @@
 """`coconut-eval`: a model evaluated as the official run reports it, and more.
 
 ``coconut-eval SOURCE --data FILE`` (SOURCE: a coconut-train checkpoint folder or save folder (its newest
-checkpoint), a Hugging Face folder, or an official checkpoint_N file with ``--base``) decodes the stage's prompts greedily and reports answer exact
-match and CoT exact match (the official extraction: `coconut_kernels.data.eval`), the validation loss of the
+checkpoint), a Hugging Face folder, or an official checkpoint_N file with ``--base``) decodes the stage's
+prompts greedily and reports answer exact match and CoT exact match (the official extraction: `coconut_kernels.data.eval`), the validation loss of the
 stage's training layout, the latents run per example and, with ``--samples k --temperature t``, pass@k over
 k sampled decodings; ``--out`` gets every example's output as JSON. The curriculum knobs come from
 ``--official ARGS_YAML``, else a coconut-train checkpoint's own run config, else the flags. ``--precision``

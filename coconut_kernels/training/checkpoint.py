@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from .config import TrainConfig
     from .context import RunContext
 
-__all__ = ["save_checkpoint", "load_weights", "load_trainer_state", "latest_checkpoint", "resolve_source", "read_model_config",
-           "is_checkpoint", "resume_path", "save_run", "run_id_of"]
+__all__ = ["save_checkpoint", "load_weights", "load_trainer_state", "latest_checkpoint", "resolve_source",
+           "read_model_config", "is_checkpoint", "resume_path", "save_run", "run_id_of"]
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"

@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from ..data import METHODS, StageConfig
+from ..data.prosqa import RENDERS, SIZES
 from ..errors import ConfigError
 from ..feedback import MODES
-from ..data.prosqa import RENDERS, SIZES
 from ..validation import LATENT_SCHEDULES
 
 __all__ = ["TrainConfig", "load_config", "config_parser"]
@@ -43,7 +43,7 @@ class TrainConfig:
     val_if_missing: str = "error"  # "generate": a val_path that does not exist falls back to a generated split
     generate_train: int = 2000
     generate_val: int = 200
-    generate_size: str = "prosqa"  # generated graphs: prosqa (the published split's shape) | small (a CPU demo's)
+    generate_size: str = "prosqa"  # generated graphs: prosqa (the published split's shape) | small (shorter, for CPU runs)
     generate_render: str = "text"  # generated records: text (the published sentences) | edges (compact X Y pairs)
     data_seed: int = 0
     max_train_records: int | None = None

@@ -32,7 +32,24 @@ def test_marginal_cost_is_the_fitted_slope():
     assert all(r["x_value"] == "fit n>=1" for r in marginal_rows(rows))
     table = marginal_table(rows + marginal_rows(rows))
     line = next(t for t in table[1:] if t[1] == "sequential")
-    assert line[2:] == ["3", "2", f"{fits[('sequential', 'marginal time per thought / floor')]:.2%}", "100"]
+    assert line[2:] == ["3", "2", f"{fits[('sequential', 'marginal time per thought / floor')]:.2%}", "100", "-"]
+
+
+def test_speedup_over_the_reference_trend_at_the_largest_n():
+    # the reference: 2 s + 2 s per thought, measured at n <= 2; sequential 1.3 s at n = 64, 0.6 s at n = 4
+    rows = [_row("reference", "reference", n, "time", 2.0 + 2.0 * n) for n in (0, 1, 2)]
+    rows += [_row("sequential", "impl", 4, "time", 0.6), _row("sequential", "impl", 64, "time", 1.3),
+             _row("floor", "floor", 64, "time", 0.5)]
+    trend = [r for r in marginal_rows(rows) if r["metric"] == "speedup over the reference trend"]
+    assert [(r["provider"], r["x_value"]) for r in trend] == [("sequential", "trend at n=64")]
+    assert trend[0]["p50"] == pytest.approx(130.0 / 1.3)
+    line = next(t for t in marginal_table(rows + marginal_rows(rows))[1:] if t[1] == "sequential")
+    assert line[-1] == "100x at n=64"
+    # one reference point is no trend; a provider measured only where the reference was is not extrapolated
+    assert not [r for r in marginal_rows(rows[:1] + rows[3:]) if r["metric"] == "speedup over the reference trend"]
+    near = [_row("reference", "reference", n, "time", 2.0 + 2.0 * n) for n in (0, 1, 2)] + \
+        [_row("sequential", "impl", 2, "time", 0.6)]
+    assert not [r for r in marginal_rows(near) if r["metric"] == "speedup over the reference trend"]
 
 
 def test_aten_calls_count_the_backward_too():

@@ -62,7 +62,7 @@ def train_step(module, batch, schedule: dict | None = None):
     return step
 
 
-def _train_cases(state, size, B, n, jacobi, device, dtype, q_len, reps, ref_max):
+def _train_cases(state, size, B, n, jacobi, device, dtype, q_len, reps, ref_max, only_reference=False):
     scenario = f"latent_scaling_train_B{B}"
     batch = {}
 
@@ -80,15 +80,19 @@ def _train_cases(state, size, B, n, jacobi, device, dtype, q_len, reps, ref_max)
         return setup
 
     extra = {"max": True, "memory": False, "aten_calls": True}
-    yield Case(scenario, "sequential", "thoughts", n, make("lm"), reps=reps, warmup=1, extra=extra)
-    for t in jacobi:
-        if t < n:
-            yield Case(scenario, f"jacobi T={t}", "thoughts", n,
-                       make("lm", {"latent_schedule": "jacobi", "jacobi_iters": t}), reps=reps, warmup=1, extra=extra)
+    if not only_reference:
+        yield Case(scenario, "sequential", "thoughts", n, make("lm"), reps=reps, warmup=1, extra=extra)
+        for t in jacobi:
+            if t < n:
+                yield Case(scenario, f"jacobi T={t}", "thoughts", n,
+                           make("lm", {"latent_schedule": "jacobi", "jacobi_iters": t}), reps=reps, warmup=1,
+                           extra=extra)
     if n <= ref_max:
         yield Case(scenario, "reference", "thoughts", n, make("ref"), role="reference", reps=max(2, reps // 3),
                    warmup=1, extra={"max": True, "memory": False})
-    yield Case(scenario, "floor", "thoughts", n, make("floor"), role="floor", reps=reps, warmup=1, extra=extra)
+    if not only_reference:
+        yield Case(scenario, "floor", "thoughts", n, make("floor"), role="floor", reps=reps, warmup=1,
+                   extra=extra)
 
 
 def _generate_cases(state, size, B, n, jacobi, device, dtype, q_len, reps, ref_max):
@@ -135,9 +139,11 @@ def cases(settings: dict):
     reps = 2 if quick else 7
     state: dict = {}  # the models, built once and shared by every point
     for B in batches:
-        for n in grid["thoughts"]:
-            yield from _train_cases(state, size, B, n, grid["jacobi"], device, dtype, q_len, reps,
-                                    REFERENCE_MAX["train"].get(B, 2))
+        ref_max = REFERENCE_MAX["train"].get(B, 2)
+        # the reference also at every n <= ref_max the grid skips: the points its trend is fitted to
+        for n in sorted(set(grid["thoughts"]) | set(range(ref_max + 1))):
+            yield from _train_cases(state, size, B, n, grid["jacobi"], device, dtype, q_len, reps, ref_max,
+                                    only_reference=n not in grid["thoughts"])
         for n in grid["thoughts"]:
             yield from _generate_cases(state, size, B, n, grid["jacobi"], device, dtype, q_len, reps,
                                        REFERENCE_MAX["generate"])
@@ -150,6 +156,30 @@ def _fit(points: list[tuple[float, float]]) -> float | None:
     mx = sum(x for x, _ in points) / len(points)
     my = sum(y for _, y in points) / len(points)
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+
+
+TREND = "speedup over the reference trend"
+
+
+def _trend_rows(times: list[dict]) -> list[dict]:
+    """Per provider (not the reference, not the floor) at its largest n: the reference's time there, read off
+    the line through the reference's medians (each thought is one more full pass, so its time is linear in
+    n), over the provider's median. x_value "trend at n=N". None where the reference has < 2 points."""
+    ref = [(int(r["x_value"]), r["p50"]) for r in times if r["role"] == "reference"]
+    slope = _fit(ref)
+    if slope is None:
+        return []
+    intercept = sum(y for _, y in ref) / len(ref) - slope * sum(x for x, _ in ref) / len(ref)
+    out = []
+    for prov in dict.fromkeys(r["provider"] for r in times if r["role"] not in ("reference", "floor")):
+        last = max((r for r in times if r["provider"] == prov), key=lambda r: int(r["x_value"]))
+        n = int(last["x_value"])
+        if n <= max(x for x, _ in ref):
+            continue  # measured, not extrapolated: the scenario's own ratio column says it
+        v = (intercept + slope * n) / last["p50"]
+        out.append({**{k: v2 for k, v2 in last.items() if k not in ("p20", "p50", "p80", "metric", "unit")},
+                    "x_value": f"trend at n={n}", "metric": TREND, "unit": "x", "p20": v, "p50": v, "p80": v})
+    return out
 
 
 def marginal_rows(rows: list[dict]) -> list[dict]:
@@ -180,22 +210,26 @@ def marginal_rows(rows: list[dict]) -> list[dict]:
             for (metric, unit), v in fits.items():
                 if v is not None:
                     out.append({**base, "metric": metric, "unit": unit, "p20": v, "p50": v, "p80": v})
+        out += _trend_rows(times)
     return out
 
 
 def marginal_table(rows: list[dict]) -> list[list[str]]:
     """The fits of marginal_rows as a table: one line per (scenario, provider)."""
     cols = ["marginal time per thought", "marginal time per thought above the floor",
-            "marginal time per thought / floor", "aten calls per thought"]
+            "marginal time per thought / floor", "aten calls per thought", TREND]
     head = ["case", "provider", "ms / thought", "ms / thought above floor", "floor fraction / thought",
-            "aten calls / thought"]
+            "aten calls / thought", "x faster than the reference's trend"]
     lines: dict = {}
     for r in rows:
         if r["metric"] in cols:
-            lines.setdefault((r["scenario"], r["provider"]), {})[r["metric"]] = r["p50"]
+            v = r["p50"]
+            if r["metric"] == TREND:
+                v = f"{v:.3g}x at {r['x_value'].removeprefix('trend at ')}"
+            lines.setdefault((r["scenario"], r["provider"]), {})[r["metric"]] = v
     out = [head]
     for (scn, prov), v in lines.items():
-        fmt = ["{:.3g}", "{:.3g}", "{:.2%}", "{:.0f}"]
+        fmt = ["{:.3g}", "{:.3g}", "{:.2%}", "{:.0f}", "{}"]
         out.append([scn, prov] + [f.format(v[c]) if c in v else "-" for f, c in zip(fmt, cols)])
     return out
 

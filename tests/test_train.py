@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from coconut_kernels.data import generate_dataset, save_records
+from coconut_kernels.errors import CheckpointError
 from coconut_kernels.train import main, run
 from coconut_kernels.training import TrainConfig, latest_checkpoint, load_config, read_csv
 from coconut_kernels.training.config import parse_args
@@ -240,6 +241,15 @@ def test_only_eval_and_init_from_a_checkpoint(tmp_path, capsys):
     assert "accuracy" in printed and "stage" in printed
     rows = read_csv(tmp_path / "eval" / "run" / "eval_log.csv")
     assert len(rows) == 1 and int(rows[0]["stage"]) == 2
+    # the save folder stands for its newest checkpoint, as for coconut-eval
+    again = run(tiny(tmp_path / "eval2", init_from=str(ckpt.parent), only_eval=True, eval_stage=2))
+    assert again["evals"][0]["accuracy"] == out["evals"][0]["accuracy"]
+    assert last_samples(capsys.readouterr().err) == samples
+    empty = tmp_path / "empty_save"
+    empty.mkdir()
+    (empty / "run.json").write_text('{"run_id": "x"}')
+    with pytest.raises(CheckpointError, match="init_from.*without a complete checkpoint"):
+        run(tiny(tmp_path / "eval3", init_from=str(empty), only_eval=True))
 
 
 def make_hf_folder(folder: Path, records: list[dict]) -> int:

@@ -23,7 +23,7 @@ from ..errors import CheckpointError, ConfigError
 from ..markers import add_latent_tokens, load_folder_tokenizer
 from ..interop.official import load_official_weights
 from ..latent import LatentLM
-from .checkpoint import TOKENIZER, is_checkpoint, load_weights, read_model_config
+from .checkpoint import TOKENIZER, is_checkpoint, load_weights, read_model_config, resolve_source
 from .config import TrainConfig
 
 __all__ = ["build_tokenizer", "build_lm", "make_optimizer"]
@@ -33,17 +33,16 @@ def build_tokenizer(cfg: TrainConfig, train: list[dict], checkpoint: Path | None
     """The checkpoint's tokenizer when resuming or starting from one of ours; else `tokenizer`; else the
     Hugging Face checkpoint's; else a word tokenizer of the training data plus every ProsQA concept noun and
     person name (so a generated or published validation split has no unknown words)."""
-    _check_init_from(cfg)
-    source = checkpoint if checkpoint is not None else (
-        Path(cfg.init_from) if cfg.init_from and is_checkpoint(cfg.init_from) else None)
+    init = _init_from(cfg)
+    source = checkpoint if checkpoint is not None else (init if init is not None and is_checkpoint(init) else None)
     if source is not None:
         return load_tokenizer(source / TOKENIZER)
     if cfg.tokenizer is not None:
         if not Path(cfg.tokenizer).exists():
             raise ConfigError(f"config key 'tokenizer': {cfg.tokenizer} not found")
         return load_tokenizer(cfg.tokenizer)
-    if cfg.init_from is not None:
-        return load_folder_tokenizer(cfg.init_from)
+    if init is not None:
+        return load_folder_tokenizer(init)
     return WordTokenizer.from_records(train, extra_tokens=concept_nouns() + person_names())
 
 
@@ -74,14 +73,14 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
     """The LatentLM to train, in fp32 on the CPU (the caller moves it). Weights: the resume checkpoint's,
     else init_from's (ours or Hugging Face's), else a fresh `model` config initialised from `seed`. Dropout: the
     model config's, or `dropout` when set."""
-    ours = checkpoint if checkpoint is not None else (
-        Path(cfg.init_from) if cfg.init_from and is_checkpoint(cfg.init_from) else None)
+    init = _init_from(cfg)
+    ours = checkpoint if checkpoint is not None else (init if init is not None and is_checkpoint(init) else None)
     torch.manual_seed(cfg.seed)
     if ours is not None:
         spec = read_model_config(ours)
         model = _model_from_dict(spec, tokenizer.vocab_size, f"checkpoint {ours}")
-    elif cfg.init_from is not None:
-        model = _load_hf(cfg)
+    elif init is not None:
+        model = _load_hf(init)
         add_latent_tokens(model, tokenizer)  # the official marker rows: copies of "<<"
     else:
         model = _model_from_dict(cfg.model, tokenizer.vocab_size, "config key 'model'")
@@ -100,18 +99,24 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
     return lm
 
 
-def _check_init_from(cfg: TrainConfig) -> None:
-    if cfg.init_from is not None and not Path(cfg.init_from).is_dir():
+def _init_from(cfg: TrainConfig) -> Path | None:
+    """The folder `init_from` names: a checkpoint (ours or Hugging Face's), or a coconut-train save folder's
+    newest checkpoint; None when unset."""
+    if cfg.init_from is None:
+        return None
+    if not Path(cfg.init_from).is_dir():
         what = "is not a folder" if Path(cfg.init_from).exists() else "does not exist"
         raise CheckpointError(f"config key 'init_from': the folder {cfg.init_from} {what}")
+    try:
+        return Path(resolve_source(cfg.init_from))
+    except CheckpointError as e:
+        raise CheckpointError(f"config key 'init_from': {e}") from None
 
 
-def _load_hf(cfg: TrainConfig):
+def _load_hf(folder: Path):
     """The model of the Hugging Face folder `init_from` in fp32; an unreadable file is named."""
     from ..models import from_pretrained
 
-    _check_init_from(cfg)
-    folder = Path(cfg.init_from)
     config = folder / "config.json"
     try:
         json.loads(config.read_text())

@@ -50,7 +50,7 @@ class TrainConfig:
     max_val_records: int | None = None
     tokenizer: str | None = None  # a tokenizer file/folder; None: init_from's, else a word tokenizer of the data
     # --- model ------------------------------------------------------------------------------------------
-    init_from: str | None = None  # a Hugging Face checkpoint folder or a coconut-train checkpoint
+    init_from: str | None = None  # a Hugging Face checkpoint folder, a coconut-train checkpoint or save folder
     model: dict | None = None  # a fresh random model: {family: gpt2|llama, n_layer: .., ...}; one of init_from / model
     feedback: str = "hidden"  # hidden | projected | soft | mixture | pause (pause_as_thought forces pause)
     latent_schedule: str = "sequential"  # sequential (official: a pass per thought) | jacobi (PCCoT: jacobi_iters)

@@ -162,9 +162,10 @@ TREND = "speedup over the reference trend"
 
 
 def _trend_rows(times: list[dict]) -> list[dict]:
-    """Per provider (not the reference, not the floor) at its largest n: the reference's time there, read off
-    the line through the reference's medians (each thought is one more full pass, so its time is linear in
-    n), over the provider's median. x_value "trend at n=N". None where the reference has < 2 points."""
+    """Per provider (not the reference, not the floor) at its largest n beyond the reference's: the reference's
+    time there, read off the line through the reference's medians (each thought is one more pass of the
+    reference, so its time grows linearly in n), over the provider's median. x_value "trend at n=N". No rows
+    where the reference has fewer than two distinct n (the role "reference": the training scenario only)."""
     ref = [(int(r["x_value"]), r["p50"]) for r in times if r["role"] == "reference"]
     slope = _fit(ref)
     if slope is None:

@@ -20,7 +20,7 @@ import torch
 
 from ._cli import run_cli
 from .errors import CheckpointError
-from .training.build import build_lm, build_tokenizer
+from .training.build import build_lm, build_tokenizer, resolve_init_from
 from .training.checkpoint import load_trainer_state, resume_path
 from .training.config import TrainConfig, parse_args
 from .training.context import RunContext
@@ -82,8 +82,9 @@ def _prepare(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> t
     state = load_trainer_state(resume_from) if resume_from is not None else None
     train_records, val_records, val_source = load_data(cfg)
     check_stages(cfg, train_records, val_records)
-    tokenizer = build_tokenizer(cfg, train_records, resume_from)
-    lm = build_lm(cfg, tokenizer, resume_from)
+    init = resolve_init_from(cfg)  # once: a save folder's newest checkpoint gives both tokenizer and weights
+    tokenizer = build_tokenizer(cfg, train_records, resume_from, init)
+    lm = build_lm(cfg, tokenizer, resume_from, init)
     # bf16: the whole model (and so AdamW's state) in bf16, as the official run.py; else fp32 weights
     lm = lm.to(device=device, dtype=torch.bfloat16 if cfg.compute_precision == "bf16" else None)
     data = prepare_data(cfg, train_records, val_records, val_source, tokenizer, lm.model.config.max_position,

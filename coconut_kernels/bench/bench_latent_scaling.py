@@ -149,13 +149,20 @@ def cases(settings: dict):
                                        REFERENCE_MAX["generate"])
 
 
-def _fit(points: list[tuple[float, float]]) -> float | None:
-    """The least-squares slope of y over x, None for fewer than two distinct x."""
+def _line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """The least-squares line of y over x as (slope, intercept), None for fewer than two distinct x."""
     if len({x for x, _ in points}) < 2:
         return None
     mx = sum(x for x, _ in points) / len(points)
     my = sum(y for _, y in points) / len(points)
-    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return slope, my - slope * mx
+
+
+def _fit(points: list[tuple[float, float]]) -> float | None:
+    """The least-squares slope of y over x, None for fewer than two distinct x."""
+    line = _line(points)
+    return None if line is None else line[0]
 
 
 TREND = "speedup over the reference trend"
@@ -167,10 +174,10 @@ def _trend_rows(times: list[dict]) -> list[dict]:
     reference, so its time grows linearly in n), over the provider's median. x_value "trend at n=N". No rows
     where the reference has fewer than two distinct n (the role "reference": the training scenario only)."""
     ref = [(int(r["x_value"]), r["p50"]) for r in times if r["role"] == "reference"]
-    slope = _fit(ref)
-    if slope is None:
+    line = _line(ref)
+    if line is None:
         return []
-    intercept = sum(y for _, y in ref) / len(ref) - slope * sum(x for x, _ in ref) / len(ref)
+    slope, intercept = line
     out = []
     for prov in dict.fromkeys(r["provider"] for r in times if r["role"] not in ("reference", "floor")):
         last = max((r for r in times if r["provider"] == prov), key=lambda r: int(r["x_value"]))

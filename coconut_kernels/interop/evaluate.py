@@ -2,14 +2,15 @@
 
 ``coconut-eval SOURCE --data FILE`` (SOURCE: a coconut-train checkpoint folder or save folder (its newest
 checkpoint), a Hugging Face folder, or an official checkpoint_N file with ``--base``) decodes the stage's
-prompts greedily and reports answer exact match and CoT exact match (the official extraction: `coconut_kernels.data.eval`), the validation loss of the
-stage's training layout, the latents run per example and, with ``--samples k --temperature t``, pass@k over
-k sampled decodings; ``--out`` gets every example's output as JSON. The curriculum knobs come from
-``--official ARGS_YAML``, else a coconut-train checkpoint's own run config, else the flags. ``--precision``
-has the trainer's meanings: fp32, bf16 (the whole model cast to bf16, as run.py's ``bf16: true``; ``--bf16`` is
-its alias) or bf16-autocast (fp32 weights under bf16 autocast); by default the run config's, else fp32.
-The latent schedule too (``--latent_schedule jacobi --jacobi_iters T`` as in coconut-train; default: the
-checkpoint's, else sequential), which both the decoding and the validation loss run.
+prompts greedily and reports answer exact match and CoT exact match (the official extraction:
+`coconut_kernels.data.eval`), the validation loss of the stage's training layout, the latents run per example
+and, with ``--samples k --temperature t``, pass@k over k sampled decodings; ``--out`` gets every example's
+output as JSON. The curriculum knobs come from ``--official ARGS_YAML``, else a coconut-train checkpoint's own
+run config, else the flags. ``--precision`` has the trainer's meanings: fp32, bf16 (the whole model cast to
+bf16, as run.py's ``bf16: true``; ``--bf16`` is its alias) or bf16-autocast (fp32 weights under bf16 autocast);
+by default the run config's, else fp32. The latent schedule too (``--latent_schedule jacobi --jacobi_iters T``
+as in coconut-train; default: the checkpoint's, else sequential), which both the decoding and the validation
+loss run.
 """
 from __future__ import annotations
 

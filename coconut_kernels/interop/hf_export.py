@@ -4,8 +4,8 @@ logits, and `LatentLM.from_pretrained` loads back with the same ids.
 
 ``coconut-export SOURCE OUT``: SOURCE is a coconut-train checkpoint folder or save folder (its newest
 checkpoint), a Hugging Face folder, or an official ``checkpoint_N`` file (with ``--base`` the folder of its
-run.py ``model_id``). The folder is written to a temporary folder next to OUT and renamed into place, so OUT holds nothing unless the whole export
-succeeded.
+run.py ``model_id``). The folder is written to a temporary folder next to OUT and renamed into place, so OUT
+holds nothing unless the whole export succeeded.
 """
 from __future__ import annotations
 

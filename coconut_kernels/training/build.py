@@ -26,15 +26,17 @@ from ..latent import LatentLM
 from .checkpoint import TOKENIZER, is_checkpoint, load_weights, read_model_config, resolve_source
 from .config import TrainConfig
 
-__all__ = ["build_tokenizer", "build_lm", "make_optimizer"]
+__all__ = ["build_tokenizer", "build_lm", "make_optimizer", "resolve_init_from"]
 
 
-def build_tokenizer(cfg: TrainConfig, train: list[dict], checkpoint: Path | None):
+def build_tokenizer(cfg: TrainConfig, train: list[dict], checkpoint: Path | None, init: Path | None = None):
     """The checkpoint's tokenizer when resuming or starting from one of ours; else `tokenizer`; else the
     Hugging Face checkpoint's; else a word tokenizer of the training data plus every ProsQA concept noun and
-    person name (so a generated or published validation split has no unknown words)."""
-    init = _init_from(cfg)
-    source = checkpoint if checkpoint is not None else (init if init is not None and is_checkpoint(init) else None)
+    person name (so a generated or published validation split has no unknown words). `init`: the caller's
+    `resolve_init_from(cfg)`, so that the tokenizer and the model come from the same checkpoint of a save
+    folder; resolved here when not given."""
+    init = init if init is not None else resolve_init_from(cfg)
+    source = _ours(checkpoint, init)
     if source is not None:
         return load_tokenizer(source / TOKENIZER)
     if cfg.tokenizer is not None:
@@ -69,12 +71,12 @@ def _model_from_dict(spec: dict, vocab_size: int, where: str):
     return model_cls(config)
 
 
-def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
+def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None, init: Path | None = None) -> LatentLM:
     """The LatentLM to train, in fp32 on the CPU (the caller moves it). Weights: the resume checkpoint's,
     else init_from's (ours or Hugging Face's), else a fresh `model` config initialised from `seed`. Dropout: the
-    model config's, or `dropout` when set."""
-    init = _init_from(cfg)
-    ours = checkpoint if checkpoint is not None else (init if init is not None and is_checkpoint(init) else None)
+    model config's, or `dropout` when set. `init`: as for `build_tokenizer`."""
+    init = init if init is not None else resolve_init_from(cfg)
+    ours = _ours(checkpoint, init)
     torch.manual_seed(cfg.seed)
     if ours is not None:
         spec = read_model_config(ours)
@@ -99,7 +101,15 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None) -> LatentLM:
     return lm
 
 
-def _init_from(cfg: TrainConfig) -> Path | None:
+def _ours(checkpoint: Path | None, init: Path | None) -> Path | None:
+    """The coconut-train checkpoint the model and tokenizer come from: the resume checkpoint, else init_from's
+    when it is one of ours (not a Hugging Face folder)."""
+    if checkpoint is not None:
+        return checkpoint
+    return init if init is not None and is_checkpoint(init) else None
+
+
+def resolve_init_from(cfg: TrainConfig) -> Path | None:
     """The folder `init_from` names: a checkpoint (ours or Hugging Face's), or a coconut-train save folder's
     newest checkpoint; None when unset."""
     if cfg.init_from is None:

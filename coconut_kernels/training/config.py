@@ -43,7 +43,7 @@ class TrainConfig:
     val_if_missing: str = "error"  # "generate": a val_path that does not exist falls back to a generated split
     generate_train: int = 2000
     generate_val: int = 200
-    generate_size: str = "prosqa"  # generated graphs: prosqa (the published split's shape) | small (shorter, for CPU runs)
+    generate_size: str = "prosqa"  # generated graphs: prosqa (the published split's shape) | small (for CPU runs)
     generate_render: str = "text"  # generated records: text (the published sentences) | edges (compact X Y pairs)
     data_seed: int = 0
     max_train_records: int | None = None

@@ -41,9 +41,8 @@ def batches(seed: int, batch: int, pairs: int, symbols: int, queries: str = "one
         rows, marks = [], []
         for _ in range(batch):
             keys = rng.sample(range(symbols), -(-pairs // children))
-            edges = [(keys[i // children], None) for i in range(pairs)]
             pool = keys if values == "keys" else range(symbols)
-            edges = [(k, rng.choice([s for s in pool if s != k])) for k, _ in edges]
+            edges = [(k, rng.choice([s for s in pool if s != k])) for k in (keys[i // children] for i in range(pairs))]
             rng.shuffle(edges)
             row = [t for k, v in edges for t in (k, v, sep)]
             mark = [False] * len(row)

@@ -19,8 +19,9 @@ It writes a coconut-train checkpoint (model and tokenizer) into ``--out``; each 
 
 The model is the one ``--config`` describes (default: this folder's coconut.yaml, a 2-layer Llama), from its
 seed. Every ``--every`` steps it prints the phase, the loss and the accuracy of that batch: a prediction
-counts when it is the queried value (lookups) or a child of the node before it (walks; newlines left out). The tokenizer covers
-the generator's words in both renders and the published split's, as the trainer's own does.
+counts when it is the queried value (lookups) or a child of the node before it (walks; newlines left out).
+The tokenizer covers the generator's words in both renders and the published split's, as the trainer's own
+does.
 """
 from __future__ import annotations
 
@@ -36,20 +37,20 @@ from coconut_kernels.training import load_config, save_checkpoint
 from coconut_kernels.training.build import build_lm
 
 HERE = Path(__file__).resolve().parent
+WORDS = concept_nouns() + person_names()  # the lookups' keys and values
 
 
 def tokenizer_for(size: str) -> WordTokenizer:
     """A word tokenizer of the generator's text and edges renders plus every concept noun and person name."""
     records = generate_dataset(50, seed=0, size=size, render="text") + generate_dataset(50, seed=0, size=size,
                                                                                        render="edges")
-    return WordTokenizer.from_records(records, extra_tokens=concept_nouns() + person_names())
+    return WordTokenizer.from_records(records, extra_tokens=WORDS)
 
 
 def lookup_example(rng: random.Random, tok: WordTokenizer, keys: int) -> tuple[list[int], list[tuple[int, set]]]:
     """``k v, k v, ... .`` then ``? k v`` per key: (ids, [(position of a value, {its id})])."""
-    words = concept_nouns() + person_names()
-    ks = rng.sample(words, keys)
-    value = {k: rng.choice([w for w in words if w != k]) for k in ks}
+    ks = rng.sample(WORDS, keys)
+    value = {k: rng.choice([w for w in WORDS if w != k]) for k in ks}
     ids = tok.encode(", ".join(f"{k} {value[k]}" for k in ks) + ".", add_special_tokens=True)
     targets = []
     for k in rng.sample(ks, keys):
@@ -116,8 +117,8 @@ def main(argv: list[str] | None = None) -> Path:
     for name in ("lookup_steps", "walk_steps"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0")
-    if args.keys > len(concept_nouns()) + len(person_names()) - 1:
-        p.error(f"--keys must be < {len(concept_nouns()) + len(person_names())} (keys are distinct words)")
+    if args.keys > len(WORDS) - 1:
+        p.error(f"--keys must be < {len(WORDS)} (keys are distinct words)")
     torch.set_num_threads(args.threads)
     tok = tokenizer_for(args.size)
     cfg = load_config(args.config, {"init_from": None, "tokenizer": None})

@@ -14,6 +14,7 @@ from .latent import GenerateOutput, LatentLM, LatentOutput
 from .loss import linear_cross_entropy
 from .ops.latent_attention import latent_attention
 from .ops.latent_feedback import latent_feedback, latent_feedback_
+from .ops.skinny_linear import skinny_linear
 from .ops.soft_embedding import soft_embedding
 
 __version__ = "0.1.0"
@@ -21,5 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "CoconutError", "ConfigError", "Feedback", "GenerateOutput",
     "KVCache", "LatentIds", "LatentLM", "LatentOutput", "add_latent_tokens", "get_backend", "latent_attention",
-    "latent_feedback", "latent_feedback_", "linear_cross_entropy", "set_backend", "soft_embedding", "__version__",
+    "latent_feedback", "latent_feedback_", "linear_cross_entropy", "set_backend", "skinny_linear", "soft_embedding",
+    "__version__",
 ]

@@ -244,3 +244,17 @@ def soft_embedding_reference(
     if return_probs:
         return out, probs.to(torch.promote_types(probs.dtype, torch.float32)).reshape(logits.shape)
     return out
+
+
+# ---- skinny_linear ------------------------------------------------------------------------------------
+
+
+def skinny_linear_reference(x, weight, bias=None):
+    """x @ weight.T + bias (x (M, K), weight (N, K), bias (N,) or None)."""
+    out = x @ weight.T
+    return out if bias is None else out + bias
+
+
+def skinny_linear_input_grad_reference(grad_out, weight):
+    """grad_out @ weight: the input gradient of skinny_linear (grad_out (M, N), weight (N, K))."""
+    return grad_out @ weight

@@ -85,4 +85,12 @@ TORCH_LIBRARY(coconut, m) {
   m.def(
       "soft_embedding_bwd(Tensor grad_out, Tensor logits, Tensor weight, Tensor threshold, Tensor lse, "
       "float temperature, bool[2] output_mask) -> (Tensor grad_logits, Tensor grad_weight)");
+
+  // ---- skinny_linear (CPU) --------------------------------------------------------------------
+  // y = x @ weight^T + bias for a few rows: x (M, K) with M <= 16, weight (N, K), bias (N,) or None; float32,
+  // contiguous, on the CPU. The weight is read once; each output row is computed in the same order whatever
+  // the other rows are (a batch gives every row what it gets alone).
+  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // Its input gradient: grad_out (M, N) @ weight (N, K), M <= 16, same dtype and layout rules.
+  m.def("skinny_linear_input_grad(Tensor grad_out, Tensor weight) -> Tensor");
 }

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..cache import AttendedPass, KVCache
 from ..ops.latent_attention import check_dropout_args, no_double_backward
+from ..ops.skinny_linear import input_grad, linear
 
 __all__ = ["Linear", "batched_weight_grads", "mlp", "attention", "ACTIVATIONS"]
 
@@ -55,7 +56,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         session = _SESSION.get()
         if session is None or not torch.is_grad_enabled() or not _trainable(self):
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)  # the skinny kernel on a few CPU rows without grad
         return session.linear(self, x)
 
 
@@ -190,7 +191,7 @@ class _DeferredLinear(torch.autograd.Function):
             weight, bias = entry.cast(weight, bias, dtype)
             x = x.to(dtype)
             ctx.autocast = True
-        y = F.linear(x, weight, bias)
+        y = linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.entry, ctx.with_bias = entry, bias is not None
         return y
@@ -203,7 +204,7 @@ class _DeferredLinear(torch.autograd.Function):
                                "is not supported: the weight cast is not differentiable; run the step outside "
                                "batched_weight_grads() or without autocast")
         dy = dy.to(weight.dtype)
-        dx = dy @ weight if ctx.needs_input_grad[0] else None
+        dx = input_grad(dy, weight) if ctx.needs_input_grad[0] else None
         _give_rows(ctx.gather, ctx.entry, x, dy, ctx.with_bias)
         return dx, None, None, None
 
@@ -272,12 +273,12 @@ class _DeferredMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, e1, e2, act):
-        h = F.linear(x, w1, b1)
+        h = linear(x, w1, b1)
         a = ACTIVATIONS[act][0](h)
         ctx.save_for_backward(x, h, a, w1, b1, w2)
         ctx.entries, ctx.gathers, ctx.act = (e1, e2), (w1.grad_fn, w2.grad_fn), act
         ctx.with_bias = (b1 is not None, b2 is not None)
-        return F.linear(a, w2, b2)
+        return linear(a, w2, b2)
 
     @staticmethod
     def backward(ctx, dy):
@@ -286,8 +287,8 @@ class _DeferredMLP(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: recompute h and a on the graph of x and the weights
             h = F.linear(x, w1, b1)
             a = forward_act(h)
-        dh = backward_act(dy @ w2, h)
-        dx = dh @ w1 if ctx.needs_input_grad[0] else None
+        dh = backward_act(input_grad(dy, w2), h)
+        dx = input_grad(dh, w1) if ctx.needs_input_grad[0] else None
         (e1, e2), (g1, g2) = ctx.entries, ctx.gathers
         _give_rows(g2, e2, a, dy, ctx.with_bias[1])
         _give_rows(g1, e1, x, dh, ctx.with_bias[0])
@@ -338,13 +339,13 @@ class _DeferredAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chain, x, w1, b1, w2, b2, e1, e2, cache, layer, lengths, heads, rot, scale, drop, session):
         B, n, _ = x.shape
-        q, k, v = _split_heads(F.linear(x, w1, b1), heads)
+        q, k, v = _split_heads(linear(x, w1, b1), heads)
         ctx.pass_, o, lse = AttendedPass.run(cache, layer, lengths, chain, q, k, v, rot, scale, True, drop)
         ctx.save_for_backward(x, q, o, lse, w1, w2)
         ctx.entries, ctx.gathers, ctx.session = (e1, e2), (w1.grad_fn, w2.grad_fn), session
         ctx.with_bias = (b1 is not None, b2 is not None)
         ctx.set_materialize_grads(False)
-        return F.linear(o.reshape(B, n, -1), w2, b2), x.new_zeros(())
+        return linear(o.reshape(B, n, -1), w2, b2), x.new_zeros(())
 
     @staticmethod
     def backward(ctx, dy, grad_chain):
@@ -356,12 +357,12 @@ class _DeferredAttention(torch.autograd.Function):
         (e1, e2), (g1, g2) = ctx.entries, ctx.gathers
         grad_out = None
         if dy is not None:
-            grad_out = (dy @ w2).view(B, n, Hq, D)
+            grad_out = input_grad(dy, w2).view(B, n, Hq, D)
             _give_rows(g2, e2, o.reshape(B, n, Hq * D), dy, ctx.with_bias[1])
         dq, dk, dv, chain_grad = ctx.pass_.backward(q, o, lse, grad_out, grad_chain, True, True)
         if dq is None:  # only later passes' attention reached this pass's keys and values
             dq = torch.zeros_like(q)
         dqkv = torch.cat([dq.reshape(B, n, -1), dk.reshape(B, n, -1), dv.reshape(B, n, -1)], dim=-1)
         _give_rows(g1, e1, x, dqkv, ctx.with_bias[0])
-        dx = dqkv @ w1 if ctx.needs_input_grad[1] else None
+        dx = input_grad(dqkv, w1) if ctx.needs_input_grad[1] else None
         return chain_grad, dx, *([None] * 14)

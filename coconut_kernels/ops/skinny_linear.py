@@ -1,0 +1,124 @@
+"""skinny_linear: a linear layer on a few rows on the CPU (a latent pass, a decode step: one row per sequence).
+
+At 1-16 rows BLAS packs the weight before it multiplies, which reads and writes the whole weight to use it
+against a handful of rows; csrc/cpu/skinny_linear.cpp streams the weight once instead (README, "Skinny
+linear", for what it changes). Each output row is summed in the same order whatever the rows beside it are,
+so a batch gives every row the values it gets alone.
+
+- `skinny_linear(x, weight, bias=None)`: the op with autograd, for x (..., K) with at most MAX_ROWS rows.
+- `linear(x, weight, bias)` and `input_grad(dy, weight)`: what the model layer calls where no autograd graph is
+  needed (inference, and inside its own autograd nodes): the kernel where it applies (CPU, float32, at most
+  MAX_ROWS rows, not under torch.compile or autocast, switch on), else `F.linear` / `dy @ weight`.
+- `set_enabled(flag)` / COCONUT_SKINNY_LINEAR=0: the switch (A/B comparisons; default on).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CoconutError
+from ..validation import check_tensor_args
+
+__all__ = ["MAX_ROWS", "skinny_linear", "linear", "input_grad", "applies", "set_enabled", "enabled"]
+
+MAX_ROWS = 16  # csrc/cpu/skinny_linear.cpp's kMaxRows
+_enabled = os.environ.get("COCONUT_SKINNY_LINEAR", "1") not in ("", "0")
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the model layer's use of the kernel on or off (the op itself stays callable)."""
+    global _enabled
+    if not isinstance(flag, bool):
+        raise CoconutError(f"flag must be a bool, got {flag!r}")
+    _enabled = flag
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+@torch.library.register_fake("coconut::skinny_linear")
+def _fwd_fake(x, weight, bias=None):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.register_fake("coconut::skinny_linear_input_grad")
+def _input_grad_fake(grad_out, weight):
+    return grad_out.new_empty(grad_out.shape[0], weight.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = torch.ops.coconut.skinny_linear_input_grad(dy, weight) if ctx.needs_input_grad[0] else None
+    dw = dy.t() @ x if ctx.needs_input_grad[1] else None
+    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
+torch.library.register_autograd("coconut::skinny_linear", _backward, setup_context=_setup_context)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias for x (..., K) of at most MAX_ROWS rows (the product of its leading dims), weight
+    (N, K), bias (N,) or None: float32 CPU tensors. Differentiable (the input gradient by the same kernel)."""
+    check_tensor_args(("bias",), x=x, weight=weight, bias=bias)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
+            raise CoconutError(f"{name} must be a float32 CPU tensor (skinny_linear is a CPU kernel), got {t.dtype} "
+                               f"on {t.device}")
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise CoconutError(f"x (..., K) and weight (N, K) must agree on K, got shapes {tuple(x.shape)} and "
+                           f"{tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise CoconutError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if rows.shape[0] > MAX_ROWS:
+        raise CoconutError(f"x has {rows.shape[0]} rows (shape {tuple(x.shape)}); skinny_linear takes at most "
+                           f"{MAX_ROWS}: use F.linear, which BLAS serves faster there")
+    y = torch.ops.coconut.skinny_linear(rows.contiguous(), weight.contiguous(),
+                                        None if bias is None else bias.contiguous())
+    return y.reshape(*lead, weight.shape[0])
+
+
+def _rows(t: torch.Tensor) -> int:
+    return t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else 0
+
+
+def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    return (_enabled and 0 < rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and weight.is_contiguous()
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear(x, weight, bias)` runs the kernel (see the module docstring)."""
+    return _applies(x, weight, _rows(x)) and (bias is None or (
+        bias.dtype == torch.float32 and not (torch.is_grad_enabled() and bias.requires_grad)))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), by the kernel where it applies (see the module docstring)."""
+    if not applies(x, weight, bias):
+        return F.linear(x, weight, bias)
+    y = torch.ops.coconut.skinny_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight,
+                                        None if bias is None else bias.contiguous())
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dy @ weight (the input gradient of a linear layer), by the kernel where it applies."""
+    if not _applies(dy, weight, _rows(dy)):
+        return dy @ weight
+    dx = torch.ops.coconut.skinny_linear_input_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), weight)
+    return dx.view(*dy.shape[:-1], weight.shape[1])

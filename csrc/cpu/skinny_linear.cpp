@@ -29,7 +29,8 @@ namespace {
 constexpr int64_t kMaxRows = 16;   // the ops' contract; more rows are BLAS's job (they amortise the packing)
 constexpr int kLanes = 8;
 constexpr int64_t kRowsPerTask = 128;  // weight rows per at::parallel_for task (forward)
-constexpr int64_t kColsPerTask = 64;   // weight columns per task (input gradient)
+constexpr int64_t kColsPerTask = 256;      // weight columns per task (input gradient, one chunk of rows)
+constexpr int64_t kGradRowsPerChunk = 128;  // weight rows per partial sum (input gradient)
 
 // ---- portable ----------------------------------------------------------------------------------------------
 
@@ -50,13 +51,13 @@ void forward_rows_portable(const float* x, const float* w, const float* b, float
   }
 }
 
-// dx[m, k0:k1] += sum_{n >= n0} dy[m, n] w[n, k0:k1], n in order.
-void input_grad_portable(const float* dy, const float* w, float* dx, int64_t M, int64_t N, int64_t K, int64_t k0,
-                         int64_t k1, int64_t n0 = 0) {
-  for (int64_t n = n0; n < N; ++n) {
+// dx[m, k0:k1] += sum_{n0 <= n < n1} dy[m, n] w[n, k0:k1], n in order (dy's rows ldy apart).
+void input_grad_portable(const float* dy, int64_t ldy, const float* w, float* dx, int64_t M, int64_t n0, int64_t n1,
+                         int64_t K, int64_t k0, int64_t k1) {
+  for (int64_t n = n0; n < n1; ++n) {
     const float* wr = w + n * K;
     for (int64_t m = 0; m < M; ++m) {
-      const float d = dy[m * N + n];
+      const float d = dy[m * ldy + n];
       float* o = dx + m * K;
       for (int64_t k = k0; k < k1; ++k) o[k] = std::fma(d, wr[k], o[k]);
     }
@@ -132,16 +133,17 @@ COCONUT_AVX2 void forward_rows_avx2(const float* x, const float* w, const float*
   for (; n < n1; ++n) column_block<1>(x, w, b, y, M, K, N, n);
 }
 
-// dx[m, k0:k1] += sum_n dy[m, n] w[n, k0:k1], the weight rows four at a time in order (then one at a time).
-COCONUT_AVX2 void input_grad_avx2(const float* dy, const float* w, float* dx, int64_t M, int64_t N, int64_t K,
-                                  int64_t k0, int64_t k1) {
+// dx[m, k0:k1] += sum_{n0 <= n < n1} dy[m, n] w[n, k0:k1], the weight rows four at a time in order (then one at
+// a time).
+COCONUT_AVX2 void input_grad_avx2(const float* dy, int64_t ldy, const float* w, float* dx, int64_t M, int64_t n0,
+                                  int64_t n1, int64_t K, int64_t k0, int64_t k1) {
   const int64_t kv1 = k0 + (k1 - k0) / kLanes * kLanes;
-  int64_t n = 0;
-  for (; n + 4 <= N; n += 4) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
     const float* w0 = w + n * K;
     const float *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
     for (int64_t m = 0; m < M; ++m) {
-      const float* d = dy + m * N + n;
+      const float* d = dy + m * ldy + n;
       const __m256 d0 = _mm256_set1_ps(d[0]), d1 = _mm256_set1_ps(d[1]), d2 = _mm256_set1_ps(d[2]),
                    d3 = _mm256_set1_ps(d[3]);
       float* o = dx + m * K;
@@ -163,7 +165,7 @@ COCONUT_AVX2 void input_grad_avx2(const float* dy, const float* w, float* dx, in
       }
     }
   }
-  input_grad_portable(dy, w, dx, M, N, K, k0, k1, n);
+  input_grad_portable(dy, ldy, w, dx, M, n, n1, K, k0, k1);
 }
 
 bool have_avx2() {
@@ -212,6 +214,14 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   return y;
 }
 
+void input_grad_rows(const float* dy, int64_t ldy, const float* w, float* dx, int64_t M, int64_t n0, int64_t n1,
+                     int64_t K, int64_t k0, int64_t k1) {
+#ifdef COCONUT_X86
+  if (have_avx2()) return input_grad_avx2(dy, ldy, w, dx, M, n0, n1, K, k0, k1);
+#endif
+  input_grad_portable(dy, ldy, w, dx, M, n0, n1, K, k0, k1);
+}
+
 at::Tensor skinny_linear_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight) {
   check_operand(grad_out, "grad_out", 2);
   check_operand(weight, "weight", 2);
@@ -220,15 +230,33 @@ at::Tensor skinny_linear_input_grad_cpu(const at::Tensor& grad_out, const at::Te
   COCONUT_CHECK(weight.size(0) == N, "weight must be (", N, ", K) for grad_out of shape ", grad_out.sizes(),
                 ", got ", weight.sizes());
   auto dx = at::zeros({M, K}, grad_out.options());
-  if (M == 0 || K == 0) return dx;
+  if (M == 0 || K == 0 || N == 0) return dx;
   const float* dp = grad_out.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* op = dx.data_ptr<float>();
-  at::parallel_for(0, K, kColsPerTask, [&](int64_t k0, int64_t k1) {
-#ifdef COCONUT_X86
-    if (have_avx2()) return input_grad_avx2(dp, wp, op, M, N, K, k0, k1);
-#endif
-    input_grad_portable(dp, wp, op, M, N, K, k0, k1);
+  // The weight rows in fixed chunks (not one per thread): each chunk streams its rows whole into its own partial
+  // sum, and the partials are added in chunk order, so every dx[m, k] is the same sum whatever M and the
+  // thread count. One chunk: straight into dx, the columns split across threads.
+  const int64_t chunks = (N + kGradRowsPerChunk - 1) / kGradRowsPerChunk;
+  if (chunks == 1) {
+    at::parallel_for(0, K, kColsPerTask, [&](int64_t k0, int64_t k1) {
+      input_grad_rows(dp, N, wp, op, M, 0, N, K, k0, k1);
+    });
+    return dx;
+  }
+  auto partial = at::zeros({chunks, M, K}, grad_out.options());
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      input_grad_rows(dp, N, wp, pp + c * M * K, M, c * kGradRowsPerChunk, std::min(N, (c + 1) * kGradRowsPerChunk),
+                      K, 0, K);
+  });
+  at::parallel_for(0, M * K, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float s = pp[i];
+      for (int64_t c = 1; c < chunks; ++c) s += pp[c * M * K + i];
+      op[i] = s;
+    }
   });
   return dx;
 }

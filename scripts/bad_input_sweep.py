@@ -427,6 +427,18 @@ def op_cases():
     add(e, "logits", "logits as a list", lambda: ck.soft_embedding([1.0], W))
     add(e, "weight", "weight rows != V", lambda: ck.soft_embedding(lg, W[:9]))
 
+    e = "skinny_linear"
+    xs, Ws = torch.randn(4, 8), torch.randn(6, 8)
+    add(e, "x", "fp64 x", lambda: ck.skinny_linear(xs.double(), Ws))
+    add(e, "x", "integer x", lambda: ck.skinny_linear(xs.long(), Ws))
+    add(e, "x", "17 rows", lambda: ck.skinny_linear(torch.randn(17, 8), Ws))
+    add(e, "x", "x as a list", lambda: ck.skinny_linear([[1.0] * 8], Ws))
+    add(e, ("x", "weight"), "K mismatch", lambda: ck.skinny_linear(xs, Ws[:, :7]))
+    add(e, "weight", "1-D weight", lambda: ck.skinny_linear(xs, Ws[0]))
+    add(e, "weight", "weight on meta", lambda: ck.skinny_linear(xs, Ws.to("meta")))
+    add(e, "bias", "bias of 5", lambda: ck.skinny_linear(xs, Ws, torch.zeros(5)))
+    add(e, "bias", "fp64 bias", lambda: ck.skinny_linear(xs, Ws, torch.zeros(6, dtype=torch.float64)))
+
     e = "linear_cross_entropy"
     h, w = torch.randn(4, 8), torch.randn(10, 8)
     t = torch.tensor([0, 1, -100, 9])

@@ -52,6 +52,31 @@ def test_speedup_over_the_reference_trend_at_the_largest_n():
     assert not [r for r in marginal_rows(near) if r["metric"] == "speedup over the reference trend"]
 
 
+def test_the_record_renders_the_fits_under_the_times(tmp_path):
+    """RESULTS.md rendered from a results.csv that holds the scenario's times and its fitted rows shows the fits'
+    table (marginal_table) below the times' table, the figures as the CSV has them."""
+    import csv
+
+    from coconut_kernels.bench.__main__ import CSV_FIELDS, PROVENANCE, _load_scenarios, render_record
+
+    _load_scenarios()
+    rows = []
+    for n in (0, 4, 64):
+        rows += [_row("floor", "floor", n, "time", 0.5 + 1e-3 * n),
+                 _row("sequential", "impl", n, "time", 0.5 + 3e-3 * n)]
+    rows += marginal_rows(rows)
+    (tmp_path / "results").mkdir()
+    with open(tmp_path / "results" / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: "x" for k in PROVENANCE}, **r})
+    text = render_record(tmp_path / "RESULTS.md")
+    assert "ms / thought above floor" in text and text.index("ms / thought") > text.index("thoughts=64")
+    line = next(ln for ln in text.splitlines() if ln.startswith("latent_scaling_train_B8  sequential"))
+    assert line.split()[2:4] == ["3", "2"]
+
+
 def test_aten_calls_count_the_backward_too():
     x = torch.randn(4, requires_grad=True)
     fwd = count_aten_calls(lambda: x.sin().sum())

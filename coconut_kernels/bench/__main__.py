@@ -322,6 +322,7 @@ def render_record(record: Path) -> str:
     machine = results / "machine.json"
     wall = json.loads(machine.read_text()).get("wall_s") if machine.exists() else None
     descriptions = {s.name: s.description for s in SCENARIOS.values()}
+    summaries = [s.summary_table for s in SCENARIOS.values() if s.summary_table is not None]
     first = rows[0]
     lines = ["# Benchmark results", "",
              "<!-- Written by `python -m coconut_kernels.bench --write-results` (or `--render-results`, from the",
@@ -346,6 +347,10 @@ def render_record(record: Path) -> str:
         if scn in descriptions:
             lines += [f"{descriptions[scn]}.", ""]
         lines += ["```", format_table(ratio_table(sub)), "```", ""]
+        for summary in summaries:  # derived rows (e.g. latent_scaling's fits): their table under the times
+            table = summary(sub)
+            if len(table) > 1:
+                lines += ["```", format_table(table), "```", ""]
         if (results / f"{scn}.png").exists():
             lines += [f"![{scn}](results/{scn}.png)", ""]
     lines.append(notes.rstrip())

@@ -58,7 +58,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     x, weight = ctx.saved_tensors
     dy = dy.contiguous()
-    dx = torch.ops.coconut.skinny_linear_input_grad(dy, weight) if ctx.needs_input_grad[0] else None
+    dx = None
+    if ctx.needs_input_grad[0]:
+        # under create_graph the input gradient must itself be differentiable: the composite, which autograd knows
+        dx = dy @ weight if torch.is_grad_enabled() else torch.ops.coconut.skinny_linear_input_grad(dy, weight)
     dw = dy.t() @ x if ctx.needs_input_grad[1] else None
     db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return dx, dw, db
@@ -81,7 +84,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if bias is not None and bias.shape != weight.shape[:1]:
         raise CoconutError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    rows = x.reshape(lead.numel(), x.shape[-1])
     if rows.shape[0] > MAX_ROWS:
         raise CoconutError(f"x has {rows.shape[0]} rows (shape {tuple(x.shape)}); skinny_linear takes at most "
                            f"{MAX_ROWS}: use F.linear, which BLAS serves faster there")
@@ -96,15 +99,17 @@ def _rows(t: torch.Tensor) -> int:
 
 def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     return (_enabled and 0 < rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and weight.is_contiguous()
+            and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.is_contiguous()
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether `linear(x, weight, bias)` runs the kernel (see the module docstring)."""
-    return _applies(x, weight, _rows(x)) and (bias is None or (
-        bias.dtype == torch.float32 and not (torch.is_grad_enabled() and bias.requires_grad)))
+    return _applies(x, weight, _rows(x)) and x.shape[-1] == weight.shape[1] and (bias is None or (
+        bias.device.type == "cpu" and bias.dtype == torch.float32 and bias.shape == weight.shape[:1]
+        and not (torch.is_grad_enabled() and bias.requires_grad)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +123,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """dy @ weight (the input gradient of a linear layer), by the kernel where it applies."""
-    if not _applies(dy, weight, _rows(dy)):
+    if not _applies(dy, weight, _rows(dy)) or dy.shape[-1] != weight.shape[0]:
         return dy @ weight
     dx = torch.ops.coconut.skinny_linear_input_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), weight)
     return dx.view(*dy.shape[:-1], weight.shape[1])

@@ -2,7 +2,8 @@
 // decode step: one row per sequence), where the weight is read once and the rows ride along.
 //
 // For M <= 16 rows, BLAS packs the weight into panels before multiplying: it reads and writes the whole weight
-// to multiply it by a handful of rows, and runs at a third of the memory bandwidth (README, "Skinny linear").
+// to multiply it by a handful of rows, and streams it at a fraction of the memory bandwidth (README, "Skinny
+// linear"; benchmarks/RESULTS.md, the skinny_linear tables).
 // Here each weight row is read once, in order, straight from memory: an (M x NB) tile of dot products keeps
 // one 8-lane fp32 accumulator per output in registers. Every output y[m, n] is summed in the same order
 // whatever M and the thread split are (8 lanes over k, the lanes added, the k tail, then the bias), so a row's
@@ -229,21 +230,23 @@ at::Tensor skinny_linear_input_grad_cpu(const at::Tensor& grad_out, const at::Te
   const int64_t M = grad_out.size(0), N = grad_out.size(1), K = weight.size(1);
   COCONUT_CHECK(weight.size(0) == N, "weight must be (", N, ", K) for grad_out of shape ", grad_out.sizes(),
                 ", got ", weight.sizes());
-  auto dx = at::zeros({M, K}, grad_out.options());
-  if (M == 0 || K == 0 || N == 0) return dx;
+  if (M == 0 || K == 0 || N == 0) return at::zeros({M, K}, grad_out.options());
   const float* dp = grad_out.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
-  float* op = dx.data_ptr<float>();
   // The weight rows in fixed chunks (not one per thread): each chunk streams its rows whole into its own partial
   // sum, and the partials are added in chunk order, so every dx[m, k] is the same sum whatever M and the
   // thread count. One chunk: straight into dx, the columns split across threads.
   const int64_t chunks = (N + kGradRowsPerChunk - 1) / kGradRowsPerChunk;
   if (chunks == 1) {
+    auto dx = at::zeros({M, K}, grad_out.options());  // the kernel adds into it
+    float* op = dx.data_ptr<float>();
     at::parallel_for(0, K, kColsPerTask, [&](int64_t k0, int64_t k1) {
       input_grad_rows(dp, N, wp, op, M, 0, N, K, k0, k1);
     });
     return dx;
   }
+  auto dx = at::empty({M, K}, grad_out.options());  // written whole by the ordered sum below
+  float* op = dx.data_ptr<float>();
   auto partial = at::zeros({chunks, M, K}, grad_out.options());
   float* pp = partial.data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {

@@ -12,15 +12,15 @@ from .feedback import Feedback, HiddenFeedback
 from .latent_plan import PassRows
 from .loss import linear_cross_entropy
 from .ops.latent_feedback import latent_feedback
-from .ops.skinny_linear import applies as skinny_linear_applies, linear
+from .ops.skinny_linear import applies as skinny_linear_applies, kernel_linear
 
 
 def head_logits(model, normed: torch.Tensor) -> torch.Tensor:
     """LM-head logits of final-normed hidden states, in fp32 (fp64 kept). A decode step's few rows on the CPU
     (no grad) go through the skinny kernel, which reads the (V, d) head once (`ops.skinny_linear`)."""
     weight, bias = model.lm_head_weight, model.lm_head_bias
-    if skinny_linear_applies(normed, weight, bias):
-        return linear(normed, weight, bias)
+    if skinny_linear_applies(normed, weight, bias):  # checked once: the kernel itself, not linear()
+        return kernel_linear(normed, weight, bias)
     logits = normed @ weight.T
     if bias is not None:
         logits = logits + bias

@@ -9,6 +9,7 @@ so a batch gives every row the values it gets alone.
 - `linear(x, weight, bias)` and `input_grad(dy, weight)`: what the model layer calls where no autograd graph is
   needed (inference, and inside its own autograd nodes): the kernel where it applies (CPU, float32, at most
   MAX_ROWS rows, not under torch.compile or autocast, switch on), else `F.linear` / `dy @ weight`.
+- `kernel_linear(x, weight, bias)`: the kernel without those checks, for a caller that asked `applies` itself.
 - `set_enabled(flag)` / COCONUT_SKINNY_LINEAR=0: the switch (A/B comparisons; default on).
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from ..errors import CoconutError
 from ..validation import check_tensor_args
 
-__all__ = ["MAX_ROWS", "skinny_linear", "linear", "input_grad", "applies", "set_enabled", "enabled"]
+__all__ = ["MAX_ROWS", "skinny_linear", "linear", "kernel_linear", "input_grad", "applies", "set_enabled",
+           "enabled"]
 
 MAX_ROWS = 16  # csrc/cpu/skinny_linear.cpp's kMaxRows
 _enabled = os.environ.get("COCONUT_SKINNY_LINEAR", "1") not in ("", "0")
@@ -83,14 +85,18 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                            f"{tuple(weight.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise CoconutError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    lead = x.shape[:-1]
-    rows = x.reshape(lead.numel(), x.shape[-1])
-    if rows.shape[0] > MAX_ROWS:
-        raise CoconutError(f"x has {rows.shape[0]} rows (shape {tuple(x.shape)}); skinny_linear takes at most "
-                           f"{MAX_ROWS}: use F.linear, which BLAS serves faster there")
-    y = torch.ops.coconut.skinny_linear(rows.contiguous(), weight.contiguous(),
-                                        None if bias is None else bias.contiguous())
-    return y.reshape(*lead, weight.shape[0])
+    if x.shape[:-1].numel() > MAX_ROWS:
+        raise CoconutError(f"x has {x.shape[:-1].numel()} rows (shape {tuple(x.shape)}); skinny_linear takes at "
+                           f"most {MAX_ROWS}: use F.linear, which BLAS serves faster there")
+    return kernel_linear(x, weight, bias)
+
+
+def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel on x (..., K), unchecked: for callers that have checked `applies` (or the arguments)
+    themselves."""
+    y = torch.ops.coconut.skinny_linear(x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous(),
+                                        weight.contiguous(), None if bias is None else bias.contiguous())
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _rows(t: torch.Tensor) -> int:
@@ -114,11 +120,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), by the kernel where it applies (see the module docstring)."""
-    if not applies(x, weight, bias):
-        return F.linear(x, weight, bias)
-    y = torch.ops.coconut.skinny_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight,
-                                        None if bias is None else bias.contiguous())
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return kernel_linear(x, weight, bias) if applies(x, weight, bias) else F.linear(x, weight, bias)
 
 
 def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

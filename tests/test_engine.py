@@ -226,17 +226,18 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(lm, monkeypatc
             assert o.samples[0].token_ids == alone(lm, p, 6)[0]
     assert all(seq is None for seq in eng.slots)
     # a failure inside one request's own work (its sampling) fails that request only
-    real_sample = engine_mod.sample_tokens
+    real_filter = engine_mod.filter_logits
 
-    def picky(logits, **kw):
-        if kw["temperature"] == 0.5:
+    def picky(logits, top_k, top_p):
+        if top_k == 7:
             raise ValueError("bad draw")
-        return real_sample(logits, **kw)
+        return real_filter(logits, top_k, top_p)
 
-    monkeypatch.setattr(engine_mod, "sample_tokens", picky)
-    params = [SamplingParams(max_tokens=6, do_sample=True, temperature=t, seed=1) for t in (1.0, 0.5, 1.0)]
+    monkeypatch.setattr(engine_mod, "filter_logits", picky)
+    params = [SamplingParams(max_tokens=6, do_sample=True, top_k=k, seed=1) for k in (0, 7, 0)]
     outs = eng.generate(ps[:3], params)
     assert [o.error is None for o in outs] == [True, False, True]
+    assert "bad draw" in str(outs[1].error)
     assert outs[1].samples[0].finish_reason == "error"
 
 

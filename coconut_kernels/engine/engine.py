@@ -7,7 +7,7 @@ token; `prefill_chunk` caps the rows a prompt prefills per step, the rest contin
 prompt with n samples prefills once and its rows are copied into the other n-1 slots (fork); (3) one decode
 pass of one row per running sample, whatever its phase: the fed-back vector while it thinks, its prompt rows
 after the latents (<eot>), or its last token. The phases, stop rules and sampling are `latent_decode`'s
-(DecodeState, StopRule, sample_tokens, thought_vector) applied per slot, so a request's output is the one
+(DecodeState, StopRule, sample_tokens' draw, thought_vector) applied per slot, so a request's output is the one
 `LatentLM.generate` gives for its prompt alone, whatever shares the batch and whenever it joined.
 
 The engine holds `lm` itself: a weight update (an optimizer step on lm's parameters) is used from the next step.
@@ -23,7 +23,7 @@ from .. import validation
 from ..errors import CoconutError
 from ..feedback import resolve_feedback
 from ..latent import LatentLM
-from ..latent_decode import DecodeState, DecodeStep, filter_logits, parse_stop, sample_tokens, thought_topk
+from ..latent_decode import DecodeState, DecodeStep, draw_categorical, filter_logits, parse_stop, thought_topk
 from ..latent_plan import plan_batch, plan_decode
 from ..latent_steps import forward_rows, head_logits, thought_vector
 from .params import RequestOutput, Sample, SamplingParams
@@ -361,8 +361,8 @@ class LatentEngine:
             if seq.req.params.return_latents and rows.in_lat_h[seq.slot]:
                 seq.latents.append(self.fed[seq.slot].clone())
         self._update_stop(rows.seqs, logits, rows.in_lat, rows.in_forced)
-        sampled, failed = self._next_inputs(rows, normed, logits)
-        self._emit(rows, sampled, logits, failed)
+        sampled, sample_lp, failed = self._next_inputs(rows, normed, logits)
+        self._emit(rows, sampled, logits, sample_lp, failed)
         for r, err in failed.values():
             self._fail(r, err)
         for r in [r for r in self.running if all(q.sample.finish_reason for q in r.seqs)]:
@@ -403,25 +403,45 @@ class LatentEngine:
 
     def _next_inputs(self, rows: "_StepRows", normed, logits: _StepLogits):
         """Per sample, with its own feedback, generator and sampling parameters: the next thought (while it
-        thinks) and the sampled token (greedy: the argmax). Returns (sampled (B,), {request: error})."""
+        thinks) and the sampled token (greedy: the argmax). The samples that share (temperature, top_k, top_p)
+        are filtered and drawn together, each from one uniform of its own generator (`draw_categorical`), which
+        gives each the token `sample_tokens` gives it alone. Returns (sampled (B,), {slot: log-prob of the
+        sampled token under the sampling distribution} for the samples that ask for log-probs,
+        {request: error})."""
         sampled = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         if logits.slots:
             sampled[logits.slots_t] = logits.values.argmax(-1)
-        failed = {}
+        failed, groups, sample_lp = {}, {}, {}
         for seq in rows.seqs:
             s, r, p = seq.slot, seq.req, seq.req.params
             try:
                 if r.fb.sequential and seq.it + 1 < r.budget:
                     self.fed[s] = thought_vector(self.model, r.fb, normed[s:s + 1], logits.row(s),
                                                  seq.generator)[0].to(self.fed.dtype)
-                if p.do_sample:
-                    sampled[s] = sample_tokens(logits.row(s), do_sample=True, temperature=p.temperature,
-                                               top_k=p.top_k, top_p=p.top_p, generator=seq.generator)[0]
+                if p.do_sample:  # the uniform after the thought's noise, as generate draws them
+                    u = torch.rand(1, dtype=torch.float64, generator=seq.generator)
+                    groups.setdefault((p.temperature, p.top_k, p.top_p), []).append((seq, u))
             except Exception as err:
                 failed[id(r)] = (r, err)
-        return sampled, failed
+        for (temperature, top_k, top_p), members in groups.items():
+            members = [(q, u) for q, u in members if id(q.req) not in failed]
+            if not members:
+                continue
+            slots = [q.slot for q, _ in members]
+            try:
+                at = torch.tensor([logits.index[s] for s in slots], dtype=torch.long, device=self.device)
+                filt = filter_logits(logits.values.index_select(0, at).float() / temperature, top_k, top_p)
+                tok = draw_categorical(filt.softmax(-1), uniforms=torch.cat([u for _, u in members]))
+                sampled[torch.tensor(slots, dtype=torch.long, device=self.device)] = tok
+                if any(q.req.params.logprobs for q, _ in members):
+                    lp = filt.log_softmax(-1).gather(1, tok[:, None])[:, 0].tolist()
+                    sample_lp.update(zip(slots, lp))
+            except Exception as err:  # the group's requests fail, the others go on
+                for q, _ in members:
+                    failed[id(q.req)] = (q.req, err)
+        return sampled, sample_lp, failed
 
-    def _emit(self, rows: "_StepRows", sampled, logits: _StepLogits, failed: dict) -> None:
+    def _emit(self, rows: "_StepRows", sampled, logits: _StepLogits, sample_lp: dict, failed: dict) -> None:
         """Advance the decode state; append each emitted token with its log-probs to its sample; retire the
         samples that end (EOS, a stop id, max_tokens)."""
         st, eos = self.state, self.lm.eos_token_id
@@ -443,11 +463,7 @@ class LatentEngine:
                 out.token_ids.append(t)
                 if p.logprobs:
                     out.model_logprobs.append(raw[logits.index[s]])
-                    if p.do_sample:
-                        filt = filter_logits(logits.row(s).float() / p.temperature, p.top_k, p.top_p)
-                        out.logprobs.append(float(filt.log_softmax(-1)[0, t]))
-                    else:
-                        out.logprobs.append(0.0)
+                    out.logprobs.append(sample_lp[s] if p.do_sample else 0.0)
                 stop = t == eos or t in p.stop_token_ids or self._stop_string(out, p.stop_strings)
                 if stop or len(out.token_ids) >= p.max_tokens or done_h[s]:
                     out.finish_reason = "stop" if stop else "length"

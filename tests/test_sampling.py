@@ -1,0 +1,89 @@
+"""The token sampler (`latent_decode.draw_categorical`, behind `sample_tokens`, generate and the engine): the
+distribution it draws from, indices of zero probability never drawn (the edges of the uniform included), one
+uniform per row whether drawn from a generator or given, a row's draw independent of the rows beside it, and a
+clear error for rows that cannot be sampled."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coconut_kernels.errors import CoconutError
+from coconut_kernels.latent_decode import draw_categorical, filter_logits, sample_tokens
+
+
+def test_draws_follow_the_probabilities():
+    # a chi-square goodness-of-fit test at a fixed seed: df = 4 (5 categories of positive probability); the
+    # 0.1% critical value is 18.47, so a sampler off by a few percent in any category fails it
+    p = torch.tensor([0.05, 0.0, 0.10, 0.25, 0.0, 0.35, 0.25], dtype=torch.float64)
+    n = 200_000
+    probs = p.float().expand(n, -1)
+    drawn = draw_categorical(probs, torch.Generator().manual_seed(3))
+    counts = torch.bincount(drawn, minlength=p.numel()).double()
+    assert counts[p == 0].sum() == 0
+    expected = n * p[p > 0]
+    chi2 = float(((counts[p > 0] - expected) ** 2 / expected).sum())
+    assert chi2 < 18.47, (chi2, counts)
+
+
+def test_unnormalised_weights_and_a_big_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50257, generator=g) * 3
+    filt = filter_logits(logits, 40, 1.0)
+    w = filt.softmax(-1) * 7.0  # the draw normalises itself
+    for _ in range(50):
+        tok = draw_categorical(w, g)
+        assert tok.shape == (4,) and tok.dtype == torch.long
+        assert torch.isfinite(filt.gather(1, tok[:, None])).all()  # inside the top-40
+
+
+def test_zero_probabilities_are_never_drawn_even_at_the_uniforms_edges():
+    probs = torch.tensor([[0.0, 0.0, 0.25, 0.0, 0.75, 0.0, 0.0]])  # exact in float32
+    lowest, highest = torch.tensor([0.0], dtype=torch.float64), torch.tensor([1 - 2 ** -53], dtype=torch.float64)
+    assert draw_categorical(probs, uniforms=lowest).tolist() == [2]
+    assert draw_categorical(probs, uniforms=highest).tolist() == [4]
+    # at the boundary between the two: the mass below 0.25 goes to index 2, from 0.25 on to index 4
+    assert draw_categorical(probs, uniforms=torch.tensor([0.25 - 1e-12], dtype=torch.float64)).tolist() == [2]
+    assert draw_categorical(probs, uniforms=torch.tensor([0.25], dtype=torch.float64)).tolist() == [4]
+    # masked logits (-inf) as the samplers give them
+    logits = torch.tensor([[float("-inf"), 1.0, float("-inf"), 2.0, float("-inf")]])
+    g = torch.Generator().manual_seed(1)
+    seen = {int(sample_tokens(logits, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, generator=g))
+            for _ in range(200)}
+    assert seen == {1, 3}
+
+
+def test_one_uniform_per_row_and_rows_independent_of_their_neighbours():
+    g = torch.Generator().manual_seed(5)
+    probs = torch.rand(6, 1000, generator=g)
+    drawn = draw_categorical(probs, torch.Generator().manual_seed(11))
+    u = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(drawn, draw_categorical(probs, uniforms=u))
+    for i in range(6):  # row i alone with its own uniform: what it got in the batch (the engine groups rows)
+        assert torch.equal(draw_categorical(probs[i:i + 1], uniforms=u[i:i + 1]), drawn[i:i + 1])
+    # the inverse of the CDF, checked against a float64 cumulative sum
+    cdf = probs.double().cumsum(-1)
+    target = u[:, None] * cdf[:, -1:]
+    assert torch.equal(drawn, (cdf <= target).sum(-1))
+
+
+def test_a_seed_gives_the_same_tokens():
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(2))
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [sample_tokens(logits, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, generator=g)
+                for _ in range(5)]
+
+    a, b, c = draw(4), draw(4), draw(5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_rows_that_cannot_be_sampled_are_a_clear_error(bad):
+    probs = torch.tensor([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
+    probs[1, 1] = bad
+    if bad == -1.0:
+        probs[1] = 0.0  # no positive mass
+    with pytest.raises(CoconutError, match="cannot sample"):
+        draw_categorical(probs, torch.Generator().manual_seed(0))

@@ -20,7 +20,7 @@ from .errors import CoconutError
 from .feedback import Feedback, resolve_feedback
 from .latent_decode import GenerateOutput, Sampling, parse_stop, sample_tokens
 from .latent_plan import IGNORE_INDEX, BatchPlan, PassRows, jacobi_passes, pass_rows, plan_batch
-from .latent_steps import feed_hidden, forward_rows, head_logits, labelled_loss, pass_input
+from .latent_steps import EmbedRows, feed_hidden, forward_rows, head_logits, labelled_loss, pass_input
 from .markers import LatentIds, resolve_ids
 from .models.linear import batched_weight_grads
 
@@ -170,7 +170,7 @@ class LatentLM(nn.Module):
         vectors the previous pass fed), the model over them, then the feedback its hidden state produces. With
         jacobi_iters, `passes` are the Jacobi passes (plan_passes(jacobi=True)) and run as latent_jacobi says."""
         model = self.model
-        embeds = model.embed(input_ids)
+        embeds = EmbedRows(model.embed(input_ids))
         fed, kept = None, KeptRows()
         # Several passes under grad: each layer's weight gradient is one product over every pass's rows
         # (models.linear), not one per pass plus a sum.

@@ -19,7 +19,8 @@ import torch
 
 from .feedback import Feedback, HiddenFeedback
 from .latent_plan import BatchPlan, JacobiFeeds, PassRows
-from .latent_steps import feed_hidden, forward_rows, head_logits, pass_input, thought_vector, write_thoughts
+from .latent_steps import (EmbedRows, feed_hidden, forward_rows, head_logits, pass_input, thought_vector,
+                           write_thoughts)
 from .ops.latent_feedback import latent_feedback
 
 
@@ -39,7 +40,7 @@ def feed_previous(model, fb: Feedback, x: torch.Tensor, hidden: torch.Tensor, fe
     return x.index_put((feeds.b, feeds.dst), vec.to(x.dtype))
 
 
-def run_jacobi(model, fb: Feedback, embeds: torch.Tensor, position_ids: torch.Tensor | None, plan: BatchPlan,
+def run_jacobi(model, fb: Feedback, embeds: EmbedRows, position_ids: torch.Tensor | None, plan: BatchPlan,
                passes: list[PassRows], iters: int, keep) -> None:
     """Run the Jacobi passes (latent_plan.jacobi_passes: prefill, thoughts, answer) with `iters` iterations of the
     thought pass; keep(h, rows) receives the hidden states of the prefill, the last iteration and the answer."""

@@ -11,6 +11,7 @@ from .cache import KVCache
 from .feedback import Feedback, HiddenFeedback
 from .latent_plan import PassRows
 from .loss import linear_cross_entropy
+from .ops.latent_attention import no_double_backward
 from .ops.latent_feedback import latent_feedback
 from .ops.skinny_linear import applies as skinny_linear_applies, kernel_linear
 
@@ -27,12 +28,96 @@ def head_logits(model, normed: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def pass_input(embeds: torch.Tensor, rows: PassRows, fed: torch.Tensor | None) -> torch.Tensor:
+class _RowsGrad:
+    """The one (B * T, d) gradient buffer of an EmbedRows, shared by its gathers' backwards. Their ctx hold
+    this, not the EmbedRows (no reference cycle through autograd's nodes)."""
+
+    __slots__ = ("buf", "__weakref__")
+
+    def __init__(self):
+        self.buf = None
+
+
+class _EmbedSink(torch.autograd.Function):
+    """embeds, read by every pass's gather: its backward runs after all of theirs (they are its consumers) and
+    hands on the buffer they added their rows' gradients into."""
+
+    @staticmethod
+    def forward(ctx, embeds, shared):
+        ctx.shared, ctx.shape = shared, embeds.shape
+        ctx.set_materialize_grads(False)
+        return embeds.view_as(embeds)
+
+    @staticmethod
+    def backward(ctx, grad):
+        buf, ctx.shared.buf = ctx.shared.buf, None
+        if buf is None:
+            return grad, None
+        buf = buf.view(ctx.shape)
+        return (buf if grad is None else buf + grad), None
+
+
+class _GatherRows(torch.autograd.Function):
+    """Rows idx of src (B, T, d) flattened to (B * T, d): a pass's input. Its backward adds the rows' gradient
+    into the shared buffer (index_add_) and returns none for src: _EmbedSink hands the sum on."""
+
+    @staticmethod
+    def forward(ctx, src, idx, shared, width):
+        B, T, d = src.shape
+        ctx.save_for_backward(idx)
+        ctx.shared, ctx.shape = shared, (B * T, d)
+        ctx.set_materialize_grads(False)
+        return src.reshape(B * T, d).index_select(0, idx).view(B, width, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise no_double_backward("the latent passes' input rows")
+        if grad is not None:
+            (idx,) = ctx.saved_tensors
+            shared = ctx.shared
+            if shared.buf is None:
+                shared.buf = grad.new_zeros(ctx.shape)
+            shared.buf.index_add_(0, idx, grad.reshape(-1, ctx.shape[1]))
+        return None, None, None, None
+
+
+class EmbedRows:
+    """The batch's token embeddings (B, T, d), looked up once per step, as the passes read them (`pass_input`).
+
+    A gather per pass through autograd gives each pass a dense, zero-filled (B, T, d) gradient and autograd a
+    (B, T, d) sum per pass: with many one-row latent passes, that is two full passes over the embeddings per
+    thought. Here each pass's backward adds only its own rows' gradient into one buffer, handed to embeds once
+    (the sum of the same per-row values: a batch position is read by one pass, the clamped pad columns carry
+    zero gradient). Without grad it is a plain gather."""
+
+    def __init__(self, embeds: torch.Tensor):
+        self.embeds = embeds
+        self.shape, self.device = embeds.shape, embeds.device
+        self._src = None
+        self._shared = None
+        if embeds.requires_grad and torch.is_grad_enabled():
+            self._shared = _RowsGrad()
+            self._src = _EmbedSink.apply(embeds, self._shared)
+
+    def gather(self, col: torch.Tensor) -> torch.Tensor:
+        """(B, width, d): embeds[b, col[b, i]]."""
+        B, width = col.shape
+        if self._src is None:
+            return self.embeds.gather(1, col[:, :, None].expand(B, width, self.shape[-1]))
+        T = self.shape[1]
+        idx = (col + torch.arange(B, device=col.device)[:, None] * T).reshape(-1)
+        return _GatherRows.apply(self._src, idx, self._shared, width)
+
+
+def pass_input(embeds: EmbedRows | torch.Tensor, rows: PassRows, fed: torch.Tensor | None) -> torch.Tensor:
     """A pass's input (B, width, d): the batch's token embeddings at the pass's columns, with the fed vectors
-    at its latent rows. The embeddings are looked up once for the whole batch: a lookup per pass would cost a
-    dense (V, d) gradient per pass in backward."""
-    B, width = rows.col.shape
-    x = embeds.gather(1, rows.col[:, :, None].expand(B, width, embeds.shape[-1]))
+    at its latent rows. The embeddings are looked up once for the whole batch (a lookup per pass would cost a
+    dense (V, d) gradient per pass in backward) and read through `EmbedRows` (one gradient buffer for all the
+    passes, not a dense gradient per pass)."""
+    if not isinstance(embeds, EmbedRows):
+        embeds = EmbedRows(embeds)
+    x = embeds.gather(rows.col)
     if rows.feed_rows.numel():
         x = write_thoughts(x, fed, rows.feed_rows)
     return x

@@ -4,6 +4,8 @@ latent training can backpropagate through without concatenating caches. The mode
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import CoconutError
@@ -11,7 +13,7 @@ from .ops.latent_attention import (MAX_HEAD_DIM, NewRows, append_and_attend, che
                                    kernels, latent_attention, no_double_backward)
 from .validation import check_device, check_dtype, check_int, check_same_device, check_tensor_args, host_checks
 
-__all__ = ["KVCache", "AttendedPass"]
+__all__ = ["KVCache", "AttendedPass", "set_deferred_kv_grads"]
 
 
 def _as_lengths(x, batch: int, device, name: str, high: int) -> torch.Tensor:
@@ -43,16 +45,68 @@ class _Generation:
     chain token, whose autograd node holds the pass's ctx, and a ctx -> cache reference would close a cycle
     through autograd's C++ nodes that the garbage collector cannot see (every step's cache would leak)."""
 
-    __slots__ = ("k", "v", "leftpad", "grad_kv", "max_new", "valid", "parent", "parent_rows", "started")
+    __slots__ = ("k", "v", "leftpad", "grad_kv", "max_new", "valid", "parent", "parent_rows", "started", "frozen",
+                 "deferred")
 
     def __init__(self, k, v, leftpad, n_layers):
         self.k, self.v, self.leftpad = k, v, leftpad
         self.grad_kv = [None] * n_layers  # per layer: (dK, dV) accumulators, alive only during the backward
+        # per layer: the rows each sequence holds after the layer's first differentiable pass (int32, CPU), which
+        # only that pass's backward takes: the one-row passes defer their gradient there (_DeferredRows)
+        self.frozen = [None] * n_layers
+        self.deferred = [None] * n_layers  # per layer: the _DeferredRows of its backward, while it runs
         self.max_new = 0  # most rows appended by one differentiable pass: the accumulators' padding
         self.valid = True  # False once reset/crop started a new generation
         self.parent = None  # a fork's: the generation it copied its first parent_rows rows of each sequence from
         self.parent_rows = None
         self.started = [False] * n_layers  # per layer: a differentiable pass has run in this generation
+
+
+# COCONUT_DEFER_KV_GRAD=0 (read at import) or set_deferred_kv_grads(False) turn _DeferredRows off
+_defer_enabled = os.environ.get("COCONUT_DEFER_KV_GRAD", "1") not in ("", "0")
+
+
+def set_deferred_kv_grads(enabled: bool) -> None:
+    """Whether the CPU backward of a one-row pass defers its gradient of the first pass's cache rows
+    (`_DeferredRows`); on by default. Off: every pass adds into the accumulators itself (A/B runs)."""
+    global _defer_enabled
+    _defer_enabled = bool(enabled)
+
+
+class _DeferredRows:
+    """The gradient one-row passes owe the rows of a layer's first pass, added in one product when that pass's
+    backward (the layer's last) begins.
+
+    A one-row pass's backward (latent_attention_decode_bwd_deferred) reads K and V once, but adding its
+    dS q and P dO into the accumulators reads and writes both of them whole again: three streams over the
+    cache where one would do. Those rows are taken only by the first pass's backward, which runs after every
+    later pass's, so each one-row pass hands over its P and dS (B, Hq, R), its rotated q and its dO (B, Hq, D)
+    instead, and flush() adds dK += dS^T q, dV += P^T dO for all of them at once."""
+
+    __slots__ = ("p", "ds", "q", "do")
+
+    def __init__(self):
+        self.p, self.ds, self.q, self.do = [], [], [], []
+
+    def flush(self, grad_kv) -> None:
+        if not self.p:
+            return
+        dk_acc, dv_acc = grad_kv
+        B, _, Hkv, D = dk_acc.shape
+        n, (_, Hq, R) = len(self.p), self.p[0].shape
+
+        def product(rows, vecs):  # sum over the passes of rows (B, Hq, R) x vecs (B, Hq, D): (B, Hq, R, D)
+            # stacked along a new first dim (plain copies), multiplied as (B * Hq) batches of (R x n) @ (n x D)
+            r = torch.stack(rows).view(n, B * Hq, R).permute(1, 2, 0)
+            v = torch.stack(vecs).view(n, B * Hq, D).transpose(0, 1)
+            return torch.bmm(r, v).view(B, Hq, R, D)
+
+        dk, dv = product(self.ds, self.q), product(self.p, self.do)
+        if Hq != Hkv:  # the heads of a group share their kv head
+            dk, dv = dk.view(B, Hkv, Hq // Hkv, R, D).sum(2), dv.view(B, Hkv, Hq // Hkv, R, D).sum(2)
+        dk_acc[:, :R] += dk.transpose(1, 2)
+        dv_acc[:, :R] += dv.transpose(1, 2)
+        self.__init__()
 
 
 class _PassLengths:
@@ -240,6 +294,9 @@ class AttendedPass:
         # A fork's first pass of the layer (after a differentiable pass of its parent): its backward hands the
         # gradient of the rows copied from the parent to the parent's accumulator.
         self.handoff = cache._train.parent is not None and not cache._train.started[layer] and chain is not None
+        if chain is None and q.device.type == "cpu":  # the layer's first pass: its rows are the deferred ones
+            n_new = lengths.new_seqlens if lengths.new_seqlens is not None else k_new.shape[1]
+            cache._train.frozen[layer] = (lengths.seqlens + n_new).to(torch.int32)
         cache._train.started[layer] = True
         self.n_rows, self.new_dtype = k_new.shape[1], k_new.dtype
         return self, out, lse
@@ -262,8 +319,13 @@ class AttendedPass:
                 grad_kv[0].zero_()
                 grad_kv[1].zero_()
             state.grad_kv[layer] = grad_kv
+            state.deferred[layer] = None  # whatever an interrupted backward left
         dq = None
-        if grad_out is not None:
+        if self.first and state.deferred[layer] is not None:  # the rows the later passes deferred are its own
+            state.deferred[layer].flush(grad_kv)
+        if grad_out is not None and self._defers(q):
+            dq = self._deferred_bwd(q, out, lse, grad_out, grad_kv)
+        elif grad_out is not None:
             _, _, bwd = kernels(q.device, self.dropout[0] > 0)
             dq = bwd(grad_out.contiguous(), q, k_cache, v_cache, out, lse, lengths.seqlens, state.leftpad,
                      lengths.new_seqlens, *self.rot, self.scale, self.causal, grad_kv[0], grad_kv[1], *self.dropout)
@@ -278,9 +340,38 @@ class AttendedPass:
             self._hand_to_parent(grad_kv)
             state.grad_kv[layer] = None
         if self.first:
-            state.grad_kv[layer] = None
+            state.grad_kv[layer] = state.deferred[layer] = None
         chain_grad = None if self.first else torch.zeros((), dtype=q.dtype, device=q.device)
         return dq, dk, dv, chain_grad
+
+    def _defers(self, q) -> bool:
+        """Whether this pass's backward defers its gradient of the first pass's rows (_DeferredRows): a one-row
+        pass after the first, of a cache generation that is no fork, on the CPU kernels."""
+        state = self.state
+        return (_defer_enabled and not self.first and q.shape[1] == 1 and q.device.type == "cpu"
+                and state.parent is None and state.frozen[self.layer] is not None
+                and kernels(q.device, self.dropout[0] > 0)[2] is torch.ops.coconut.latent_attention_bwd.default)
+
+    def _deferred_bwd(self, q, out, lse, grad_out, grad_kv):
+        state, layer, lengths = self.state, self.layer, self.lengths
+        ends = state.frozen[layer]
+        B, _, Hq, D = q.shape
+        acc = grad_kv[0].dtype
+        R = int(ends.max())
+        p, ds, q_rot = (q.new_zeros((B, Hq, R), dtype=acc), q.new_zeros((B, Hq, R), dtype=acc),
+                        q.new_empty((B, Hq, D), dtype=acc))
+        grad_out = grad_out.contiguous()
+        dq = torch.ops.coconut.latent_attention_decode_bwd_deferred.default(
+            grad_out, q, state.k[layer], state.v[layer], out, lse, lengths.seqlens, state.leftpad,
+            lengths.new_seqlens, *self.rot, self.scale, grad_kv[0], grad_kv[1], ends, p, ds, q_rot, *self.dropout)
+        if state.deferred[layer] is None:
+            state.deferred[layer] = _DeferredRows()
+        rec = state.deferred[layer]
+        rec.p.append(p)
+        rec.ds.append(ds)
+        rec.q.append(q_rot)
+        rec.do.append(grad_out.view(B, Hq, D).to(acc))
+        return dq
 
 
     def _hand_to_parent(self, grad_kv) -> None:

@@ -171,6 +171,60 @@ def latent_attention_bwd_reference(grad_out, q, k_cache, v_cache, out, lse, cach
     grad_v_cache.add_(dv.to(grad_v_cache.dtype))
     return dq
 
+
+def latent_attention_decode_bwd_deferred_reference(grad_out, q, k_cache, v_cache, out, lse, cache_seqlens,
+                                                   cache_leftpad, new_seqlens, rotary_cos, rotary_sin,
+                                                   rotary_interleaved, softmax_scale, grad_k_cache, grad_v_cache,
+                                                   defer_end, p_out, ds_out, q_out, dropout_p=0.0, dropout_seed=0):
+    """latent_attention_bwd_reference for one query row per sequence (q (B, 1, Hq, D)), with the cache rows
+    j < defer_end[b] left out of grad_k_cache / grad_v_cache: instead their attention probabilities (dropped, as
+    the forward applied them) go to p_out[b, h, j], the gradients of their scaled scores times the scale
+    (P (dP - rowsum(dO out)) scale) to ds_out[b, h, j], and the rotated q to q_out (B, Hq, D), so that
+    dK[b, j] = sum over the group's heads of ds_out[b, h, j] q_out[b, h] and dV[b, j] = sum of
+    p_out[b, h, j] dO[b, h] restore them. Returns dq."""
+    B, _, Hq, D = q.shape
+    Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    acc = grad_k_cache.dtype
+    dk, dv = torch.zeros_like(grad_k_cache), torch.zeros_like(grad_v_cache)
+    dq = latent_attention_bwd_reference(grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad,
+                                        new_seqlens, rotary_cos, rotary_sin, rotary_interleaved, softmax_scale,
+                                        True, dk, dv, dropout_p, dropout_seed)
+    dev = q.device
+    seqlens = cache_seqlens.to(dev, torch.long)
+    leftpad = _lengths(cache_leftpad, 0, B, dev)
+    n_new = _lengths(new_seqlens, 1, B, dev)
+    qr = q.to(acc)
+    if rotary_cos is not None:
+        qr = apply_rotary_reference(qr, rotary_cos.to(acc), rotary_sin.to(acc), (seqlens - leftpad)[:, None],
+                                    rotary_interleaved)
+    qr = qr[:, 0]                                                     # (B, Hq, D)
+    k = k_cache.to(acc).repeat_interleave(Hq // Hkv, dim=2)          # (B, Tmax, Hq, D)
+    v = v_cache.to(acc).repeat_interleave(Hq // Hkv, dim=2)
+    dO = grad_out.to(acc)[:, 0]
+    r = torch.arange(Tmax, device=dev)
+    allowed = (r[None] >= leftpad[:, None]) & (r[None] <= seqlens[:, None]) & (n_new[:, None] >= 1)  # (B, Tmax)
+    live = torch.isfinite(lse[:, :, 0].to(acc))[:, :, None] & allowed[:, None]                      # (B, Hq, Tmax)
+    p = torch.where(live, torch.exp(torch.einsum("bhd,bthd->bht", qr, k) * softmax_scale
+                                    - lse[:, :, 0].to(acc)[:, :, None].masked_fill(~live.any(-1, keepdim=True), 0)),
+                    0.0)
+    dp = torch.einsum("bhd,bthd->bht", dO, v)
+    if dropout_p > 0:
+        f = attention_dropout_keep(dropout_seed, dropout_p, B, Hq, 1, Tmax, dev)[:, :, 0].to(acc) / (1 - dropout_p)
+        dp, p_dropped = dp * f, p * f
+    else:
+        p_dropped = p
+    ds = p * (dp - (dO * out.to(acc)[:, 0]).sum(-1, keepdim=True)) * softmax_scale
+    deferred = r[None] < defer_end.to(dev, torch.long)[:, None]      # (B, Tmax)
+    R = p_out.shape[-1]
+    p_out.copy_(torch.where(deferred[:, None, :R], p_dropped[..., :R], p_out))
+    ds_out.copy_(torch.where(deferred[:, None, :R], ds[..., :R], ds_out))
+    q_out.copy_(qr)
+    keep = ~deferred[:, :, None, None]
+    grad_k_cache.add_(dk * keep)
+    grad_v_cache.add_(dv * keep)
+    return dq
+
+
 # ---- latent_feedback ---------------------------------------------------------------------------------
 def _feedback_rows(hidden, batch_idx, src_pos, norm, weight, bias, eps):
     """f(hidden[batch_idx[i], src_pos[i]]) for every i; the norm runs in fp32 for fp16/bf16 (the op's

@@ -61,6 +61,15 @@ TORCH_LIBRARY(coconut, m) {
       "Tensor lse, Tensor cache_seqlens, Tensor? cache_leftpad, Tensor? new_seqlens, Tensor? rotary_cos, "
       "Tensor? rotary_sin, bool rotary_interleaved, float softmax_scale, bool causal, "
       "Tensor(a!) grad_k_cache, Tensor(b!) grad_v_cache, float dropout_p=0., int dropout_seed=0) -> Tensor");
+  // latent_attention_bwd of a one-row pass (Sq = 1; CPU) that leaves the cache rows j < defer_end[b] to the
+  // caller: their P and dS (B, Hq, R) and the rotated q (B, Hq, D), for dK += dS^T q, dV += P^T dO summed over
+  // many passes in one product; the other rows are accumulated as latent_attention_bwd does.
+  m.def(
+      "latent_attention_decode_bwd_deferred(Tensor grad_out, Tensor q, Tensor k_cache, Tensor v_cache, "
+      "Tensor out, Tensor lse, Tensor cache_seqlens, Tensor? cache_leftpad, Tensor? new_seqlens, "
+      "Tensor? rotary_cos, Tensor? rotary_sin, bool rotary_interleaved, float softmax_scale, "
+      "Tensor(a!) grad_k_cache, Tensor(b!) grad_v_cache, Tensor defer_end, Tensor(c!) p_out, "
+      "Tensor(d!) ds_out, Tensor(e!) q_out, float dropout_p=0., int dropout_seed=0) -> Tensor");
   // Append + attend in one call (the decode path).
   m.def(
       "latent_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "

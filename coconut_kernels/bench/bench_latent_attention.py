@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from coconut_kernels import KVCache
+from coconut_kernels.cache import set_deferred_kv_grads
 from coconut_kernels.ops.latent_attention import latent_attention
 
 from .harness import Case, Scenario, register, saved_bytes, time_step
@@ -182,6 +183,8 @@ def cases(settings):
     yield Case("latent_attention", "KVCache", "passes", label, cached, reps=reps,
                extra={"memory_extra_bytes": one_cache})
     yield Case("latent_attention", "one causal SDPA (floor)", "passes", label, floor, role="floor", reps=reps)
+    if device.type == "cpu":  # the deferred one-row gradients (cache._DeferredRows) are the CPU kernels'
+        yield from _deferral_cases(device, dtype, quick, reps)
     for L in ([128] if quick else [512, 2048]):
         def inputs(L=L):
             g = torch.Generator().manual_seed(L)
@@ -202,6 +205,32 @@ def cases(settings):
                    extra={"memory": False})
         yield Case("latent_attention_decode", "SDPA on the cache slice", "cache", L, sdpa, role="floor",
                    reps=3 * reps, extra={"memory": False})
+
+
+def _deferral_cases(device, dtype, quick, reps):
+    """Many thoughts at a training step's batch: a prefix, one-row passes, a suffix through KVCache, with each
+    one-row pass's gradient of the prefix rows deferred to one product (the default) and added pass by pass."""
+    batch = 2 if quick else 8
+    lengths = [60, *[1] * 8, 10] if quick else [PREFIX, *[1] * 64, SUFFIX]
+    total = sum(lengths)
+    label = f"{lengths[0]}+{len(lengths) - 2}x1+{lengths[-1]}, B={batch}"
+
+    def run(defer: bool):
+        p, cache = make_passes(dtype, device=device, batch=batch, lengths=lengths), \
+            KVCache(1, batch, total, H, D, dtype=dtype, device=device)
+
+        def step_():
+            set_deferred_kv_grads(defer)
+            try:
+                step(train_cache(p, cache))
+            finally:
+                set_deferred_kv_grads(True)
+        return step_
+
+    yield Case("latent_attention", "KVCache", "passes", label, lambda: run(True), reps=reps,
+               extra={"memory": False})
+    yield Case("latent_attention", "KVCache, one-row gradients added per pass", "passes", label,
+               lambda: run(False), role="reference", reps=reps, extra={"memory": False})
 
 
 SCENARIO = register(Scenario("latent_attention", f"attention alone, B={B}, {H}x{D} heads: multi-pass training "

@@ -56,6 +56,13 @@ def _bwd_fake(grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, cache_left
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("coconut::latent_attention_decode_bwd_deferred")
+def _decode_bwd_deferred_fake(grad_out, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, new_seqlens,
+                              rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, grad_k_cache, grad_v_cache,
+                              defer_end, p_out, ds_out, q_out, dropout_p=0.0, dropout_seed=0):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("coconut::latent_attention")
 def _composite_fake(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cache_leftpad=None, new_seqlens=None,
                     rotary_cos=None, rotary_sin=None, rotary_interleaved=False, softmax_scale=None, causal=True,

@@ -548,12 +548,15 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 // Backward of decode_kernel. Per block of rows: S = q . K and dP = dO . V for every head, P = exp(scale S - lse)
 // and dS = P (dP - Di) scale, then dK += dS q, dV += P dO (contiguous accumulator rows owned by this task) and
 // dq += dS K.
+//
+// With a Deferral, the rows j < def.end[b] take no accumulator update: their P and dS go to def.p / def.ds and
+// the rotated q to def.q, for the caller to add over many passes in one product.
 template <typename scalar_t>
 void decode_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_cache,
                        const at::Tensor& v_cache, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
                        at::Tensor& grad_k, at::Tensor& grad_v, const Lengths& len,
                        const Rotary<typename acc_type<scalar_t>::type>& rot, double softmax_scale,
-                       const Dropout& drop) {
+                       const Dropout& drop, const Deferral<typename acc_type<scalar_t>::type>& def = {}) {
   using acc_t = typename acc_type<scalar_t>::type;
   const int64_t B = q.size(0), Hq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(2), G = Hq / Hkv, Tmax = k_cache.size(1);
@@ -576,6 +579,7 @@ void decode_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_split, split = task % n_split;
       const auto [k_lo, k_hi] = splits.rows(b, split);
+      const int64_t defer_end = def.on() ? def.end[b] : 0;
       std::fill(dQ.begin(), dQ.end(), acc_t(0));
       for (int64_t h = 0; h < Hq; ++h) {
         acc_t di = 0;
@@ -585,6 +589,7 @@ void decode_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at
           di += dO[h * D + d] * static_cast<acc_t>(op[(b * Hq + h) * D + d]);
         }
         rotate(rot, Q.data() + h * D, len.seqlen(b) - len.lpad(b), acc_t(1));
+        if (def.on() && split == 0) std::copy(Q.begin() + h * D, Q.begin() + (h + 1) * D, def.q + (b * Hq + h) * D);
         Di[h] = di;
         L[h] = lp[b * Hq + h];
         live[h] = !std::isinf(L[h]);  // -inf lse: no key in range, the head contributes nothing
@@ -619,6 +624,15 @@ void decode_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at
           for (int64_t j = 0; j < nk; ++j) ds[j] = p[j] * (ds[j] - Di[h]) * scale;
         }
         for (int64_t j = 0; j < nk; ++j) {
+          if (k0 + j < defer_end) {  // P and dS handed to the caller
+            for (int64_t h = 0; h < Hq; ++h) {
+              const acc_t ds = dS[h * kDecodeBlock + j];
+              def.p[(b * Hq + h) * def.R + k0 + j] = P[h * kDecodeBlock + j];
+              def.ds[(b * Hq + h) * def.R + k0 + j] = ds;
+              axpy(dQ.data() + h * D, ds, K.at(j, h / G), D);
+            }
+            continue;
+          }
           acc_t* dk = gk + ((b * Tmax + k0 + j) * Hkv) * D;  // accumulators are contiguous
           acc_t* dv = gv + ((b * Tmax + k0 + j) * Hkv) * D;
           for (int64_t h = 0; h < Hq; ++h) {

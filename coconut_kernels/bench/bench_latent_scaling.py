@@ -147,6 +147,35 @@ def cases(settings: dict):
         for n in grid["thoughts"]:
             yield from _generate_cases(state, size, B, n, grid["jacobi"], device, dtype, q_len, reps,
                                        REFERENCE_MAX["generate"])
+    if device.type == "cpu":  # the deferred one-row gradients (cache._DeferredRows) are the CPU kernels'
+        yield from _deferral_cases(state, size, max(batches), max(grid["thoughts"]), device, dtype, q_len, reps)
+
+
+def _deferral_cases(state, size, B, n, device, dtype, q_len, reps):
+    """The training step at the grid's most thoughts with the one-row passes' gradient of the prefix rows
+    deferred to one product (the default) and added pass by pass (cache.set_deferred_kv_grads(False)),
+    interleaved in one run: what the deferral changes end to end."""
+    from coconut_kernels.cache import set_deferred_kv_grads
+
+    def make(defer: bool):
+        def setup():
+            s = _models(state, size, device, dtype)
+            b = collate(prosqa_examples(B, VOCAB, n_latents=n, seed=B + n, q_len=q_len), VOCAB, device=device)
+            step = train_step(s["lm"], b)
+
+            def run():
+                set_deferred_kv_grads(defer)
+                try:
+                    return step()
+                finally:
+                    set_deferred_kv_grads(True)
+            return run
+        return setup
+
+    scenario = f"latent_scaling_deferral_B{B}"
+    yield Case(scenario, "sequential", "thoughts", n, make(True), reps=reps, extra={"memory": False})
+    yield Case(scenario, "sequential, one-row gradients added per pass", "thoughts", n, make(False),
+               role="reference", reps=reps, extra={"memory": False})
 
 
 def _line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
@@ -196,6 +225,8 @@ def marginal_rows(rows: list[dict]) -> list[dict]:
     calls per step (calls per thought). Rows in the CSV's format, x_value "fit n>=1"."""
     out = []
     for scn in dict.fromkeys(r["scenario"] for r in rows):
+        if not scn.startswith(("latent_scaling_train", "latent_scaling_generate")):
+            continue  # the deferral A/B: one point, no fit
         times = [r for r in rows if r["scenario"] == scn and r["metric"] == "time"]
         floor = {int(r["x_value"]): r["p50"] for r in times if r["role"] == "floor"}
         for prov in dict.fromkeys(r["provider"] for r in times):

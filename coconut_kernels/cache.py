@@ -45,12 +45,13 @@ class _Generation:
     chain token, whose autograd node holds the pass's ctx, and a ctx -> cache reference would close a cycle
     through autograd's C++ nodes that the garbage collector cannot see (every step's cache would leak)."""
 
-    __slots__ = ("k", "v", "leftpad", "grad_kv", "max_new", "valid", "parent", "parent_rows", "started", "frozen",
-                 "deferred")
+    __slots__ = ("k", "v", "leftpad", "grad_kv", "grad_task", "max_new", "valid", "parent", "parent_rows",
+                 "started", "frozen", "deferred")
 
     def __init__(self, k, v, leftpad, n_layers):
         self.k, self.v, self.leftpad = k, v, leftpad
         self.grad_kv = [None] * n_layers  # per layer: (dK, dV) accumulators, alive only during the backward
+        self.grad_task = [None] * n_layers  # per layer: the autograd graph task that last wrote them
         # per layer: the rows each sequence holds after the layer's first differentiable pass (int32, CPU), which
         # only that pass's backward takes: the one-row passes defer their gradient there (_DeferredRows)
         self.frozen = [None] * n_layers
@@ -107,6 +108,24 @@ class _DeferredRows:
         dk_acc[:, :R] += dk.transpose(1, 2)
         dv_acc[:, :R] += dv.transpose(1, 2)
         self.__init__()
+
+
+def _accumulators(state, layer: int, k_cache):
+    """The layer's dK/dV accumulators for the running backward: allocated when absent; zeroed (with the deferred
+    rows dropped) when another backward wrote them, one that stopped before the layer's first pass. Kept when
+    this backward already added into them: a fork's first pass hands its share of the copied rows to its
+    parent, possibly before the parent's own last pass (no chain gradient) runs."""
+    task = torch._C._current_graph_task_id()
+    grad_kv = state.grad_kv[layer]
+    if grad_kv is None:
+        grad_kv = state.grad_kv[layer] = grad_accumulators(k_cache, state.max_new)
+        state.deferred[layer] = None
+    elif state.grad_task[layer] != task:
+        grad_kv[0].zero_()
+        grad_kv[1].zero_()
+        state.deferred[layer] = None
+    state.grad_task[layer] = task
+    return grad_kv
 
 
 class _PassLengths:
@@ -311,15 +330,7 @@ class AttendedPass:
                 f"KVCache.attend(layer={layer}): the cache was reset or cropped after this pass's forward and "
                 "before its backward; the rows it attended are gone. Run backward before reset()/crop().")
         k_cache, v_cache = state.k[layer], state.v[layer]
-        grad_kv = state.grad_kv[layer]
-        if grad_chain is None or grad_kv is None:
-            if grad_kv is None:
-                grad_kv = grad_accumulators(k_cache, state.max_new)
-            else:  # left over from a backward that stopped before the first pass
-                grad_kv[0].zero_()
-                grad_kv[1].zero_()
-            state.grad_kv[layer] = grad_kv
-            state.deferred[layer] = None  # whatever an interrupted backward left
+        grad_kv = _accumulators(state, layer, k_cache)
         dq = None
         if self.first and state.deferred[layer] is not None:  # the rows the later passes deferred are its own
             state.deferred[layer].flush(grad_kv)
@@ -371,6 +382,10 @@ class AttendedPass:
         rec.ds.append(ds)
         rec.q.append(q_rot)
         rec.do.append(grad_out.view(B, Hq, D).to(acc))
+        # The records grow with the passes: once they outweigh the accumulators, add them in (early is exact:
+        # nothing reads those rows before the first pass's backward).
+        if len(rec.p) * 2 * B * Hq * (R + D) > 2 * grad_kv[0].numel():
+            rec.flush(grad_kv)
         return dq
 
 
@@ -382,8 +397,7 @@ class AttendedPass:
         if not parent.valid:
             raise RuntimeError(f"KVCache.attend(layer={layer}): the cache this one was forked from was reset or "
                                "cropped before the fork's backward; the rows it copied are gone.")
-        if parent.grad_kv[layer] is None:
-            parent.grad_kv[layer] = grad_accumulators(parent.k[layer], parent.max_new)
+        _accumulators(parent, layer, parent.k[layer])
         T = grad_kv[0].shape[1]
         copied = (torch.arange(T, device=grad_kv[0].device)[None] < state.parent_rows[:, None])[:, :, None, None]
         for dst, src in zip(parent.grad_kv[layer], grad_kv):
@@ -397,8 +411,8 @@ class _CachedAttention(torch.autograd.Function):
     runs pass j's backward before pass j-1's. Each backward ADDS its attention's gradient w.r.t. all cache rows
     it read into the layer's accumulator; when pass i's backward runs, every later pass (the only ones that read
     its rows besides itself) has added its share, so the rows pass i wrote hold their full gradient and are
-    gathered as k_new/v_new's. An absent chain gradient means no later pass ran in this backward: start from
-    zero. The first pass frees the accumulator. The cache buffers are held by plain reference (through the
+    gathered as k_new/v_new's. Accumulators another backward left (one that stopped before the first pass) are
+    zeroed first; what this backward added (a fork's hand-off) is kept (_accumulators). The first pass frees the accumulator. The cache buffers are held by plain reference (through the
     generation's shared state), not save_for_backward: later passes append in place to rows this pass never
     reads; a reset/crop invalidates the state and the backward refuses to run.
     """

@@ -64,6 +64,9 @@ def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None = No
     if probs.device.type == "cpu" and not bool(((total > 0) & torch.isfinite(total)).all()):
         raise CoconutError("cannot sample: a row of probabilities has a NaN, an infinity, or no positive mass "
                            "(are the logits finite?)")
+    if uniforms is not None and tuple(uniforms.shape) != (probs.shape[0],):
+        raise CoconutError(f"uniforms must have shape ({probs.shape[0]},): one per row of probs, got "
+                           f"{tuple(uniforms.shape)}")
     if uniforms is None:  # drawn where the generator lives (a CPU generator may drive a GPU's sampling)
         device = probs.device if generator is None else generator.device
         uniforms = torch.rand(probs.shape[0], dtype=torch.float64, device=device, generator=generator)

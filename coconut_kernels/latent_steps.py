@@ -29,13 +29,19 @@ def head_logits(model, normed: torch.Tensor) -> torch.Tensor:
 
 
 class _RowsGrad:
-    """The one (B * T, d) gradient buffer of an EmbedRows, shared by its gathers' backwards. Their ctx hold
+    """The one (B * T, d) gradient buffer of an EmbedRows, shared by its gathers' backwards, and the autograd
+    graph task that wrote it (a backward that raised half way leaves a partial sum for no one). Their ctx hold
     this, not the EmbedRows (no reference cycle through autograd's nodes)."""
 
-    __slots__ = ("buf", "__weakref__")
+    __slots__ = ("buf", "task", "__weakref__")
 
     def __init__(self):
-        self.buf = None
+        self.buf = self.task = None
+
+    def take(self):
+        """The buffer this backward wrote (None if none), emptied."""
+        buf, self.buf = self.buf, None
+        return buf if self.task == torch._C._current_graph_task_id() else None
 
 
 class _EmbedSink(torch.autograd.Function):
@@ -50,7 +56,7 @@ class _EmbedSink(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        buf, ctx.shared.buf = ctx.shared.buf, None
+        buf = ctx.shared.take()
         if buf is None:
             return grad, None
         buf = buf.view(ctx.shape)
@@ -75,9 +81,9 @@ class _GatherRows(torch.autograd.Function):
             raise no_double_backward("the latent passes' input rows")
         if grad is not None:
             (idx,) = ctx.saved_tensors
-            shared = ctx.shared
-            if shared.buf is None:
-                shared.buf = grad.new_zeros(ctx.shape)
+            shared, task = ctx.shared, torch._C._current_graph_task_id()
+            if shared.buf is None or shared.task != task:
+                shared.buf, shared.task = grad.new_zeros(ctx.shape), task
             shared.buf.index_add_(0, idx, grad.reshape(-1, ctx.shape[1]))
         return None, None, None, None
 

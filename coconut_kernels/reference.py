@@ -181,7 +181,8 @@ def latent_attention_decode_bwd_deferred_reference(grad_out, q, k_cache, v_cache
     the forward applied them) go to p_out[b, h, j], the gradients of their scaled scores times the scale
     (P (dP - rowsum(dO out)) scale) to ds_out[b, h, j], and the rotated q to q_out (B, Hq, D), so that
     dK[b, j] = sum over the group's heads of ds_out[b, h, j] q_out[b, h] and dV[b, j] = sum of
-    p_out[b, h, j] dO[b, h] restore them. Returns dq."""
+    p_out[b, h, j] dO[b, h] restore them (the compiled op leaves the rows it does not attend as given; here they
+    are written as zeros). Returns dq."""
     B, _, Hq, D = q.shape
     Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
     acc = grad_k_cache.dtype

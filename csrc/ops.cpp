@@ -63,7 +63,9 @@ TORCH_LIBRARY(coconut, m) {
       "Tensor(a!) grad_k_cache, Tensor(b!) grad_v_cache, float dropout_p=0., int dropout_seed=0) -> Tensor");
   // latent_attention_bwd of a one-row pass (Sq = 1; CPU) that leaves the cache rows j < defer_end[b] to the
   // caller: their P and dS (B, Hq, R) and the rotated q (B, Hq, D), for dK += dS^T q, dV += P^T dO summed over
-  // many passes in one product; the other rows are accumulated as latent_attention_bwd does.
+  // many passes in one product; the other rows are accumulated as latent_attention_bwd does. p_out / ds_out
+  // rows the pass does not attend (pads, rows past its own, sequences without a new row) are left as given:
+  // pass them zeroed.
   m.def(
       "latent_attention_decode_bwd_deferred(Tensor grad_out, Tensor q, Tensor k_cache, Tensor v_cache, "
       "Tensor out, Tensor lse, Tensor cache_seqlens, Tensor? cache_leftpad, Tensor? new_seqlens, "

@@ -13,7 +13,7 @@ from coconut_kernels.data import RaggedCollator
 from coconut_kernels.ops.latent_attention import grad_accumulators
 from coconut_kernels.reference import latent_attention_decode_bwd_deferred_reference
 
-from .test_cache import CASES, leaves, loss_of, make_passes, run_cache
+from .test_cache import CASES, concat_attention_passes, leaves, loss_of, make_passes, run_cache
 
 ops = torch.ops.coconut
 
@@ -134,7 +134,8 @@ def flushes(monkeypatch):
     real = _DeferredRows.flush
 
     def counting(self, grad_kv):
-        seen.append(len(self.p))
+        if self.p:
+            seen.append(len(self.p))
         return real(self, grad_kv)
 
     monkeypatch.setattr(_DeferredRows, "flush", counting)
@@ -159,9 +160,9 @@ def test_cache_backward_with_and_without_the_deferral(case, flushes):
         cache = KVCache(L, B, 24, Hkv, D, dtype=torch.float64, leftpad=leftpad)
         outs = run_cache(cache, passes, rotary, interleaved)
         grads[on] = torch.autograd.grad(loss_of(outs), leaves(passes))
-        # per layer: the 8 one-row passes after the first defer; the first pass's backward flushes them (the
-        # 5-row pass flushes nothing yet: its backward runs before theirs)
-        assert sorted(flushes) == ([8] * L if on else []), flushes
+        # per layer: the 8 one-row passes after the first defer, each added once (by the first pass's backward,
+        # or earlier where the records outgrow the accumulators: MQA's single kv head makes those small)
+        assert sum(flushes) == (8 * L if on else 0) and (not on or len(flushes) >= L), flushes
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -175,6 +176,52 @@ def test_no_deferral_in_forks(flushes):
     outs += run_cache(fork, passes[1:])
     torch.autograd.grad(loss_of(outs), leaves(passes))
     assert flushes == []
+
+
+@pytest.mark.parametrize("defer", [False, True])
+@pytest.mark.parametrize("order", ["parent_first", "fork_first"])
+def test_a_parent_that_runs_on_after_a_fork_keeps_the_forks_gradient(defer, order, flushes):
+    """A fork's first pass hands its share of the copied rows to the parent's accumulators, possibly before the
+    parent's own last pass runs (when the parent's later passes were created first): that pass must not take
+    them for leftovers of another backward."""
+    set_deferred_kv_grads(defer)
+    B, L, Hq, Hkv, D = 2, 1, 2, 2, 8
+    leftpad = torch.tensor([0, 1])
+    n_of = lambda S: torch.full((B,), S)  # noqa: E731
+    prefix = make_passes(B, L, Hq, Hkv, D, [5, 1, 1], n_of, torch.float64, seed=1)
+    tail = make_passes(B, L, Hq, Hkv, D, [1, 1], n_of, torch.float64, seed=2)
+    child = make_passes(B, L, Hq, Hkv, D, [1, 1], n_of, torch.float64, seed=3)
+    every = leaves(prefix) + leaves(tail) + leaves(child)
+    ref_loss = loss_of(concat_attention_passes(prefix + tail, leftpad, Hkv), seed=0) + \
+        loss_of(concat_attention_passes(prefix + child, leftpad, Hkv)[len(prefix):], seed=1)
+    ref = torch.autograd.grad(ref_loss, every)
+    cache = KVCache(L, B, 16, Hkv, D, dtype=torch.float64, leftpad=leftpad)
+    pre = run_cache(cache, prefix)
+    fork = cache.fork()
+    if order == "parent_first":
+        pt, ch = run_cache(cache, tail), run_cache(fork, child)
+    else:
+        ch, pt = run_cache(fork, child), run_cache(cache, tail)
+    got = torch.autograd.grad(loss_of(pre + pt, seed=0) + loss_of(ch, seed=1), every)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_many_passes_flush_early(flushes):
+    """Once a layer's deferred records outweigh its accumulators they are added in before the first pass's
+    backward: the memory stays bounded, the gradients the same."""
+    B, L, Hq, Hkv, D = 2, 1, 2, 2, 4
+    passes = make_passes(B, L, Hq, Hkv, D, [6] + [1] * 40, lambda S: torch.full((B,), S), torch.float64)
+    grads = {}
+    for on in (False, True):
+        set_deferred_kv_grads(on)
+        flushes.clear()
+        cache = KVCache(L, B, 48, Hkv, D, dtype=torch.float64)
+        grads[on] = torch.autograd.grad(loss_of(run_cache(cache, passes)), leaves(passes))
+    # records of 2 * B * Hq * (6 + 4) values per pass against 2 * B * 48 * Hkv * D: a flush every 20 passes
+    assert flushes == [20, 20]
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 V = 61

@@ -85,6 +85,31 @@ def test_double_backward_is_refused_and_no_step_stays_alive():
     assert all(r() is None for r in refs)
 
 
+def test_a_backward_that_raised_half_way_leaves_nothing_behind():
+    """A backward that stops after some gathers added their rows (here a hook raising) must not leave a partial
+    sum for the next backward over the retained graph."""
+    leaf = torch.randn(2, 4, 3, requires_grad=True)
+    rows = latent_steps.EmbedRows(leaf * 1)
+    late = rows.gather(torch.tensor([[2, 3], [2, 3]])) * 3
+    early = rows.gather(torch.tensor([[0, 1], [0, 1]])) * 2
+    state = {"raise": True}
+
+    def hook(grad):
+        if state["raise"]:
+            state["raise"] = False
+            raise RuntimeError("stopped half way")
+
+    late.register_hook(hook)
+    loss = early.sum() + late.sum()
+    with pytest.raises(RuntimeError, match="stopped half way"):
+        loss.backward(retain_graph=True)
+    leaf.grad = None
+    loss.backward()
+    expect = torch.zeros_like(leaf)
+    expect[:, :2], expect[:, 2:] = 2, 3
+    assert torch.equal(leaf.grad, expect)
+
+
 V = 61
 EOS, BOT, LAT, EOT = V - 4, V - 3, V - 2, V - 1
 

@@ -241,6 +241,30 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(lm, monkeypatc
     assert outs[1].samples[0].finish_reason == "error"
 
 
+def test_a_row_that_cannot_be_sampled_fails_its_own_request_only(lm, monkeypatch):
+    """Samples that share their sampling settings are drawn together; NaN logits in one of them (its own
+    feedback or temperature overflowing) fail that request alone."""
+    ps = prompts(3, seed=9)
+    eng = LatentEngine(lm, 3, 64)
+    real = eng._model_step
+
+    def poisoned(rows):
+        normed, logits = real(rows)
+        for q in rows.seqs:
+            if q.req.id == 1 and q.slot in logits.index:
+                logits.values[logits.index[q.slot]] = float("nan")
+        return normed, logits
+
+    monkeypatch.setattr(eng, "_model_step", poisoned)
+    params = [SamplingParams(max_tokens=5, do_sample=True, seed=i) for i in range(3)]
+    outs = eng.generate(ps, params)
+    assert [o.error is None for o in outs] == [True, False, True]
+    assert "cannot sample" in str(outs[1].error)
+    for i in (0, 2):
+        solo = LatentEngine(lm, 1, 64).generate([ps[i]], params[i])[0]
+        assert outs[i].samples[0].token_ids == solo.samples[0].token_ids
+
+
 def test_abort_frees_the_slots(lm):
     eng = LatentEngine(lm, 2, 64)
     a = eng.add([5, 6, BOT, LAT, EOT], SamplingParams(n=2, max_tokens=20))

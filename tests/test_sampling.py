@@ -87,3 +87,9 @@ def test_rows_that_cannot_be_sampled_are_a_clear_error(bad):
         probs[1] = 0.0  # no positive mass
     with pytest.raises(CoconutError, match="cannot sample"):
         draw_categorical(probs, torch.Generator().manual_seed(0))
+
+
+def test_uniforms_must_be_one_per_row():
+    probs = torch.rand(3, 10)
+    with pytest.raises(CoconutError, match="uniforms must have shape \\(3,\\)"):
+        draw_categorical(probs, uniforms=torch.rand(1, dtype=torch.float64))

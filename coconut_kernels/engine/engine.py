@@ -427,13 +427,25 @@ class LatentEngine:
             members = [(q, u) for q, u in members if id(q.req) not in failed]
             if not members:
                 continue
-            slots = [q.slot for q, _ in members]
             try:
-                at = torch.tensor([logits.index[s] for s in slots], dtype=torch.long, device=self.device)
+                at = torch.tensor([logits.index[q.slot] for q, _ in members], dtype=torch.long, device=self.device)
                 filt = filter_logits(logits.values.index_select(0, at).float() / temperature, top_k, top_p)
-                tok = draw_categorical(filt.softmax(-1), uniforms=torch.cat([u for _, u in members]))
+                probs = filt.softmax(-1)
+                # a row that cannot be sampled (NaN / inf logits) fails its own request only
+                ok = (torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).tolist()
+                for (q, _), good in zip(members, ok):
+                    if not good:
+                        failed[id(q.req)] = (q.req, CoconutError(
+                            f"request {q.req.id}: cannot sample: its logits hold a NaN or an infinity"))
+                keep = [i for i, good in enumerate(ok) if good]
+                if not keep:
+                    continue
+                rows = torch.tensor(keep, dtype=torch.long, device=self.device)
+                filt, probs = filt.index_select(0, rows), probs.index_select(0, rows)
+                slots = [members[i][0].slot for i in keep]
+                tok = draw_categorical(probs, uniforms=torch.cat([members[i][1] for i in keep]))
                 sampled[torch.tensor(slots, dtype=torch.long, device=self.device)] = tok
-                if any(q.req.params.logprobs for q, _ in members):
+                if any(members[i][0].req.params.logprobs for i in keep):
                     lp = filt.log_softmax(-1).gather(1, tok[:, None])[:, 0].tolist()
                     sample_lp.update(zip(slots, lp))
             except Exception as err:  # the group's requests fail, the others go on

@@ -13,7 +13,7 @@ from .ops.latent_attention import (MAX_HEAD_DIM, NewRows, append_and_attend, che
                                    kernels, latent_attention, no_double_backward)
 from .validation import check_device, check_dtype, check_int, check_same_device, check_tensor_args, host_checks
 
-__all__ = ["KVCache", "AttendedPass", "set_deferred_kv_grads"]
+__all__ = ["KVCache", "AttendedPass", "set_deferred_kv_grads", "deferred_kv_grads"]
 
 
 def _as_lengths(x, batch: int, device, name: str, high: int) -> torch.Tensor:
@@ -52,8 +52,8 @@ class _Generation:
         self.k, self.v, self.leftpad = k, v, leftpad
         self.grad_kv = [None] * n_layers  # per layer: (dK, dV) accumulators, alive only during the backward
         self.grad_task = [None] * n_layers  # per layer: the autograd graph task that last wrote them
-        # per layer: the rows each sequence holds after the layer's first differentiable pass (int32, CPU), which
-        # only that pass's backward takes: the one-row passes defer their gradient there (_DeferredRows)
+        # per layer: the rows each sequence holds after the layer's first differentiable pass (int32, CPU) and
+        # their max, rows only that pass's backward takes: the one-row passes defer their gradient there
         self.frozen = [None] * n_layers
         self.deferred = [None] * n_layers  # per layer: the _DeferredRows of its backward, while it runs
         self.max_new = 0  # most rows appended by one differentiable pass: the accumulators' padding
@@ -72,6 +72,11 @@ def set_deferred_kv_grads(enabled: bool) -> None:
     (`_DeferredRows`); on by default. Off: every pass adds into the accumulators itself (A/B runs)."""
     global _defer_enabled
     _defer_enabled = bool(enabled)
+
+
+def deferred_kv_grads() -> bool:
+    """Whether set_deferred_kv_grads is on."""
+    return _defer_enabled
 
 
 class _DeferredRows:
@@ -315,7 +320,8 @@ class AttendedPass:
         self.handoff = cache._train.parent is not None and not cache._train.started[layer] and chain is not None
         if chain is None and q.device.type == "cpu":  # the layer's first pass: its rows are the deferred ones
             n_new = lengths.new_seqlens if lengths.new_seqlens is not None else k_new.shape[1]
-            cache._train.frozen[layer] = (lengths.seqlens + n_new).to(torch.int32)
+            ends = (lengths.seqlens + n_new).to(torch.int32)
+            cache._train.frozen[layer] = (ends, int(ends.max()))
         cache._train.started[layer] = True
         self.n_rows, self.new_dtype = k_new.shape[1], k_new.dtype
         return self, out, lse
@@ -365,10 +371,9 @@ class AttendedPass:
 
     def _deferred_bwd(self, q, out, lse, grad_out, grad_kv):
         state, layer, lengths = self.state, self.layer, self.lengths
-        ends = state.frozen[layer]
+        ends, R = state.frozen[layer]
         B, _, Hq, D = q.shape
         acc = grad_kv[0].dtype
-        R = int(ends.max())
         p, ds, q_rot = (q.new_zeros((B, Hq, R), dtype=acc), q.new_zeros((B, Hq, R), dtype=acc),
                         q.new_empty((B, Hq, D), dtype=acc))
         grad_out = grad_out.contiguous()
@@ -412,9 +417,10 @@ class _CachedAttention(torch.autograd.Function):
     it read into the layer's accumulator; when pass i's backward runs, every later pass (the only ones that read
     its rows besides itself) has added its share, so the rows pass i wrote hold their full gradient and are
     gathered as k_new/v_new's. Accumulators another backward left (one that stopped before the first pass) are
-    zeroed first; what this backward added (a fork's hand-off) is kept (_accumulators). The first pass frees the accumulator. The cache buffers are held by plain reference (through the
-    generation's shared state), not save_for_backward: later passes append in place to rows this pass never
-    reads; a reset/crop invalidates the state and the backward refuses to run.
+    zeroed first; what this backward added (a fork's hand-off) is kept (_accumulators). The first pass frees the
+    accumulator. The cache buffers are held by plain reference (through the generation's shared state), not
+    save_for_backward: later passes append in place to rows this pass never reads; a reset/crop invalidates the
+    state and the backward refuses to run.
     """
 
     @staticmethod

@@ -50,40 +50,48 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
-                     uniforms: torch.Tensor | None = None) -> torch.Tensor:
+                     uniforms: torch.Tensor | None = None, *, with_ok: bool = False):
     """One index per row of probs (n, V), index j drawn with probability probs[i, j] / sum_j probs[i, j], by
     inverting the row's cumulative sum (in float64) at one uniform draw per row. An index of zero probability
     is never drawn. `uniforms` (n,) float64 in [0, 1) replaces the draws from `generator` (the engine draws
     each row from its own request's generator).
 
+    A row with a NaN, an infinity or no positive mass cannot be sampled: on the CPU that raises, unless
+    with_ok, which returns (indices, ok (n,) bool) instead and leaves the bad rows' indices meaningless (in
+    range). On a GPU nothing is checked (a check would sync); the indices stay in range.
+
     The same distribution as `torch.multinomial(probs, 1)`, from one random number per row where that draws
     one exponential per vocabulary entry (about 1 ms per 50k-entry row on a CPU core): the random stream, so
     the tokens a given seed gives, differ from torch.multinomial's (README, "Sampling")."""
-    cdf = probs.double().cumsum(-1)
-    total = cdf[:, -1:]
-    if probs.device.type == "cpu" and not bool(((total > 0) & torch.isfinite(total)).all()):
-        raise CoconutError("cannot sample: a row of probabilities has a NaN, an infinity, or no positive mass "
-                           "(are the logits finite?)")
     if uniforms is not None and tuple(uniforms.shape) != (probs.shape[0],):
         raise CoconutError(f"uniforms must have shape ({probs.shape[0]},): one per row of probs, got "
                            f"{tuple(uniforms.shape)}")
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    ok = None
+    if with_ok or probs.device.type == "cpu":
+        ok = ((total > 0) & torch.isfinite(total))[:, 0]
+        if not with_ok and not bool(ok.all()):
+            raise CoconutError("cannot sample: a row of probabilities has a NaN, an infinity, or no positive mass "
+                               "(are the logits finite?)")
     if uniforms is None:  # drawn where the generator lives (a CPU generator may drive a GPU's sampling)
         device = probs.device if generator is None else generator.device
         uniforms = torch.rand(probs.shape[0], dtype=torch.float64, device=device, generator=generator)
     target = torch.minimum(uniforms.to(cdf.device, torch.float64)[:, None] * total,
                            torch.nextafter(total, torch.zeros_like(total)))  # below the row's total mass
     # the first index whose cumulative mass exceeds the target: never one of zero probability (its cumulative
-    # mass equals the index before it); clamped so a NaN row on a GPU cannot index past the vocabulary
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(0, probs.shape[-1] - 1)
+    # mass equals the index before it); clamped so a NaN row cannot index past the vocabulary
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(0, probs.shape[-1] - 1)
+    return (idx, ok) if with_ok else idx
 
 
 def sample_tokens(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float,
-                  generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy argmax, or a draw (`draw_categorical`) from softmax(filtered logits / temperature)."""
     if not do_sample:
         return logits.argmax(-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    return draw_categorical(probs, generator, uniforms)
+    return draw_categorical(probs, generator)
 
 
 @dataclass

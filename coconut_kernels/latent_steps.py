@@ -116,13 +116,11 @@ class EmbedRows:
         return _GatherRows.apply(self._src, idx, self._shared, width)
 
 
-def pass_input(embeds: EmbedRows | torch.Tensor, rows: PassRows, fed: torch.Tensor | None) -> torch.Tensor:
+def pass_input(embeds: EmbedRows, rows: PassRows, fed: torch.Tensor | None) -> torch.Tensor:
     """A pass's input (B, width, d): the batch's token embeddings at the pass's columns, with the fed vectors
     at its latent rows. The embeddings are looked up once for the whole batch (a lookup per pass would cost a
     dense (V, d) gradient per pass in backward) and read through `EmbedRows` (one gradient buffer for all the
     passes, not a dense gradient per pass)."""
-    if not isinstance(embeds, EmbedRows):
-        embeds = EmbedRows(embeds)
     x = embeds.gather(rows.col)
     if rows.feed_rows.numel():
         x = write_thoughts(x, fed, rows.feed_rows)

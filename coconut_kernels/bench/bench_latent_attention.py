@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from coconut_kernels import KVCache
-from coconut_kernels.cache import set_deferred_kv_grads
+from coconut_kernels.cache import deferred_kv_grads, set_deferred_kv_grads
 from coconut_kernels.ops.latent_attention import latent_attention
 
-from .harness import Case, Scenario, register, saved_bytes, time_step
+from .harness import Case, Scenario, register, saved_bytes, switched, time_step
 
 # GPT-2 heads, ProsQA-like pass structure: a prefix, one-token latent passes, a suffix.
 B, H, D = 32, 12, 64
@@ -218,14 +218,7 @@ def _deferral_cases(device, dtype, quick, reps):
     def run(defer: bool):
         p, cache = make_passes(dtype, device=device, batch=batch, lengths=lengths), \
             KVCache(1, batch, total, H, D, dtype=dtype, device=device)
-
-        def step_():
-            set_deferred_kv_grads(defer)
-            try:
-                step(train_cache(p, cache))
-            finally:
-                set_deferred_kv_grads(True)
-        return step_
+        return switched(set_deferred_kv_grads, deferred_kv_grads, defer, lambda: step(train_cache(p, cache)))
 
     yield Case("latent_attention", "KVCache", "passes", label, lambda: run(True), reps=reps,
                extra={"memory": False})

@@ -23,7 +23,7 @@ import torch
 
 from coconut_kernels import LatentLM
 
-from .harness import Case, Scenario, register
+from .harness import Case, Scenario, register, switched
 from .reference_coconut import ReferenceCoconut
 from .workloads import Special, collate, make_models, prosqa_examples
 
@@ -155,21 +155,13 @@ def _deferral_cases(state, size, B, n, device, dtype, q_len, reps):
     """The training step at the grid's most thoughts with the one-row passes' gradient of the prefix rows
     deferred to one product (the default) and added pass by pass (cache.set_deferred_kv_grads(False)),
     interleaved in one run: what the deferral changes end to end."""
-    from coconut_kernels.cache import set_deferred_kv_grads
+    from coconut_kernels.cache import deferred_kv_grads, set_deferred_kv_grads
 
     def make(defer: bool):
         def setup():
             s = _models(state, size, device, dtype)
             b = collate(prosqa_examples(B, VOCAB, n_latents=n, seed=B + n, q_len=q_len), VOCAB, device=device)
-            step = train_step(s["lm"], b)
-
-            def run():
-                set_deferred_kv_grads(defer)
-                try:
-                    return step()
-                finally:
-                    set_deferred_kv_grads(True)
-            return run
+            return switched(set_deferred_kv_grads, deferred_kv_grads, defer, train_step(s["lm"], b))
         return setup
 
     scenario = f"latent_scaling_deferral_B{B}"

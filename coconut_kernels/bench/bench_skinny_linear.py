@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..ops import skinny_linear as sk
 from ..ops.skinny_linear import MAX_ROWS
 from .bench_latent_scaling import VOCAB, _models, train_step
-from .harness import Case, Scenario, register
+from .harness import Case, Scenario, register, switched
 from .workloads import collate, prosqa_examples
 
 D = 256
@@ -77,14 +77,7 @@ def cases(settings):
 
 def _switched(flag: bool, step):
     """step() with the model layer's use of the kernel set to flag (restored after)."""
-    def run():
-        before = sk.enabled()
-        sk.set_enabled(flag)
-        try:
-            return step()
-        finally:
-            sk.set_enabled(before)
-    return run
+    return switched(sk.set_enabled, sk.enabled, flag, step)
 
 
 def _end_to_end(settings, quick):

@@ -60,6 +60,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def switched(set_flag: Callable[[bool], None], get_flag: Callable[[], bool], flag: bool,
+             step: Callable[[], object]) -> Callable[[], object]:
+    """step() with a library switch (skinny_linear.set_enabled, cache.set_deferred_kv_grads) set to flag for the
+    call and restored after: both sides of an A/B in one run."""
+    def run():
+        before = get_flag()
+        set_flag(flag)
+        try:
+            return step()
+        finally:
+            set_flag(before)
+    return run
+
+
 def time_step(step: Callable[[], object], reps: int, warmup: int, device: torch.device) -> list[float]:
     for _ in range(warmup):
         step()

@@ -7,7 +7,7 @@ token; `prefill_chunk` caps the rows a prompt prefills per step, the rest contin
 prompt with n samples prefills once and its rows are copied into the other n-1 slots (fork); (3) one decode
 pass of one row per running sample, whatever its phase: the fed-back vector while it thinks, its prompt rows
 after the latents (<eot>), or its last token. The phases, stop rules and sampling are `latent_decode`'s
-(DecodeState, StopRule, sample_tokens' draw, thought_vector) applied per slot, so a request's output is the one
+(DecodeState, StopRule, draw_categorical, thought_vector) applied per slot, so a request's output is the one
 `LatentLM.generate` gives for its prompt alone, whatever shares the batch and whenever it joined.
 
 The engine holds `lm` itself: a weight update (an optimizer step on lm's parameters) is used from the next step.
@@ -430,24 +430,18 @@ class LatentEngine:
             try:
                 at = torch.tensor([logits.index[q.slot] for q, _ in members], dtype=torch.long, device=self.device)
                 filt = filter_logits(logits.values.index_select(0, at).float() / temperature, top_k, top_p)
-                probs = filt.softmax(-1)
-                # a row that cannot be sampled (NaN / inf logits) fails its own request only
-                ok = (torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).tolist()
-                for (q, _), good in zip(members, ok):
-                    if not good:
+                tok, ok = draw_categorical(filt.softmax(-1), uniforms=torch.cat([u for _, u in members]),
+                                           with_ok=True)
+                slots = [q.slot for q, _ in members]
+                sampled[torch.tensor(slots, dtype=torch.long, device=self.device)] = tok
+                lp = filt.log_softmax(-1).gather(1, tok[:, None])[:, 0].tolist() \
+                    if any(q.req.params.logprobs for q, _ in members) else None
+                for i, ((q, _), good) in enumerate(zip(members, ok.tolist())):
+                    if not good:  # a row that cannot be sampled (NaN / inf logits) fails its own request only
                         failed[id(q.req)] = (q.req, CoconutError(
                             f"request {q.req.id}: cannot sample: its logits hold a NaN or an infinity"))
-                keep = [i for i, good in enumerate(ok) if good]
-                if not keep:
-                    continue
-                rows = torch.tensor(keep, dtype=torch.long, device=self.device)
-                filt, probs = filt.index_select(0, rows), probs.index_select(0, rows)
-                slots = [members[i][0].slot for i in keep]
-                tok = draw_categorical(probs, uniforms=torch.cat([members[i][1] for i in keep]))
-                sampled[torch.tensor(slots, dtype=torch.long, device=self.device)] = tok
-                if any(members[i][0].req.params.logprobs for i in keep):
-                    lp = filt.log_softmax(-1).gather(1, tok[:, None])[:, 0].tolist()
-                    sample_lp.update(zip(slots, lp))
+                    elif lp is not None:
+                        sample_lp[q.slot] = lp[i]
             except Exception as err:  # the group's requests fail, the others go on
                 for q, _ in members:
                     failed[id(q.req)] = (q.req, err)

@@ -34,8 +34,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = 1.0 / n_valid.clamp(min=1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc, device=hidden.device)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        # The (V, d) weight gradient is the first block's product, then accumulated in place: no zero-filled
+        # buffer and no (V, d) temporary per block (each is a pass over V x d memory, ~51 MB for GPT-2 in fp32).
+        grad_w = grad_b = None
         step = _chunk_rows(weight.shape[0], chunk_size)
         for start in range(0, M, step):
             h = hidden[start:start + step]
@@ -56,9 +57,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start:start + step] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
                 if need_w:
-                    grad_w += g.T @ h.to(acc)
+                    grad_w = g.T @ h.to(acc) if grad_w is None else grad_w.addmm_(g.T, h.to(acc))
                 if need_b:
-                    grad_b += g.sum(0)
+                    grad_b = g.sum(0) if grad_b is None else grad_b.add_(g.sum(0))
+        if need_w and grad_w is None:  # no rows
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        if need_b and grad_b is None:
+            grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total * scale
@@ -68,9 +73,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
-        gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
+        # loss.backward() passes a 1: then the saved weight gradient is the answer and the (V, d) multiplication,
+        # a pass over the LM head's size, is skipped. Read only on the CPU (on a GPU the read would sync).
+        unit = grad_out.device.type == "cpu" and not grad_out.requires_grad and float(grad_out) == 1.0
+        gw = _scaled(grad_w, grad_out, unit, w_dtype)
+        gb = _scaled(grad_b, grad_out, unit, b_dtype)
         return gh, gw, gb, None, None, None, None
+
+
+def _scaled(grad: torch.Tensor | None, grad_out: torch.Tensor, unit: bool, dtype) -> torch.Tensor | None:
+    if grad is None:
+        return None
+    return grad.to(dtype) if unit else (grad * grad_out.to(grad.dtype)).to(dtype)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

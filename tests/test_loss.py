@@ -77,6 +77,31 @@ def test_a_scaled_backward_scales_the_gradients():
         torch.testing.assert_close(got, -2.5 * torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
+def test_retained_graph_and_a_tied_weight_accumulate_right():
+    """A backward of 1 hands back the weight gradient computed in the forward without scaling it: a retained graph
+    run backward twice still sums two equal gradients, a weight also used as an embedding (tied, as GPT-2's LM head)
+    gets both contributions, and the accumulated .grad never aliases what a later backward reuses."""
+    _, gh, gw, gb = by_hand(BIAS, "mean")
+    want_w = torch.tensor(gw, dtype=torch.float64)
+    h, w, b = leaves(True)
+    loss = linear_cross_entropy(h, w, torch.tensor(TARGETS), b)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(w.grad, want_w, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    torch.testing.assert_close(w.grad, 2 * want_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.grad, 2 * torch.tensor(gb, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    # tied: the same weight gathered as embeddings (rows 0 and 2) and used as the head
+    h, w, b = leaves(True)
+    emb = w[torch.tensor([0, 2, 2])]
+    loss = linear_cross_entropy(h, w, torch.tensor(TARGETS), b) + (emb * torch.tensor([1.0, 2.0, 3.0],
+                                                                                      dtype=torch.float64)).sum()
+    loss.backward()
+    extra = torch.zeros_like(want_w)
+    extra[0] += torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    extra[2] += 2 * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(w.grad, want_w + extra, rtol=1e-12, atol=1e-12)
+
+
 def test_no_grad_and_all_ignored():
     h, w, b = leaves(True)
     with torch.no_grad():

@@ -303,7 +303,7 @@ class AttendedPass:
     KVCache.differentiable_pass runs (_CachedAttention's ctx, the model layer's fused attention node)."""
 
     __slots__ = ("state", "layer", "lengths", "rot", "scale", "causal", "dropout", "first", "handoff", "n_rows",
-                 "new_dtype")
+                 "new_dtype", "defers")
 
     @classmethod
     def run(cls, cache, layer, lengths, chain, q, k_new, v_new, rot, scale, causal, dropout=(0.0, 0)):
@@ -324,6 +324,7 @@ class AttendedPass:
             cache._train.frozen[layer] = (ends, int(ends.max()))
         cache._train.started[layer] = True
         self.n_rows, self.new_dtype = k_new.shape[1], k_new.dtype
+        self.defers = self._defers(q)
         return self, out, lse
 
     def backward(self, q, out, lse, grad_out, grad_chain, want_dk: bool, want_dv: bool):
@@ -340,7 +341,7 @@ class AttendedPass:
         dq = None
         if self.first and state.deferred[layer] is not None:  # the rows the later passes deferred are its own
             state.deferred[layer].flush(grad_kv)
-        if grad_out is not None and self._defers(q):
+        if grad_out is not None and self.defers:
             dq = self._deferred_bwd(q, out, lse, grad_out, grad_kv)
         elif grad_out is not None:
             _, _, bwd = kernels(q.device, self.dropout[0] > 0)
@@ -363,7 +364,7 @@ class AttendedPass:
 
     def _defers(self, q) -> bool:
         """Whether this pass's backward defers its gradient of the first pass's rows (_DeferredRows): a one-row
-        pass after the first, of a cache generation that is no fork, on the CPU kernels."""
+        pass after the first, of a cache generation that is no fork, on the CPU kernels. Decided in the forward."""
         state = self.state
         return (_defer_enabled and not self.first and q.shape[1] == 1 and q.device.type == "cpu"
                 and state.parent is None and state.frozen[self.layer] is not None

@@ -69,7 +69,8 @@ _defer_enabled = os.environ.get("COCONUT_DEFER_KV_GRAD", "1") not in ("", "0")
 
 def set_deferred_kv_grads(enabled: bool) -> None:
     """Whether the CPU backward of a one-row pass defers its gradient of the first pass's cache rows
-    (`_DeferredRows`); on by default. Off: every pass adds into the accumulators itself (A/B runs)."""
+    (`_DeferredRows`); on by default. Off: every pass adds into the accumulators itself (A/B runs). Read when a
+    pass runs its forward."""
     global _defer_enabled
     _defer_enabled = bool(enabled)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .errors import CoconutError
+from .ops.skinny_linear import linear
 from .validation import check_int, check_tensor_args, host_checks
 
 # Elements of one (chunk, V) logits block in fp32: 32M -> 128 MiB.
@@ -41,7 +42,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, M, step):
             h = hidden[start:start + step]
             t = targets[start:start + step]
-            logits = (h @ weight.T).to(acc)
+            # A chunk of a few float32 CPU rows (a small batch's answer tokens) by the skinny kernel, which
+            # streams the (V, d) head once instead of packing it for BLAS; otherwise F.linear.
+            logits = linear(h, weight).to(acc)
             if bias is not None:
                 logits += bias.to(acc)
             valid = t != -100

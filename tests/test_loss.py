@@ -114,6 +114,51 @@ def test_no_grad_and_all_ignored():
     assert h.grad.abs().max() == 0 and w.grad.abs().max() == 0 and b.grad.abs().max() == 0
 
 
+@pytest.mark.parametrize("M,chunk_size", [(11, None), (40, None), (40, 16)])
+def test_fp32_by_the_skinny_kernel_and_by_blas(M, chunk_size):
+    """float32 on the CPU: chunks of at most 16 rows form their logits with the skinny kernel (seen in the ops
+    dispatched), larger ones with BLAS; loss and gradients within fp32 rounding of fp64 either way, and the same
+    with the kernel switched off."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from coconut_kernels.ops import skinny_linear
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(M)
+    d, V = 48, 700
+    h64, w64, b64 = (torch.randn(M, d, generator=g, dtype=torch.float64),
+                     torch.randn(V, d, generator=g, dtype=torch.float64) * 0.3,
+                     torch.randn(V, generator=g, dtype=torch.float64))
+    t = torch.randint(0, V, (M,), generator=g)
+    t[::3] = -100
+
+    def run(fn, dtype):
+        x = [a.to(dtype).requires_grad_() for a in (h64, w64, b64)]
+        loss = fn(*x)
+        return (loss, *torch.autograd.grad(loss, x))
+
+    ref = run(lambda h, w, b: F.cross_entropy(h @ w.T + b, t, ignore_index=-100), torch.float64)
+    for on in (True, False):
+        skinny_linear.set_enabled(on)
+        try:
+            with Ops() as seen:
+                ours = run(lambda h, w, b: linear_cross_entropy(h, w, t, b, chunk_size=chunk_size), torch.float32)
+        finally:
+            skinny_linear.set_enabled(True)
+        rows = chunk_size or M
+        assert ("coconut::skinny_linear" in seen.names) == (on and rows <= skinny_linear.MAX_ROWS)
+        for name, o, r in zip(("loss", "hidden", "weight", "bias"), ours, ref):
+            torch.testing.assert_close(o.double(), r, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_bf16_within_twice_torch_error():
     """bf16 hidden and weight: the loss and every gradient within 2x the error of plain PyTorch (logits and
     F.cross_entropy in bf16) against the fp64 value."""

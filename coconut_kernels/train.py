@@ -20,6 +20,7 @@ import torch
 
 from ._cli import run_cli
 from .errors import CheckpointError
+from .host_memory import keep_unless_disabled
 from .training.build import build_lm, build_tokenizer, resolve_init_from
 from .training.checkpoint import load_trainer_state, resume_path
 from .training.config import TrainConfig, parse_args
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    run(parse_args(argv))
+    cfg = parse_args(argv)
+    keep_unless_disabled()  # a process of its own: large freed blocks stay in the heap (host_memory)
+    run(cfg)
     return 0
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import harness
+from .. import host_memory
 from .harness import SCENARIOS
 from ..errors import CoconutError
 from ..validation import check_device
@@ -90,6 +91,7 @@ def machine_info(device: torch.device) -> dict:
         "python": platform.python_version(), "platform": platform.platform(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "backend": coconut_kernels.get_backend(device),
+        "malloc": "freed blocks kept (host_memory)" if host_memory.kept() else "default",
     }
 
 
@@ -320,7 +322,8 @@ def render_record(record: Path) -> str:
         text = record.read_text()
         notes = text[text.index(f"\n{NOTES}\n") + 1:]
     machine = results / "machine.json"
-    wall = json.loads(machine.read_text()).get("wall_s") if machine.exists() else None
+    info = json.loads(machine.read_text()) if machine.exists() else {}
+    wall, malloc = info.get("wall_s"), info.get("malloc")
     descriptions = {s.name: s.description for s in SCENARIOS.values()}
     summaries = [s.summary_table for s in SCENARIOS.values() if s.summary_table is not None]
     first = rows[0]
@@ -337,7 +340,7 @@ def render_record(record: Path) -> str:
                  "structure on this library's model, `transformers` (the external floor) = a plain `transformers` "
                  "model of the same shape and weights on the same batch, as users run it today.", 115), "",
              f"Command: `{first['command']}`" + (f" ({wall:.0f} s of measurement)." if wall else "."), "",
-             f"Provenance: {stamp(first)}.", ""]
+             f"Provenance: {stamp(first)}" + (f"; host malloc: {malloc}." if malloc else "."), ""]
     note = memory_note(rows)
     if note:
         lines += [f"{note[0].upper()}{note[1:]}.", ""]
@@ -413,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = args.threads or min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
+    host_memory.keep_unless_disabled()  # every provider of this process alike: large freed blocks stay in the heap
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     names = args.scenario or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
@@ -425,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     info.update(dtype=str(dtype).removeprefix("torch."), command=shlex.join(["python", "-m", __package__, *argv]))
     print(f"coconut_kernels {info['coconut_kernels']} | commit {info['commit']}{' (dirty)' if info['dirty'] else ''}"
           f" | torch {info['torch']} | triton {info['triton']} | {info['device']} | "
-          f"torch.set_num_threads({threads}) | dtype {info['dtype']}{' | quick' if args.quick else ''}", flush=True)
+          f"torch.set_num_threads({threads}) | dtype {info['dtype']} | malloc {info['malloc']}"
+          f"{' | quick' if args.quick else ''}", flush=True)
 
     def progress(msg):
         print(f"  .. {msg}", file=sys.stderr, flush=True)

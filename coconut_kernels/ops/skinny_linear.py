@@ -15,6 +15,7 @@ so a batch gives every row the values it gets alone.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,8 @@ def _backward(ctx, dy):
 
 
 torch.library.register_autograd("coconut::skinny_linear", _backward, setup_context=_setup_context)
+_LINEAR = torch.ops.coconut.skinny_linear.default
+_INPUT_GRAD = torch.ops.coconut.skinny_linear_input_grad.default
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,14 +91,23 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if x.shape[:-1].numel() > MAX_ROWS:
         raise CoconutError(f"x has {x.shape[:-1].numel()} rows (shape {tuple(x.shape)}); skinny_linear takes at "
                            f"most {MAX_ROWS}: use F.linear, which BLAS serves faster there")
-    return kernel_linear(x, weight, bias)
+    y = torch.ops.coconut.skinny_linear(x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous(), weight.contiguous(),
+                                        None if bias is None else bias.contiguous())
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# What torch.library's own autograd kernel enters when no graph is recorded: the CPU kernel directly. A decode
+# step or a latent pass calls the kernel dozens of times with grad off, and the Python autograd kernel would cost
+# as much per call as a small kernel (~7 us). A torch without the guard goes through autograd as usual.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None) or nullcontext
 
 
 def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel on x (..., K), unchecked: for callers that have checked `applies` (or the arguments)
-    themselves."""
-    y = torch.ops.coconut.skinny_linear(x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous(),
-                                        weight.contiguous(), None if bias is None else bias.contiguous())
+    """The kernel on x (..., K), unchecked and without autograd (no graph is recorded): for callers that have
+    checked `applies` (or the arguments) themselves."""
+    with _below_autograd():
+        y = _LINEAR(x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous(), weight.contiguous(),
+                    None if bias is None else bias.contiguous())
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -127,5 +139,5 @@ def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """dy @ weight (the input gradient of a linear layer), by the kernel where it applies."""
     if not _applies(dy, weight, _rows(dy)) or dy.shape[-1] != weight.shape[0]:
         return dy @ weight
-    dx = torch.ops.coconut.skinny_linear_input_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), weight)
+    dx = _INPUT_GRAD(dy.reshape(-1, dy.shape[-1]).contiguous(), weight)
     return dx.view(*dy.shape[:-1], weight.shape[1])

@@ -51,6 +51,24 @@ def leaves(bias, dtype=torch.float64):
     return h, w, b
 
 
+def random_case(M, d, V, seed, ignore_every):
+    """fp64 hidden (M, d), weight (V, d), bias (V,) and targets with every ignore_every-th row ignored."""
+    g = torch.Generator().manual_seed(seed)
+    h64 = torch.randn(M, d, generator=g, dtype=torch.float64)
+    w64 = torch.randn(V, d, generator=g, dtype=torch.float64) * 0.3
+    b64 = torch.randn(V, generator=g, dtype=torch.float64)
+    t = torch.randint(0, V, (M,), generator=g)
+    t[::ignore_every] = -100
+    return (h64, w64, b64), t
+
+
+def loss_and_grads(fn, tensors, dtype):
+    """fn(hidden, weight, bias) on copies of `tensors` in `dtype`: (loss, its gradient w.r.t. each)."""
+    x = [a.to(dtype).requires_grad_() for a in tensors]
+    loss = fn(*x)
+    return (loss, *torch.autograd.grad(loss, x))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk_size", [None, 1, 2])  # 2: a chunk holding a labelled and an ignored row
@@ -132,18 +150,10 @@ def test_fp32_by_the_skinny_kernel_and_by_blas(M, chunk_size):
             self.names.add(func.name())
             return func(*args, **(kwargs or {}))
 
-    g = torch.Generator().manual_seed(M)
-    d, V = 48, 700
-    h64, w64, b64 = (torch.randn(M, d, generator=g, dtype=torch.float64),
-                     torch.randn(V, d, generator=g, dtype=torch.float64) * 0.3,
-                     torch.randn(V, generator=g, dtype=torch.float64))
-    t = torch.randint(0, V, (M,), generator=g)
-    t[::3] = -100
+    tensors, t = random_case(M, 48, 700, seed=M, ignore_every=3)
 
     def run(fn, dtype):
-        x = [a.to(dtype).requires_grad_() for a in (h64, w64, b64)]
-        loss = fn(*x)
-        return (loss, *torch.autograd.grad(loss, x))
+        return loss_and_grads(fn, tensors, dtype)
 
     ref = run(lambda h, w, b: F.cross_entropy(h @ w.T + b, t, ignore_index=-100), torch.float64)
     for on in (True, False):
@@ -162,18 +172,10 @@ def test_fp32_by_the_skinny_kernel_and_by_blas(M, chunk_size):
 def test_bf16_within_twice_torch_error():
     """bf16 hidden and weight: the loss and every gradient within 2x the error of plain PyTorch (logits and
     F.cross_entropy in bf16) against the fp64 value."""
-    g = torch.Generator().manual_seed(0)
-    M, d, V = 48, 64, 1000
-    h64 = torch.randn(M, d, generator=g, dtype=torch.float64)
-    w64 = torch.randn(V, d, generator=g, dtype=torch.float64) * 0.3
-    b64 = torch.randn(V, generator=g, dtype=torch.float64)
-    t = torch.randint(0, V, (M,), generator=g)
-    t[::5] = -100
+    tensors, t = random_case(48, 64, 1000, seed=0, ignore_every=5)
 
     def run(fn, dtype):
-        x = [a.to(dtype).requires_grad_() for a in (h64, w64, b64)]
-        loss = fn(*x)
-        return (loss, *torch.autograd.grad(loss, x))
+        return loss_and_grads(fn, tensors, dtype)
 
     def plain(h, w, b):
         return F.cross_entropy(h @ w.T + b, t, ignore_index=-100)

@@ -23,7 +23,7 @@ import os
 
 from .errors import CoconutError
 
-__all__ = ["keep_freed_memory", "kept", "keep_unless_disabled"]
+__all__ = ["keep_freed_memory", "kept", "keep_unless_disabled", "glibc"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -36,18 +36,24 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     global _kept
     if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
         raise CoconutError(f"threshold must be a non-negative int of bytes, got {threshold!r}")
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        gnu = libc.gnu_get_libc_version  # glibc only
-    except (OSError, AttributeError):
+    libc = glibc()
+    if libc is None:
         return False
-    del gnu
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     limit = (1 << 31) - 1
     ok = mallopt(_M_MMAP_THRESHOLD, min(threshold, limit)) == 1 and mallopt(_M_TRIM_THRESHOLD, limit) == 1
     _kept = _kept or ok
     return ok
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (it has gnu_get_libc_version and mallopt), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
 
 
 def kept() -> bool:

@@ -37,16 +37,7 @@ def left_resident(mode: str) -> float:
     return float(out.stdout.split()[-1])
 
 
-def glibc() -> bool:
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").gnu_get_libc_version
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
-@pytest.mark.skipif(not glibc() or not os.path.exists("/proc/self/statm"),
+@pytest.mark.skipif(host_memory.glibc() is None or not os.path.exists("/proc/self/statm"),
                     reason="keep_freed_memory acts on glibc's malloc; the probe reads Linux's /proc")
 def test_a_freed_large_block_stays_in_the_heap():
     """glibc's default maps a 64 MB block on its own and unmaps it when freed (the next one is faulted in and

@@ -91,14 +91,20 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if x.shape[:-1].numel() > MAX_ROWS:
         raise CoconutError(f"x has {x.shape[:-1].numel()} rows (shape {tuple(x.shape)}); skinny_linear takes at "
                            f"most {MAX_ROWS}: use F.linear, which BLAS serves faster there")
-    y = torch.ops.coconut.skinny_linear(x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous(), weight.contiguous(),
-                                        None if bias is None else bias.contiguous())
+    return _on_rows(x, weight, bias)
+
+
+def _on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The op on x (..., K) as (rows, K), its result shaped back to (..., N)."""
+    y = _LINEAR(x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous(), weight.contiguous(),
+                None if bias is None else bias.contiguous())
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 # What torch.library's own autograd kernel enters when no graph is recorded: the CPU kernel directly. A decode
 # step or a latent pass calls the kernel dozens of times with grad off, and the Python autograd kernel would cost
-# as much per call as a small kernel (~7 us). A torch without the guard goes through autograd as usual.
+# as much per call as a small kernel (~7 us). A torch without the guard goes through autograd as usual. (The
+# input gradient's op has no autograd kernel: input_grad calls it directly.)
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None) or nullcontext
 
 
@@ -106,9 +112,7 @@ def kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """The kernel on x (..., K), unchecked and without autograd (no graph is recorded): for callers that have
     checked `applies` (or the arguments) themselves."""
     with _below_autograd():
-        y = _LINEAR(x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous(), weight.contiguous(),
-                    None if bias is None else bias.contiguous())
-    return y.view(*x.shape[:-1], weight.shape[0])
+        return _on_rows(x, weight, bias)
 
 
 def _rows(t: torch.Tensor) -> int:

@@ -16,26 +16,73 @@ inline void axpy(T* y, T a, const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// y[j] = exp(x[j]) for a block. fp32: a branch-free polynomial the compiler vectorises (relative error
-// ~2e-7, exp(x) = 0 below -87); fp64 keeps std::exp (fp64 is for exact gradient checks).
+constexpr int64_t kNR = 16;  // columns of the gemm tile (two vectors of floats)
+
+// 32-byte vectors (GCC vector extensions): one AVX2 register, two SSE registers in the baseline build.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename T>
+__attribute__((always_inline)) inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void vstore(T* p, const typename Vec<T>::type& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// 2^k for integral k in [-126, 127], as a float of that exponent (scalar, or every lane of a vector).
+__attribute__((always_inline)) inline float exp2_int(float k) {
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename V>
+__attribute__((always_inline)) inline V exp2_int(const V& k) {
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  return reinterpret_cast<V>((__builtin_convertvector(k, VI) + 127) << 23);
+}
+
+// exp(x) of a float or of each lane of a float vector: a branch-free polynomial (relative error ~2e-7,
+// exp(x) = 0 below -87).
+template <typename V>
+__attribute__((always_inline)) inline V exp_poly(const V& x) {
+  constexpr float lo = -87.3f, hi = 88.3f, magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  V v = x < lo ? V{} + lo : x;
+  v = v > hi ? V{} + hi : v;
+  const V k = (v * 1.44269504088896341f + magic) - magic;  // round(v / ln 2), ties to even
+  const V r = (v - k * 0.693359375f) + k * 2.12194440e-4f;  // v - k ln2, ln2 split in two parts
+  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return x < lo ? V{} : p * exp2_int(k);
+}
+
+// y[j] = exp(x[j]) for a block. fp32: exp_poly on whole vectors (GCC does not vectorise the scalar loop: the
+// selects count as control flow under its default -ftrapping-math), the tail scalar; fp64 keeps std::exp (fp64
+// is for exact gradient checks).
 inline void exp_block(float* y, const float* x, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = std::min(std::max(x[j], -87.3f), 88.3f);
-    const float k = std::nearbyint(v * 1.44269504088896341f);
-    const float r = (v - k * 0.693359375f) + k * 2.12194440e-4f;  // v - k ln2, ln2 split in two parts
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    y[j] = x[j] < -87.3f ? 0.0f : p * scale;
-  }
+  using V = Vec<float>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  int64_t j = 0;
+  for (; j + L <= n; j += L) vstore(y + j, exp_poly(vload(x + j)));
+  for (; j < n; ++j) y[j] = exp_poly(x[j]);
 }
 
 inline void exp_block(double* y, const double* x, int64_t n) {
@@ -63,31 +110,6 @@ inline void rotate(const Rotary<acc_t>& r, acc_t* x, int64_t pos, acc_t sign) {
 // multiple of kNR and B/C hold that many columns (callers pad their buffers). A tile of 4 rows x 2 vectors
 // lives in 8 vector registers: each step broadcasts 4 values of A and loads 2 vectors of B for 8 FMAs.
 // (GCC vector extensions: plain loops over a 4 x 16 array of accumulators were spilled to the stack.)
-constexpr int64_t kNR = 16;
-
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-
-template <typename T>
-__attribute__((always_inline)) inline typename Vec<T>::type vload(const T* p) {
-  typename Vec<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-__attribute__((always_inline)) inline void vstore(T* p, const typename Vec<T>::type& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
 template <typename T>
 inline void gemm(T* C, int64_t ldc, const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N,
                  int64_t K, bool accumulate) {
@@ -247,13 +269,26 @@ void append_kernel(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k
 // the output row o (o_len long) rescaled to the new max.
 template <typename acc_t>
 inline void online_softmax_block(acc_t* s, int64_t n, acc_t& m, acc_t& l, acc_t* o, int64_t o_len) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  // max and sum lane-wise, then across the lanes (a scalar reduction is not vectorised without -ffast-math)
+  V vm = V{} + m;
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const V x = vload(s + j);
+    vm = x > vm ? x : vm;
+  }
   acc_t mb = m;
-  for (int64_t j = 0; j < n; ++j) mb = std::max(mb, s[j]);
+  for (int64_t i = 0; i < L; ++i) mb = std::max(mb, vm[i]);
+  for (; j < n; ++j) mb = std::max(mb, s[j]);
   const acc_t alpha = std::exp(m - mb);  // 0 on the first block (m = -inf)
-  for (int64_t j = 0; j < n; ++j) s[j] -= mb;
+  for (j = 0; j < n; ++j) s[j] -= mb;
   exp_block(s, s, n);
+  V vs{};
+  for (j = 0; j + L <= n; j += L) vs += vload(s + j);
   acc_t sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += s[j];
+  for (int64_t i = 0; i < L; ++i) sum += vs[i];
+  for (; j < n; ++j) sum += s[j];
   l = l * alpha + sum;
   m = mb;
   if (alpha != acc_t(1))

@@ -110,9 +110,12 @@ inline void rotate(const Rotary<acc_t>& r, acc_t* x, int64_t pos, acc_t sign) {
 // multiple of kNR and B/C hold that many columns (callers pad their buffers). A tile of 4 rows x 2 vectors
 // lives in 8 vector registers: each step broadcasts 4 values of A and loads 2 vectors of B for 8 FMAs.
 // (GCC vector extensions: plain loops over a 4 x 16 array of accumulators were spilled to the stack.)
-template <typename T>
+// kTransA: A is given transposed, as A^T (K x M) with leading dimension lda (element (i, k) at A[k * lda + i]),
+// so that a product with a transposed operand needs no transposed copy.
+template <typename T, bool kTransA = false>
 inline void gemm(T* C, int64_t ldc, const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N,
                  int64_t K, bool accumulate) {
+  const int64_t row_step = kTransA ? 1 : lda, k_step = kTransA ? lda : 1;  // strides of A's (i, k)
   using V = typename Vec<T>::type;
   constexpr int64_t L = sizeof(V) / sizeof(T);  // lanes
   const V zero = {};
@@ -127,10 +130,10 @@ inline void gemm(T* C, int64_t ldc, const T* A, int64_t lda, const T* B, int64_t
         c20 = vload(c + 2 * ldc), c21 = vload(c + 2 * ldc + L);
         c30 = vload(c + 3 * ldc), c31 = vload(c + 3 * ldc + L);
       }
-      const T* a = A + i0 * lda;
-      for (int64_t k = 0; k < K; ++k) {
+      const T* a = A + i0 * row_step;
+      for (int64_t k = 0; k < K; ++k, a += k_step) {
         const V b0 = vload(B + k * ldb + j0), b1 = vload(B + k * ldb + j0 + L);
-        const T a0 = a[k], a1 = a[lda + k], a2 = a[2 * lda + k], a3 = a[3 * lda + k];
+        const T a0 = a[0], a1 = a[row_step], a2 = a[2 * row_step], a3 = a[3 * row_step];
         c00 += a0 * b0;
         c01 += a0 * b1;
         c10 += a1 * b0;
@@ -148,10 +151,10 @@ inline void gemm(T* C, int64_t ldc, const T* A, int64_t lda, const T* B, int64_t
     for (; i0 < M; ++i0) {
       T* c = C + i0 * ldc + j0;
       V c0 = accumulate ? vload(c) : zero, c1 = accumulate ? vload(c + L) : zero;
-      const T* a = A + i0 * lda;
-      for (int64_t k = 0; k < K; ++k) {
-        c0 += a[k] * vload(B + k * ldb + j0);
-        c1 += a[k] * vload(B + k * ldb + j0 + L);
+      const T* a = A + i0 * row_step;
+      for (int64_t k = 0; k < K; ++k, a += k_step) {
+        c0 += a[0] * vload(B + k * ldb + j0);
+        c1 += a[0] * vload(B + k * ldb + j0 + L);
       }
       vstore(c, c0), vstore(c + L, c1);
     }
@@ -706,7 +709,8 @@ void decode_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at
 
 // One task = (sequence, kv head) with all its M = new tokens x group rows, so the task owns the gradient of
 // its cache rows. Per key block: S = Q K^T, dP = dO V^T, P and dS elementwise, then dQ += dS K,
-// dV += P^T dO, dK += dS^T Q as register-tiled block products; rows that cannot see the block are skipped.
+// dV += P^T dO, dK += dS^T Q as register-tiled block products (P and dS read transposed where they are); rows
+// that cannot see the block are skipped.
 template <typename scalar_t>
 void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& grad_k, at::Tensor& grad_v,
@@ -724,7 +728,7 @@ void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tenso
   const acc_t scale = static_cast<acc_t>(softmax_scale);
 
   at::parallel_for(0, B * Hkv, grain_for(3 * G * Sq * mean_keys(len, B) * D), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> Q, dO, dQ, Di, L, S, dP, Pt, dSt;
+    std::vector<acc_t> Q, dO, dQ, Di, L, S, dP;
     std::vector<acc_t> Kt(D * kKeyBlock), Vt(D * kKeyBlock), Kb(kKeyBlock * Dp), dKb(kKeyBlock * Dp),
         dVb(kKeyBlock * Dp), f(drop.on() ? kKeyBlock : 0);
     std::vector<int64_t> hi;
@@ -743,8 +747,6 @@ void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tenso
       hi.assign(M, 0);
       S.resize(M * kKeyBlock);
       dP.resize(M * kKeyBlock);
-      Pt.resize(kKeyBlock * M);
-      dSt.resize(kKeyBlock * M);
       for (int64_t t = 0; t < n_new; ++t) {
         for (int64_t hg = 0; hg < G; ++hg) {
           const int64_t i = t * G + hg, h = g * G + hg;
@@ -804,14 +806,11 @@ void bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tenso
             for (int64_t j = 0; j < nj; ++j) ds[j] = p[j] * (ds[j] - Di[i]) * scale;
           }
           for (int64_t j = nj; j < kKeyBlock; ++j) p[j] = ds[j] = 0;  // masked keys
-          for (int64_t j = 0; j < nk; ++j) {
-            Pt[j * Mi + r] = p[j];
-            dSt[j * Mi + r] = ds[j];
-          }
         }
+        // dQ += dS K, dV = P^T dO, dK = dS^T Q (P and dS read transposed in place)
         gemm(dQ.data() + i0 * Dp, Dp, dP.data(), kKeyBlock, Kb.data(), Dp, Mi, Dp, nk, true);
-        gemm(dVb.data(), Dp, Pt.data(), Mi, dO.data() + i0 * Dp, Dp, nk, Dp, Mi, false);
-        gemm(dKb.data(), Dp, dSt.data(), Mi, Q.data() + i0 * Dp, Dp, nk, Dp, Mi, false);
+        gemm<acc_t, true>(dVb.data(), Dp, S.data(), kKeyBlock, dO.data() + i0 * Dp, Dp, nk, Dp, Mi, false);
+        gemm<acc_t, true>(dKb.data(), Dp, dP.data(), kKeyBlock, Q.data() + i0 * Dp, Dp, nk, Dp, Mi, false);
         for (int64_t j = 0; j < nk; ++j) {
           acc_t* dk = gk + ((b * Tmax + k0 + j) * Hkv + g) * D;  // accumulators are contiguous
           acc_t* dv = gv + ((b * Tmax + k0 + j) * Hkv + g) * D;

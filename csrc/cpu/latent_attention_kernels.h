@@ -107,56 +107,58 @@ inline void rotate(const Rotary<acc_t>& r, acc_t* x, int64_t pos, acc_t sign) {
 }
 
 // C (M x N) = A (M x K) . B (K x N), or += with accumulate; row-major with leading dimensions. N must be a
-// multiple of kNR and B/C hold that many columns (callers pad their buffers). A tile of 4 rows x 2 vectors
-// lives in 8 vector registers: each step broadcasts 4 values of A and loads 2 vectors of B for 8 FMAs.
-// (GCC vector extensions: plain loops over a 4 x 16 array of accumulators were spilled to the stack.)
+// multiple of kNR and B/C hold that many columns (callers pad their buffers). A tile of MR rows x 2 vectors
+// lives in 2 MR vector registers: each step broadcasts MR values of A and loads 2 vectors of B for 2 MR FMAs.
+// MR = 6 keeps 12 accumulators in flight (two FMA pipes of latency 4 need at least 8) within AVX2's 16
+// registers, as BLIS's Haswell kernel does. (GCC vector extensions; the loops over rows are fully unrolled.)
 // kTransA: A is given transposed, as A^T (K x M) with leading dimension lda (element (i, k) at A[k * lda + i]),
 // so that a product with a transposed operand needs no transposed copy.
+template <int MR, typename T>
+__attribute__((always_inline)) inline void gemm_tile(T* c, int64_t ldc, const T* a, int64_t row_step,
+                                                     int64_t k_step, const T* B, int64_t ldb, int64_t K,
+                                                     bool accumulate) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(T);  // lanes
+  V acc[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = accumulate ? vload(c + r * ldc) : V{};
+    acc[r][1] = accumulate ? vload(c + r * ldc + L) : V{};
+  }
+  for (int64_t k = 0; k < K; ++k, a += k_step) {
+    const V b0 = vload(B + k * ldb), b1 = vload(B + k * ldb + L);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const T ar = a[r * row_step];
+      acc[r][0] += ar * b0;
+      acc[r][1] += ar * b1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    vstore(c + r * ldc, acc[r][0]);
+    vstore(c + r * ldc + L, acc[r][1]);
+  }
+}
+
 template <typename T, bool kTransA = false>
 inline void gemm(T* C, int64_t ldc, const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N,
                  int64_t K, bool accumulate) {
+  constexpr int64_t L = sizeof(typename Vec<T>::type) / sizeof(T);
   const int64_t row_step = kTransA ? 1 : lda, k_step = kTransA ? lda : 1;  // strides of A's (i, k)
-  using V = typename Vec<T>::type;
-  constexpr int64_t L = sizeof(V) / sizeof(T);  // lanes
-  const V zero = {};
   for (int64_t j0 = 0; j0 < N; j0 += 2 * L) {
     int64_t i0 = 0;
-    for (; i0 + 4 <= M; i0 += 4) {
-      T* c = C + i0 * ldc + j0;
-      V c00 = zero, c01 = zero, c10 = zero, c11 = zero, c20 = zero, c21 = zero, c30 = zero, c31 = zero;
-      if (accumulate) {
-        c00 = vload(c), c01 = vload(c + L);
-        c10 = vload(c + ldc), c11 = vload(c + ldc + L);
-        c20 = vload(c + 2 * ldc), c21 = vload(c + 2 * ldc + L);
-        c30 = vload(c + 3 * ldc), c31 = vload(c + 3 * ldc + L);
-      }
-      const T* a = A + i0 * row_step;
-      for (int64_t k = 0; k < K; ++k, a += k_step) {
-        const V b0 = vload(B + k * ldb + j0), b1 = vload(B + k * ldb + j0 + L);
-        const T a0 = a[0], a1 = a[row_step], a2 = a[2 * row_step], a3 = a[3 * row_step];
-        c00 += a0 * b0;
-        c01 += a0 * b1;
-        c10 += a1 * b0;
-        c11 += a1 * b1;
-        c20 += a2 * b0;
-        c21 += a2 * b1;
-        c30 += a3 * b0;
-        c31 += a3 * b1;
-      }
-      vstore(c, c00), vstore(c + L, c01);
-      vstore(c + ldc, c10), vstore(c + ldc + L, c11);
-      vstore(c + 2 * ldc, c20), vstore(c + 2 * ldc + L, c21);
-      vstore(c + 3 * ldc, c30), vstore(c + 3 * ldc + L, c31);
-    }
-    for (; i0 < M; ++i0) {
-      T* c = C + i0 * ldc + j0;
-      V c0 = accumulate ? vload(c) : zero, c1 = accumulate ? vload(c + L) : zero;
-      const T* a = A + i0 * row_step;
-      for (int64_t k = 0; k < K; ++k, a += k_step) {
-        c0 += a[0] * vload(B + k * ldb + j0);
-        c1 += a[0] * vload(B + k * ldb + j0 + L);
-      }
-      vstore(c, c0), vstore(c + L, c1);
+    for (; i0 + 6 <= M; i0 += 6)
+      gemm_tile<6>(C + i0 * ldc + j0, ldc, A + i0 * row_step, row_step, k_step, B + j0, ldb, K, accumulate);
+    T* c = C + i0 * ldc + j0;
+    const T* a = A + i0 * row_step;
+    switch (M - i0) {  // the last rows
+      case 5: gemm_tile<5>(c, ldc, a, row_step, k_step, B + j0, ldb, K, accumulate); break;
+      case 4: gemm_tile<4>(c, ldc, a, row_step, k_step, B + j0, ldb, K, accumulate); break;
+      case 3: gemm_tile<3>(c, ldc, a, row_step, k_step, B + j0, ldb, K, accumulate); break;
+      case 2: gemm_tile<2>(c, ldc, a, row_step, k_step, B + j0, ldb, K, accumulate); break;
+      case 1: gemm_tile<1>(c, ldc, a, row_step, k_step, B + j0, ldb, K, accumulate); break;
+      default: break;
     }
   }
 }

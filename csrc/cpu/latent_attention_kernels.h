@@ -213,24 +213,31 @@ inline const acc_t* row_view(const scalar_t* base, int64_t stride, int64_t n, in
   }
 }
 
+// cols[d * ldc + j] = row j's element d for rows [0, n) of a row-strided cache block, as acc_t.
+template <typename scalar_t, typename acc_t>
+inline void transpose_rows(const scalar_t* base, int64_t stride, int64_t n, int64_t D, acc_t* cols, int64_t ldc) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* src = base + j * stride;
+    for (int64_t d = 0; d < D; ++d) cols[d * ldc + j] = static_cast<acc_t>(src[d]);
+  }
+}
+
 // Rows [0, n) of a row-strided cache block as acc_t, into `rows` (ld = Dp, columns D..Dp zero) and/or its
 // transpose `cols` (D x kKeyBlock, columns n..round_up(n, kNR) zero).
 template <typename scalar_t, typename acc_t>
 inline void load_block(const scalar_t* base, int64_t stride, int64_t n, int64_t D, int64_t Dp, acc_t* rows,
                        acc_t* cols) {
-  const int64_t np = round_up(n, kNR);
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t* src = base + j * stride;
-    if (rows != nullptr) {
-      for (int64_t d = 0; d < D; ++d) rows[j * Dp + d] = static_cast<acc_t>(src[d]);
+  if (rows != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t d = 0; d < D; ++d) rows[j * Dp + d] = static_cast<acc_t>(base[j * stride + d]);
       for (int64_t d = D; d < Dp; ++d) rows[j * Dp + d] = 0;
     }
-    if (cols != nullptr)
-      for (int64_t d = 0; d < D; ++d) cols[d * kKeyBlock + j] = static_cast<acc_t>(src[d]);
   }
-  if (cols != nullptr)
+  if (cols != nullptr) {
+    transpose_rows(base, stride, n, D, cols, kKeyBlock);
     for (int64_t d = 0; d < D; ++d)
-      for (int64_t j = n; j < np; ++j) cols[d * kKeyBlock + j] = 0;
+      for (int64_t j = n; j < round_up(n, kNR); ++j) cols[d * kKeyBlock + j] = 0;
+  }
 }
 
 // ---- append ---------------------------------------------------------------------------------------------
@@ -348,12 +355,20 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   const auto ks = P.ks, vs = P.vs;
   const acc_t scale = P.scale, neg_inf = P.neg_inf;
 
+  // K^T of a (sequence, kv head) is made once for all its query chunks (a thread takes them in order), in
+  // columns [0, ldt) for the cache rows from its left pad on.
+  int64_t max_keys = 0;
+  for (int64_t b = 0; b < B; ++b)
+    max_keys = std::max(max_keys, std::min(len.seqlen(b) + len.nnew(b), Tmax) - len.lpad(b));
+  const int64_t ldt = round_up(std::max<int64_t>(max_keys, 1), kNR);
+
   const int64_t work = G * std::min(Sq, kQueryChunk) * mean_keys(len, B) * D;
   at::parallel_for(0, B * Hkv * n_chunks, grain_for(work), [&](int64_t begin, int64_t end) {
     const int64_t M_max = G * kQueryChunk;
     std::vector<acc_t> Q(M_max * Dp), O(M_max * Dp), S(M_max * kKeyBlock), m(M_max), l(M_max);
-    std::vector<acc_t> Kt(D * kKeyBlock), Vb(kKeyBlock * Dp), f(drop.on() ? kKeyBlock : 0);
+    std::vector<acc_t> Kr_buf(kKeyBlock * D), Vb(kKeyBlock * Dp), Kt, f(drop.on() ? kKeyBlock : 0);
     std::vector<int64_t> hi(M_max);
+    int64_t kt_task = -1, kt_end = 0;  // Kt holds the (b, g) = kt_task's transposed rows [lo, kt_end)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % n_chunks, g = (task / n_chunks) % Hkv, b = task / (n_chunks * Hkv);
       const int64_t seqlen = len.seqlen(b), lo = len.lpad(b), n_new = len.nnew(b);
@@ -384,29 +399,45 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
       }
       std::fill(O.begin(), O.begin() + M * Dp, acc_t(0));
       const int64_t kv_end = std::min(hi[M - 1] + 1, k_cache.size(1));
+      const bool few_rows = M < 4;  // decode: row-wise products straight from the cache rows
+      if (!few_rows && kv_end > lo) {
+        if (kt_task != b * Hkv + g) {
+          kt_task = b * Hkv + g;
+          kt_end = lo;
+        }
+        if (kt_end < kv_end) {  // transpose the rows this chunk adds; zero the columns up to a multiple of kNR
+          Kt.resize(D * ldt);
+          transpose_rows(kc + b * ks[0] + kt_end * ks[1] + g * ks[2], ks[1], kv_end - kt_end, D,
+                         Kt.data() + (kt_end - lo), ldt);
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t j = kv_end - lo; j < round_up(kv_end - lo, kNR); ++j) Kt[d * ldt + j] = 0;
+          kt_end = kv_end;
+        }
+      }
       for (int64_t k0 = lo; k0 < kv_end; k0 += kKeyBlock) {
         const int64_t nk = std::min(kKeyBlock, kv_end - k0), np = round_up(nk, kNR);
         const scalar_t* kblock = kc + b * ks[0] + k0 * ks[1] + g * ks[2];
         const scalar_t* vblock = vc + b * vs[0] + k0 * vs[1] + g * vs[2];
-        const bool few_rows = M < 4;  // decode: row-wise products straight from the cache rows
-        int64_t kst = 0, vst = 0;
-        const acc_t* Kr = nullptr;
-        const acc_t* Vr = nullptr;
+        int64_t vst = Dp;
+        const acc_t* Vr = Vb.data();
         // The next block's rows: D-long pieces Hkv * D apart, which the hardware prefetcher misses.
         if (k0 + kKeyBlock < kv_end) {
           const int64_t n_next = std::min(kKeyBlock, kv_end - k0 - kKeyBlock);
-          prefetch_rows(kblock + kKeyBlock * ks[1], ks[1], n_next, D);
+          if (few_rows) prefetch_rows(kblock + kKeyBlock * ks[1], ks[1], n_next, D);
           prefetch_rows(vblock + kKeyBlock * vs[1], vs[1], n_next, D);
         }
-        if (few_rows) {
-          Kr = row_view(kblock, ks[1], nk, D, Kt.data(), kst);
+        // V rows in place (fp32 with D a multiple of kNR), else as acc_t rows: padded to Dp for the block product
+        if (few_rows || D == Dp)
           Vr = row_view(vblock, vs[1], nk, D, Vb.data(), vst);
+        else
+          load_block(vblock, vs[1], nk, D, Dp, Vb.data(), (acc_t*)nullptr);
+        if (few_rows) {
+          int64_t kst = 0;
+          const acc_t* Kr = row_view(kblock, ks[1], nk, D, Kr_buf.data(), kst);
           for (int64_t i = 0; i < M; ++i)
             dot_rows(S.data() + i * kKeyBlock, Q.data() + i * Dp, Kr, kst, nk, D);
         } else {
-          load_block(kblock, ks[1], nk, D, Dp, (acc_t*)nullptr, Kt.data());
-          load_block(vblock, vs[1], nk, D, Dp, Vb.data(), (acc_t*)nullptr);
-          gemm(S.data(), kKeyBlock, Q.data(), Dp, Kt.data(), kKeyBlock, M, np, D, false);
+          gemm(S.data(), kKeyBlock, Q.data(), Dp, Kt.data() + (k0 - lo), ldt, M, np, D, false);
         }
         for (int64_t i = 0; i < M; ++i) {
           acc_t* si = S.data() + i * kKeyBlock;
@@ -422,10 +453,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
         if (few_rows && D != Dp) {
           for (int64_t i = 0; i < M; ++i)
             for (int64_t j = 0; j < nk; ++j) axpy(O.data() + i * Dp, S[i * kKeyBlock + j], Vr + j * vst, D);
-        } else if (few_rows) {  // O rows stay in registers across the block, V rows read in place
+        } else {  // O rows stay in registers across the block
           gemm(O.data(), Dp, S.data(), kKeyBlock, Vr, vst, M, Dp, nk, true);
-        } else {
-          gemm(O.data(), Dp, S.data(), kKeyBlock, Vb.data(), Dp, M, Dp, nk, true);
         }
       }
       for (int64_t i = 0; i < M; ++i) {

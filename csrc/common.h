@@ -40,6 +40,17 @@ inline void check_index_dtype(const at::Tensor& t, const char* name) {
 // tensors too, at the price of a host sync. CPU tensors are always validated.
 bool debug_checks();
 
+// Whether the CPU has AVX2 and FMA (the CPU kernels' fast paths; they are compiled for it with a target
+// attribute and chosen at run time, so one build runs on any x86-64).
+inline bool cpu_has_avx2_fma() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 struct acc_type { using type = float; };
 template <>

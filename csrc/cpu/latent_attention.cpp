@@ -117,18 +117,9 @@ namespace base {
 #include "latent_attention_kernels.h"
 }  // namespace base
 
-bool use_avx2() {
-#ifdef COCONUT_HAVE_AVX2_KERNELS
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-#else
-  return false;
-#endif
-}
-
 // Runs the kernel `name` of the ISA chosen at run time.
 #ifdef COCONUT_HAVE_AVX2_KERNELS
-#define COCONUT_CALL_KERNEL(name, ...) (use_avx2() ? avx2::name(__VA_ARGS__) : base::name(__VA_ARGS__))
+#define COCONUT_CALL_KERNEL(name, ...) (cpu_has_avx2_fma() ? avx2::name(__VA_ARGS__) : base::name(__VA_ARGS__))
 #else
 #define COCONUT_CALL_KERNEL(name, ...) base::name(__VA_ARGS__)
 #endif

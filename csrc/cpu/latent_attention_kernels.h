@@ -2,6 +2,8 @@
 // for AVX2+FMA and inside one for the baseline ISA, and chosen at run time: the extension is built without
 // -march flags so that one wheel runs on any x86-64. Relies on the includes and types of that file.
 
+#include "vec_math.h"
+
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
   T s = 0;
@@ -17,62 +19,6 @@ inline void axpy(T* y, T a, const T* x, int64_t n) {
 }
 
 constexpr int64_t kNR = 16;  // columns of the gemm tile (two vectors of floats)
-
-// 32-byte vectors (GCC vector extensions): one AVX2 register, two SSE registers in the baseline build.
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-
-template <typename T>
-__attribute__((always_inline)) inline typename Vec<T>::type vload(const T* p) {
-  typename Vec<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-__attribute__((always_inline)) inline void vstore(T* p, const typename Vec<T>::type& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-// 2^k for integral k in [-126, 127], as a float of that exponent (scalar, or every lane of a vector).
-__attribute__((always_inline)) inline float exp2_int(float k) {
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-template <typename V>
-__attribute__((always_inline)) inline V exp2_int(const V& k) {
-  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
-  return reinterpret_cast<V>((__builtin_convertvector(k, VI) + 127) << 23);
-}
-
-// exp(x) of a float or of each lane of a float vector: a branch-free polynomial (relative error ~2e-7,
-// exp(x) = 0 below -87).
-template <typename V>
-__attribute__((always_inline)) inline V exp_poly(const V& x) {
-  constexpr float lo = -87.3f, hi = 88.3f, magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  V v = x < lo ? V{} + lo : x;
-  v = v > hi ? V{} + hi : v;
-  const V k = (v * 1.44269504088896341f + magic) - magic;  // round(v / ln 2), ties to even
-  const V r = (v - k * 0.693359375f) + k * 2.12194440e-4f;  // v - k ln2, ln2 split in two parts
-  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return x < lo ? V{} : p * exp2_int(k);
-}
 
 // y[j] = exp(x[j]) for a block. fp32: exp_poly on whole vectors (GCC does not vectorise the scalar loop: the
 // selects count as control flow under its default -ftrapping-math), the tail scalar; fp64 keeps std::exp (fp64

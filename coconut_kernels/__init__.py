@@ -12,6 +12,7 @@ from .feedback import Feedback
 from .markers import LatentIds, add_latent_tokens
 from .latent import GenerateOutput, LatentLM, LatentOutput
 from .loss import linear_cross_entropy
+from .ops.gelu import gelu_tanh
 from .ops.latent_attention import latent_attention
 from .ops.latent_feedback import latent_feedback, latent_feedback_
 from .ops.skinny_linear import skinny_linear
@@ -21,7 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "CoconutError", "ConfigError", "Feedback", "GenerateOutput",
-    "KVCache", "LatentIds", "LatentLM", "LatentOutput", "add_latent_tokens", "get_backend", "latent_attention",
+    "KVCache", "LatentIds", "LatentLM", "LatentOutput", "add_latent_tokens", "gelu_tanh", "get_backend",
+    "latent_attention",
     "latent_feedback", "latent_feedback_", "linear_cross_entropy", "set_backend", "skinny_linear", "soft_embedding",
     "__version__",
 ]

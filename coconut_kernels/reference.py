@@ -4,6 +4,8 @@ Depends on torch alone. Written for clarity, not speed; computes in the inputs' 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -313,3 +315,19 @@ def skinny_linear_reference(x, weight, bias=None):
 def skinny_linear_input_grad_reference(grad_out, weight):
     """grad_out @ weight: the input gradient of skinny_linear (grad_out (M, N), weight (N, K))."""
     return grad_out @ weight
+
+
+# ---- gelu_tanh ---------------------------------------------------------------------------------------------
+
+
+def gelu_tanh_reference(x):
+    """x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GPT-2's activation, written out."""
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def gelu_tanh_backward_reference(grad_out, x):
+    """grad_out * d gelu_tanh / dx, by autograd through gelu_tanh_reference."""
+    x = x.detach().requires_grad_()
+    with torch.enable_grad():
+        (dx,) = torch.autograd.grad(gelu_tanh_reference(x), x, grad_out)
+    return dx

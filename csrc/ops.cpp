@@ -104,4 +104,11 @@ TORCH_LIBRARY(coconut, m) {
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   // Its input gradient: grad_out (M, N) @ weight (N, K), M <= 16, same dtype and layout rules.
   m.def("skinny_linear_input_grad(Tensor grad_out, Tensor weight) -> Tensor");
+
+  // ---- gelu_tanh (CPU) ------------------------------------------------------------------------
+  // GPT-2's activation, x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), elementwise; float32 CPU tensors of any
+  // shape (the result is contiguous).
+  m.def("gelu_tanh(Tensor x) -> Tensor");
+  // Its gradient: grad_out * d gelu_tanh / dx, for grad_out of x's shape.
+  m.def("gelu_tanh_backward(Tensor grad_out, Tensor x) -> Tensor");
 }

@@ -38,7 +38,7 @@ RECORD = Path("benchmarks") / "RESULTS.md"   # the record, relative to the repos
 NOTES = "## Notes"  # the record's one hand-written section: --write-results keeps it as it is
 
 # The order scenarios run and print in; a bench module registers its scenario when imported.
-ORDER = ("latent_feedback", "latent_attention", "soft_embedding", "skinny_linear", "train_step", "generate",
+ORDER = ("latent_feedback", "latent_attention", "soft_embedding", "skinny_linear", "gelu", "train_step", "generate",
          "latent_scaling", "engine")
 
 

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..cache import AttendedPass, KVCache
+from ..ops.gelu import gelu_tanh, gelu_tanh_backward
 from ..ops.latent_attention import check_dropout_args, no_double_backward
 from ..ops.skinny_linear import input_grad, linear
 
@@ -231,8 +231,7 @@ def _swiglu_backward(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 # name -> (act(h), d act / dh given (dA, h)); each backward is itself differentiable (double backward)
 ACTIVATIONS = {
-    "gelu_tanh": (partial(F.gelu, approximate="tanh"),
-                  lambda da, h: torch.ops.aten.gelu_backward(da, h, approximate="tanh")),
+    "gelu_tanh": (gelu_tanh, gelu_tanh_backward),  # CPU float32: the kernel (ops/gelu.py), else aten's
     "gelu": (F.gelu, lambda da, h: torch.ops.aten.gelu_backward(da, h)),
     "relu": (F.relu, lambda da, h: da * (h > 0).to(da.dtype)),
     "silu": (F.silu, _silu_backward),

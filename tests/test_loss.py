@@ -156,13 +156,14 @@ def test_fp32_by_the_skinny_kernel_and_by_blas(M, chunk_size):
         return loss_and_grads(fn, tensors, dtype)
 
     ref = run(lambda h, w, b: F.cross_entropy(h @ w.T + b, t, ignore_index=-100), torch.float64)
+    before = skinny_linear.enabled()
     for on in (True, False):
         skinny_linear.set_enabled(on)
         try:
             with Ops() as seen:
                 ours = run(lambda h, w, b: linear_cross_entropy(h, w, t, b, chunk_size=chunk_size), torch.float32)
         finally:
-            skinny_linear.set_enabled(True)
+            skinny_linear.set_enabled(before)
         rows = chunk_size or M
         assert ("coconut::skinny_linear" in seen.names) == (on and rows <= skinny_linear.MAX_ROWS)
         for name, o, r in zip(("loss", "hidden", "weight", "bias"), ours, ref):

@@ -14,6 +14,28 @@ from tests.helpers import max_err
 ops = torch.ops.coconut
 
 
+@pytest.fixture(autouse=True)
+def kernel_on():
+    """The router's tests take the kernel on whatever the CPU's default (off on Intel CPUs)."""
+    before = sk.enabled()
+    sk.set_enabled(True)
+    yield
+    sk.set_enabled(before)
+
+
+def test_default_switch(monkeypatch):
+    """COCONUT_SKINNY_LINEAR decides where it is set; without it the kernel is on except on an Intel CPU."""
+    for env, vendor, on in (("0", "AuthenticAMD", False), ("", "AuthenticAMD", False), ("1", "GenuineIntel", True),
+                            (None, "GenuineIntel", False), (None, "AuthenticAMD", True), (None, "", True)):
+        if env is None:
+            monkeypatch.delenv("COCONUT_SKINNY_LINEAR", raising=False)
+        else:
+            monkeypatch.setenv("COCONUT_SKINNY_LINEAR", env)
+        monkeypatch.setattr(sk, "cpu_vendor", lambda v=vendor: v)
+        assert sk._default_enabled() is on, (env, vendor)
+    assert isinstance(sk.cpu_vendor(), str)
+
+
 def rand(*shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g)
@@ -156,7 +178,7 @@ def test_router_takes_the_kernel_exactly_where_it_applies():
         try:
             assert kernel_calls(lambda: sk.linear(x, w, b)) == 0
         finally:
-            sk.set_enabled(True)
+            sk.set_enabled(True)  # the fixture restores the default after the test
     # an autograd graph is wanted (x, weight or bias requires grad): F.linear, and the gradient arrives
     for i in range(3):
         leaves = [t.clone().requires_grad_(j == i) for j, t in enumerate((x, w, b))]

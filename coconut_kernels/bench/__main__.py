@@ -27,6 +27,7 @@ import torch
 
 from . import harness
 from .. import host_memory
+from ..ops import skinny_linear
 from .harness import SCENARIOS
 from ..errors import CoconutError
 from ..validation import check_device
@@ -92,6 +93,7 @@ def machine_info(device: torch.device) -> dict:
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "backend": coconut_kernels.get_backend(device),
         "malloc": "freed blocks kept (host_memory)" if host_memory.kept() else "default",
+        "skinny_linear": "on" if skinny_linear.enabled() else "off",  # the model layer's default on this CPU
     }
 
 
@@ -323,7 +325,7 @@ def render_record(record: Path) -> str:
         notes = text[text.index(f"\n{NOTES}\n") + 1:]
     machine = results / "machine.json"
     info = json.loads(machine.read_text()) if machine.exists() else {}
-    wall, malloc = info.get("wall_s"), info.get("malloc")
+    wall, malloc, skinny = info.get("wall_s"), info.get("malloc"), info.get("skinny_linear")
     descriptions = {s.name: s.description for s in SCENARIOS.values()}
     summaries = [s.summary_table for s in SCENARIOS.values() if s.summary_table is not None]
     first = rows[0]
@@ -340,7 +342,8 @@ def render_record(record: Path) -> str:
                  "structure on this library's model, `transformers` (the external floor) = a plain `transformers` "
                  "model of the same shape and weights on the same batch, as users run it today.", 115), "",
              f"Command: `{first['command']}`" + (f" ({wall:.0f} s of measurement)." if wall else "."), "",
-             f"Provenance: {stamp(first)}" + (f"; host malloc: {malloc}." if malloc else "."), ""]
+             f"Provenance: {stamp(first)}" + (f"; host malloc: {malloc}" if malloc else "")
+             + (f"; skinny_linear in the model layer: {skinny}" if skinny else "") + ".", ""]
     note = memory_note(rows)
     if note:
         lines += [f"{note[0].upper()}{note[1:]}.", ""]
@@ -429,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     info.update(dtype=str(dtype).removeprefix("torch."), command=shlex.join(["python", "-m", __package__, *argv]))
     print(f"coconut_kernels {info['coconut_kernels']} | commit {info['commit']}{' (dirty)' if info['dirty'] else ''}"
           f" | torch {info['torch']} | triton {info['triton']} | {info['device']} | "
-          f"torch.set_num_threads({threads}) | dtype {info['dtype']} | malloc {info['malloc']}"
+          f"torch.set_num_threads({threads}) | dtype {info['dtype']} | malloc {info['malloc']} | skinny_linear "
+          f"{info['skinny_linear']}"
           f"{' | quick' if args.quick else ''}", flush=True)
 
     def progress(msg):

@@ -10,7 +10,10 @@ so a batch gives every row the values it gets alone.
   needed (inference, and inside its own autograd nodes): the kernel where it applies (CPU, float32, at most
   MAX_ROWS rows, not under torch.compile or autocast, switch on), else `F.linear` / `dy @ weight`.
 - `kernel_linear(x, weight, bias)`: the kernel without those checks, for a caller that asked `applies` itself.
-- `set_enabled(flag)` / COCONUT_SKINNY_LINEAR=0: the switch (A/B comparisons; default on).
+- `set_enabled(flag)` / COCONUT_SKINNY_LINEAR=0 or 1: the switch (A/B comparisons). Default: on, except on Intel
+  CPUs, where MKL's own small-row products beat the kernel (README, "Skinny linear": measured on one Xeon, where
+  `generate` at B=8 ran 1.28x faster with it off; on the AMD EPYC machines of earlier records the kernel won
+  1.6-3.7x).
 """
 from __future__ import annotations
 
@@ -27,7 +30,28 @@ __all__ = ["MAX_ROWS", "skinny_linear", "linear", "kernel_linear", "input_grad",
            "enabled"]
 
 MAX_ROWS = 16  # csrc/cpu/skinny_linear.cpp's kMaxRows
-_enabled = os.environ.get("COCONUT_SKINNY_LINEAR", "1") not in ("", "0")
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string on Linux ("GenuineIntel", "AuthenticAMD", ...), "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _default_enabled() -> bool:
+    env = os.environ.get("COCONUT_SKINNY_LINEAR")
+    if env is not None:
+        return env not in ("", "0")
+    return cpu_vendor() != "GenuineIntel"
+
+
+_enabled = _default_enabled()
 
 
 def set_enabled(flag: bool) -> None:

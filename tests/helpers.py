@@ -52,3 +52,20 @@ class CharTokenizer:
 
     def encode(self, text):
         return [self.chars.index(c) for c in text]
+
+
+def op_calls(fn, *names: str) -> int:
+    """How many times fn() dispatches the ops `names` ("coconut.gelu_tanh", ...), counted below autograd."""
+    from coconut_kernels.bench.harness import AtenCalls
+
+    with AtenCalls() as mode:
+        fn()
+    return sum(mode.calls[name] for name in names)
+
+
+def loss_and_grads(lm, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step of `lm` on a collated batch: the loss and a copy of every parameter's gradient."""
+    lm.zero_grad()
+    out = lm(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("position_ids"))
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}

@@ -11,7 +11,7 @@ from coconut_kernels.bench.harness import AtenCalls
 from coconut_kernels.data import RaggedCollator
 from coconut_kernels.errors import CoconutError
 from coconut_kernels.ops import gelu as gl
-from tests.helpers import max_err
+from tests.helpers import loss_and_grads, max_err, op_calls
 
 ops = torch.ops.coconut
 
@@ -98,9 +98,7 @@ def test_bad_input_names_the_argument(call, match):
 
 
 def kernel_calls(fn) -> int:
-    with AtenCalls() as mode:
-        fn()
-    return mode.calls["coconut.gelu_tanh"] + mode.calls["coconut.gelu_tanh_backward"]
+    return op_calls(fn, "coconut.gelu_tanh", "coconut.gelu_tanh_backward")
 
 
 def test_router_takes_the_kernel_exactly_where_it_applies():
@@ -135,10 +133,7 @@ def test_model_gives_with_the_kernel_what_it_gives_without(monkeypatch):
     batch = RaggedCollator(PAD, LAT)(examples([3, 2, 0, 3], seed=1))
 
     def step():
-        lm.zero_grad()
-        out = lm(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("position_ids"))
-        out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+        return loss_and_grads(lm, batch)
 
     assert kernel_calls(step) > 0
     loss, grads = step()

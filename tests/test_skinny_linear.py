@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from coconut_kernels import CoconutError, reference, skinny_linear
-from coconut_kernels.bench.harness import AtenCalls
 from coconut_kernels.data import RaggedCollator
 from coconut_kernels.ops import skinny_linear as sk
-from tests.helpers import max_err
+from tests.helpers import loss_and_grads, max_err, op_calls
 
 ops = torch.ops.coconut
 
@@ -32,7 +31,7 @@ def test_default_switch(monkeypatch):
         else:
             monkeypatch.setenv("COCONUT_SKINNY_LINEAR", env)
         monkeypatch.setattr(sk, "cpu_vendor", lambda v=vendor: v)
-        assert sk._default_enabled() is on, (env, vendor)
+        assert sk._default_switch().on is on, (env, vendor)
     assert isinstance(sk.cpu_vendor(), str)
 
 
@@ -157,9 +156,7 @@ def test_bad_input_names_the_argument(call, match):
 
 
 def kernel_calls(fn) -> int:
-    with AtenCalls() as mode:
-        fn()
-    return mode.calls["coconut.skinny_linear"] + mode.calls["coconut.skinny_linear_input_grad"]
+    return op_calls(fn, "coconut.skinny_linear", "coconut.skinny_linear_input_grad")
 
 
 def test_router_takes_the_kernel_exactly_where_it_applies():
@@ -211,10 +208,7 @@ def test_model_gives_with_the_kernel_what_it_gives_without():
     prompts = collate(examples([3, 2, 0, 3], seed=1, with_labels=False))
 
     def step():
-        lm.zero_grad()
-        out = lm(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("position_ids"))
-        out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+        return loss_and_grads(lm, batch)
 
     def generate():
         return lm.generate(prompts["input_ids"], prompts["attention_mask"], max_new_tokens=8).tokens

@@ -14,30 +14,25 @@ every (token, 4d) element.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from ..errors import CoconutError
+from .switch import KernelSwitch
 
 __all__ = ["MIN_ELEMENTS", "gelu_tanh", "gelu_tanh_backward", "applies", "set_enabled", "enabled"]
 
 # Below this many elements (a one-row pass: 4d elements) the op's dispatch costs more than the kernel saves.
 MIN_ELEMENTS = 1 << 14
-_enabled = os.environ.get("COCONUT_GELU_KERNEL", "1") not in ("", "0")
+_SWITCH = KernelSwitch("COCONUT_GELU_KERNEL", default=True)
 
 
 def set_enabled(flag: bool) -> None:
     """Turn the use of the kernel on or off (the ops themselves stay callable)."""
-    global _enabled
-    if not isinstance(flag, bool):
-        raise CoconutError(f"flag must be a bool, got {flag!r}")
-    _enabled = flag
+    _SWITCH.set(flag)
 
 
 def enabled() -> bool:
-    return _enabled
+    return _SWITCH.on
 
 
 @torch.library.register_fake("coconut::gelu_tanh")
@@ -64,7 +59,7 @@ torch.library.register_autograd("coconut::gelu_tanh", _backward, setup_context=_
 
 def applies(x: torch.Tensor) -> bool:
     """Whether `gelu_tanh(x)` runs the kernel."""
-    return (_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= MIN_ELEMENTS
+    return (_SWITCH.on and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= MIN_ELEMENTS
             and not torch.compiler.is_compiling())
 
 

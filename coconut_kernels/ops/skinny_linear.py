@@ -17,7 +17,6 @@ so a batch gives every row the values it gets alone.
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import CoconutError
 from ..validation import check_tensor_args
+from .switch import KernelSwitch
 
 __all__ = ["MAX_ROWS", "skinny_linear", "linear", "kernel_linear", "input_grad", "applies", "set_enabled",
            "enabled"]
@@ -44,26 +44,21 @@ def cpu_vendor() -> str:
     return ""
 
 
-def _default_enabled() -> bool:
-    env = os.environ.get("COCONUT_SKINNY_LINEAR")
-    if env is not None:
-        return env not in ("", "0")
-    return cpu_vendor() != "GenuineIntel"
+def _default_switch() -> KernelSwitch:
+    """COCONUT_SKINNY_LINEAR where it is set, else on except on Intel CPUs (see the module docstring)."""
+    return KernelSwitch("COCONUT_SKINNY_LINEAR", default=cpu_vendor() != "GenuineIntel")
 
 
-_enabled = _default_enabled()
+_SWITCH = _default_switch()
 
 
 def set_enabled(flag: bool) -> None:
     """Turn the model layer's use of the kernel on or off (the op itself stays callable)."""
-    global _enabled
-    if not isinstance(flag, bool):
-        raise CoconutError(f"flag must be a bool, got {flag!r}")
-    _enabled = flag
+    _SWITCH.set(flag)
 
 
 def enabled() -> bool:
-    return _enabled
+    return _SWITCH.on
 
 
 @torch.library.register_fake("coconut::skinny_linear")
@@ -144,7 +139,7 @@ def _rows(t: torch.Tensor) -> int:
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
-    return (_enabled and 0 < rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+    return (_SWITCH.on and 0 < rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
             and weight.is_contiguous()
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")

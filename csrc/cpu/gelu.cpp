@@ -14,26 +14,9 @@
 namespace coconut {
 namespace {
 
-#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors in always-inline helpers only (baseline copy)
-#if defined(__GNUC__) && defined(__x86_64__)
-#define COCONUT_HAVE_AVX2_KERNELS 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "gelu_kernels.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
-
-namespace base {
-#include "gelu_kernels.h"
-}  // namespace base
-
-#ifdef COCONUT_HAVE_AVX2_KERNELS
-#define COCONUT_CALL_KERNEL(name, ...) (cpu_has_avx2_fma() ? avx2::name(__VA_ARGS__) : base::name(__VA_ARGS__))
-#else
-#define COCONUT_CALL_KERNEL(name, ...) base::name(__VA_ARGS__)
-#endif
+// The kernels, for AVX2+FMA and the baseline ISA, and COCONUT_CALL_KERNEL to run the copy the CPU has.
+#define COCONUT_KERNELS_HEADER "gelu_kernels.h"
+#include "isa_kernels.h"
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
 

@@ -1,5 +1,5 @@
-// The gelu_tanh CPU kernels proper. Included twice by gelu.cpp, inside a namespace compiled for AVX2+FMA and
-// inside one for the baseline ISA (as latent_attention_kernels.h is).
+// The gelu_tanh CPU kernels proper. Compiled twice by gelu.cpp through isa_kernels.h (for AVX2+FMA and for the
+// baseline ISA, chosen at run time).
 
 #include "vec_math.h"
 

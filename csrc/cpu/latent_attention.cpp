@@ -101,28 +101,9 @@ struct RotaryTables {
   }
 };
 
-// The baseline copy uses 32-byte GCC vectors in always-inline helpers only, so the ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#if defined(__GNUC__) && defined(__x86_64__)
-#define COCONUT_HAVE_AVX2_KERNELS 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "latent_attention_kernels.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
-
-namespace base {
-#include "latent_attention_kernels.h"
-}  // namespace base
-
-// Runs the kernel `name` of the ISA chosen at run time.
-#ifdef COCONUT_HAVE_AVX2_KERNELS
-#define COCONUT_CALL_KERNEL(name, ...) (cpu_has_avx2_fma() ? avx2::name(__VA_ARGS__) : base::name(__VA_ARGS__))
-#else
-#define COCONUT_CALL_KERNEL(name, ...) base::name(__VA_ARGS__)
-#endif
+// The kernels, for AVX2+FMA and the baseline ISA, and COCONUT_CALL_KERNEL to run the copy the CPU has.
+#define COCONUT_KERNELS_HEADER "latent_attention_kernels.h"
+#include "isa_kernels.h"
 
 inline at::ScalarType acc_scalar_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 

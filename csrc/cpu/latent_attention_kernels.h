@@ -1,6 +1,5 @@
-// The latent_attention CPU kernels proper. Included twice by latent_attention.cpp, inside a namespace compiled
-// for AVX2+FMA and inside one for the baseline ISA, and chosen at run time: the extension is built without
-// -march flags so that one wheel runs on any x86-64. Relies on the includes and types of that file.
+// The latent_attention CPU kernels proper. Compiled twice by latent_attention.cpp through isa_kernels.h (for
+// AVX2+FMA and for the baseline ISA, chosen at run time). Relies on the includes and types of that file.
 
 #include "vec_math.h"
 

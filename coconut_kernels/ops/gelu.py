@@ -1,9 +1,9 @@
 """gelu_tanh: GPT-2's activation (the tanh approximation of GELU, Hugging Face's `gelu_new`) on the CPU.
 
 torch's CPU kernel for `F.gelu(x, approximate="tanh")` and its backward run several times slower than its erf
-GELU on the builds measured here (README, "GELU on the CPU"); csrc/cpu/gelu.cpp computes the same function, with
-tanh(u) = 1 - 2 / (exp(2u) + 1) on whole vectors. GPT-2 blocks call it twice per training step and layer on
-every (token, 4d) element.
+GELU on the builds measured here (README, "GELU on the CPU"); csrc/cpu/gelu.cpp computes the same function as
+x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3), on whole vectors. GPT-2 blocks call it twice per training
+step and layer on every (token, 4d) element.
 
 - `gelu_tanh(x)`: `F.gelu(x, approximate="tanh")`, by the kernel where it applies (float32 CPU tensors of at
   least MIN_ELEMENTS elements, not under torch.compile, switch on); differentiable.

@@ -1,6 +1,6 @@
 // CPU kernels of gelu_tanh and gelu_tanh_backward: GPT-2's activation (the tanh approximation, HF's gelu_new)
 // and its gradient, elementwise on float32. torch's CPU kernel for approximate="tanh" runs at a fraction of the
-// speed of its erf GELU on some builds (README, "GELU"); this one is tanh written through one exp, on whole
+// speed of its erf GELU on some builds (README, "GELU on the CPU"); this one is x / (1 + exp(-2u)) on whole
 // vectors.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -12,8 +12,8 @@ so a batch gives every row the values it gets alone.
 - `kernel_linear(x, weight, bias)`: the kernel without those checks, for a caller that asked `applies` itself.
 - `set_enabled(flag)` / COCONUT_SKINNY_LINEAR=0 or 1: the switch (A/B comparisons). Default: on, except on Intel
   CPUs, where MKL's own small-row products beat the kernel (README, "Skinny linear": measured on one Xeon, where
-  `generate` at B=8 ran 1.28x faster with it off; on the AMD EPYC machines of earlier records the kernel won
-  1.6-3.7x).
+  `generate` at B=8 ran 1.28x and 1.34x faster with it off in two records; on the AMD EPYC machines of earlier
+  records the kernel won 1.6-3.7x).
 """
 from __future__ import annotations
 

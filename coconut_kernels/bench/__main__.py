@@ -74,14 +74,7 @@ def machine_info(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = skinny_linear.cpu_info("model name") or platform.processor() or ""
     root = Path(coconut_kernels.__file__).resolve().parent.parent
     commit, dirty = git_commit(root, exclude=(str(RECORD), str(RECORD.parent / "results")))
     return {

@@ -32,16 +32,21 @@ __all__ = ["MAX_ROWS", "skinny_linear", "linear", "kernel_linear", "input_grad",
 MAX_ROWS = 16  # csrc/cpu/skinny_linear.cpp's kMaxRows
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor string on Linux ("GenuineIntel", "AuthenticAMD", ...), "" where it cannot be read."""
+def cpu_info(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo ("vendor_id", "model name", ...), "" where it cannot be read."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string on Linux ("GenuineIntel", "AuthenticAMD", ...), "" where it cannot be read."""
+    return cpu_info("vendor_id")
 
 
 def _default_switch() -> KernelSwitch:

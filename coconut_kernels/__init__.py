@@ -5,7 +5,7 @@ Importing the package loads the compiled op library, which registers `torch.ops.
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, before _C)
 
 from . import _C  # noqa: F401  (registers torch.ops.coconut.*)
-from .backend import get_backend, set_backend
+from .backend import cpu_isa, get_backend, set_backend, set_cpu_isa
 from .cache import KVCache
 from .errors import CheckpointError, CheckpointNotFoundError, CoconutError, ConfigError
 from .feedback import Feedback
@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "CoconutError", "ConfigError", "Feedback", "GenerateOutput",
-    "KVCache", "LatentIds", "LatentLM", "LatentOutput", "add_latent_tokens", "gelu_tanh", "get_backend",
-    "latent_attention",
-    "latent_feedback", "latent_feedback_", "linear_cross_entropy", "set_backend", "skinny_linear", "soft_embedding",
+    "KVCache", "LatentIds", "LatentLM", "LatentOutput", "add_latent_tokens", "cpu_isa", "gelu_tanh", "get_backend",
+    "latent_attention", "latent_feedback", "latent_feedback_", "linear_cross_entropy", "set_backend", "set_cpu_isa",
+    "skinny_linear", "soft_embedding",
     "__version__",
 ]

@@ -1,9 +1,14 @@
-"""Which implementation runs an op on CUDA tensors, and the debug switch.
+"""Which implementation runs an op on CUDA tensors, which instruction set the CPU kernels use, and the debug
+switch.
 
-CPU tensors always run the C++ CPU kernels. For CUDA tensors the choice is `set_backend(...)` or the
-environment variable COCONUT_BACKEND: "triton" (the default), "cuda" (the compiled CUDA C++ kernels), or
-"torch" (the plain-PyTorch reference, for debugging). COCONUT_DEBUG=1 validates device-side values (indices,
-lengths) of CUDA tensors as well, at the price of a host sync; CPU tensors are always validated.
+CPU tensors always run the C++ CPU kernels, compiled once per instruction set (AVX-512, AVX2+FMA, the baseline
+x86-64 ISA) and run in the best one the CPU has; `set_cpu_isa(...)` or the environment variable COCONUT_CPU_ISA
+(base | avx2 | avx512, read at the first kernel call) caps it, `cpu_isa()` says which runs.
+
+For CUDA tensors the choice is `set_backend(...)` or the environment variable COCONUT_BACKEND: "triton" (the
+default), "cuda" (the compiled CUDA C++ kernels), or "torch" (the plain-PyTorch reference, for debugging).
+COCONUT_DEBUG=1 validates device-side values (indices, lengths) of CUDA tensors as well, at the price of a host
+sync; CPU tensors are always validated.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 from .errors import CoconutError
 
 BACKENDS = ("cuda", "triton", "torch")
+CPU_ISAS = ("base", "avx2", "avx512")
 _backend: str | None = None
 
 
@@ -47,6 +53,21 @@ def get_backend(device: torch.device | str) -> str:
     if name not in BACKENDS:
         raise CoconutError(f"COCONUT_BACKEND must be one of {BACKENDS}, got {name!r}")
     return name
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run: "avx512", "avx2" or "base" (the best the CPU has, capped by
+    COCONUT_CPU_ISA or set_cpu_isa)."""
+    return torch.ops.coconut._cpu_isa("")
+
+
+def set_cpu_isa(name: str) -> str:
+    """Cap the CPU kernels' instruction set at `name` ("base", "avx2" or "avx512"; never above what the CPU has),
+    process-wide; returns the one that now runs. The copies give the same results up to float rounding (vector
+    widths differ, so sums are ordered differently); the switch is for tests and A/B timings."""
+    if name not in CPU_ISAS:
+        raise CoconutError(f"name must be one of {CPU_ISAS}, got {name!r}")
+    return torch.ops.coconut._cpu_isa(name)
 
 
 def debug_checks() -> bool:

@@ -40,16 +40,24 @@ inline void check_index_dtype(const at::Tensor& t, const char* name) {
 // tensors too, at the price of a host sync. CPU tensors are always validated.
 bool debug_checks();
 
-// Whether the CPU has AVX2 and FMA (the CPU kernels' fast paths; they are compiled for it with a target
-// attribute and chosen at run time, so one build runs on any x86-64).
-inline bool cpu_has_avx2_fma() {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-#else
-  return false;
-#endif
-}
+// The instruction sets the CPU kernels have fast paths for. They are compiled for each with a target attribute
+// (cpu/isa_kernels.h) and chosen at run time, so one build runs on any x86-64.
+enum class CpuIsa : int { base = 0, avx2 = 1, avx512 = 2 };
+
+// The best the CPU supports: avx512 (F, DQ, BW, VL), avx2 (AVX2 + FMA) or base.
+CpuIsa cpu_isa_supported();
+
+// The one the kernels run: the supported one, capped by the environment variable COCONUT_CPU_ISA (base | avx2 |
+// avx512, read once) or by set_cpu_isa_cap (the op coconut::_cpu_isa; tests run every copy that way).
+CpuIsa cpu_isa();
+
+// Caps cpu_isa() at `cap` (never above what the CPU supports).
+void set_cpu_isa_cap(CpuIsa cap);
+
+inline bool cpu_has_avx2_fma() { return cpu_isa() >= CpuIsa::avx2; }
+
+// The op coconut::_cpu_isa(isa=""): caps the instruction set at `isa` when given; returns the one that runs.
+std::string cpu_isa_op(std::string isa);
 
 template <typename T>
 struct acc_type { using type = float; };

@@ -3,6 +3,8 @@
 // registered from Python (coconut_kernels/ops/<op>.py).
 #include <torch/library.h>
 
+#include "common.h"
+
 #ifdef COCONUT_PYTHON_MODULE
 #include <Python.h>
 // Importing coconut_kernels._C only runs the registrations below; the ops are reached through
@@ -111,4 +113,9 @@ TORCH_LIBRARY(coconut, m) {
   m.def("gelu_tanh(Tensor x) -> Tensor");
   // Its gradient: grad_out * d gelu_tanh / dx, for grad_out of x's shape.
   m.def("gelu_tanh_backward(Tensor grad_out, Tensor x) -> Tensor");
+
+  // ---- the CPU kernels' instruction set -------------------------------------------------------
+  // With isa ("base" | "avx2" | "avx512"), caps the instruction set the CPU kernels run at it (never above what
+  // the CPU has; the default is COCONUT_CPU_ISA or the best it has); returns the one they run. Process-wide.
+  m.def("_cpu_isa(str isa=\"\") -> str", &coconut::cpu_isa_op);
 }

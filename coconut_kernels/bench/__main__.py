@@ -87,6 +87,7 @@ def machine_info(device: torch.device) -> dict:
         "backend": coconut_kernels.get_backend(device),
         "malloc": "freed blocks kept (host_memory)" if host_memory.kept() else "default",
         "skinny_linear": "on" if skinny_linear.enabled() else "off",  # the model layer's default on this CPU
+        "cpu_isa": coconut_kernels.cpu_isa(),  # the instruction set the CPU kernels run
     }
 
 
@@ -319,6 +320,7 @@ def render_record(record: Path) -> str:
     machine = results / "machine.json"
     info = json.loads(machine.read_text()) if machine.exists() else {}
     wall, malloc, skinny = info.get("wall_s"), info.get("malloc"), info.get("skinny_linear")
+    isa = info.get("cpu_isa")
     descriptions = {s.name: s.description for s in SCENARIOS.values()}
     summaries = [s.summary_table for s in SCENARIOS.values() if s.summary_table is not None]
     first = rows[0]
@@ -336,7 +338,8 @@ def render_record(record: Path) -> str:
                  "model of the same shape and weights on the same batch, as users run it today.", 115), "",
              f"Command: `{first['command']}`" + (f" ({wall:.0f} s of measurement)." if wall else "."), "",
              f"Provenance: {stamp(first)}" + (f"; host malloc: {malloc}" if malloc else "")
-             + (f"; skinny_linear in the model layer: {skinny}" if skinny else "") + ".", ""]
+             + (f"; skinny_linear in the model layer: {skinny}" if skinny else "")
+             + (f"; CPU kernels: {isa}" if isa else "") + ".", ""]
     note = memory_note(rows)
     if note:
         lines += [f"{note[0].upper()}{note[1:]}.", ""]
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"coconut_kernels {info['coconut_kernels']} | commit {info['commit']}{' (dirty)' if info['dirty'] else ''}"
           f" | torch {info['torch']} | triton {info['triton']} | {info['device']} | "
           f"torch.set_num_threads({threads}) | dtype {info['dtype']} | malloc {info['malloc']} | skinny_linear "
-          f"{info['skinny_linear']}"
+          f"{info['skinny_linear']} | CPU kernels {info['cpu_isa']}"
           f"{' | quick' if args.quick else ''}", flush=True)
 
     def progress(msg):

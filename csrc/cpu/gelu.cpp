@@ -14,7 +14,7 @@
 namespace coconut {
 namespace {
 
-// The kernels, for AVX2+FMA and the baseline ISA, and COCONUT_CALL_KERNEL to run the copy the CPU has.
+// The kernels, for AVX-512, AVX2+FMA and the baseline ISA, and COCONUT_CALL_KERNEL to run the one cpu_isa() picks.
 #define COCONUT_KERNELS_HEADER "gelu_kernels.h"
 #include "isa_kernels.h"
 

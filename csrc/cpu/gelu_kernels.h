@@ -1,5 +1,5 @@
-// The gelu_tanh CPU kernels proper. Compiled twice by gelu.cpp through isa_kernels.h (for AVX2+FMA and for the
-// baseline ISA, chosen at run time).
+// The gelu_tanh CPU kernels proper. Compiled once per instruction set by gelu.cpp through isa_kernels.h (AVX-512,
+// AVX2+FMA, the baseline ISA; chosen at run time).
 
 #include "vec_math.h"
 

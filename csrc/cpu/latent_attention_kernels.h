@@ -1,5 +1,6 @@
-// The latent_attention CPU kernels proper. Compiled twice by latent_attention.cpp through isa_kernels.h (for
-// AVX2+FMA and for the baseline ISA, chosen at run time). Relies on the includes and types of that file.
+// The latent_attention CPU kernels proper. Compiled once per instruction set by latent_attention.cpp through
+// isa_kernels.h (AVX-512, AVX2+FMA, the baseline ISA; chosen at run time). Relies on the includes and types of
+// that file.
 
 #include "vec_math.h"
 
@@ -17,7 +18,8 @@ inline void axpy(T* y, T a, const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-constexpr int64_t kNR = 16;  // columns of the gemm tile (two vectors of floats)
+constexpr int64_t kNR = 2 * COCONUT_VEC_BYTES / sizeof(float);  // columns of the gemm tile (two float vectors)
+constexpr int kMR = COCONUT_VEC_BYTES == 64 ? 12 : 6;  // rows of the gemm tile (see gemm_tile)
 
 // y[j] = exp(x[j]) for a block. fp32: exp_poly on whole vectors (GCC does not vectorise the scalar loop: the
 // selects count as control flow under its default -ftrapping-math), the tail scalar; fp64 keeps std::exp (fp64
@@ -65,24 +67,35 @@ __attribute__((always_inline)) inline void gemm_tile(T* c, int64_t ldc, const T*
   using V = typename Vec<T>::type;
   constexpr int64_t L = sizeof(V) / sizeof(T);  // lanes
   V acc[MR][2];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     acc[r][0] = accumulate ? vload(c + r * ldc) : V{};
     acc[r][1] = accumulate ? vload(c + r * ldc + L) : V{};
   }
   for (int64_t k = 0; k < K; ++k, a += k_step) {
     const V b0 = vload(B + k * ldb), b1 = vload(B + k * ldb + L);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const T ar = a[r * row_step];
       acc[r][0] += ar * b0;
       acc[r][1] += ar * b1;
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     vstore(c + r * ldc, acc[r][0]);
     vstore(c + r * ldc + L, acc[r][1]);
+  }
+}
+
+// The last R < kMR rows of a gemm (R = M mod kMR): gemm_tile<R>, chosen by a compile-time descent.
+template <int R, typename T>
+__attribute__((always_inline)) inline void gemm_rows_tail(int64_t rows, T* c, int64_t ldc, const T* a,
+                                                          int64_t row_step, int64_t k_step, const T* B, int64_t ldb,
+                                                          int64_t K, bool accumulate) {
+  if constexpr (R > 0) {
+    if (rows == R) return gemm_tile<R>(c, ldc, a, row_step, k_step, B, ldb, K, accumulate);
+    gemm_rows_tail<R - 1>(rows, c, ldc, a, row_step, k_step, B, ldb, K, accumulate);
   }
 }
 
@@ -93,18 +106,10 @@ inline void gemm(T* C, int64_t ldc, const T* A, int64_t lda, const T* B, int64_t
   const int64_t row_step = kTransA ? 1 : lda, k_step = kTransA ? lda : 1;  // strides of A's (i, k)
   for (int64_t j0 = 0; j0 < N; j0 += 2 * L) {
     int64_t i0 = 0;
-    for (; i0 + 6 <= M; i0 += 6)
-      gemm_tile<6>(C + i0 * ldc + j0, ldc, A + i0 * row_step, row_step, k_step, B + j0, ldb, K, accumulate);
-    T* c = C + i0 * ldc + j0;
-    const T* a = A + i0 * row_step;
-    switch (M - i0) {  // the last rows
-      case 5: gemm_tile<5>(c, ldc, a, row_step, k_step, B + j0, ldb, K, accumulate); break;
-      case 4: gemm_tile<4>(c, ldc, a, row_step, k_step, B + j0, ldb, K, accumulate); break;
-      case 3: gemm_tile<3>(c, ldc, a, row_step, k_step, B + j0, ldb, K, accumulate); break;
-      case 2: gemm_tile<2>(c, ldc, a, row_step, k_step, B + j0, ldb, K, accumulate); break;
-      case 1: gemm_tile<1>(c, ldc, a, row_step, k_step, B + j0, ldb, K, accumulate); break;
-      default: break;
-    }
+    for (; i0 + kMR <= M; i0 += kMR)
+      gemm_tile<kMR>(C + i0 * ldc + j0, ldc, A + i0 * row_step, row_step, k_step, B + j0, ldb, K, accumulate);
+    gemm_rows_tail<kMR - 1>(M - i0, C + i0 * ldc + j0, ldc, A + i0 * row_step, row_step, k_step, B + j0, ldb, K,
+                            accumulate);
   }
 }
 

@@ -1,17 +1,19 @@
-// Vector helpers of the CPU kernels: 32-byte GCC vectors, their loads and stores, and exp on a float or on each
-// lane of a float vector. Included inside each ISA namespace of a kernel file (one compiled for AVX2+FMA, one for
-// the baseline ISA), so it has neither an include guard nor a namespace of its own.
+// Vector helpers of the CPU kernels: GCC vectors of COCONUT_VEC_BYTES bytes, their loads and stores, and exp on a
+// float or on each lane of a float vector. Included inside each ISA namespace of a kernel file (isa_kernels.h:
+// one copy for AVX-512, one for AVX2+FMA, one for the baseline ISA), so it has neither an include guard nor a
+// namespace of its own.
 
-// 32-byte vectors (GCC vector extensions): one AVX2 register, two SSE registers in the baseline build.
+// COCONUT_VEC_BYTES-byte vectors (GCC vector extensions): one register of the ISA the copy is compiled for (64:
+// AVX-512, 32: AVX2); two SSE registers in the baseline build (32).
 template <typename T>
 struct Vec;
 template <>
 struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
+  typedef float type __attribute__((vector_size(COCONUT_VEC_BYTES)));
 };
 template <>
 struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
+  typedef double type __attribute__((vector_size(COCONUT_VEC_BYTES)));
 };
 
 template <typename T>

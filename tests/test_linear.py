@@ -410,3 +410,71 @@ def test_fused_nodes_step_aside_for_hooks_and_overrides():
         y = linear_mod.attention(x, qkv, out, KVCache(1, 2, 8, 2, 8, dtype=torch.float64), 0, (2, 2, 8))
         handle.remove()
         assert calls[-1] == "hook" and type(y.grad_fn).__name__ != "_DeferredAttentionBackward"
+
+
+# ---- embedding -------------------------------------------------------------------------------------------------
+
+
+def _embedding_steps(batched, create_graph=False, seed=11, grad_of_w_first=False):
+    """Passes that each look up positions in one table, like GPT-2's learned positions in a COCONUT step; the
+    table's gradient (and the loss) with or without the deferral."""
+    torch.manual_seed(seed)
+    table = nn.Embedding(40, 6, dtype=torch.float64)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=grad_of_w_first)
+    ids = [torch.randint(0, 40, (3, n)) for n in (30, 1, 1, 2, 1)] + [torch.tensor([[5], [5], [39]])]
+    with batched_weight_grads() if batched else torch.enable_grad():
+        outs = [linear_mod.embedding(i, table) for i in ids]
+        kinds = {type(o.grad_fn).__name__ for o in outs}
+    loss = sum((torch.tanh(o) @ w).pow(2).sum() for o in outs)
+    if grad_of_w_first:  # a backward that does not reach the table keeps no rows for the next one
+        torch.autograd.grad(loss, [w], retain_graph=True)
+    if create_graph:
+        (g,) = torch.autograd.grad(loss, [table.weight], create_graph=True)
+        loss = loss + g.pow(2).sum()
+    loss.backward()
+    return loss.detach(), table.weight.grad, kinds
+
+
+def test_embedding_gradient_deferred_matches_nn_embedding():
+    ref_loss, ref_grad, ref_kinds = _embedding_steps(batched=False)
+    loss, grad, kinds = _embedding_steps(batched=True)
+    assert kinds == {"_DeferredEmbeddingBackward"} and "_DeferredEmbeddingBackward" not in ref_kinds
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_backward_that_skips_the_table_keeps_nothing():
+    _, ref_grad, _ = _embedding_steps(batched=False)
+    _, grad, _ = _embedding_steps(batched=True, grad_of_w_first=True)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_double_backward_matches_nn_embedding():
+    ref_loss, ref_grad, _ = _embedding_steps(batched=False, create_graph=True)
+    loss, grad, _ = _embedding_steps(batched=True, create_graph=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_plain_path_for_options_frozen_tables_and_hooks():
+    ids = torch.tensor([[1, 2, 2]])
+    cases = [nn.Embedding(5, 3, padding_idx=0), nn.Embedding(5, 3, max_norm=1.0),
+             nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Embedding(5, 3, sparse=True)]
+    frozen = nn.Embedding(5, 3)
+    frozen.weight.requires_grad_(False)
+    hooked = nn.Embedding(5, 3)
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    with batched_weight_grads():
+        for m in [*cases, frozen, hooked]:
+            out = linear_mod.embedding(ids, m)
+            assert out.grad_fn is None or type(out.grad_fn).__name__ != "_DeferredEmbeddingBackward"
+        torch.testing.assert_close(linear_mod.embedding(ids, hooked), hooked.weight[ids] * 2)
+        with torch.no_grad():
+            assert linear_mod.embedding(ids, nn.Embedding(5, 3)).grad_fn is None
+
+
+def test_embedding_entry_does_not_outlive_its_step():
+    for _ in range(3):
+        _embedding_steps(batched=True)
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is linear_mod._EmbeddingEntry]

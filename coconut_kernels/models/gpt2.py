@@ -16,7 +16,7 @@ from ..errors import CoconutError
 from ..ops.latent_attention import MAX_HEAD_DIM, draw_dropout_seed
 from ..validation import check_dropout, check_model_config
 from .base import CausalLM
-from .linear import Linear, attention, mlp
+from .linear import Linear, attention, embedding, mlp
 
 # HF's activation_function names -> models.linear.ACTIVATIONS (gelu_new is the tanh approximation)
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
@@ -157,7 +157,7 @@ class GPT2(CausalLM):
         if position_ids is None:
             start = cache.seqlens.long() - cache.leftpad.long()
             position_ids = (start[:, None] + torch.arange(x.shape[1], device=x.device)).clamp_min(0)
-        x = F.dropout(x + self.wpe(position_ids), self.config.embd_pdrop, self.training)
+        x = F.dropout(x + embedding(position_ids, self.wpe), self.config.embd_pdrop, self.training)
         for block in self.layers:
             x = block(x, cache, new_seqlens)
         return x

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import gelu as gl
-from .bench_latent_scaling import VOCAB, _models, train_step
+from .bench_latent_scaling import VOCAB, suite_models, train_step
 from .harness import Case, Scenario, register, switched
 from .workloads import collate, prosqa_examples
 
@@ -56,7 +56,7 @@ def _end_to_end(settings, quick):
 
     def setup(flag):
         def make():
-            s = _models(state, size, device, dtype)
+            s = suite_models(state, size, device, dtype)
             b = collate(prosqa_examples(B, VOCAB, n_latents=thoughts, seed=B + thoughts, q_len=q_len), VOCAB,
                         device=device)
             return switched(gl.set_enabled, gl.enabled, flag, train_step(s["lm"], b))

@@ -37,7 +37,11 @@ QUICK = {"thoughts": (0, 2, 4), "batches": (2,), "jacobi": (2,)}
 REFERENCE_MAX = {"train": {1: 4, 8: 2}, "generate": 4}
 
 
-def _models(state: dict, size: str, device, dtype) -> dict:
+def suite_models(state: dict, size: str, device, dtype) -> dict:
+    """The suite's models of `size` on the same weights, made once into `state` (shared by the scenarios that
+    train or generate with them): this library's LatentLM (lm; gen_lm never stops at EOS), its pause-feedback
+    floor (floor, gen_floor), the reference algorithm on a transformers GPT-2 (ref, gen_ref), the transformers
+    model (hf) and the special ids (sp)."""
     if not state:
         hf, ours = make_models(size, VOCAB, dtype=dtype, device=device)
         sp = Special.for_vocab(VOCAB)
@@ -67,7 +71,7 @@ def _train_cases(state, size, B, n, jacobi, device, dtype, q_len, reps, ref_max,
     batch = {}
 
     def get():
-        s = _models(state, size, device, dtype)
+        s = suite_models(state, size, device, dtype)
         if not batch:
             batch.update(collate(prosqa_examples(B, VOCAB, n_latents=n, seed=B + n, q_len=q_len), VOCAB,
                                  device=device))
@@ -100,7 +104,7 @@ def _generate_cases(state, size, B, n, jacobi, device, dtype, q_len, reps, ref_m
     prompts = {}
 
     def get():
-        s = _models(state, size, device, dtype)
+        s = suite_models(state, size, device, dtype)
         if not prompts:
             ex = prosqa_examples(B, VOCAB, n_latents=n, seed=B + n, with_labels=False, q_len=q_len)
             prompts.update(collate(ex, VOCAB, layout="ragged", device=device))
@@ -159,7 +163,7 @@ def _deferral_cases(state, size, B, n, device, dtype, q_len, reps):
 
     def make(defer: bool):
         def setup():
-            s = _models(state, size, device, dtype)
+            s = suite_models(state, size, device, dtype)
             b = collate(prosqa_examples(B, VOCAB, n_latents=n, seed=B + n, q_len=q_len), VOCAB, device=device)
             return switched(set_deferred_kv_grads, deferred_kv_grads, defer, train_step(s["lm"], b))
         return setup

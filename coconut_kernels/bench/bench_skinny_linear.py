@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..ops import skinny_linear as sk
 from ..ops.skinny_linear import MAX_ROWS
-from .bench_latent_scaling import VOCAB, _models, train_step
+from .bench_latent_scaling import VOCAB, suite_models, train_step
 from .harness import Case, Scenario, register, switched
 from .workloads import collate, prosqa_examples
 
@@ -89,7 +89,7 @@ def _end_to_end(settings, quick):
 
     def gen_setup(B, flag):
         def setup():
-            s = _models(state, size, device, dtype)
+            s = suite_models(state, size, device, dtype)
             ex = prosqa_examples(B, VOCAB, n_latents=4, seed=B, with_labels=False, q_len=q_len)
             p = collate(ex, VOCAB, layout="ragged", device=device)
             return _switched(flag, lambda: s["gen_lm"].generate(p["input_ids"], p["attention_mask"],
@@ -98,7 +98,7 @@ def _end_to_end(settings, quick):
 
     def train_setup(B, flag):
         def setup():
-            s = _models(state, size, device, dtype)
+            s = suite_models(state, size, device, dtype)
             b = collate(prosqa_examples(B, VOCAB, n_latents=thoughts, seed=B + thoughts, q_len=q_len), VOCAB,
                         device=device)
             return _switched(flag, train_step(s["lm"], b))

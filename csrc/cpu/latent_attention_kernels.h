@@ -57,7 +57,8 @@ inline void rotate(const Rotary<acc_t>& r, acc_t* x, int64_t pos, acc_t sign) {
 // multiple of kNR and B/C hold that many columns (callers pad their buffers). A tile of MR rows x 2 vectors
 // lives in 2 MR vector registers: each step broadcasts MR values of A and loads 2 vectors of B for 2 MR FMAs.
 // MR = 6 keeps 12 accumulators in flight (two FMA pipes of latency 4 need at least 8) within AVX2's 16
-// registers, as BLIS's Haswell kernel does. (GCC vector extensions; the loops over rows are fully unrolled.)
+// registers, as BLIS's Haswell kernel does; the AVX-512 copy's MR = 12 keeps 24 within its 32 (kMR). (GCC vector
+// extensions; the loops over rows are fully unrolled.)
 // kTransA: A is given transposed, as A^T (K x M) with leading dimension lda (element (i, k) at A[k * lda + i]),
 // so that a product with a transposed operand needs no transposed copy.
 template <int MR, typename T>

@@ -103,6 +103,8 @@ def test_copies_agree_on_attention_and_gelu(restore_isa):
         gelu = torch.ops.coconut.gelu_tanh(x)
         return [out, lse, dq, gk, gv, gelu, torch.ops.coconut.gelu_tanh_backward(do.flatten()[:1000], x)]
 
+    if not _below_best():
+        pytest.skip("this CPU runs the baseline copy only: there is no other copy to compare")
     best = run()
     for name in _below_best():
         assert ck.set_cpu_isa(name) == name

@@ -55,6 +55,18 @@ def get_backend(device: torch.device | str) -> str:
     return name
 
 
+def cpu_info(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo ("vendor_id", "model name", ...), "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_isa() -> str:
     """The instruction set the CPU kernels run: "avx512", "avx2" or "base" (the best the CPU has, capped by
     COCONUT_CPU_ISA or set_cpu_isa)."""

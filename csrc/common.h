@@ -54,8 +54,6 @@ CpuIsa cpu_isa();
 // Caps cpu_isa() at `cap` (never above what the CPU supports).
 void set_cpu_isa_cap(CpuIsa cap);
 
-inline bool cpu_has_avx2_fma() { return cpu_isa() >= CpuIsa::avx2; }
-
 // The op coconut::_cpu_isa(isa=""): caps the instruction set at `isa` when given; returns the one that runs.
 std::string cpu_isa_op(std::string isa);
 

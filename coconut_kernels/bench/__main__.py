@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import harness
-from .. import host_memory
+from .. import backend, host_memory
 from ..ops import skinny_linear
 from .harness import SCENARIOS
 from ..errors import CoconutError
@@ -74,7 +74,7 @@ def machine_info(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    cpu = skinny_linear.cpu_info("model name") or platform.processor() or ""
+    cpu = backend.cpu_info("model name") or platform.processor() or ""
     root = Path(coconut_kernels.__file__).resolve().parent.parent
     commit, dirty = git_commit(root, exclude=(str(RECORD), str(RECORD.parent / "results")))
     return {

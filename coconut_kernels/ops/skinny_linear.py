@@ -12,7 +12,7 @@ so a batch gives every row the values it gets alone.
 - `kernel_linear(x, weight, bias)`: the kernel without those checks, for a caller that asked `applies` itself.
 - `set_enabled(flag)` / COCONUT_SKINNY_LINEAR=0 or 1: the switch (A/B comparisons). Default: on, except on Intel
   CPUs, where MKL's own small-row products beat the kernel (README, "Skinny linear": measured on one Xeon, where
-  `generate` at B=8 ran 1.28x and 1.34x faster with it off in two records; on the AMD EPYC machines of earlier
+  `generate` at B=8 ran 1.24-1.34x faster with it off in three records; on the AMD EPYC machines of earlier
   records the kernel won 1.6-3.7x).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from ..backend import cpu_info
 from ..errors import CoconutError
 from ..validation import check_tensor_args
 from .switch import KernelSwitch
@@ -30,18 +31,6 @@ __all__ = ["MAX_ROWS", "skinny_linear", "linear", "kernel_linear", "input_grad",
            "enabled"]
 
 MAX_ROWS = 16  # csrc/cpu/skinny_linear.cpp's kMaxRows
-
-
-def cpu_info(field: str) -> str:
-    """The first value of `field` in /proc/cpuinfo ("vendor_id", "model name", ...), "" where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith(field):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def cpu_vendor() -> str:

@@ -4,7 +4,8 @@
 // the extension is built without -march flags so that one build runs on any x86-64. Include it inside the kernel
 // file's own namespace, once per file.
 
-// The baseline copy uses 32-byte GCC vectors in always-inline helpers only, so the ABI note does not apply.
+// The baseline and AVX-512 copies pass GCC vectors wider than their default ABI only to always-inline helpers, so
+// the ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #if defined(__GNUC__) && defined(__x86_64__)
 #define COCONUT_HAVE_X86_KERNELS 1

@@ -169,7 +169,7 @@ COCONUT_AVX2 void input_grad_avx2(const float* dy, int64_t ldy, const float* w, 
   input_grad_portable(dy, ldy, w, dx, M, n, n1, K, k0, k1);
 }
 
-bool have_avx2() { return cpu_has_avx2_fma(); }
+bool have_avx2() { return cpu_isa() >= CpuIsa::avx2; }
 #endif  // COCONUT_X86
 
 void check_operand(const at::Tensor& t, const char* name, int64_t rank) {

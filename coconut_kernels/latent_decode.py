@@ -19,6 +19,7 @@ from .feedback import Feedback
 from .latent_jacobi import jacobi_thoughts
 from .latent_plan import DecodePlan, plan_batch, plan_decode
 from .latent_steps import forward_rows, head_logits, thought_vector
+from .ops.argmax import argmax_last
 
 
 @dataclass
@@ -89,7 +90,7 @@ def sample_tokens(logits: torch.Tensor, *, do_sample: bool, temperature: float, 
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy argmax, or a draw (`draw_categorical`) from softmax(filtered logits / temperature)."""
     if not do_sample:
-        return logits.argmax(-1)
+        return argmax_last(logits)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
     return draw_categorical(probs, generator)
 
@@ -182,7 +183,7 @@ class DecodeState:
         self.n_latents += in_lat
         stop_now = torch.zeros_like(in_lat)
         if rule.kind == "eot":
-            stop_now = in_lat & (logits.argmax(-1) == end_latent_id)
+            stop_now = in_lat & (argmax_last(logits) == end_latent_id)
         elif rule.kind == "entropy":
             logp = logits.log_softmax(-1)
             ent = -(logp.exp() * logp).sum(-1)

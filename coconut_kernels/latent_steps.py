@@ -11,6 +11,7 @@ from .cache import KVCache
 from .feedback import Feedback, HiddenFeedback
 from .latent_plan import PassRows
 from .loss import linear_cross_entropy
+from .ops.argmax import argmax_last
 from .ops.latent_attention import no_double_backward
 from .ops.latent_feedback import latent_feedback
 from .ops.skinny_linear import applies as skinny_linear_applies, kernel_linear
@@ -148,7 +149,7 @@ def thought_vector(model, fb: Feedback, normed: torch.Tensor, logits: torch.Tens
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """What feedback `fb` feeds for final-normed rows (n, d): logits (n, V) are needed when fb.needs_logits;
     its token is their argmax."""
-    token = logits.argmax(-1) if fb.needs_token else None
+    token = argmax_last(logits) if fb.needs_token else None
     return fb(normed, logits if fb.needs_logits else None, token, model.embed_tokens.weight, generator)
 
 

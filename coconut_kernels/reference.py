@@ -331,3 +331,15 @@ def gelu_tanh_backward_reference(grad_out, x):
     with torch.enable_grad():
         (dx,) = torch.autograd.grad(gelu_tanh_reference(x), x, grad_out)
     return dx
+
+
+def argmax_last_reference(x):
+    """Each row's index (last dimension) of its first NaN where it has one, else of its first maximum: torch.argmax's
+    rules, written out (a comparison per element, no aten argmax)."""
+    isnan = torch.isnan(x)
+
+    def first(mask):
+        return torch.where(mask, torch.arange(x.shape[-1], device=x.device), x.shape[-1]).amin(-1)
+
+    at_max = x == torch.where(isnan, -math.inf, x).amax(-1, keepdim=True)
+    return torch.where(isnan.any(-1), first(isnan), first(at_max))

@@ -114,6 +114,11 @@ TORCH_LIBRARY(coconut, m) {
   // Its gradient: grad_out * d gelu_tanh / dx, for grad_out of x's shape.
   m.def("gelu_tanh_backward(Tensor grad_out, Tensor x) -> Tensor");
 
+  // ---- argmax_last (CPU) ----------------------------------------------------------------------
+  // torch.argmax(x, -1): the index (int64) of each row's first maximum along the last dimension, a NaN counting
+  // as the largest; float32 or float64 CPU tensors with a non-empty last dimension. Greedy decoding's token.
+  m.def("argmax_last(Tensor x) -> Tensor");
+
   // ---- the CPU kernels' instruction set -------------------------------------------------------
   // With isa ("base" | "avx2" | "avx512"), caps the instruction set the CPU kernels run at it (never above what
   // the CPU has; the default is COCONUT_CPU_ISA or the best it has); returns the one they run. Process-wide.

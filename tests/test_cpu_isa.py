@@ -15,8 +15,8 @@ from coconut_kernels.backend import CPU_ISAS
 ROOT = Path(__file__).resolve().parent.parent
 # The test modules of the kernels compiled once per instruction set (csrc/cpu/isa_kernels.h) and of skinny_linear's
 # AVX2 path, and the model-level tests that run them through the cache.
-KERNEL_TESTS = ["tests/test_latent_attention.py", "tests/test_gelu.py", "tests/test_skinny_linear.py",
-                "tests/test_deferred_kv_grad.py"]
+KERNEL_TESTS = ["tests/test_latent_attention.py", "tests/test_gelu.py", "tests/test_argmax.py",
+                "tests/test_skinny_linear.py", "tests/test_deferred_kv_grad.py"]
 
 
 def _supported() -> str:

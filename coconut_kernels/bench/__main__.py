@@ -39,8 +39,8 @@ RECORD = Path("benchmarks") / "RESULTS.md"   # the record, relative to the repos
 NOTES = "## Notes"  # the record's one hand-written section: --write-results keeps it as it is
 
 # The order scenarios run and print in; a bench module registers its scenario when imported.
-ORDER = ("latent_feedback", "latent_attention", "soft_embedding", "skinny_linear", "gelu", "train_step", "generate",
-         "latent_scaling", "engine")
+ORDER = ("latent_feedback", "latent_attention", "soft_embedding", "skinny_linear", "gelu", "argmax", "train_step",
+         "generate", "latent_scaling", "engine")
 
 
 def _load_scenarios() -> None:

@@ -26,6 +26,7 @@ from ..latent import LatentLM
 from ..latent_decode import DecodeState, DecodeStep, draw_categorical, filter_logits, parse_stop, thought_topk
 from ..latent_plan import plan_batch, plan_decode
 from ..latent_steps import forward_rows, head_logits, thought_vector
+from ..ops.argmax import argmax_last
 from .params import RequestOutput, Sample, SamplingParams
 
 _WAIT, _PREFILL, _DECODE = "wait", "prefill", "decode"
@@ -410,7 +411,7 @@ class LatentEngine:
         {request: error})."""
         sampled = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         if logits.slots:
-            sampled[logits.slots_t] = logits.values.argmax(-1)
+            sampled[logits.slots_t] = argmax_last(logits.values)
         failed, groups, sample_lp = {}, {}, {}
         for seq in rows.seqs:
             s, r, p = seq.slot, seq.req, seq.req.params

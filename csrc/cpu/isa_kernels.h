@@ -28,9 +28,11 @@ namespace avx2 {
 #endif
 
 #define COCONUT_VEC_BYTES 32
+#define COCONUT_BASELINE_ISA 1  // a kernel may narrow its vectors here (GCC lowers some 32-byte ops to scalars)
 namespace base {
 #include COCONUT_KERNELS_HEADER
 }  // namespace base
+#undef COCONUT_BASELINE_ISA
 #undef COCONUT_VEC_BYTES
 
 #ifdef COCONUT_HAVE_X86_KERNELS

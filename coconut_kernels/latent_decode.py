@@ -19,6 +19,7 @@ from .feedback import Feedback
 from .latent_jacobi import jacobi_thoughts
 from .latent_plan import DecodePlan, plan_batch, plan_decode
 from .latent_steps import forward_rows, head_logits, thought_vector
+from .ops import sampling as sampling_ops
 from .ops.argmax import argmax_last
 
 
@@ -50,6 +51,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+CANNOT_SAMPLE = ("cannot sample: a row of probabilities has a NaN, an infinity, or no positive mass (are the logits "
+                 "finite?)")
+
+
 def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
                      uniforms: torch.Tensor | None = None, *, with_ok: bool = False):
     """One index per row of probs (n, V), index j drawn with probability probs[i, j] / sum_j probs[i, j], by
@@ -63,18 +68,27 @@ def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None = No
 
     The same distribution as `torch.multinomial(probs, 1)`, from one random number per row where that draws
     one exponential per vocabulary entry (about 1 ms per 50k-entry row on a CPU core): the random stream, so
-    the tokens a given seed gives, differ from torch.multinomial's (README, "Sampling")."""
+    the tokens a given seed gives, differ from torch.multinomial's (README, "Sampling"). On the CPU (float32 or
+    float64 probs, `ops.sampling` switch on) the C++ kernel computes the same index without writing the float64
+    cumulative sums (the uniforms are then drawn before the rows are checked)."""
     if uniforms is not None and tuple(uniforms.shape) != (probs.shape[0],):
         raise CoconutError(f"uniforms must have shape ({probs.shape[0]},): one per row of probs, got "
                            f"{tuple(uniforms.shape)}")
+    if sampling_ops.applies(probs):  # the same index from the CPU kernel, without the (n, V) float64 copy
+        if uniforms is None:
+            uniforms = torch.rand(probs.shape[0], dtype=torch.float64, generator=generator,
+                                  device=None if generator is None else generator.device)
+        idx, ok = torch.ops.coconut.draw_categorical(probs, uniforms.to("cpu", torch.float64))
+        if not with_ok and not bool(ok.all()):
+            raise CoconutError(CANNOT_SAMPLE)
+        return (idx, ok) if with_ok else idx
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
     ok = None
     if with_ok or probs.device.type == "cpu":
         ok = ((total > 0) & torch.isfinite(total))[:, 0]
         if not with_ok and not bool(ok.all()):
-            raise CoconutError("cannot sample: a row of probabilities has a NaN, an infinity, or no positive mass "
-                               "(are the logits finite?)")
+            raise CoconutError(CANNOT_SAMPLE)
     if uniforms is None:  # drawn where the generator lives (a CPU generator may drive a GPU's sampling)
         device = probs.device if generator is None else generator.device
         uniforms = torch.rand(probs.shape[0], dtype=torch.float64, device=device, generator=generator)

@@ -119,6 +119,12 @@ TORCH_LIBRARY(coconut, m) {
   // as the largest; float32 or float64 CPU tensors with a non-empty last dimension. Greedy decoding's token.
   m.def("argmax_last(Tensor x) -> Tensor");
 
+  // ---- draw_categorical (CPU) -----------------------------------------------------------------
+  // One index per row of probs (n, V) (float32 or float64, mass >= 0, any scale): the first index whose float64
+  // cumulative sum, in index order, exceeds min(uniforms[i] * total, the float64 below total), uniforms (n,)
+  // float64 in [0, 1); ok[i]: the row's total is finite and positive (else its index is meaningless, in range).
+  m.def("draw_categorical(Tensor probs, Tensor uniforms) -> (Tensor index, Tensor ok)");
+
   // ---- the CPU kernels' instruction set -------------------------------------------------------
   // With isa ("base" | "avx2" | "avx512"), caps the instruction set the CPU kernels run at it (never above what
   // the CPU has; the default is COCONUT_CPU_ISA or the best it has); returns the one they run. Process-wide.

@@ -1,7 +1,8 @@
 """The token sampler (`latent_decode.draw_categorical`, behind `sample_tokens`, generate and the engine): the
 distribution it draws from, indices of zero probability never drawn (the edges of the uniform included), one
 uniform per row whether drawn from a generator or given, a row's draw independent of the rows beside it, and a
-clear error for rows that cannot be sampled."""
+clear error for rows that cannot be sampled; each through the CPU kernel (`ops.sampling`) and through torch's
+route (kernel switched off), and the two give the same index for the same uniform."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,17 @@ import torch
 
 from coconut_kernels.errors import CoconutError
 from coconut_kernels.latent_decode import draw_categorical, filter_logits, sample_tokens
+from coconut_kernels.ops import sampling
+from tests.helpers import op_calls
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def route(request):
+    """Every test of this module through the CPU kernel and through torch's route."""
+    before = sampling.enabled()
+    sampling.set_enabled(request.param == "kernel")
+    yield request.param
+    sampling.set_enabled(before)
 
 
 def test_draws_follow_the_probabilities():
@@ -93,3 +105,78 @@ def test_uniforms_must_be_one_per_row():
     probs = torch.rand(3, 10)
     with pytest.raises(CoconutError, match="uniforms must have shape \\(3,\\)"):
         draw_categorical(probs, uniforms=torch.rand(1, dtype=torch.float64))
+
+
+def _routes(probs, u):
+    """(the kernel's indices and ok, torch's indices and ok) for the same uniforms."""
+    sampling.set_enabled(False)
+    try:
+        ref, ref_ok = draw_categorical(probs, uniforms=u, with_ok=True)
+    finally:
+        sampling.set_enabled(True)
+    kern, kern_ok = draw_categorical(probs, uniforms=u, with_ok=True)
+    return kern, kern_ok, ref, ref_ok
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("V", [1, 2, 3, 5, 17, 1000, 50257])
+def test_the_kernel_draws_the_index_torch_draws(V, dtype, route):
+    if route == "torch":
+        pytest.skip("compares the two routes")
+    g = torch.Generator().manual_seed(V)
+    probs = (torch.randn(7, V, generator=g, dtype=torch.float64) * 3).softmax(-1).to(dtype)
+    probs[1, : V // 2] = 0.0            # zero mass at the start ...
+    probs[2, V // 3:] = 0.0             # ... and at the end
+    probs[3] *= 9.0                     # unnormalised
+    if V > 1:
+        probs[4, 0] = 0.0
+    u = torch.rand(7, dtype=torch.float64, generator=g)
+    u[5], u[6] = 0.0, 1 - 2 ** -53      # the uniform's edges
+    probs[2, 0] = max(float(probs[2, 0]), 1e-3)  # every row keeps some mass
+    kern, kern_ok, ref, ref_ok = _routes(probs, u)
+    assert torch.equal(kern, ref) and kern_ok.all() and ref_ok.all()
+    assert bool((probs.gather(1, kern[:, None]) > 0).all())
+    # the partial sums are torch's float64 cumsum's, bit for bit: the index is the count of sums <= the target
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    assert torch.equal(kern, (cdf <= target).sum(-1).clamp(max=V - 1))
+
+
+def test_rows_that_cannot_be_sampled_are_flagged_alike_and_stay_in_range(route):
+    if route == "torch":
+        pytest.skip("compares the two routes")
+    probs = torch.rand(5, 40, generator=torch.Generator().manual_seed(1))
+    probs[0, 3] = float("nan")
+    probs[1, 7] = float("inf")
+    probs[2] = 0.0
+    probs[3] = -probs[3]
+    u = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    kern, kern_ok, ref, ref_ok = _routes(probs, u)
+    assert kern_ok.tolist() == ref_ok.tolist() == [False, False, False, False, True]
+    assert bool(((kern >= 0) & (kern < 40)).all()) and kern[4] == ref[4]
+
+
+def test_the_kernel_is_taken_exactly_where_it_applies(route):
+    probs = torch.rand(3, 100, generator=torch.Generator().manual_seed(3))
+    u = torch.rand(3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    calls = op_calls(lambda: draw_categorical(probs, uniforms=u), "coconut.draw_categorical")
+    assert calls == (1 if route == "kernel" else 0)
+    assert op_calls(lambda: draw_categorical(probs.bfloat16(), uniforms=u), "coconut.draw_categorical") == 0
+    with pytest.raises(CoconutError, match="flag must be a bool"):
+        sampling.set_enabled(1)
+
+
+def test_kernel_bad_input_names_the_argument(route):
+    if route == "torch":
+        pytest.skip("the op itself")
+    op = torch.ops.coconut.draw_categorical
+    u = torch.rand(3, dtype=torch.float64)
+    for call, match in [(lambda: op(torch.rand(3, 4).half(), u), "probs must be float32 or float64, got Half"),
+                        (lambda: op(torch.rand(12), u), "probs must have shape \\(n, V\\)"),
+                        (lambda: op(torch.rand(3, 0), u), "probs must have shape \\(n, V\\) with V >= 1"),
+                        (lambda: op(torch.rand(3, 4), u.float()), "uniforms must be a float64 CPU tensor of shape"),
+                        (lambda: op(torch.rand(3, 4), u[:2]), "uniforms must be .* of shape \\(3,\\)")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    torch.library.opcheck(op.default, (torch.rand(3, 50), u))

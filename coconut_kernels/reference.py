@@ -343,3 +343,12 @@ def argmax_last_reference(x):
 
     at_max = x == torch.where(isnan, -math.inf, x).amax(-1, keepdim=True)
     return torch.where(isnan.any(-1), first(isnan), first(at_max))
+
+
+def draw_categorical_reference(probs, uniforms):
+    """(index, ok) of each row of probs (n, V) at its uniform: the first index whose float64 cumulative sum exceeds
+    min(u * total, the float64 below total), clamped into the row; ok where the total is finite and positive."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return (cdf <= target).sum(-1).clamp(max=probs.shape[-1] - 1), ((total > 0) & torch.isfinite(total))[:, 0]

@@ -44,11 +44,25 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        logits = logits.masked_fill(_outside_nucleus(logits, top_p), float("-inf"))
     return logits
+
+
+def _outside_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """bool (n, V): the tokens outside each row's smallest nucleus reaching top_p, in the order of probability: a
+    token is out when the mass of the tokens before it already reaches top_p. Only the largest k probabilities
+    are sorted (topk), k = 64, 512, 4096, ... until every row's nucleus ends among them (a row's k-th token is
+    out, so every later one is): a full sort of a 50k vocabulary costs ~70 ms on a (32, 50257) batch on 2 CPU
+    threads, where a peaked row's nucleus fits in the top 64 (3 ms)."""
+    probs = logits.softmax(-1)
+    V, k = logits.shape[-1], min(64, logits.shape[-1])
+    while True:
+        top, order = probs.topk(k, dim=-1)                      # sorted, largest first
+        out = top.cumsum(-1) - top >= top_p                     # the mass before it already reaches top_p
+        if k == V or bool(out[:, -1].all()):
+            break
+        k = min(V, 8 * k)
+    return torch.ones_like(logits, dtype=torch.bool).scatter_(-1, order, out)
 
 
 CANNOT_SAMPLE = ("cannot sample: a row of probabilities has a NaN, an infinity, or no positive mass (are the logits "

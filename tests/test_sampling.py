@@ -179,3 +179,20 @@ def test_kernel_bad_input_names_the_argument(route):
         with pytest.raises(ValueError, match=match):
             call()
     torch.library.opcheck(op.default, (torch.rand(3, 50), u))
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.9, 0.999])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 8.0])
+def test_top_p_keeps_the_smallest_nucleus(top_p, scale):
+    """Against a full sort of the same probabilities: flat rows (scale 0.05: the nucleus spans most of the
+    vocabulary, past every topk step) and peaked ones (a few tokens); a row already cut by top-k."""
+    g = torch.Generator().manual_seed(int(scale * 100))
+    logits = torch.randn(5, 5000, generator=g) * scale
+    logits[4, 100:] = float("-inf")  # top-k's mask: the nucleus among 100 tokens
+    probs = logits.softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    out_sorted = sorted_p.cumsum(-1) - sorted_p >= top_p
+    expected = torch.empty_like(out_sorted).scatter_(-1, order, out_sorted)
+    got = torch.isinf(filter_logits(logits, 0, top_p)) & ~torch.isinf(logits)
+    assert torch.equal(got, expected & ~torch.isinf(logits))
+    assert bool((~got.all(-1)).all())  # the top token always stays

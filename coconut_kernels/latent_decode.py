@@ -114,12 +114,18 @@ def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None = No
     return (idx, ok) if with_ok else idx
 
 
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in float32; at temperature 1 the float32 logits themselves (no division, no copy)."""
+    x = logits.float()
+    return x if temperature == 1.0 else x / temperature
+
+
 def sample_tokens(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy argmax, or a draw (`draw_categorical`) from softmax(filtered logits / temperature)."""
     if not do_sample:
         return argmax_last(logits)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    probs = filter_logits(scaled_logits(logits, temperature), top_k, top_p).softmax(-1)
     return draw_categorical(probs, generator)
 
 

@@ -23,7 +23,8 @@ from .. import validation
 from ..errors import CoconutError
 from ..feedback import resolve_feedback
 from ..latent import LatentLM
-from ..latent_decode import DecodeState, DecodeStep, draw_categorical, filter_logits, parse_stop, thought_topk
+from ..latent_decode import (DecodeState, DecodeStep, draw_categorical, filter_logits, parse_stop, scaled_logits,
+                             thought_topk)
 from ..latent_plan import plan_batch, plan_decode
 from ..latent_steps import forward_rows, head_logits, thought_vector
 from ..ops.argmax import argmax_last
@@ -410,7 +411,7 @@ class LatentEngine:
         sampled token under the sampling distribution} for the samples that ask for log-probs,
         {request: error})."""
         sampled = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
-        if logits.slots:
+        if logits.slots and any(not seq.req.params.do_sample for seq in rows.seqs if seq.slot in logits.index):
             sampled[logits.slots_t] = argmax_last(logits.values)
         failed, groups, sample_lp = {}, {}, {}
         for seq in rows.seqs:
@@ -429,8 +430,10 @@ class LatentEngine:
             if not members:
                 continue
             try:
-                at = torch.tensor([logits.index[q.slot] for q, _ in members], dtype=torch.long, device=self.device)
-                filt = filter_logits(logits.values.index_select(0, at).float() / temperature, top_k, top_p)
+                at = [logits.index[q.slot] for q, _ in members]
+                values = logits.values if at == list(range(len(logits.slots))) else \
+                    logits.values.index_select(0, torch.tensor(at, dtype=torch.long, device=self.device))
+                filt = filter_logits(scaled_logits(values, temperature), top_k, top_p)
                 tok, ok = draw_categorical(filt.softmax(-1), uniforms=torch.cat([u for _, u in members]),
                                            with_ok=True)
                 slots = [q.slot for q, _ in members]

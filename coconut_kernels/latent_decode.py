@@ -50,12 +50,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def _outside_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """bool (n, V): the tokens outside each row's smallest nucleus reaching top_p, in the order of probability: a
-    token is out when the mass of the tokens before it already reaches top_p. Only the largest k probabilities
-    are sorted (topk), k = 64, 512, 4096, ... until every row's nucleus ends among them (a row's k-th token is
-    out, so every later one is): a full sort of a 50k vocabulary costs ~70 ms on a (32, 50257) batch on 2 CPU
-    threads, where a peaked row's nucleus fits in the top 64 (3 ms)."""
+    token is out when the mass of the tokens before it already reaches top_p. On the CPU only the largest k
+    probabilities are sorted (topk), k = 64, 512, 4096, ... until every row's nucleus ends among them (a row's
+    k-th token is out, so every later one is): a full sort of a 50k vocabulary costs ~70 ms on a (32, 50257)
+    batch on 2 CPU threads, where a peaked row's nucleus fits in the top 64 (3 ms). On a GPU one full sort,
+    which needs no host sync (the check between the steps would)."""
     probs = logits.softmax(-1)
-    V, k = logits.shape[-1], min(64, logits.shape[-1])
+    V = logits.shape[-1]
+    k = min(64, V) if logits.device.type == "cpu" else V
     while True:
         top, order = probs.topk(k, dim=-1)                      # sorted, largest first
         out = top.cumsum(-1) - top >= top_p                     # the mass before it already reaches top_p

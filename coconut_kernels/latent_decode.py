@@ -92,8 +92,7 @@ def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None = No
                            f"{tuple(uniforms.shape)}")
     if sampling_ops.applies(probs):  # the same index from the CPU kernel, without the (n, V) float64 copy
         if uniforms is None:
-            uniforms = torch.rand(probs.shape[0], dtype=torch.float64, generator=generator,
-                                  device=None if generator is None else generator.device)
+            uniforms = _uniforms(probs, generator)
         idx, ok = torch.ops.coconut.draw_categorical(probs, uniforms.to("cpu", torch.float64))
         if not with_ok and not bool(ok.all()):
             raise CoconutError(CANNOT_SAMPLE)
@@ -105,15 +104,21 @@ def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None = No
         ok = ((total > 0) & torch.isfinite(total))[:, 0]
         if not with_ok and not bool(ok.all()):
             raise CoconutError(CANNOT_SAMPLE)
-    if uniforms is None:  # drawn where the generator lives (a CPU generator may drive a GPU's sampling)
-        device = probs.device if generator is None else generator.device
-        uniforms = torch.rand(probs.shape[0], dtype=torch.float64, device=device, generator=generator)
+    if uniforms is None:
+        uniforms = _uniforms(probs, generator)
     target = torch.minimum(uniforms.to(cdf.device, torch.float64)[:, None] * total,
                            torch.nextafter(total, torch.zeros_like(total)))  # below the row's total mass
     # the first index whose cumulative mass exceeds the target: never one of zero probability (its cumulative
     # mass equals the index before it); clamped so a NaN row cannot index past the vocabulary
     idx = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(0, probs.shape[-1] - 1)
     return (idx, ok) if with_ok else idx
+
+
+def _uniforms(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One float64 uniform per row of probs, drawn where the generator lives (a CPU generator may drive a GPU's
+    sampling; no generator: probs' device)."""
+    device = probs.device if generator is None else generator.device
+    return torch.rand(probs.shape[0], dtype=torch.float64, device=device, generator=generator)
 
 
 def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -22,14 +22,7 @@ __all__ = ["MIN_ELEMENTS", "argmax_last", "applies", "set_enabled", "enabled"]
 MIN_ELEMENTS = 1 << 12
 _SWITCH = KernelSwitch("COCONUT_ARGMAX_KERNEL", default=True)
 
-
-def set_enabled(flag: bool) -> None:
-    """Turn the use of the kernel on or off (the op itself stays callable)."""
-    _SWITCH.set(flag)
-
-
-def enabled() -> bool:
-    return _SWITCH.on
+set_enabled, enabled = _SWITCH.set, _SWITCH.enabled  # the switch (see the module docstring)
 
 
 @torch.library.register_fake("coconut::argmax_last")

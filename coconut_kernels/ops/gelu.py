@@ -25,14 +25,7 @@ __all__ = ["MIN_ELEMENTS", "gelu_tanh", "gelu_tanh_backward", "applies", "set_en
 MIN_ELEMENTS = 1 << 14
 _SWITCH = KernelSwitch("COCONUT_GELU_KERNEL", default=True)
 
-
-def set_enabled(flag: bool) -> None:
-    """Turn the use of the kernel on or off (the ops themselves stay callable)."""
-    _SWITCH.set(flag)
-
-
-def enabled() -> bool:
-    return _SWITCH.on
+set_enabled, enabled = _SWITCH.set, _SWITCH.enabled  # the switch (see the module docstring)
 
 
 @torch.library.register_fake("coconut::gelu_tanh")

@@ -21,14 +21,7 @@ __all__ = ["applies", "set_enabled", "enabled"]
 
 _SWITCH = KernelSwitch("COCONUT_SAMPLER_KERNEL", default=True)
 
-
-def set_enabled(flag: bool) -> None:
-    """Turn the use of the kernel on or off (the op itself stays callable)."""
-    _SWITCH.set(flag)
-
-
-def enabled() -> bool:
-    return _SWITCH.on
+set_enabled, enabled = _SWITCH.set, _SWITCH.enabled  # the switch (see the module docstring)
 
 
 @torch.library.register_fake("coconut::draw_categorical")

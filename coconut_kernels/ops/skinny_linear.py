@@ -12,7 +12,7 @@ so a batch gives every row the values it gets alone.
 - `kernel_linear(x, weight, bias)`: the kernel without those checks, for a caller that asked `applies` itself.
 - `set_enabled(flag)` / COCONUT_SKINNY_LINEAR=0 or 1: the switch (A/B comparisons). Default: on, except on Intel
   CPUs, where MKL's own small-row products beat the kernel (README, "Skinny linear": measured on one Xeon, where
-  `generate` at B=8 ran 1.24-1.34x faster with it off in three records; on the AMD EPYC machines of earlier
+  `generate` at B=8 ran 1.20-1.34x faster with it off in four records; on the AMD EPYC machines of earlier
   records the kernel won 1.6-3.7x).
 """
 from __future__ import annotations
@@ -45,14 +45,7 @@ def _default_switch() -> KernelSwitch:
 
 _SWITCH = _default_switch()
 
-
-def set_enabled(flag: bool) -> None:
-    """Turn the model layer's use of the kernel on or off (the op itself stays callable)."""
-    _SWITCH.set(flag)
-
-
-def enabled() -> bool:
-    return _SWITCH.on
+set_enabled, enabled = _SWITCH.set, _SWITCH.enabled  # the switch (see the module docstring)
 
 
 @torch.library.register_fake("coconut::skinny_linear")

@@ -1,8 +1,6 @@
 // The row argmax CPU kernel proper. Compiled once per instruction set by argmax.cpp through isa_kernels.h
-// (AVX-512, AVX2+FMA, the baseline ISA; chosen at run time).
-
-#include <algorithm>
-#include <cstring>
+// (AVX-512, AVX2+FMA, the baseline ISA; chosen at run time). Included inside a namespace: argmax.cpp includes what
+// it uses (<algorithm>, <cstring>) first.
 
 // The kernel's vectors: the copy's width, except in the baseline copy, where GCC lowers comparisons of 32-byte
 // vectors (two SSE registers) to scalar code: one SSE register there.

@@ -528,6 +528,46 @@ def test_generator_edges_render(generated_small):
         generate_dataset(2, render="graph")
 
 
+def test_generator_backward_chain(tmp_path):
+    """The backward chain: the forward records' graphs and questions; step i is `x y`, the i-th ancestor of each
+    option (step 0 the options themselves; then along an edge into the node before, or the person repeated once
+    a walk has ended); the right option's walk is the shortest path reversed and ends at the asked person, the wrong
+    one's at another person; no other field changes."""
+    forward = generate_dataset(300, seed=0, size="small", render="edges")
+    backward = generate_dataset(300, seed=0, size="small", render="edges", chain="backward")
+    assert generate_dataset(300, seed=0, size="small", render="edges", chain="forward") == forward
+    assert generate_dataset(300, seed=0, size="small", render="edges", chain="backward") == backward
+    validate_records(backward)
+    for f, r in zip(forward, backward):
+        assert {k: v for k, v in f.items() if k != "steps"} == {k: v for k, v in r.items() if k != "steps"}
+        sym, edges = r["idx_to_symbol"], {(r["idx_to_symbol"][a], r["idx_to_symbol"][b]) for a, b in r["edges"]}
+        people = set(person_names())
+        a, b = r["question"].rsplit(". ", 1)[1].split("? ")[0].split(" or ")
+        walks = {a: [a], b: [b]}
+        assert r["steps"][0] == f"{a} {b}"  # the candidates first
+        for step in r["steps"][1:]:
+            x, y = step.split(" ")
+            for start, node in ((a, x), (b, y)):
+                prev = walks[start][-1]
+                assert (node, prev) in edges or (node == prev and prev in people), (step, r["question"])
+                walks[start].append(node)
+        tgt, neg = sym[r["target"]], sym[r["neg_target"]]
+        assert walks[tgt][-1] == sym[r["root"]] and walks[neg][-1] != sym[r["root"]]
+        assert walks[tgt][:len(f["steps"]) + 1][::-1] == [sym[r["root"]], *f["steps"]]
+        assert max(len(walks[tgt]), len(walks[neg])) == len(r["steps"])
+        assert not (walks[tgt][-2] == walks[tgt][-1] and walks[neg][-2] == walks[neg][-1])  # no idle last step
+    out = tmp_path / "backward.json"
+    args = ["prosqa", "--n", "6", "--seed", "2", "--size", "small", "--render", "edges", "--chain", "backward"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    assert load_records(out) == generate_dataset(6, seed=2, size="small", render="edges", chain="backward")
+    with pytest.raises(ValueError, match=r"chain: expected one of \['forward', 'backward'\], got 'up'"):
+        generate_dataset(2, render="edges", chain="up")
+    with pytest.raises(ValueError, match="chain: 'backward' is written in the edges render only, got render 'text'"):
+        generate_dataset(2, chain="backward")
+    with pytest.raises(SystemExit):
+        cli.main(["prosqa", "--n", "2", "--chain", "backward", "--out", str(out)])
+
+
 def test_cli_as_a_module(tmp_path):
     out = tmp_path / "p.json"
     cmd = [sys.executable, "-m", "coconut_kernels.data.cli", "prosqa", "--n", "4", "--seed", "5", "--out", str(out)]

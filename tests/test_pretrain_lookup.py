@@ -39,20 +39,42 @@ def test_lookups_ask_every_key_for_its_value():
     assert sorted(asked) == sorted(pairs)
 
 
-def test_walks_follow_the_questions_edges():
+def test_backward_lookups_ask_every_value_for_its_keys():
+    tok = pre.tokenizer_for("small")
+    for seed in range(4):
+        ids, targets = pre.lookup_example(random.Random(seed), tok, keys=40, direction="backward")
+        words = tok.decode(ids).replace(",", " ,").replace(".", " .").replace("?", " ?").split()
+        body = words[:words.index(".")]
+        pairs = [(body[i], body[i + 1]) for i in range(0, len(body), 3)]  # k v ,
+        assert len(targets) == 40
+        for pos, ok in targets:
+            value, key = tok.decode([ids[pos - 1]]), tok.decode([ids[pos]])
+            assert tok.decode([ids[pos - 2]]) == "?" and (key, value) in pairs
+            assert ok == {tok.encode(k)[0] for k, v in pairs if v == value}  # any key of that value counts
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward", "both"])
+def test_walks_follow_the_questions_edges(direction):
+    """Each step of a walk goes along an edge (forward) or against one (backward), any child / parent counts;
+    "both" has walks of each kind."""
     tok = pre.tokenizer_for("small")
     (nl,) = tok.encode("\n")
-    for seed in range(5):
-        ids, targets = pre.walk_example(random.Random(seed), tok, "small", walks=3)
+    kinds = set()
+    for seed in range(8):
+        ids, targets = pre.walk_example(random.Random(seed), tok, "small", walks=3, direction=direction)
         question = tok.decode(ids[:ids.index(nl)])
         edges = {tuple(e.split()) for e in question.split(".")[0].split(", ")}
         nodes = [(pos, ok) for pos, ok in targets if ok != {nl}]
         assert nodes and all(ids[pos + 1] == nl for pos, _ in nodes)
         for pos, ok in nodes:
             prev, here = tok.decode([ids[pos - 2]]), tok.decode([ids[pos]])
-            assert (prev, here) in edges  # the walk steps along an edge ...
-            assert ok == {tok.encode(b)[0] for a, b in edges if a == prev}  # ... and any child counts
+            kind = "forward" if (prev, here) in edges else "backward"
+            assert (prev, here) in edges or (here, prev) in edges  # the walk steps along an edge or against it
+            nexts = {b for a, b in edges if a == prev} if kind == "forward" else {a for a, b in edges if b == prev}
+            assert ok == {tok.encode(n)[0] for n in nexts}  # ... and any next node counts
+            kinds.add(kind)
         assert [pos for pos, ok in targets if ok == {nl}] == [i for i, t in enumerate(ids) if t == nl][1:]
+    assert kinds == ({"forward", "backward"} if direction == "both" else {direction})
 
 
 def test_a_tiny_run_seeds_a_method_run(tmp_path, capsys):

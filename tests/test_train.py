@@ -368,6 +368,8 @@ def test_unknown_config_key(tmp_path, capsys):
     ("jacobi_iters", 0, "'jacobi_iters': expected an int >= 1"),
     ("generate_size", "huge", "'generate_size': expected one of"),
     ("generate_render", "graph", "'generate_render': expected one of"),
+    ("generate_chain", "up", "'generate_chain': expected one of"),
+    ("generate_chain", "backward", "'generate_chain': 'backward' needs generate_render 'edges', got 'text'"),
 ])
 def test_bad_config_values(key, value, match):
     with pytest.raises(ValueError, match=match):
@@ -539,11 +541,18 @@ def test_generate_size_reaches_both_splits():
                              "model": TINY_MODEL})
     train, val, source = load_data(cfg)
     assert train == generate_dataset(5, seed=4, size="small") and val == generate_dataset(3, seed=5, size="small")
-    assert source == "generated (3 small problems, text render, seed 5)"
+    assert source == "generated (3 small problems, text render, forward chain, seed 5)"
     cfg = load_config(None, {"generate_train": 2, "generate_val": 2, "generate_render": "edges", "model": TINY_MODEL})
     train, val, source = load_data(cfg)
     assert train == generate_dataset(2, seed=0, render="edges") and val == generate_dataset(2, seed=1, render="edges")
-    assert source == "generated (2 prosqa problems, edges render, seed 1)"
+    assert source == "generated (2 prosqa problems, edges render, forward chain, seed 1)"
+    cfg = load_config(None, {"generate_train": 2, "generate_val": 2, "generate_render": "edges",
+                             "generate_chain": "backward", "model": TINY_MODEL})
+    train, val, source = load_data(cfg)
+    assert train == generate_dataset(2, seed=0, render="edges", chain="backward") != \
+        generate_dataset(2, seed=0, render="edges")
+    assert val == generate_dataset(2, seed=1, render="edges", chain="backward")
+    assert source == "generated (2 prosqa problems, edges render, backward chain, seed 1)"
 
 
 def test_a_failed_rank_leaves_its_peer_a_clean_exit(tmp_path):

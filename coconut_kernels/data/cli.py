@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from .._cli import run_cli
-from .prosqa import RENDERS, SIZES, generate_dataset
+from .prosqa import CHAINS, RENDERS, SIZES, generate_dataset
 from .records import save_records
 
 
@@ -30,11 +30,16 @@ def _main(argv: list[str]) -> int:
                    help="graph size: prosqa (the published split's shape, default) or small (shorter, for CPU runs)")
     p.add_argument("--render", choices=RENDERS, default="text",
                    help="text (the published sentences, default) or edges (compact 'X Y' pairs, node-name steps)")
+    p.add_argument("--chain", choices=CHAINS, default="forward",
+                   help="forward (the published steps, default) or backward (edges render: both candidates walked "
+                        "back to the people at once; README)")
     p.add_argument("--out", required=True, help="output JSON file")
     args = parser.parse_args(argv)
     if args.n < 0:
         parser.error("--n must be >= 0")
-    records = generate_dataset(args.n, seed=args.seed, size=args.size, render=args.render)
+    if args.chain == "backward" and args.render != "edges":
+        parser.error("--chain backward needs --render edges")
+    records = generate_dataset(args.n, seed=args.seed, size=args.size, render=args.render, chain=args.chain)
     save_records(records, args.out)
     print(f"wrote {len(records)} problems to {args.out}", file=sys.stderr)
     return 0

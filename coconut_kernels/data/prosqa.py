@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ["concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable", "GraphSize", "SIZES",
+__all__ = ["CHAINS", "concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable", "GraphSize", "SIZES",
            "RENDERS"]
 
 # Nouns are onset + vowel + (m|r|l) + "pus", the pattern of the split's vocabulary; the onsets cover every
@@ -74,6 +74,7 @@ SIZES = {
 
 
 RENDERS = ("text", "edges")
+CHAINS = ("forward", "backward")
 
 
 def concept_nouns() -> list[str]:
@@ -106,7 +107,7 @@ def reachable(n_nodes: int, edges, source: int) -> dict[int, int]:
 
 
 def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: list[str] | None = None,
-                     size: str = "prosqa", render: str = "text") -> dict:
+                     size: str = "prosqa", render: str = "text", chain: str = "forward") -> dict:
     """One ProsQA-style record: question, steps, answer, idx_to_symbol, edges, root, target, neg_target.
 
     Construction: people are level 0; concepts are added level by level on two sides. A root-side concept
@@ -114,10 +115,10 @@ def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: 
     (rarely) the other side, so its distance from the root is exactly j. Other-side concepts take parents
     from the other side only, so none is reachable from the root. The target is a root-side leaf at the
     deepest level, the wrong candidate an other-side leaf. ``size`` names an entry of ``SIZES``; ``render``
-    one of ``RENDERS`` (the same graph either way, see ``generate_dataset``).
+    one of ``RENDERS``, ``chain`` one of ``CHAINS`` (the same graph either way, see ``generate_dataset``).
     """
     g = _size(size)
-    _check_render(render)
+    _check_render(render, chain)
     nouns = concept_nouns() if nouns is None else nouns
     names = person_names() if names is None else names
     n_steps = _draw(rng, g.steps)
@@ -194,6 +195,13 @@ def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: 
     if render == "edges":
         question = ", ".join(statements) + f". {symbols[a]} or {symbols[b]}? {symbols[root]}"
         steps, answer = [symbols[v] for v in path[1:]], symbols[target]
+        if chain == "backward":
+            # its own generator, seeded by the graph: the records' graphs are those of the forward chain
+            walk_rng = random.Random(repr((edges, neg_target)))
+            up = {target: path[::-1], neg_target: [neg_target, *_walk_up(walk_rng, parents, neg_target, n_people)]}
+            depth = max(len(up[a]), len(up[b]))
+            steps = [f"{symbols[up[a][min(i, len(up[a]) - 1)]]} {symbols[up[b][min(i, len(up[b]) - 1)]]}"
+                     for i in range(depth)]
     else:
         question = " ".join(statements) + f" Is {symbols[root]} a {symbols[a]} or {symbols[b]}?"
         steps, answer = [sentence(a, b) for a, b in zip(path, path[1:])], f"{symbols[root]} is a {symbols[target]}."
@@ -209,19 +217,33 @@ def generate_problem(rng: random.Random, nouns: list[str] | None = None, names: 
     }
 
 
+def _walk_up(rng: random.Random, parents: list[list[int]], node: int, n_people: int) -> list[int]:
+    """Ancestors of ``node`` along randomly drawn parents, up to the first person (parents come first)."""
+    walk = []
+    while node >= n_people:
+        node = rng.choice(parents[node])
+        walk.append(node)
+    return walk
+
+
 def _size(size: str) -> GraphSize:
     if size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
     return SIZES[size]
 
 
-def _check_render(render: str) -> None:
+def _check_render(render: str, chain: str = "forward") -> None:
     if render not in RENDERS:
         raise ValueError(f"render: expected one of {list(RENDERS)}, got {render!r}")
+    if chain not in CHAINS:
+        raise ValueError(f"chain: expected one of {list(CHAINS)}, got {chain!r}")
+    if chain == "backward" and render != "edges":
+        raise ValueError(f"chain: 'backward' is written in the edges render only, got render {render!r}")
 
 
-def generate_dataset(n: int, seed: int = 0, size: str = "prosqa", render: str = "text") -> list[dict]:
-    """``n`` records, the same for the same seed, size and render.
+def generate_dataset(n: int, seed: int = 0, size: str = "prosqa", render: str = "text",
+                     chain: str = "forward") -> list[dict]:
+    """``n`` records, the same for the same seed, size, render and chain.
 
     ``size``: ``"prosqa"`` (the published split's shape) or ``"small"`` (smaller graphs, see the module
     docstring). ``render``: ``"text"`` (the published split's sentences: ``Every X is a Y.``, steps are such
@@ -229,10 +251,19 @@ def generate_dataset(n: int, seed: int = 0, size: str = "prosqa", render: str = 
     edges as ``X Y`` pairs, then ``A or B? Tom``; each step is the next node's name and the answer the
     target's name, as in the from-scratch ProsQA experiments of Zhu et al. 2025, "Reasoning by
     Superposition"); the graph fields are the same for both.
+
+    ``chain``: ``"forward"`` (the published steps: the path from the person to the right candidate) or
+    ``"backward"`` (edges render only; not the published format): both candidates walked back towards the
+    people at once. Step i is ``x y``, the i-th ancestor of each candidate in the question's order (step 0
+    names the candidates themselves, so that every node of a later step is the parent of the one written three
+    tokens back; a walk that has reached a person repeats it). The right candidate's walk is the path reversed
+    and ends at the asked person; the wrong one's follows randomly drawn parents and ends at another person,
+    since nothing reaches the wrong candidate from the asked person. Each step is a lookup of one parent per
+    candidate, where a forward step must choose among several children the one that leads to a candidate.
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n: expected an int >= 0, got {n!r}")
     _size(size)
-    _check_render(render)
+    _check_render(render, chain)
     rng = random.Random(seed)
-    return [generate_problem(rng, size=size, render=render) for _ in range(n)]
+    return [generate_problem(rng, size=size, render=render, chain=chain) for _ in range(n)]

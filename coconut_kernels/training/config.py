@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from ..data import METHODS, StageConfig
-from ..data.prosqa import RENDERS, SIZES
+from ..data.prosqa import CHAINS, RENDERS, SIZES
 from ..errors import ConfigError
 from ..feedback import MODES
 from ..validation import LATENT_SCHEDULES
@@ -45,6 +45,7 @@ class TrainConfig:
     generate_val: int = 200
     generate_size: str = "prosqa"  # generated graphs: prosqa (the published split's shape) | small (for CPU runs)
     generate_render: str = "text"  # generated records: text (the published sentences) | edges (compact X Y pairs)
+    generate_chain: str = "forward"  # generated steps: forward (published) | backward (edges render, README)
     data_seed: int = 0
     max_train_records: int | None = None
     max_val_records: int | None = None
@@ -138,6 +139,10 @@ class TrainConfig:
         _choice("val_if_missing", self.val_if_missing, ("error", "generate"))
         _choice("generate_size", self.generate_size, tuple(SIZES))
         _choice("generate_render", self.generate_render, RENDERS)
+        _choice("generate_chain", self.generate_chain, CHAINS)
+        if self.generate_chain == "backward" and self.generate_render != "edges":
+            raise ConfigError("config key 'generate_chain': 'backward' needs generate_render 'edges', "
+                              f"got {self.generate_render!r}")
         _choice("weight_decay_scope", self.weight_decay_scope, ("all", "matrices"))
         _choice("reset_optimizer_every", self.reset_optimizer_every, ("epoch", "stage"))
         self._check_precision()

@@ -34,14 +34,14 @@ def load_data(cfg: TrainConfig) -> tuple[list[dict], list[dict], str]:
         train = _read(cfg.train_path, cfg.max_train_records, "train_path")
     else:
         train = generate_dataset(cfg.generate_train, seed=cfg.data_seed, size=cfg.generate_size,
-                                 render=cfg.generate_render)
+                                 render=cfg.generate_render, chain=cfg.generate_chain)
     if cfg.val_path is not None and (Path(cfg.val_path).is_file() or cfg.val_if_missing == "error"):
         val, source = _read(cfg.val_path, cfg.max_val_records, "val_path"), cfg.val_path
     else:
         val = generate_dataset(cfg.generate_val, seed=cfg.data_seed + 1, size=cfg.generate_size,
-                               render=cfg.generate_render)
+                               render=cfg.generate_render, chain=cfg.generate_chain)
         source = (f"generated ({cfg.generate_val} {cfg.generate_size} problems, {cfg.generate_render} render, "
-                  f"seed {cfg.data_seed + 1})")
+                  f"{cfg.generate_chain} chain, seed {cfg.data_seed + 1})")
         if cfg.max_val_records is not None:
             val = val[: cfg.max_val_records]
     if not train:

@@ -6,11 +6,13 @@ in 30 CPU minutes (README, "A CPU run that learns"; `lookup_probe.py` shows why:
 children and the newline between two steps each hide the signal). It does learn it from an easy task first:
 
 1. ``--lookup_steps`` steps of dense lookups: ``--keys`` pairs ``k v`` of the generator's concept nouns and
-   names, then ``? k v`` for every key in random order (the loss on each ``v``);
+   names, then ``? k v`` for every key in random order (the loss on each ``v``); ``--lookup_direction
+   backward`` asks ``? v k`` instead (the loss on each ``k``);
 2. ``--walk_steps`` steps of walks: a generated question (``--size``, edges render), then ``--walks`` random
    walks along its edges, one node per line (the loss on every node after a walk's first, and on the
    newlines). A walk starts at a random node and stops at a leaf; it is not asked to reach the answer and
-   no answer is ever shown.
+   no answer is ever shown. ``--walk_direction backward`` walks against the edges (to a parent, stopping at a
+   person), the lookup of the ``backward`` chain; ``both`` draws the direction per walk.
 
 It writes a coconut-train checkpoint (model and tokenizer) into ``--out``; each method then starts from it:
 
@@ -47,36 +49,45 @@ def tokenizer_for(size: str) -> WordTokenizer:
     return WordTokenizer.from_records(records, extra_tokens=WORDS)
 
 
-def lookup_example(rng: random.Random, tok: WordTokenizer, keys: int) -> tuple[list[int], list[tuple[int, set]]]:
-    """``k v, k v, ... .`` then ``? k v`` per key: (ids, [(position of a value, {its id})])."""
+def lookup_example(rng: random.Random, tok: WordTokenizer, keys: int,
+                   direction: str = "forward") -> tuple[list[int], list[tuple[int, set]]]:
+    """``k v, k v, ... .`` then ``? k v`` per key (forward) or ``? v k`` per pair (backward: a value asks for
+    its key, any key of that value counts): (ids, [(position of an answer, {the ids that count})])."""
     ks = rng.sample(WORDS, keys)
     value = {k: rng.choice([w for w in WORDS if w != k]) for k in ks}
     ids = tok.encode(", ".join(f"{k} {value[k]}" for k in ks) + ".", add_special_tokens=True)
     targets = []
     for k in rng.sample(ks, keys):
-        ids += tok.encode(f"? {k} {value[k]}")
-        targets.append((len(ids) - 1, {ids[-1]}))
+        if direction == "forward":
+            ids += tok.encode(f"? {k} {value[k]}")
+            targets.append((len(ids) - 1, {ids[-1]}))
+        else:
+            ids += tok.encode(f"? {value[k]} {k}")
+            targets.append((len(ids) - 1, {tok.encode(j)[0] for j in ks if value[j] == value[k]}))
     return ids, targets
 
 
-def walk_example(rng: random.Random, tok: WordTokenizer, size: str, walks: int):
-    """A generated question (edges render), a newline, then `walks` random walks one node per line:
+def walk_example(rng: random.Random, tok: WordTokenizer, size: str, walks: int, direction: str = "forward"):
+    """A generated question (edges render), a newline, then `walks` random walks one node per line, along the
+    edges (forward: to a child) or against them (backward: to a parent); "both" draws each walk's direction:
     (ids, [(position, the ids that would be right there)])."""
     rec = generate_dataset(1, seed=rng.randrange(1 << 30), size=size, render="edges")[0]
     names = [tok.encode(s)[0] for s in rec["idx_to_symbol"]]
-    children: dict[int, list[int]] = {}
+    nexts: dict[str, dict[int, list[int]]] = {"forward": {}, "backward": {}}
     for a, b in rec["edges"]:
-        children.setdefault(a, []).append(b)
+        nexts["forward"].setdefault(a, []).append(b)
+        nexts["backward"].setdefault(b, []).append(a)
     (nl,) = tok.encode("\n")
     ids = tok.encode(rec["question"] + "\n", add_special_tokens=True)
     targets = []
     for _ in range(walks):
-        node = rng.choice(sorted(children))
+        step = nexts[rng.choice(["forward", "backward"]) if direction == "both" else direction]
+        node = rng.choice(sorted(step))
         ids += [names[node], nl]
         targets.append((len(ids) - 1, {nl}))
-        while node in children:
-            here = {names[c] for c in children[node]}
-            node = rng.choice(children[node])
+        while node in step:
+            here = {names[c] for c in step[node]}
+            node = rng.choice(step[node])
             ids += [names[node], nl]
             targets += [(len(ids) - 2, here), (len(ids) - 1, {nl})]
     return ids, targets
@@ -104,6 +115,10 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--walk_steps", type=int, default=800)
     p.add_argument("--keys", type=int, default=12)
     p.add_argument("--walks", type=int, default=4)
+    p.add_argument("--lookup_direction", choices=("forward", "backward"), default="forward",
+                   help="a lookup asks a key's value (forward) or a value's key (backward)")
+    p.add_argument("--walk_direction", choices=("forward", "backward", "both"), default="forward",
+                   help="walk along the edges (to children), against them (to parents) or either, drawn per walk")
     p.add_argument("--size", default="small", help="the generator's size for the walks' graphs")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -132,8 +147,8 @@ def main(argv: list[str] | None = None) -> Path:
     (newline,) = tok.encode("\n")
     for step in range(1, total + 1):
         phase = "lookup" if step <= args.lookup_steps else "walks"
-        examples = [lookup_example(rng, tok, args.keys) if phase == "lookup" else
-                    walk_example(rng, tok, args.size, args.walks) for _ in range(args.batch)]
+        examples = [lookup_example(rng, tok, args.keys, args.lookup_direction) if phase == "lookup" else
+                    walk_example(rng, tok, args.size, args.walks, args.walk_direction) for _ in range(args.batch)]
         x, (rows, cols), right = batch_of(examples, tok.pad_token_id)
         logits = model(x[:, :-1])[rows, cols - 1].float()  # the logits at t predict the token at t + 1
         loss = torch.nn.functional.cross_entropy(logits, x[rows, cols])

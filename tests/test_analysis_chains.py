@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from coconut_kernels.analysis.chains import baselines, main, read_chains
+from coconut_kernels.analysis.chains import baselines, main, read_backward_chains, read_chains
+from coconut_kernels.data import generate_dataset
 from coconut_kernels.errors import CoconutError
 
 # Tom -> wumpus -> zorpus (target); Tom -> yumpus -> gorpus, yumpus -> zorpus; Ann -> lempus (wrong option);
@@ -72,3 +73,32 @@ def test_command_line_and_bad_input(tmp_path, capsys):
     assert "eval.json: example 0: field 'idx'" in capsys.readouterr().err
     with pytest.raises(CoconutError, match=r"bad.json: record 0: field 'edges\[0\]': node 9 is unknown"):
         baselines([dict(RECORD, edges=[[0, 9]])], "bad.json")
+
+
+# The same graph in the edges render with the backward chain: zorpus <- wumpus <- Tom, lempus <- Ann.
+BACKWARD = dict(RECORD, question="Tom wumpus, Tom yumpus, wumpus zorpus, yumpus gorpus, yumpus zorpus, Ann lempus, "
+                                 "Ann gorpus. zorpus or lempus? Tom",
+                steps=["zorpus lempus", "wumpus Ann", "Tom Ann"], answer="zorpus")
+
+
+def test_backward_chains_read_back(tmp_path, capsys):
+    outputs = [
+        {"idx": 0, "output": "zorpus lempus\nwumpus Ann\nTom Ann\n### zorpus"},  # right walks, right answer
+        {"idx": 0, "output": "zorpus lempus\nyumpus Ann\nTom Ann\n### lempus"},  # right walks, the other answer
+        {"idx": 0, "output": "zorpus lempus\nyumpus Ann\ngorpus Ann\n### zorpus"},  # against an edge's direction
+        {"idx": 0, "output": "zorpus lempus\nwumpus Ann\nTom Tom\n### zorpus"},  # both walks end at Tom
+        {"idx": 0, "output": "zorpus lempus\nwumpus\n### zorpus"},  # not two names per line
+    ]
+    c = read_backward_chains([BACKWARD], outputs, "outs")
+    assert c["n"] == 5 and c["on_edges"] == pytest.approx(2 / 5)  # the 4th: Ann -> Tom is no edge
+    assert c["target_walk"] == pytest.approx(2 / 5) and c["answer_follows"] == pytest.approx(1 / 2)
+    # the generator's own chains read back whole, and the command prints the backward line for such records
+    records = generate_dataset(20, seed=3, size="small", render="edges", chain="backward")
+    reference = [{"idx": i, "output": "\n".join(r["steps"]) + "\n### " + r["answer"]} for i, r in enumerate(records)]
+    assert read_backward_chains(records, reference, "ref") == {"n": 20, "on_edges": 1.0, "target_walk": 1.0,
+                                                               "answer_follows": 1.0}
+    data, outs = tmp_path / "d.json", tmp_path / "o.json"
+    data.write_text(json.dumps(records))
+    outs.write_text(json.dumps({"examples": reference}))
+    assert main(["--data", str(data), "--outputs", str(outs)]) == 0
+    assert "(20 backward chains): both walks against edges only 100.0%" in capsys.readouterr().out

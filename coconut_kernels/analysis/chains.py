@@ -11,7 +11,10 @@ of the root (the first choice a chain must make). With ``--outputs`` (coconut-ev
 written chains are read back: the share of their steps that are edges of the question's graph, of steps
 that name a word which is no node of the question, of steps that name one node twice ("Every X is a X."), of chains whose first step leaves the root along an edge, of
 chains that are a walk from the root, and where the chains end. Records of the generator's edges render
-(steps are node names, one per line) are read as walks from the root.
+(steps are node names, one per line) are read as walks from the root. Records of its backward chain (steps
+``x y``, see ``generate_dataset``) are read by ``read_backward_chains``: chains whose two walks go against
+edges only, chains where the right option's walk and only it ends at the asked person, and how often the
+answer then names that option.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from .._cli import run_cli
 from ..errors import CoconutError
 from .graph import GraphInfo, graph_info
 
-__all__ = ["baselines", "chain_steps", "read_chains", "main"]
+__all__ = ["baselines", "chain_steps", "read_chains", "read_backward_chains", "main"]
 
 # one written step: "Tom is a wumpus." or "Every wumpus is a yumpus."
 _STEP = re.compile(r"(?:Every )?(\S+) is an? (\S+?)\.")
@@ -116,6 +119,49 @@ def read_chains(records: list[dict], outputs: list[dict], where: str) -> dict:
             "end_target": end_t / n, "end_wrong_option": end_nt / n}
 
 
+def _options(record: dict) -> list[str]:
+    """The two options as the edges render's question names them (``... A or B? Tom``)."""
+    tail = str(record.get("question", "")).rsplit(". ", 1)[-1]
+    return tail.split("? ")[0].split(" or ")
+
+
+def _is_backward(record: dict) -> bool:
+    steps = record.get("steps") or []
+    return bool(steps) and all(isinstance(x, str) and len(x.split()) == 2 for x in steps) \
+        and steps[0].split() == _options(record)
+
+
+def read_backward_chains(records: list[dict], outputs: list[dict], where: str) -> dict:
+    """Written backward chains (``x y`` per line, the options first) against the graphs of `records`:
+    {n, on_edges (both walks step against edges only, or repeat a person), target_walk (the right option's
+    walk, and only it, ends at the asked person), answer_follows (of those, the answer names the right
+    option)}, each a share of the chains (answer_follows: of the target_walk chains)."""
+    on_edges = target_walk = follows = 0
+    for j, ex in enumerate(outputs):
+        i = ex.get("idx")
+        if not isinstance(i, int) or not 0 <= i < len(records):
+            raise CoconutError(f"{where}: example {j}: field 'idx': expected a record index of the data file "
+                               f"(0..{len(records) - 1}), got {i!r}")
+        info = graph_info(records[i], f"data record {i}")
+        index = {name: k for k, name in enumerate(info.symbols)}
+        chain, _, answer = str(ex.get("output", "")).partition("###")
+        lines = [line.split() for line in chain.split("\n") if line.strip()]
+        if not lines or any(len(line) != 2 for line in lines):
+            continue
+        walks = [[index.get(line[k]) for line in lines] for k in (0, 1)]
+        edges = set(info.edges)
+        on_edges += all((b, a) in edges or (a == b and a is not None and all(e[1] != a for e in edges))
+                        for w in walks for a, b in zip(w, w[1:]))
+        ends = [w[-1] == info.root for w in walks]
+        right = [w[0] == info.target for w in walks]
+        if ends.count(True) == 1 and right[ends.index(True)]:
+            target_walk += 1
+            follows += answer.strip() == info.symbols[info.target]
+    n = max(len(outputs), 1)
+    return {"n": len(outputs), "on_edges": on_edges / n, "target_walk": target_walk / n,
+            "answer_follows": follows / max(target_walk, 1)}
+
+
 def _load(path: str, what: str):
     try:
         data = json.loads(Path(path).read_text())
@@ -145,6 +191,12 @@ def _main(argv: list[str]) -> int:
         examples = out.get("examples") if isinstance(out, dict) else None
         if not isinstance(examples, list):
             raise CoconutError(f"outputs file {args.outputs}: expected coconut-eval's JSON (an 'examples' list)")
+        if records and all(_is_backward(r) for r in records):
+            c = read_backward_chains(records, examples, args.outputs)
+            print(f"{args.outputs} ({c['n']} backward chains): both walks against edges only "
+                  f"{100 * c['on_edges']:.1f}%; the right option's walk alone ends at the asked person "
+                  f"{100 * c['target_walk']:.1f}%, and the answer then names it {100 * c['answer_follows']:.1f}%")
+            return 0
         c = read_chains(records, examples, args.outputs)
         print(f"{args.outputs} ({c['n']} chains, {c['steps']} steps): steps that are edges of the graph "
               f"{100 * c['edge_steps']:.1f}%, that name a word which is no node of the question "

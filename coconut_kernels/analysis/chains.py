@@ -89,19 +89,24 @@ def _render(record: dict) -> str:
     return "edges" if steps and all(isinstance(x, str) and not _STEP.search(x) for x in steps) else "text"
 
 
+def _graph_of(records: list[dict], example: dict, j: int, where: str) -> GraphInfo:
+    """The graph of the data record that coconut-eval's example `j` names by its 'idx'."""
+    i = example.get("idx")
+    if not isinstance(i, int) or not 0 <= i < len(records):
+        raise CoconutError(f"{where}: example {j}: field 'idx': expected a record index of the data file "
+                           f"(0..{len(records) - 1}), got {i!r}")
+    return graph_info(records[i], f"data record {i}")
+
+
 def read_chains(records: list[dict], outputs: list[dict], where: str) -> dict:
     """How the written chains of `outputs` (coconut-eval's examples: idx, output) relate to the graphs of
     `records`: {n, steps, edge_steps, foreign_steps, self_loops, root_first, walks, end_target,
     end_wrong_option}, shares of steps (edge_steps, foreign_steps, self_loops) or of chains (the rest)."""
     n_steps = edge_steps = foreign = loops = root_first = walks = end_t = end_nt = 0
     for j, ex in enumerate(outputs):
-        i = ex.get("idx")
-        if not isinstance(i, int) or not 0 <= i < len(records):
-            raise CoconutError(f"{where}: example {j}: field 'idx': expected a record index of the data file "
-                               f"(0..{len(records) - 1}), got {i!r}")
-        info = graph_info(records[i], f"data record {i}")
+        info = _graph_of(records, ex, j, where)
         edges = set(info.edges)
-        steps = chain_steps(str(ex.get("output", "")), info, _render(records[i]))
+        steps = chain_steps(str(ex.get("output", "")), info, _render(records[ex["idx"]]))
         on_edge = [s in edges for s in steps]
         n_steps += len(steps)
         edge_steps += sum(on_edge)
@@ -138,11 +143,7 @@ def read_backward_chains(records: list[dict], outputs: list[dict], where: str) -
     option)}, each a share of the chains (answer_follows: of the target_walk chains)."""
     on_edges = target_walk = follows = 0
     for j, ex in enumerate(outputs):
-        i = ex.get("idx")
-        if not isinstance(i, int) or not 0 <= i < len(records):
-            raise CoconutError(f"{where}: example {j}: field 'idx': expected a record index of the data file "
-                               f"(0..{len(records) - 1}), got {i!r}")
-        info = graph_info(records[i], f"data record {i}")
+        info = _graph_of(records, ex, j, where)
         index = {name: k for k, name in enumerate(info.symbols)}
         chain, _, answer = str(ex.get("output", "")).partition("###")
         lines = [line.split() for line in chain.split("\n") if line.strip()]

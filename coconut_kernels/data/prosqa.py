@@ -17,8 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ["CHAINS", "concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable", "GraphSize", "SIZES",
-           "RENDERS"]
+__all__ = ["CHAINS", "concept_nouns", "person_names", "generate_problem", "generate_dataset", "reachable", "GraphSize",
+           "SIZES", "RENDERS"]
 
 # Nouns are onset + vowel + (m|r|l) + "pus", the pattern of the split's vocabulary; the onsets cover every
 # noun the split uses, so a word tokenizer built from generated data also covers the split.

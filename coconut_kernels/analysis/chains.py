@@ -4,8 +4,8 @@ yardsticks that say why a CoT model sits below a guess between the two options.
 ``python -m coconut_kernels.analysis.chains --data valid.json [--outputs coconut_eval.json]``
 
 Baselines of a data file (from the graphs alone): a chain that follows a uniformly drawn edge out of its
-current node for as many steps as the reference chain (a CoT that can read edges but cannot plan) ends at
-the target with probability `random_walk`; answering the option that fewer edges point to scores
+current node for as many steps as the shortest path to the target (the published chain's length; a CoT that
+can read edges but cannot plan) ends at the target with probability `random_walk`; answering the option that fewer edges point to scores
 `fewer_parents` (a shortcut the published split allows); `root_children` is the mean number of edges out
 of the root (the first choice a chain must make). With ``--outputs`` (coconut-eval's per-example file), the
 written chains are read back: the share of their steps that are edges of the question's graph, of steps
@@ -59,7 +59,7 @@ def baselines(records: list[dict], where: str) -> dict:
         info = graph_info(r, f"{where}: record {i}")
         if not isinstance(r.get("steps"), list):
             raise CoconutError(f"{where}: record {i}: field 'steps': expected a list of reasoning steps")
-        walk += _walk_success(info, len(r["steps"]))
+        walk += _walk_success(info, info.depth.get(info.target, 0))  # unreachable: no walk gets there
         parents = defaultdict(int)
         for _, b in info.edges:
             parents[b] += 1
@@ -89,13 +89,13 @@ def _render(record: dict) -> str:
     return "edges" if steps and all(isinstance(x, str) and not _STEP.search(x) for x in steps) else "text"
 
 
-def _graph_of(records: list[dict], example: dict, j: int, where: str) -> GraphInfo:
-    """The graph of the data record that coconut-eval's example `j` names by its 'idx'."""
+def _graph_of(records: list[dict], example: dict, j: int, where: str) -> tuple[dict, GraphInfo]:
+    """The data record that coconut-eval's example `j` names by its 'idx', and its graph."""
     i = example.get("idx")
     if not isinstance(i, int) or not 0 <= i < len(records):
         raise CoconutError(f"{where}: example {j}: field 'idx': expected a record index of the data file "
                            f"(0..{len(records) - 1}), got {i!r}")
-    return graph_info(records[i], f"data record {i}")
+    return records[i], graph_info(records[i], f"data record {i}")
 
 
 def read_chains(records: list[dict], outputs: list[dict], where: str) -> dict:
@@ -104,9 +104,9 @@ def read_chains(records: list[dict], outputs: list[dict], where: str) -> dict:
     end_wrong_option}, shares of steps (edge_steps, foreign_steps, self_loops) or of chains (the rest)."""
     n_steps = edge_steps = foreign = loops = root_first = walks = end_t = end_nt = 0
     for j, ex in enumerate(outputs):
-        info = _graph_of(records, ex, j, where)
+        record, info = _graph_of(records, ex, j, where)
         edges = set(info.edges)
-        steps = chain_steps(str(ex.get("output", "")), info, _render(records[ex["idx"]]))
+        steps = chain_steps(str(ex.get("output", "")), info, _render(record))
         on_edge = [s in edges for s in steps]
         n_steps += len(steps)
         edge_steps += sum(on_edge)
@@ -143,7 +143,7 @@ def read_backward_chains(records: list[dict], outputs: list[dict], where: str) -
     option)}, each a share of the chains (answer_follows: of the target_walk chains)."""
     on_edges = target_walk = follows = 0
     for j, ex in enumerate(outputs):
-        info = _graph_of(records, ex, j, where)
+        _, info = _graph_of(records, ex, j, where)
         index = {name: k for k, name in enumerate(info.symbols)}
         chain, _, answer = str(ex.get("output", "")).partition("###")
         lines = [line.split() for line in chain.split("\n") if line.strip()]
@@ -151,7 +151,8 @@ def read_backward_chains(records: list[dict], outputs: list[dict], where: str) -
             continue
         walks = [[index.get(line[k]) for line in lines] for k in (0, 1)]
         edges = set(info.edges)
-        on_edges += all((b, a) in edges or (a == b and a is not None and all(e[1] != a for e in edges))
+        has_parent = {b for _, b in edges}  # a person has none: its walk may only repeat it
+        on_edges += all((b, a) in edges or (a == b and a is not None and a not in has_parent)
                         for w in walks for a, b in zip(w, w[1:]))
         ends = [w[-1] == info.root for w in walks]
         right = [w[0] == info.target for w in walks]

@@ -146,6 +146,29 @@ def test_ragged_equals_each_example_alone():
     torch.testing.assert_close(total.loss, sums / n, rtol=1e-12, atol=1e-12)
 
 
+def test_ragged_backward_when_the_longest_example_has_no_thoughts():
+    """The longest example, last in the batch and without thoughts, fills its cache rows in the first pass and
+    sits out the others' thought passes (as in a batch of mixed curriculum stages, uniform_prob > 0): the
+    batch's loss and gradients are those of its examples alone."""
+    _, lm = pair("llama", torch.float64)
+    ex = examples([3, 1, 0], seed=8)
+    ex[2]["input_ids"] = ex[2]["input_ids"][:-1] + [5] * 20 + [EOS]
+    ex[2]["labels"] = ex[2]["labels"][:-1] + [5] * 20 + [EOS]
+    batch = RaggedCollator(PAD, LAT)(ex)
+    assert int(batch["attention_mask"][2].sum()) == batch["input_ids"].shape[1]
+    out = lm(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    got = torch.autograd.grad(out.loss * out.n_tokens, list(lm.parameters()), allow_unused=True)
+    want = [torch.zeros_like(p) for p in lm.parameters()]
+    for e in ex:
+        one = RaggedCollator(PAD, LAT)([e])
+        o = lm(one["input_ids"], one["attention_mask"], one["labels"])
+        for w, g in zip(want, torch.autograd.grad(o.loss * o.n_tokens, list(lm.parameters()), allow_unused=True)):
+            if g is not None:
+                w += g
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.zeros_like(w) if g is None else g, w, rtol=1e-10, atol=1e-12)
+
+
 def plain_feedback_loss(hf, fb, ex):
     """The training loss of a batch the plain way, with any feedback mode: per example, every latent re-runs the
     whole `transformers` model over the input embeddings so far (no cache) and feeds fb(its last normed hidden

@@ -218,6 +218,32 @@ def test_entry_gradients_match_reference_autograd():
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seqlens", [[4, 2, 10], [10, 2, 10]], ids=["last-full", "first-and-last-full"])
+def test_gradients_with_full_sequences_that_add_no_rows(seqlens):
+    """A sequence whose cache is full (cache_seqlens = Tmax) sits out a pass (new_seqlens 0), as in a training batch
+    whose examples have different thought counts: the backward takes no row of it (the last sequence's window
+    starts one past the accumulators' last row) and the others' gradients are the reference's."""
+    c = make_case(3, 3, 4, 2, 8, 10, rotary_dim=4, seed=6)
+    c["cache_seqlens"] = torch.tensor(seqlens, dtype=torch.int32)
+    c["new_seqlens"] = torch.tensor([3 if s + 3 <= 10 else 0 for s in seqlens], dtype=torch.int32)
+    c["new_seqlens"][1] = 1
+    leaves = [c[n].clone().requires_grad_() for n in ("q", "k_new", "v_new")]
+    kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+    out = latent_attention(*leaves, kc, vc, c["cache_seqlens"], **entry_kwargs(c))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    ref_leaves = [c[n].clone().requires_grad_() for n in ("q", "k_new", "v_new")]
+    kr, vr = c["k_cache"].clone(), c["v_cache"].clone()
+    ref_out, _ = R.latent_attention_reference(*ref_leaves, kr, vr, c["cache_seqlens"], None, c["new_seqlens"],
+                                              c["rotary_cos"], c["rotary_sin"])
+    ref_grads = torch.autograd.grad((ref_out * w).sum(), ref_leaves)
+    torch.testing.assert_close(out, ref_out.detach(), **TOL[torch.float64])
+    torch.testing.assert_close(kc, kr, **TOL[torch.float64])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **TOL[torch.float64])
+    assert grads[1][2].abs().max() == 0 and grads[2][2].abs().max() == 0
+
+
 def test_opcheck():
     c = make_case(2, 3, 4, 2, 16, 12, rotary_dim=8, leftpad=True, ragged=True, seed=3)
     c = cast(c, torch.float32)

@@ -243,8 +243,10 @@ class NewRows:
         if Tmax != self.Tmax or acc.storage_offset() != 0 or \
                 acc.untyped_storage().nbytes() < (B * Tmax + self.n_rows) * row * acc.element_size():
             raise RuntimeError("NewRows.take needs accumulators from grad_accumulators padded by n_rows rows")
-        # One index_select copies whole windows (an elementwise gather was ~10x slower on CPU).
-        windows = acc.as_strided((B * Tmax, self.n_rows * row), (row, 1))
+        # One index_select copies whole windows (an elementwise gather was ~10x slower on CPU). B * Tmax + 1
+        # windows: the last sequence's starts at row B * Tmax when its cache is full (cache_seqlens = Tmax, a
+        # sequence sitting out the pass), and its n_rows rows lie in the padding.
+        windows = acc.as_strided((B * Tmax + 1, self.n_rows * row), (row, 1))
         g = windows.index_select(0, self.start).view(B, self.n_rows, *acc.shape[2:]).mul_(self.mask(acc.dtype))
         if rotary_cos is not None:
             pos = self.rows if self.leftpad is None else self.rows - self.leftpad.long()[:, None]

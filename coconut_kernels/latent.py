@@ -229,7 +229,9 @@ class LatentLM(nn.Module):
 
         Returns GenerateOutput: tokens (B, max_new_tokens) padded with pad_token_id (default: EOS), lengths
         (EOS included when emitted), n_latents, and with return_latents the vector fed at every latent step
-        and its top-5 read-out through the LM head (probabilities, ids).
+        (latents), the normed hidden state it was made from (latent_states: for "hidden" feedback the same
+        vector) and that state's top-5 read-out through the LM head (probabilities, ids): the distribution the
+        model gave where it thought, which for "soft" / "mixture" is what weighted the fed embedding mix.
         """
         validation.check_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,

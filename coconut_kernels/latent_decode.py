@@ -29,6 +29,7 @@ class GenerateOutput:
     lengths: torch.Tensor                     # (B,) new tokens per example (EOS included when emitted)
     n_latents: torch.Tensor                   # (B,) latent steps each example ran
     latents: torch.Tensor | None = None       # (B, max latents, d) the vector fed at every latent step
+    latent_states: torch.Tensor | None = None  # (B, max latents, d) the normed hidden state each came from
     latent_topk_ids: torch.Tensor | None = None    # (B, max latents, k): what each thought decodes to
     latent_topk_probs: torch.Tensor | None = None  # (B, max latents, k)
 
@@ -323,27 +324,34 @@ class DecodeStep:
 # ---- generation ----------------------------------------------------------------------------------------------
 
 
-def thought_topk(model, fed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What fed vectors (n, d) read as tokens: the ids (n, k) and probabilities (n, k) of the k most likely
-    tokens of softmax(LM head(fed)), the read-out `return_latents` reports for every thought."""
-    p = head_logits(model, fed.to(model.lm_head_weight.dtype)).softmax(-1).topk(k, dim=-1)
+def thought_topk(model, states: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What thoughts read as tokens: the ids (n, k) and probabilities (n, k) of the k most likely tokens of
+    softmax(LM head(states)), for states (n, d) the normed hidden states the thoughts were made from (see
+    `return_latents`): the next-token distribution the model gave where it thought. For "hidden" feedback the
+    state is the fed vector itself; a "soft" or "mixture" thought is an embedding mix, which the LM head does not
+    read (near-uniform), and its state's read-out is the distribution that weighted the mix."""
+    p = head_logits(model, states.to(model.lm_head_weight.dtype)).softmax(-1).topk(k, dim=-1)
     return p.indices, p.values
 
 
 class _Readout:
-    """return_latents: the vector fed at every latent step and its top-k read-out through the LM head."""
+    """return_latents: the vector fed at every latent step, the normed state it was made from, and that state's
+    top-k read-out through the LM head."""
 
     def __init__(self, k: int):
-        self.k, self.latents, self.ids, self.probs = k, [], [], []
+        self.k, self.latents, self.states, self.ids, self.probs = k, [], [], [], []
 
-    def record(self, model, fed: torch.Tensor, in_lat: torch.Tensor) -> None:
-        self.latents.append(torch.where(in_lat[:, None], fed, torch.zeros_like(fed)))
-        ids, probs = thought_topk(model, fed, self.k)
+    def record(self, model, fed: torch.Tensor, state: torch.Tensor, in_lat: torch.Tensor) -> None:
+        keep = in_lat[:, None]
+        self.latents.append(torch.where(keep, fed, torch.zeros_like(fed)))
+        self.states.append(torch.where(keep, state.to(fed.dtype), torch.zeros_like(fed)))
+        ids, probs = thought_topk(model, state, self.k)
         self.ids.append(ids)
-        self.probs.append(torch.where(in_lat[:, None], probs, torch.zeros_like(probs)))
+        self.probs.append(torch.where(keep, probs, torch.zeros_like(probs)))
 
     def fill(self, res: GenerateOutput) -> None:
         res.latents = torch.stack(self.latents, 1) if self.latents else None
+        res.latent_states = torch.stack(self.states, 1) if self.states else None
         res.latent_topk_ids = torch.stack(self.ids, 1) if self.ids else None
         res.latent_topk_probs = torch.stack(self.probs, 1) if self.probs else None
 
@@ -365,10 +373,16 @@ class _Generation:
         self.s_act = torch.zeros(B, dtype=torch.bool, device=device)
 
     def next_thought(self, normed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The next fed vector, from the step's (normed, logits); with a read-out, the state it came from is kept
+        (a copy: a CUDA graph's outputs are overwritten by the next replay)."""
         B, model = normed.shape[0], self.model
         if not self.fb.sequential:
-            return model.embed(torch.full((B,), self.lm.latent_token_id, device=normed.device))
-        return thought_vector(model, self.fb, normed, logits, self.sampling.generator).to(self.s_fed.dtype)
+            fed = model.embed(torch.full((B,), self.lm.latent_token_id, device=normed.device))
+        else:
+            fed = thought_vector(model, self.fb, normed, logits, self.sampling.generator).to(self.s_fed.dtype)
+        if self.readout is not None:  # pause: a <latent> embedding, made from no state, reads as itself
+            self.fed_state = normed.clone() if self.fb.sequential else fed
+        return fed
 
     def prefill(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefill pass (each prompt up to its first latent): (normed, logits) of each prompt's last
@@ -395,7 +409,7 @@ class _Generation:
         self.s_act.copy_(~state.done)
         normed, logits = self.dec.run(self.s_tok, self.s_fed, self.s_use, self.s_act)
         if self.readout is not None and it < plan.max_latents and not self.thinking_done:
-            self.readout.record(self.model, self.fed, in_lat)
+            self.readout.record(self.model, self.fed, self.fed_state, in_lat)
         state.update_stop(self.rule, logits, in_lat, in_forced, self.lm.end_latent_id)
         if self.fb.sequential and it + 1 < plan.max_latents and not self.thinking_done:
             self.fed = self.next_thought(normed, logits)
@@ -408,13 +422,19 @@ class _Generation:
         model, dev = self.model, self.input_ids.device
         width = int(n_latents.max())
         lat = model.embed(torch.full((state.rows.shape[0], width), self.lm.latent_token_id, device=dev))
-        fed, normed, logits = jacobi_thoughts(model, self.fb, self.dec.cache, self.fed, lat, n_latents, iters,
-                                              self.sampling.generator)
+        fed, normed, logits, before = jacobi_thoughts(model, self.fb, self.dec.cache, self.fed, lat, n_latents,
+                                                      iters, self.sampling.generator)
         thinking = state.latent_left > 0
         last = (state.latent_left - 1).clamp(min=0)
         if self.readout is not None:
+            # Row i was fed from row i - 1 of the iteration before the last (row 0: the prefill; with one
+            # iteration, rows past 0 hold their <latent> embedding, which is its own state).
+            states = fed.clone()
+            states[:, 0] = self.fed_state.to(fed.dtype)
+            if before is not None and width > 1:
+                states[:, 1:] = before[:, :-1].to(fed.dtype)
             for i in range(width):
-                self.readout.record(model, fed[:, i].to(self.s_fed.dtype), state.latent_left > i)
+                self.readout.record(model, fed[:, i].to(self.s_fed.dtype), states[:, i], state.latent_left > i)
         state.n_latents += state.latent_left
         state.latent_left = torch.zeros_like(state.latent_left)
         last_logits = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]

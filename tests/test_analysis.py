@@ -93,6 +93,29 @@ def test_numbers_on_a_hand_made_head():
     assert s2["corr_prob_reaches_target"] == pytest.approx(1.0)
 
 
+def test_read_out_comes_from_the_states_and_geometry_from_the_fed_vectors():
+    """A soft thought is an embedding mix; its read-out is the state it was made from, its norm and nearest
+    embedding are the fed vector's."""
+    rec = _record()
+    tok = WordTokenizer.from_records([rec])
+    g = graph_info(rec, "r")
+    ids = node_token_ids(g, tok, "r")
+    V = tok.vocab_size
+    eye = torch.eye(V, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    states = torch.randn(2, V, generator=gen, dtype=torch.float64)
+    fed = torch.randn(2, V, generator=gen, dtype=torch.float64)
+    nodes, thoughts = thought_rows(fed, eye, None, eye, g, ids, c_thought=1, states=states)
+    p = states.softmax(-1)
+    for r in nodes:
+        assert r["prob"] == pytest.approx(float(p[r["step"] - 1, ids[r["node"]][0]]), rel=1e-12)
+    for t, f, pr in zip(thoughts, fed, p):
+        assert t["norm"] == pytest.approx(float(f.norm()))
+        assert t["nearest_token_id"] == int(f.argmax()) and t["top1_token_id"] == int(pr.argmax())
+    with pytest.raises(ValueError, match="states"):
+        thought_rows(fed, eye, None, eye, g, ids, c_thought=1, states=states[:1])
+
+
 def test_two_thoughts_per_step_share_a_frontier():
     rec = _record()
     tok = WordTokenizer.from_records([rec])

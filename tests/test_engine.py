@@ -294,14 +294,20 @@ def test_stop_strings_end_a_sample_and_cut_its_text(lm):
         eng.add(p, SamplingParams(stop_strings=("",)))
 
 
-def test_latent_topk_equals_generate_readout(lm):
+@pytest.mark.parametrize("feedback", ["hidden", "soft"])
+def test_latent_topk_equals_generate_readout(lm, feedback):
+    """The fed vectors, the states they were made from and the states' read-out are generate's (for "soft" the
+    fed vector is an embedding mix and the read-out is the state's, not the mix's)."""
     p = [5, 6, 7, BOT, LAT, LAT, LAT, EOT]
-    s = LatentEngine(lm, 2, 64).generate([p], SamplingParams(max_tokens=4, return_latents=True,
-                                                             latent_topk=3))[0].samples[0]
-    ref = lm.generate(torch.tensor([p]), max_new_tokens=4, return_latents=True)
+    s = LatentEngine(lm, 2, 64).generate([p], SamplingParams(max_tokens=4, return_latents=True, latent_topk=3,
+                                                             feedback=feedback))[0].samples[0]
+    ref = lm.generate(torch.tensor([p]), max_new_tokens=4, return_latents=True, feedback=feedback)
     assert s.latent_topk_ids.shape == (3, 3)
     assert torch.equal(s.latent_topk_ids, ref.latent_topk_ids[0, :3, :3])
     torch.testing.assert_close(s.latent_topk_probs, ref.latent_topk_probs[0, :3, :3])
+    torch.testing.assert_close(s.latents, ref.latents[0])
+    torch.testing.assert_close(s.latent_states, ref.latent_states[0])
+    assert torch.equal(s.latents, s.latent_states) == (feedback == "hidden")
 
 
 def test_lm_head_runs_only_on_rows_that_read_logits(lm, monkeypatch):

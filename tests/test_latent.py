@@ -408,6 +408,38 @@ def test_return_latents_readout():
     assert out.latent_topk_ids[1, 0].tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("mode,schedule", [("hidden", "sequential"), ("soft", "sequential"), ("soft", "jacobi")])
+def test_return_latents_states_are_what_each_thought_was_made_from(mode, schedule):
+    """latents: the fed vectors; latent_states: the normed last hidden state before each thought (a plain loop's),
+    whose LM head read-out is latent_topk. For "soft" the fed vector is an embedding mix that the LM head does
+    not read; for "hidden" state and fed vector are one. Jacobi with as many iterations as thoughts gives the
+    sequential states."""
+    _, lm = pair("gpt2", torch.float64)
+    fb = resolve_feedback(mode, 32)
+    ex, batch = prompts([2, 4], seed=23)
+    kw = dict(latent_schedule="jacobi", jacobi_iters=4) if schedule == "jacobi" else {}
+    out = lm.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=2, feedback=fb,
+                      return_latents=True, **kw)
+    model, E = lm.model, lm.model.embed_tokens.weight
+    with torch.no_grad():
+        for b, e in enumerate(ex):
+            ids = e["input_ids"]
+            embeds = [E[t] for t in ids[:ids.index(LAT)]]
+            for i in range(ids.count(LAT)):
+                h = model.forward_embeds(torch.stack(embeds)[None], model.new_cache(1, len(embeds)))
+                normed = model.final_norm(h[0, -1])
+                logits = lm._logits(normed[None])
+                vec = fb(normed[None], logits, None, E)[0]
+                torch.testing.assert_close(out.latents[b, i], vec, rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(out.latent_states[b, i], normed, rtol=1e-9, atol=1e-9)
+                want = logits.softmax(-1).topk(5)
+                assert out.latent_topk_ids[b, i].tolist() == want.indices[0].tolist()
+                torch.testing.assert_close(out.latent_topk_probs[b, i], want.values[0], rtol=1e-9, atol=1e-12)
+                embeds.append(vec)
+    if mode == "hidden":
+        assert torch.equal(out.latents, out.latent_states)
+
+
 def test_generate_bad_input():
     _, lm = pair("gpt2", torch.float32)
     _, batch = prompts([2], seed=29)

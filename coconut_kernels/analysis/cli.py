@@ -126,7 +126,8 @@ def analyze(lm, tokenizer, stage_config: StageConfig, records: list[dict], out_d
             n_rows, t_rows = thought_rows(res.latents[j, :k].cpu(), model.lm_head_weight.detach().cpu(),
                                           None if model.lm_head_bias is None else model.lm_head_bias.detach().cpu(),
                                           model.embed_tokens.weight.detach().cpu(), infos[i], node_ids[i],
-                                          stage_config.c_thought, vocab, record=i)
+                                          stage_config.c_thought, vocab, record=i,
+                                          states=res.latent_states[j, :k].cpu())
             nodes += n_rows
             thoughts += t_rows
             text = tokenizer.decode(prompts[j].input_ids + res.tokens[j, :int(res.lengths[j])].tolist(),

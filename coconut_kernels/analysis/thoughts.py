@@ -1,13 +1,16 @@
-"""The numbers of the thought analysis, from the fed vectors alone (no model needed, so a test can build
+"""The numbers of the thought analysis, from the fed vectors and their states alone (no model needed, so a test can build
 them by hand).
 
 A continuous thought is the vector fed at a latent step (`GenerateOutput.latents`: for the "hidden"
 feedback, the last hidden state after the final norm). Its read-out is the LM head's distribution over the
-vocabulary, ``softmax(W h + b)``, the next-token distribution the model would have produced at that
-position. A node's probability is the read-out's probability of the node's token; a node whose name is
-several tokens gets its first token's (the word tokenizer gives every ProsQA node one token; the
-``n_tokens`` column says when this applies). Thought ``i`` (0-based) of ``c_thought`` thoughts per step
-stands for reasoning step ``i // c_thought + 1``, whose frontier is the nodes at that depth from the root.
+vocabulary, ``softmax(W h + b)``, for h the normed hidden state the thought was made from
+(`GenerateOutput.latent_states`; for "hidden" feedback the thought itself): the next-token distribution the
+model produced where it thought. A "soft" or "mixture" thought is a mix of token embeddings, which the LM head
+does not read; its state's read-out is the distribution that weighted the mix. A node's probability is the
+read-out's probability of the node's token; a node whose name is several tokens gets its first token's (the
+word tokenizer gives every ProsQA node one token; the ``n_tokens`` column says when this applies). Thought
+``i`` (0-based) of ``c_thought`` thoughts per step stands for reasoning step ``i // c_thought + 1``, whose
+frontier is the nodes at that depth from the root.
 """
 from __future__ import annotations
 
@@ -48,11 +51,16 @@ def pearson(x: list[float], y: list[float]) -> float:
 
 def thought_rows(latents: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
                  embeddings: torch.Tensor, info: GraphInfo, node_ids: list[list[int]], c_thought: int,
-                 vocab: list[str] | None = None, record: int = 0) -> tuple[list[dict], list[dict]]:
-    """One question's tables. ``latents`` (K, d): its fed vectors, in order. Returns (node rows: one per
-    latent step and graph node, thought rows: one per latent step)."""
+                 vocab: list[str] | None = None, record: int = 0,
+                 states: torch.Tensor | None = None) -> tuple[list[dict], list[dict]]:
+    """One question's tables. ``latents`` (K, d): its fed vectors, in order (their norm and nearest embedding);
+    ``states`` (K, d): the normed hidden states they were made from, read out through the LM head (default:
+    the latents, which they are for "hidden" feedback). Returns (node rows: one per latent step and graph node,
+    thought rows: one per latent step)."""
     h = latents.double()
-    logits = h @ head_weight.double().T
+    if states is not None and states.shape != latents.shape:
+        raise ValueError(f"states: expected the latents' shape {tuple(latents.shape)}, got {tuple(states.shape)}")
+    logits = (h if states is None else states.double()) @ head_weight.double().T
     if head_bias is not None:
         logits = logits + head_bias.double()
     probs = logits.softmax(-1)  # (K, V)

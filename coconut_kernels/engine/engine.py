@@ -84,6 +84,7 @@ class _Seq:
         self.generator = None if seed is None else torch.Generator().manual_seed(seed + index)
         self.sample = Sample()
         self.latents: list[torch.Tensor] = []
+        self.states: list[torch.Tensor] = []  # the normed state each thought was made from
 
 
 class _Request:
@@ -130,6 +131,7 @@ class LatentEngine:
         self.state.done.fill_(True)  # a slot runs only while a sample decodes in it
         d, dtype = cfg.d_model, self.model.embed_tokens.weight.dtype
         self.fed = torch.zeros(B, d, dtype=dtype, device=device)
+        self.fed_state = torch.zeros(B, d, dtype=dtype, device=device)  # what each slot's fed vector came from
         # static buffers of the decode pass (a CUDA graph replays over them)
         self.s_tok = torch.zeros(B, dtype=torch.long, device=device)
         self.s_fed = torch.zeros(B, d, dtype=dtype, device=device)
@@ -337,8 +339,10 @@ class LatentEngine:
             if r.fb.sequential:
                 self.fed[s] = thought_vector(model, r.fb, normed[None], logits[None], seq.generator)[0].to(
                     self.fed.dtype)
-            else:
+                self.fed_state[s] = normed
+            else:  # pause: a <latent> embedding, made from no state, reads as itself
                 self.fed[s] = model.embed(torch.tensor([self.lm.latent_token_id], device=self.device))[0]
+                self.fed_state[s] = self.fed[s]
             self.forced[s, :len(r.forced)] = forced
             self.plan.forced_len[s] = len(r.forced)
             self.plan.latent_budget[s] = r.budget
@@ -362,6 +366,7 @@ class LatentEngine:
         for seq in rows.seqs:
             if seq.req.params.return_latents and rows.in_lat_h[seq.slot]:
                 seq.latents.append(self.fed[seq.slot].clone())
+                seq.states.append(self.fed_state[seq.slot].clone())
         self._update_stop(rows.seqs, logits, rows.in_lat, rows.in_forced)
         sampled, sample_lp, failed = self._next_inputs(rows, normed, logits)
         self._emit(rows, sampled, logits, sample_lp, failed)
@@ -420,6 +425,7 @@ class LatentEngine:
                 if r.fb.sequential and seq.it + 1 < r.budget:
                     self.fed[s] = thought_vector(self.model, r.fb, normed[s:s + 1], logits.row(s),
                                                  seq.generator)[0].to(self.fed.dtype)
+                    self.fed_state[s] = normed[s]
                 if p.do_sample:  # the uniform after the thought's noise, as generate draws them
                     u = torch.rand(1, dtype=torch.float64, generator=seq.generator)
                     groups.setdefault((p.temperature, p.top_k, p.top_p), []).append((seq, u))
@@ -514,8 +520,9 @@ class LatentEngine:
         seq.sample.n_latents = int(self.state.n_latents[s])
         if seq.latents:
             seq.sample.latents = torch.stack(seq.latents)
+            seq.sample.latent_states = torch.stack(seq.states)
             seq.sample.latent_topk_ids, seq.sample.latent_topk_probs = thought_topk(
-                self.model, seq.sample.latents, seq.req.params.latent_topk)
+                self.model, seq.sample.latent_states, seq.req.params.latent_topk)
         self.state.done[s] = True
         self.cache.seqlens[s] = 0
         self.slots[s] = None

@@ -21,9 +21,10 @@ class SamplingParams:
     model's EOS; stop_strings: strings that end a sample once its decoded text contains one (the engine needs
     a tokenizer; the text is cut before the string, as OpenAI's `stop`); seed: sample i draws from
     torch.Generator().manual_seed(seed + i) (None: torch's global generator, not reproducible);
-    return_latents: keep the vector fed at every latent step and what it reads as (its `latent_topk` most
-    likely tokens under the LM head); logprobs: report each token's log-probabilities (Sample.logprobs and
-    model_logprobs; False leaves them empty and saves a pass over the step's logits, as `generate` reports none).
+    return_latents: keep the vector fed at every latent step and what it reads as (the `latent_topk` most
+    likely tokens of the LM head on the state it was made from, as `LatentLM.generate`); logprobs: report each
+    token's log-probabilities (Sample.logprobs and model_logprobs; False leaves them empty and saves a pass over
+    the step's logits, as `generate` reports none).
     """
     n: int = 1
     max_tokens: int = 16
@@ -75,14 +76,17 @@ class SamplingParams:
 class Sample:
     """One generated answer. logprobs: log-probability of each token under the distribution it was drawn from
     (temperature / top-k / top-p applied; 0.0 for greedy, a point mass); model_logprobs: under the raw model
-    (softmax of the logits); both empty when the request asked for no log-probs. latents (n_latents, d): the vector fed at every latent step, latent_topk_ids and
-    latent_topk_probs (n_latents, latent_topk): the tokens it reads as under the LM head (return_latents).
+    (softmax of the logits); both empty when the request asked for no log-probs. latents (n_latents, d): the
+    vector fed at every latent step; latent_states (n_latents, d): the normed hidden state each was made from
+    ("hidden" feedback: the same vector); latent_topk_ids and latent_topk_probs (n_latents, latent_topk): the
+    tokens that state reads as under the LM head (return_latents).
     text: the decoded answer, cut before the stop string that ended it (set when the request has stop_strings)."""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     model_logprobs: list[float] = field(default_factory=list)
     n_latents: int = 0
     latents: torch.Tensor | None = None
+    latent_states: torch.Tensor | None = None
     latent_topk_ids: torch.Tensor | None = None
     latent_topk_probs: torch.Tensor | None = None
     text: str | None = None

@@ -1,5 +1,5 @@
-"""The numbers of the thought analysis, from the fed vectors and their states alone (no model needed, so a test can build
-them by hand).
+"""The numbers of the thought analysis, from the fed vectors and their states alone (no model needed, so a test
+can build them by hand).
 
 A continuous thought is the vector fed at a latent step (`GenerateOutput.latents`: for the "hidden"
 feedback, the last hidden state after the final norm). Its read-out is the LM head's distribution over the

@@ -252,6 +252,36 @@ def test_only_eval_and_init_from_a_checkpoint(tmp_path, capsys):
         run(tiny(tmp_path / "eval3", init_from=str(empty), only_eval=True))
 
 
+def test_marker_init_copies_a_token_row_into_the_marker_rows(tmp_path):
+    """marker_init: at init_from, the <bot>, <eot>, <latent> embedding rows become the token's; the untied LM head
+    and every other row stay the checkpoint's; a resumed run keeps its own rows; bad values are refused."""
+    from coconut_kernels.training.build import build_lm, build_tokenizer
+
+    model = dict(TINY_MODEL, family="llama", d_ff=64)
+    ckpt = run(tiny(tmp_path / "cot", method="cot", num_epochs=1, eval_every=0, model=model))["checkpoint"]
+    plain = tiny(tmp_path / "a", init_from=str(ckpt), model=None)
+    tok = build_tokenizer(plain, [], None)
+    base = build_lm(plain, tok, None)
+    lm = build_lm(tiny(tmp_path / "b", init_from=str(ckpt), model=None, marker_init="\n"), tok, None)
+    nl = tok.encode("\n")[0]
+    E0, E = base.model.embed_tokens.weight, lm.model.embed_tokens.weight
+    markers = [lm.start_latent_id, lm.end_latent_id, lm.latent_token_id]
+    assert not torch.equal(E0[markers[0]], E0[nl])
+    for m in markers:
+        assert torch.equal(E[m], E0[nl])
+    others = [i for i in range(E.shape[0]) if i not in markers]
+    assert torch.equal(E[others], E0[others])
+    assert torch.equal(lm.model.lm_head_weight, base.model.lm_head_weight)
+    resumed = build_lm(tiny(tmp_path / "c", init_from=str(ckpt), model=None, marker_init="\n"), tok, ckpt)
+    assert torch.equal(resumed.model.embed_tokens.weight, E0)
+    with pytest.raises(ValueError, match="'marker_init': expected the text of one token"):
+        build_lm(tiny(tmp_path / "d", init_from=str(ckpt), model=None, marker_init="Tom is"), tok, None)
+    with pytest.raises(ValueError, match="'marker_init': sets marker rows of init_from"):
+        tiny(tmp_path / "e", marker_init="\n")
+    with pytest.raises(ValueError, match="'marker_init': expected None or a token"):
+        tiny(tmp_path / "f", init_from=str(ckpt), model=None, marker_init="")
+
+
 def make_hf_folder(folder: Path, records: list[dict]) -> int:
     """A small random-weight Hugging Face GPT-2 folder (config.json, model.safetensors, a word-level
     tokenizer.json covering `records`); returns its vocabulary size."""

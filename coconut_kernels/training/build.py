@@ -98,7 +98,29 @@ def build_lm(cfg: TrainConfig, tokenizer, checkpoint: Path | None, init: Path | 
             raise CheckpointError(f"{ours}: weights do not fit the model ({e})") from None
     elif cfg.load_model_path is not None:
         load_official_weights(lm, cfg.load_model_path, tokenizer)
+    if checkpoint is None and cfg.marker_init is not None:
+        init_marker_rows(lm, tokenizer, cfg.marker_init)
     return lm
+
+
+@torch.no_grad()
+def init_marker_rows(lm: LatentLM, tokenizer, text: str) -> int:
+    """The embedding rows of <bot>, <eot> and <latent> become the row of the one token `text` encodes to (its id
+    is returned). An untied LM head keeps its rows, so the model does not start writing markers where it wrote
+    that token; a tied head shares the embedding's rows (as with the official initialisation).
+
+    A CoT checkpoint never read the markers, so its marker rows are untrained; the official run.py gives the rows
+    it adds the row of "<<". With "\n", the line break that ends every question, <bot> first reads like the line
+    break after which a CoT model writes its first step, and the thoughts start from the chain's tokens
+    (README, "Walking back from the options")."""
+    ids = tokenizer.encode(text)
+    if len(ids) != 1 or ids[0] in (lm.latent_token_id, lm.start_latent_id, lm.end_latent_id):
+        raise ConfigError(f"config key 'marker_init': expected the text of one token other than a marker, got "
+                          f"{text!r} (the tokenizer encodes it as {ids})")
+    weight = lm.model.embed_tokens.weight
+    for marker in (lm.start_latent_id, lm.end_latent_id, lm.latent_token_id):
+        weight[marker] = weight[ids[0]]
+    return ids[0]
 
 
 def _ours(checkpoint: Path | None, init: Path | None) -> Path | None:

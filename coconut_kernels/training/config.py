@@ -32,7 +32,7 @@ RESUME_FREE = ("resume", "resume_override", "overwrite", "save_dir", "max_steps"
                "keep_checkpoints", "dist", "device", "progress", "log_every", "tensorboard", "eval_every",
                "eval_batch_size", "max_new_tokens", "eval_stage", "start_epoch", "save_only_improve")
 # Keys that cannot change on resume: the weights and vocabulary come from the checkpoint.
-RESUME_FIXED = ("model", "init_from", "load_model_path", "tokenizer", "method", "feedback")
+RESUME_FIXED = ("model", "init_from", "load_model_path", "tokenizer", "method", "feedback", "marker_init")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class TrainConfig:
     latent_schedule: str = "sequential"  # sequential (official: a pass per thought) | jacobi (PCCoT: jacobi_iters)
     jacobi_iters: int = 3  # Jacobi iterations over all thoughts (latent_schedule: jacobi); >= the thought count: exact
     load_model_path: str | None = None  # an official checkpoint_N file loaded over init_from's weights
+    marker_init: str | None = None  # a token whose embedding row the marker rows take at init_from (README)
     # --- method and curriculum (the official knobs) -------------------------------------------------------
     method: str = "coconut"  # coconut | cot | no_cot | no_thoughts | pause_as_thought
     c_thought: int = 1
@@ -154,6 +155,11 @@ class TrainConfig:
         if self.model is not None and self.model.get("family", "gpt2") not in ("gpt2", "llama"):
             raise ConfigError(f"config key 'model.family': expected 'gpt2' or 'llama', got {self.model['family']!r}")
         self.stage_config()  # the curriculum knobs' own checks
+        if self.marker_init is not None and (not isinstance(self.marker_init, str) or not self.marker_init):
+            raise ConfigError(f"config key 'marker_init': expected None or a token's text, got {self.marker_init!r}")
+        if self.marker_init is not None and self.init_from is None:
+            raise ConfigError("config key 'marker_init': sets marker rows of init_from's model; a fresh model (key "
+                              "'model') has random rows everywhere, so set init_from or leave marker_init unset")
         if self.model is None and self.init_from is None:
             raise ConfigError("no model to train: set init_from to a Hugging Face checkpoint folder (e.g. GPT-2, as "
                               "the official recipe) or a coconut-train checkpoint, or model to a fresh random "

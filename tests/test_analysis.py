@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from coconut_kernels.analysis import aggregate_steps, graph_info, main, thought_rows
+from coconut_kernels.analysis import aggregate_steps, graph_info, main, step_node_sets, thought_rows
 from coconut_kernels.analysis.thoughts import node_token_ids
 from coconut_kernels.data import WordTokenizer, generate_dataset
 from coconut_kernels.errors import CoconutError
@@ -55,7 +55,10 @@ def test_numbers_on_a_hand_made_head():
             probs[i, tid[s]] = p
     latents = probs.log() + torch.tensor([[3.0], [-1.5]], dtype=torch.float64)  # softmax ignores a shift
     eye = torch.eye(V, dtype=torch.float64)
-    nodes, thoughts = thought_rows(latents, eye, None, eye, g, ids, c_thought=1, vocab=tok.vocab, record=0)
+    step_nodes = step_node_sets(rec, g)
+    assert step_nodes == [{0, 2}, {2, 4}]  # Tom, wumpus; wumpus, zumpus
+    nodes, thoughts = thought_rows(latents, eye, None, eye, g, ids, c_thought=1, vocab=tok.vocab, record=0,
+                                   step_nodes=step_nodes)
     assert len(nodes) == 2 * len(SYMBOLS) and len(thoughts) == 2
 
     def p(step, sym):
@@ -73,6 +76,10 @@ def test_numbers_on_a_hand_made_head():
     assert t2["frontier_mass"] == pytest.approx(0.7)
     assert t2["nonfrontier_mass"] == pytest.approx(0.1 + 0.05 + 4 * rest1)  # Tom, Amy, yumpus, dumpus at rest
     assert t1["top1_token"] == "wumpus" and t1["top1_prob"] == pytest.approx(0.5)
+    # the replaced language steps' nodes: Tom (at rest) and wumpus; wumpus and zumpus
+    assert t1["step_mass"] == pytest.approx(0.5 + float(probs[0, 0])) and t1["n_step_nodes"] == 2
+    assert t2["step_mass"] == pytest.approx(0.1 + 0.6)
+    assert [r["symbol"] for r in nodes if r["step"] == 2 and r["in_step"]] == ["wumpus", "zumpus"]
     # identity embeddings: the nearest token by cosine is the largest coordinate of log p
     for t, lat in zip(thoughts, latents):
         assert t["norm"] == pytest.approx(float(lat.norm()))
@@ -83,6 +90,7 @@ def test_numbers_on_a_hand_made_head():
     assert [s["step"] for s in steps] == [1, 2]
     s1, s2 = steps
     assert s1["frontier_mass"] == pytest.approx(0.85) and s1["n_frontier_nodes"] == 3
+    assert s1["step_mass"] == pytest.approx(t1["step_mass"]) and s2["step_mass"] == pytest.approx(0.7)
     assert s1["frontier_node_prob"] == pytest.approx(0.85 / 3)
     assert s1["nonfrontier_node_prob"] == pytest.approx((0.02 + 4 * rest0) / 5)
     # frontier of step 1: heights 1, 1, 0 and reaches-target 1, 0, 0 against p 0.5, 0.3, 0.05

@@ -26,7 +26,7 @@ from ..errors import CheckpointError, CoconutError
 from ..validation import check_device, check_int, check_writable
 from .graph import graph_info
 from .plots import plot_aggregate, plot_question
-from .thoughts import aggregate_steps, node_token_ids, thought_rows
+from .thoughts import aggregate_steps, node_token_ids, step_node_sets, thought_rows
 
 __all__ = ["main", "analyze", "load_checkpoint"]
 
@@ -127,7 +127,8 @@ def analyze(lm, tokenizer, stage_config: StageConfig, records: list[dict], out_d
                                           None if model.lm_head_bias is None else model.lm_head_bias.detach().cpu(),
                                           model.embed_tokens.weight.detach().cpu(), infos[i], node_ids[i],
                                           stage_config.c_thought, vocab, record=i,
-                                          states=res.latent_states[j, :k].cpu())
+                                          states=res.latent_states[j, :k].cpu(),
+                                          step_nodes=step_node_sets(records[i], infos[i]))
             nodes += n_rows
             thoughts += t_rows
             text = tokenizer.decode(prompts[j].input_ids + res.tokens[j, :int(res.lengths[j])].tolist(),
@@ -193,11 +194,12 @@ def _main(argv: list[str]) -> int:
     res = analyze(lm, tokenizer, stage_config, records, out, data_name=str(data), stage=args.stage,
                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, plots=args.plots, device=device)
     print(f"{len(records)} questions, answer accuracy {100 * res['accuracy']:.1f}%; per latent step:")
-    print("step  frontier mass  other-node mass  corr(p, height)  corr(p, reaches target)  norm  cos to nearest emb")
+    print("step  frontier mass  other-node mass  corr(p, height)  corr(p, reaches target)  step-node mass  norm  "
+          "cos to nearest emb")
     for s in res["steps"]:
         print(f"{s['step']:>4}  {s['frontier_mass']:>13.4f}  {s['nonfrontier_mass']:>15.4f}  "
-              f"{s['corr_prob_height']:>15.3f}  {s['corr_prob_reaches_target']:>23.3f}  {s['norm']:>4.1f}  "
-              f"{s['nearest_cosine']:>18.3f}")
+              f"{s['corr_prob_height']:>15.3f}  {s['corr_prob_reaches_target']:>23.3f}  {s['step_mass']:>14.4f}  "
+              f"{s['norm']:>4.1f}  {s['nearest_cosine']:>18.3f}")
     print("wrote " + ", ".join(str(f) for f in res["files"][:6]) + (" ..." if len(res["files"]) > 6 else ""))
     return 0
 

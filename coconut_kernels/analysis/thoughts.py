@@ -10,17 +10,20 @@ does not read; its state's read-out is the distribution that weighted the mix. A
 read-out's probability of the node's token; a node whose name is several tokens gets its first token's (the
 word tokenizer gives every ProsQA node one token; the ``n_tokens`` column says when this applies). Thought
 ``i`` (0-based) of ``c_thought`` thoughts per step stands for reasoning step ``i // c_thought + 1``, whose
-frontier is the nodes at that depth from the root.
+frontier is the nodes at that depth from the root, and replaces the record's language step ``i // c_thought``,
+whose nodes (`step_nodes`) a thought that carries the chain names: for the published chain the step's two
+concepts, for ``generate_chain: backward`` the two walks' nodes at that depth.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
 from .graph import GraphInfo
 
-__all__ = ["node_token_ids", "thought_rows", "aggregate_steps", "pearson"]
+__all__ = ["node_token_ids", "thought_rows", "aggregate_steps", "pearson", "step_node_sets"]
 
 
 def node_token_ids(info: GraphInfo, tokenizer, where: str) -> list[list[int]]:
@@ -51,12 +54,13 @@ def pearson(x: list[float], y: list[float]) -> float:
 
 def thought_rows(latents: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
                  embeddings: torch.Tensor, info: GraphInfo, node_ids: list[list[int]], c_thought: int,
-                 vocab: list[str] | None = None, record: int = 0,
-                 states: torch.Tensor | None = None) -> tuple[list[dict], list[dict]]:
+                 vocab: list[str] | None = None, record: int = 0, states: torch.Tensor | None = None,
+                 step_nodes: list[set[int]] | None = None) -> tuple[list[dict], list[dict]]:
     """One question's tables. ``latents`` (K, d): its fed vectors, in order (their norm and nearest embedding);
     ``states`` (K, d): the normed hidden states they were made from, read out through the LM head (default:
-    the latents, which they are for "hidden" feedback). Returns (node rows: one per latent step and graph node,
-    thought rows: one per latent step)."""
+    the latents, which they are for "hidden" feedback); ``step_nodes``: the nodes each language step of the
+    record names (`step_node_sets`), for the mass on the replaced step's nodes. Returns (node rows: one per
+    latent step and graph node, thought rows: one per latent step)."""
     h = latents.double()
     if states is not None and states.shape != latents.shape:
         raise ValueError(f"states: expected the latents' shape {tuple(latents.shape)}, got {tuple(states.shape)}")
@@ -73,6 +77,7 @@ def thought_rows(latents: torch.Tensor, head_weight: torch.Tensor, head_bias: to
         depth = i // c_thought + 1
         frontier = set(info.frontier(depth))
         p_nodes = probs[i, first]
+        in_step = sorted(step_nodes[i // c_thought]) if step_nodes and i // c_thought < len(step_nodes) else []
         for v in range(info.n_nodes):
             nodes.append({
                 "record": record, "step": step, "depth_of_step": depth, "node": v, "symbol": info.symbols[v],
@@ -80,7 +85,7 @@ def thought_rows(latents: torch.Tensor, head_weight: torch.Tensor, head_bias: to
                 "height": info.height[v], "reaches_target": int(info.to_target[v] is not None),
                 "to_target": "" if info.to_target[v] is None else info.to_target[v],
                 "is_root": int(v == info.root), "is_target": int(v == info.target),
-                "is_neg_target": int(v == info.neg_target), "prob": float(p_nodes[v]),
+                "is_neg_target": int(v == info.neg_target), "in_step": int(v in in_step), "prob": float(p_nodes[v]),
             })
         best = int(cos[i].argmax())
         top = int(probs[i].argmax())
@@ -91,6 +96,7 @@ def thought_rows(latents: torch.Tensor, head_weight: torch.Tensor, head_bias: to
             "frontier_mass": float(p_nodes[sorted(frontier)].sum()) if frontier else 0.0,
             "nonfrontier_mass": float(p_nodes.sum() - (p_nodes[sorted(frontier)].sum() if frontier else 0.0)),
             "n_frontier": len(frontier),
+            "step_mass": float(p_nodes[in_step].sum()) if in_step else math.nan, "n_step_nodes": len(in_step),
         })
     return nodes, thoughts
 
@@ -98,7 +104,8 @@ def thought_rows(latents: torch.Tensor, head_weight: torch.Tensor, head_bias: to
 def aggregate_steps(nodes: list[dict], thoughts: list[dict]) -> list[dict]:
     """Per latent step over all questions: the mean probability mass on the frontier and on the other graph
     nodes, the mean probability of one frontier / other node, the Pearson correlation over frontier nodes
-    of probability with height and with reaching the target, and the mean thought norm and cosine."""
+    of probability with height and with reaching the target, the mean mass on the replaced language step's
+    nodes (over the questions that have that step), and the mean thought norm and cosine."""
     out = []
     for step in sorted({t["step"] for t in thoughts}):
         ts = [t for t in thoughts if t["step"] == step]
@@ -115,7 +122,14 @@ def aggregate_steps(nodes: list[dict], thoughts: list[dict]) -> list[dict]:
             "n_frontier_nodes": len(fr),
             "corr_prob_height": pearson([r["prob"] for r in fr], [r["height"] for r in fr]),
             "corr_prob_reaches_target": pearson([r["prob"] for r in fr], [r["reaches_target"] for r in fr]),
+            "step_mass": mean([t["step_mass"] for t in ts if not math.isnan(t["step_mass"])]),
             "norm": mean([t["norm"] for t in ts]),
             "nearest_cosine": mean([t["nearest_cosine"] for t in ts]),
         })
     return out
+
+
+def step_node_sets(record: dict, info: GraphInfo) -> list[set[int]]:
+    """The graph nodes each of the record's language steps names (words of the step that are node symbols)."""
+    index = {name: v for v, name in enumerate(info.symbols)}
+    return [{index[w] for w in re.findall(r"\w+", step) if w in index} for step in record["steps"]]

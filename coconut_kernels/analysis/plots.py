@@ -57,14 +57,17 @@ def plot_question(info: GraphInfo, rows: list[dict], path: Path, title: str = ""
 
 
 def plot_aggregate(steps: list[dict], nodes: list[dict], path: Path) -> Path:
-    """Three panels over latent steps: mean probability mass on frontier vs other graph nodes; the
-    correlation over frontier nodes of probability with height and with reaching the target; the thought's
-    norm and its cosine to the nearest token embedding."""
+    """Three panels over latent steps: mean probability mass on frontier vs other graph nodes (and on the replaced
+    language step's nodes); the correlation over frontier nodes of probability with height and with reaching the
+    target; the thought's norm and its cosine to the nearest token embedding."""
     plt = _pyplot()
     x = [s["step"] for s in steps]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     _two_series(axes[0], x, steps, ("frontier_mass", "frontier nodes"), ("nonfrontier_mass", "other graph nodes"),
                 "mean probability mass", "where a thought puts its probability")
+    if any(s.get("step_mass") == s.get("step_mass") for s in steps):  # not all NaN
+        axes[0].plot(x, [s["step_mass"] for s in steps], "^:", color="C4", label="replaced step's nodes")
+        axes[0].legend(fontsize=8)
     _two_series(axes[1], x, steps, ("corr_prob_height", "corr(p, height)"),
                 ("corr_prob_reaches_target", "corr(p, reaches target)"),
                 "Pearson r over frontier nodes", "probability vs the node's value")

@@ -432,7 +432,7 @@ class _Generation:
             states = fed.clone()
             states[:, 0] = self.fed_state.to(fed.dtype)
             if before is not None and width > 1:
-                states[:, 1:] = before[:, :-1].to(fed.dtype)
+                states[:, 1:] = model.final_norm(before[:, :-1]).to(fed.dtype)
             for i in range(width):
                 self.readout.record(model, fed[:, i].to(self.s_fed.dtype), states[:, i], state.latent_left > i)
         state.n_latents += state.latent_left

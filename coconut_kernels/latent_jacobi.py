@@ -77,8 +77,9 @@ def jacobi_thoughts(model, fb: Feedback, cache, first: torch.Tensor, thought_emb
     """generate's thought phase (no grad): after the prefill in `cache`, `iters` iterations over every example's
     n_latents[b] thought rows (n_latents on the host; thought_embeds (B, n, d): the <latent> embeddings; first (B, d): the first
     thought's vector), each cropping the cache back to the prefix and re-appending the rows. Returns the vectors
-    fed to the thought rows by the last iteration (B, n, d), the (normed, logits) of its rows, and the normed rows
-    of the iteration before it (None after one iteration), which the last iteration's vectors were made from."""
+    fed to the thought rows by the last iteration (B, n, d), the (normed, logits) of its rows, and the hidden rows
+    (before the final norm) of the iteration before it (None after one iteration), which the last iteration's
+    vectors were made from."""
     x0 = thought_embeds.clone()
     x0[:, 0] = first.to(x0.dtype)
     feeds = JacobiFeeds.of(n_latents, x0.device)
@@ -92,4 +93,4 @@ def jacobi_thoughts(model, fb: Feedback, cache, first: torch.Tensor, thought_emb
             before = h
         h = forward_rows(model, x, cache, count)
     normed = model.final_norm(h)
-    return x, normed, head_logits(model, normed), None if before is None else model.final_norm(before)
+    return x, normed, head_logits(model, normed), before

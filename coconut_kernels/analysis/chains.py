@@ -3,18 +3,18 @@ yardsticks that say why a CoT model sits below a guess between the two options.
 
 ``python -m coconut_kernels.analysis.chains --data valid.json [--outputs coconut_eval.json]``
 
-Baselines of a data file (from the graphs alone): a chain that follows a uniformly drawn edge out of its
-current node for as many steps as the shortest path to the target (the published chain's length; a CoT that
-can read edges but cannot plan) ends at the target with probability `random_walk`; answering the option that fewer edges point to scores
-`fewer_parents` (a shortcut the published split allows); `root_children` is the mean number of edges out
-of the root (the first choice a chain must make). With ``--outputs`` (coconut-eval's per-example file), the
-written chains are read back: the share of their steps that are edges of the question's graph, of steps
-that name a word which is no node of the question, of steps that name one node twice ("Every X is a X."), of chains whose first step leaves the root along an edge, of
-chains that are a walk from the root, and where the chains end. Records of the generator's edges render
-(steps are node names, one per line) are read as walks from the root. Records of its backward chain (steps
-``x y``, see ``generate_dataset``) are read by ``read_backward_chains``: chains whose two walks go against
-edges only, chains where the right option's walk and only it ends at the asked person, and how often the
-answer then names that option.
+Baselines of a data file (from the graphs alone): a chain that follows a uniformly drawn edge out of its current
+node for as many steps as the shortest path to the target (the published chain's length; a CoT that can read
+edges but cannot plan) ends at the target with probability `random_walk`; answering the option that fewer edges
+point to scores `fewer_parents` (a shortcut the published split allows); `root_children` is the mean number of
+edges out of the root (the first choice a chain must make). With ``--outputs`` (coconut-eval's per-example
+file), the written chains are read back: the share of their steps that are edges of the question's graph, of
+steps that name a word which is no node of the question, of steps that name one node twice ("Every X is a X."),
+of chains whose first step leaves the root along an edge, of chains that are a walk from the root, and where the
+chains end. Records of the generator's edges render (steps are node names, one per line) are read as walks from
+the root. Records of its backward chain (steps ``x y``, see ``generate_dataset``) are read by
+``read_backward_chains``: chains whose two walks go against edges only, chains where the right option's walk and
+only it ends at the asked person, and how often the answer then names that option.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def chain_steps(text: str, info: GraphInfo, render: str = "text") -> list[tuple[
     """The (subject, object) node indices of each step written before "###" (None: not a node name).
     ``render="edges"`` (the generator's compact records): one node name per line, each step going from the
     node before it (the root for the first)."""
-    index = {s: i for i, s in enumerate(info.symbols)}
+    index = info.index
     chain = text.split("###")[0]
     if render == "edges":
         names = [line.strip() for line in chain.split("\n") if line.strip()]
@@ -144,12 +144,11 @@ def read_backward_chains(records: list[dict], outputs: list[dict], where: str) -
     on_edges = target_walk = follows = 0
     for j, ex in enumerate(outputs):
         _, info = _graph_of(records, ex, j, where)
-        index = {name: k for k, name in enumerate(info.symbols)}
         chain, _, answer = str(ex.get("output", "")).partition("###")
         lines = [line.split() for line in chain.split("\n") if line.strip()]
         if not lines or any(len(line) != 2 for line in lines):
             continue
-        walks = [[index.get(line[k]) for line in lines] for k in (0, 1)]
+        walks = [[info.index.get(line[k]) for line in lines] for k in (0, 1)]
         edges = set(info.edges)
         has_parent = {b for _, b in edges}  # a person has none: its walk may only repeat it
         on_edges += all((b, a) in edges or (a == b and a is not None and a not in has_parent)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..data import reachable
 from ..errors import CoconutError
@@ -36,6 +37,11 @@ class GraphInfo:
     @property
     def n_nodes(self) -> int:
         return len(self.symbols)
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """Each node's index by its name."""
+        return {name: v for v, name in enumerate(self.symbols)}
 
     def frontier(self, t: int) -> list[int]:
         """The nodes exactly ``t`` edges from the root."""

@@ -65,7 +65,7 @@ def plot_aggregate(steps: list[dict], nodes: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     _two_series(axes[0], x, steps, ("frontier_mass", "frontier nodes"), ("nonfrontier_mass", "other graph nodes"),
                 "mean probability mass", "where a thought puts its probability")
-    if any(s.get("step_mass") == s.get("step_mass") for s in steps):  # not all NaN
+    if not all(math.isnan(s.get("step_mass", math.nan)) for s in steps):
         axes[0].plot(x, [s["step_mass"] for s in steps], "^:", color="C4", label="replaced step's nodes")
         axes[0].legend(fontsize=8)
     _two_series(axes[1], x, steps, ("corr_prob_height", "corr(p, height)"),

@@ -131,5 +131,4 @@ def aggregate_steps(nodes: list[dict], thoughts: list[dict]) -> list[dict]:
 
 def step_node_sets(record: dict, info: GraphInfo) -> list[set[int]]:
     """The graph nodes each of the record's language steps names (words of the step that are node symbols)."""
-    index = {name: v for v, name in enumerate(info.symbols)}
-    return [{index[w] for w in re.findall(r"\w+", step) if w in index} for step in record["steps"]]
+    return [{info.index[w] for w in re.findall(r"\w+", step) if w in info.index} for step in record["steps"]]

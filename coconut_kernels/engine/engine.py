@@ -131,7 +131,7 @@ class LatentEngine:
         self.state.done.fill_(True)  # a slot runs only while a sample decodes in it
         d, dtype = cfg.d_model, self.model.embed_tokens.weight.dtype
         self.fed = torch.zeros(B, d, dtype=dtype, device=device)
-        self.fed_state = torch.zeros(B, d, dtype=dtype, device=device)  # what each slot's fed vector came from
+        self.fed_state = torch.zeros(B, d, dtype=dtype, device=device)  # return_latents: what fed came from
         # static buffers of the decode pass (a CUDA graph replays over them)
         self.s_tok = torch.zeros(B, dtype=torch.long, device=device)
         self.s_fed = torch.zeros(B, d, dtype=dtype, device=device)
@@ -339,10 +339,10 @@ class LatentEngine:
             if r.fb.sequential:
                 self.fed[s] = thought_vector(model, r.fb, normed[None], logits[None], seq.generator)[0].to(
                     self.fed.dtype)
-                self.fed_state[s] = normed
-            else:  # pause: a <latent> embedding, made from no state, reads as itself
+            else:
                 self.fed[s] = model.embed(torch.tensor([self.lm.latent_token_id], device=self.device))[0]
-                self.fed_state[s] = self.fed[s]
+            if r.params.return_latents:  # pause: a <latent> embedding, made from no state, reads as itself
+                self.fed_state[s] = normed if r.fb.sequential else self.fed[s]
             self.forced[s, :len(r.forced)] = forced
             self.plan.forced_len[s] = len(r.forced)
             self.plan.latent_budget[s] = r.budget
@@ -425,7 +425,8 @@ class LatentEngine:
                 if r.fb.sequential and seq.it + 1 < r.budget:
                     self.fed[s] = thought_vector(self.model, r.fb, normed[s:s + 1], logits.row(s),
                                                  seq.generator)[0].to(self.fed.dtype)
-                    self.fed_state[s] = normed[s]
+                    if p.return_latents:
+                        self.fed_state[s] = normed[s]
                 if p.do_sample:  # the uniform after the thought's noise, as generate draws them
                     u = torch.rand(1, dtype=torch.float64, generator=seq.generator)
                     groups.setdefault((p.temperature, p.top_k, p.top_p), []).append((seq, u))

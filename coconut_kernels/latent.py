@@ -20,7 +20,7 @@ from .errors import CoconutError
 from .feedback import Feedback, resolve_feedback
 from .latent_decode import GenerateOutput, Sampling, parse_stop, sample_tokens
 from .latent_plan import IGNORE_INDEX, BatchPlan, PassRows, jacobi_passes, pass_rows, plan_batch
-from .latent_steps import EmbedRows, feed_hidden, forward_rows, head_logits, labelled_loss, pass_input
+from .latent_steps import EmbedRows, feed_hidden, forward_rows, head_logits, labelled_loss, pass_input, scale_grad
 from .markers import LatentIds, resolve_ids
 from .models.linear import batched_weight_grads
 
@@ -79,6 +79,13 @@ class LatentLM(nn.Module):
     thoughts of every example, row s + i fed from row s + i - 1 of the previous iteration; the first iteration
     feeds the thoughts after the first one the <latent> token's embedding). With T >= n the result equals the
     sequential schedule's. "pause" feedback has no thought chain: both schedules are its one plain pass.
+
+    feedback_grad_scale (forward, 0..1): the gradient from each fed vector into the hidden state it was made from
+    is multiplied by it; the forward is unchanged. 1 (default) is the official full gradient through the chain
+    of thoughts. Below 1 the gradient that reaches a thought through k feedback steps is damped by scale**k (the
+    thought's rows still get the full gradient of every later row that attends to them), which keeps a long
+    chain of soft thoughts clear of the exploding gradients README "Walking back from the options" measured;
+    0 stops it.
     """
 
     def __init__(self, model: nn.Module, latent_token_id: int | None = None, start_latent_id: int | None = None,
@@ -133,16 +140,18 @@ class LatentLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
                 return_logits: bool = False, latent_schedule: str = "sequential",
-                jacobi_iters: int | None = None) -> LatentOutput:
+                jacobi_iters: int | None = None, feedback_grad_scale: float = 1.0) -> LatentOutput:
         validation.check_inputs(input_ids, attention_mask, labels, position_ids,
                                 device=self.model.lm_head_weight.device, return_logits=return_logits)
         validation.check_schedule(latent_schedule, jacobi_iters)
+        feedback_grad_scale = validation.check_real(feedback_grad_scale, "feedback_grad_scale", low=0.0, high=1.0)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         jacobi = latent_schedule == "jacobi"
         plan, passes = self.plan_passes(input_ids, attention_mask, labels, position_ids, jacobi=jacobi)
         kept = self.run_passes(input_ids, position_ids, plan, passes, with_logits=return_logits,
-                               jacobi_iters=jacobi_iters if jacobi else None)
+                               jacobi_iters=jacobi_iters if jacobi else None,
+                               feedback_grad_scale=feedback_grad_scale)
         loss, n_tok = (None, 0) if labels is None else labelled_loss(self.model, kept.hidden, kept.targets)
         logits = self._scatter_logits(kept.logit_rows, input_ids) if return_logits else None
         return LatentOutput(loss=loss, logits=logits, n_tokens=n_tok)
@@ -165,10 +174,12 @@ class LatentLM(nn.Module):
 
     def run_passes(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, plan: BatchPlan,
                    passes: list[PassRows], *, with_logits: bool = False,
-                   jacobi_iters: int | None = None) -> KeptRows:
+                   jacobi_iters: int | None = None, feedback_grad_scale: float = 1.0) -> KeptRows:
         """Run the plan's passes against one fresh cache: each pass's input rows (the latent step writes the
         vectors the previous pass fed), the model over them, then the feedback its hidden state produces. With
-        jacobi_iters, `passes` are the Jacobi passes (plan_passes(jacobi=True)) and run as latent_jacobi says."""
+        jacobi_iters, `passes` are the Jacobi passes (plan_passes(jacobi=True)) and run as latent_jacobi says.
+        feedback_grad_scale multiplies the gradient from each fed vector into the hidden state it was made from
+        (forward unchanged; 1 is the official full gradient, see `forward`)."""
         model = self.model
         embeds = EmbedRows(model.embed(input_ids))
         fed, kept = None, KeptRows()
@@ -178,7 +189,7 @@ class LatentLM(nn.Module):
         with batched_weight_grads() if multi_pass else nullcontext():
             if jacobi_iters is not None and len(passes) > 1:
                 latent_jacobi.run_jacobi(model, self.feedback, embeds, position_ids, plan, passes, jacobi_iters,
-                                         lambda h, rows: kept.add(h, rows, with_logits))
+                                         lambda h, rows: kept.add(h, rows, with_logits), feedback_grad_scale)
                 return kept
             cache = model.new_cache(plan.batch, max(plan.max_len, 1), device=input_ids.device)
             for rows in passes:
@@ -188,7 +199,8 @@ class LatentLM(nn.Module):
                 h = forward_rows(model, pass_input(embeds, rows, fed), cache, rows.count, pos)
                 if rows.produce.numel():
                     dst = h.new_zeros(plan.batch, 1, h.shape[-1]) if fed is None else fed
-                    fed = feed_hidden(model, self.feedback, dst, h, rows.produce, rows.src)
+                    fed = feed_hidden(model, self.feedback, dst, scale_grad(h, feedback_grad_scale), rows.produce,
+                                      rows.src)
                 kept.add(h, rows, with_logits)
         return kept
 

@@ -19,8 +19,8 @@ import torch
 
 from .feedback import Feedback, HiddenFeedback
 from .latent_plan import BatchPlan, JacobiFeeds, PassRows
-from .latent_steps import (EmbedRows, feed_hidden, forward_rows, head_logits, pass_input, thought_vector,
-                           write_thoughts)
+from .latent_steps import (EmbedRows, feed_hidden, forward_rows, head_logits, pass_input, scale_grad,
+                           thought_vector, write_thoughts)
 from .ops.latent_feedback import latent_feedback
 
 
@@ -41,9 +41,10 @@ def feed_previous(model, fb: Feedback, x: torch.Tensor, hidden: torch.Tensor, fe
 
 
 def run_jacobi(model, fb: Feedback, embeds: EmbedRows, position_ids: torch.Tensor | None, plan: BatchPlan,
-               passes: list[PassRows], iters: int, keep) -> None:
+               passes: list[PassRows], iters: int, keep, grad_scale: float = 1.0) -> None:
     """Run the Jacobi passes (latent_plan.jacobi_passes: prefill, thoughts, answer) with `iters` iterations of the
-    thought pass; keep(h, rows) receives the hidden states of the prefill, the last iteration and the answer."""
+    thought pass; keep(h, rows) receives the hidden states of the prefill, the last iteration and the answer.
+    grad_scale: LatentLM.forward's feedback_grad_scale, on every fed hidden state."""
     pre, thoughts, answer = passes
     B, d = plan.batch, embeds.shape[-1]
     grad = torch.is_grad_enabled()
@@ -54,7 +55,7 @@ def run_jacobi(model, fb: Feedback, embeds: EmbedRows, position_ids: torch.Tenso
     cache = model.new_cache(B, max(plan.max_len, 1), device=embeds.device)
     h = forward_rows(model, pass_input(embeds, pre, None), cache, pre.count, pos(pre))
     keep(h, pre)
-    first = feed_hidden(model, fb, h.new_zeros(B, 1, d), h, pre.produce, pre.src)
+    first = feed_hidden(model, fb, h.new_zeros(B, 1, d), scale_grad(h, grad_scale), pre.produce, pre.src)
     x0 = write_thoughts(pass_input(embeds, thoughts, None), first, pre.produce)
     prefix = cache.seqlens.clone()
     feeds = JacobiFeeds.of(plan.n_latents, embeds.device)
@@ -65,7 +66,7 @@ def run_jacobi(model, fb: Feedback, embeds: EmbedRows, position_ids: torch.Tenso
             cache = prefix_cache.fork()
         elif t > 0:
             cache.crop(prefix)
-        x = x0 if h is None else feed_previous(model, fb, x0, h, feeds)
+        x = x0 if h is None else feed_previous(model, fb, x0, scale_grad(h, grad_scale), feeds)
         h = forward_rows(model, x, cache, thoughts.count, pos(thoughts))
     keep(h, thoughts)
     if answer.width:

@@ -153,6 +153,25 @@ def thought_vector(model, fb: Feedback, normed: torch.Tensor, logits: torch.Tens
     return fb(normed, logits if fb.needs_logits else None, token, model.embed_tokens.weight, generator)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x unchanged in forward, its gradient times `scale` in backward (feedback_grad_scale: the hidden states a
+    thought is made from; 1 returns x itself, 0 a detached x)."""
+    if scale == 1.0 or not x.requires_grad:
+        return x
+    return x.detach() if scale == 0.0 else _ScaleGrad.apply(x, scale)
+
+
 def feed_hidden(model, fb: Feedback, dst: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor,
                 src: torch.Tensor) -> torch.Tensor:
     """A copy of dst (B, 1, d) with dst[b, 0] = fb(hidden[b, src]) for b in rows. The "hidden" mode is one

@@ -282,6 +282,21 @@ def test_marker_init_copies_a_token_row_into_the_marker_rows(tmp_path):
         tiny(tmp_path / "f", init_from=str(ckpt), model=None, marker_init="")
 
 
+def test_feedback_grad_scale_reaches_the_forward(tmp_path):
+    """feedback_grad_scale: the loss of the first step (stage 1: one thought per example) is the unscaled run's,
+    its gradient norm is not; the key is checked."""
+    rows = {}
+    for s in (1.0, 0.25):
+        save = tmp_path / f"s{s}"
+        run(tiny(save, start_epoch=2, num_epochs=3, max_latent_stage=2, c_thought=2, eval_every=0,
+                 feedback_grad_scale=s))
+        rows[s] = read_csv(save / "run" / "train_log.csv")[0]
+    assert rows[1.0]["stage"] == "2" and rows[1.0]["loss"] == rows[0.25]["loss"]
+    assert rows[1.0]["grad_norm"] != rows[0.25]["grad_norm"]
+    with pytest.raises(ValueError, match="'feedback_grad_scale': expected a number in \\[0, 1\\]"):
+        tiny(tmp_path, feedback_grad_scale=2.0)
+
+
 def make_hf_folder(folder: Path, records: list[dict]) -> int:
     """A small random-weight Hugging Face GPT-2 folder (config.json, model.safetensors, a word-level
     tokenizer.json covering `records`); returns its vocabulary size."""

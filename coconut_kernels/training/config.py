@@ -56,6 +56,9 @@ class TrainConfig:
     feedback: str = "hidden"  # hidden | projected | soft | mixture | pause (pause_as_thought forces pause)
     latent_schedule: str = "sequential"  # sequential (official: a pass per thought) | jacobi (PCCoT: jacobi_iters)
     jacobi_iters: int = 3  # Jacobi iterations over all thoughts (latent_schedule: jacobi); >= the thought count: exact
+    # the gradient from each fed-back thought into the hidden state it was made from is multiplied by this (0..1;
+    # 1: the official full gradient through the chain of thoughts; LatentLM.forward's feedback_grad_scale)
+    feedback_grad_scale: float = 1.0
     load_model_path: str | None = None  # an official checkpoint_N file loaded over init_from's weights
     marker_init: str | None = None  # a token whose embedding row the marker rows take at init_from (README)
     # --- method and curriculum (the official knobs) -------------------------------------------------------
@@ -134,6 +137,9 @@ class TrainConfig:
             raise ConfigError(f"config key 'feedback': expected one of {sorted(MODES)}, got {self.feedback!r}")
         _choice("collate", self.collate, ("ragged", "aligned"))
         _choice("latent_schedule", self.latent_schedule, LATENT_SCHEDULES)
+        if not 0.0 <= self.feedback_grad_scale <= 1.0:
+            raise ConfigError(f"config key 'feedback_grad_scale': expected a number in [0, 1], "
+                              f"got {self.feedback_grad_scale}")
         _choice("loss_average", self.loss_average, ("micro_batch", "tokens"))
         _choice("dist", self.dist, ("ddp", "fsdp"))
         _choice("lr_schedule", self.lr_schedule, _SCHEDULES)

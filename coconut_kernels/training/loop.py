@@ -155,7 +155,8 @@ class Loop:
         with ctx.par.no_sync(last_in_group):
             with self.autocast:
                 out = ctx.par.module(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                     batch["position_ids"], **ctx.cfg.schedule)
+                                     batch["position_ids"], **ctx.cfg.schedule,
+                                     feedback_grad_scale=ctx.cfg.feedback_grad_scale)
             weight = self._loss_weight(batches, b, group_start, group)
             (out.loss * weight).backward()
         self.loss_sum += out.loss.detach() * weight

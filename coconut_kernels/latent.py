@@ -83,9 +83,9 @@ class LatentLM(nn.Module):
     feedback_grad_scale (forward, 0..1): the gradient from each fed vector into the hidden state it was made from
     is multiplied by it; the forward is unchanged. 1 (default) is the official full gradient through the chain
     of thoughts. Below 1 the gradient that reaches a thought through k feedback steps is damped by scale**k (the
-    thought's rows still get the full gradient of every later row that attends to them), which keeps a long
-    chain of soft thoughts clear of the exploding gradients README "Walking back from the options" measured;
-    0 stops it.
+    thought's rows still get the full gradient of every later row that attends to them): truncated
+    backpropagation through the chain, 0 stops it. (On README "Walking back from the options"'s runs it
+    lowered the gradient spikes of long soft chains but did not prevent their collapse.)
     """
 
     def __init__(self, model: nn.Module, latent_token_id: int | None = None, start_latent_id: int | None = None,

@@ -545,7 +545,7 @@ def test_defaults_are_the_official_recipe(tmp_path):
         TrainConfig(precision="fp16", model=TINY_MODEL)
 
 
-def test_weight_decay_scope():
+def test_weight_decay_scope_and_betas():
     from coconut_kernels.latent import LatentLM
     from coconut_kernels.models import GPT2, GPT2Config
     from coconut_kernels.training.build import make_optimizer
@@ -559,6 +559,13 @@ def test_weight_decay_scope():
     opt = make_optimizer(TrainConfig(model=TINY_MODEL, weight_decay=0.1, weight_decay_scope="matrices"), lm)
     assert [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups] == [
         (n_params - len(biases), 0.1), (len(biases), 0.0)]
+    assert all(g["betas"] == (0.9, 0.999) for g in opt.param_groups)  # torch's default, as run.py
+    for scope in ("all", "matrices"):
+        opt = make_optimizer(TrainConfig(model=TINY_MODEL, weight_decay_scope=scope, adam_betas=[0.9, 0.95]), lm)
+        assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+    for bad in ([0.9], [0.9, 1.0], [-0.1, 0.9], [True, 0.9]):
+        with pytest.raises(ValueError, match="'adam_betas': expected two numbers in \\[0, 1\\)"):
+            TrainConfig(model=TINY_MODEL, adam_betas=bad)
 
 
 def test_bf16_casts_the_whole_model(tmp_path):

@@ -188,7 +188,7 @@ def make_optimizer(cfg: TrainConfig, lm: LatentLM) -> torch.optim.Optimizer:
     with `weight_decay_scope: matrices` only on matrices and embeddings (none on biases and norm weights)."""
     params = [p for p in lm.parameters() if p.requires_grad]
     if cfg.weight_decay_scope == "all":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))

@@ -76,6 +76,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     weight_decay_scope: str = "all"  # all parameters (the official AdamW) | matrices (not biases, norm weights)
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW's (beta1, beta2); run.py: torch's
     warmup_steps: int = 0  # linear warm-up over this many optimizer steps
     lr_schedule: str = "constant"  # after warm-up: constant | linear | cosine (to 0 at the last step)
     max_grad_norm: float | None = None  # None: no clipping (the official run.py)
@@ -137,6 +138,9 @@ class TrainConfig:
             raise ConfigError(f"config key 'feedback': expected one of {sorted(MODES)}, got {self.feedback!r}")
         _choice("collate", self.collate, ("ragged", "aligned"))
         _choice("latent_schedule", self.latent_schedule, LATENT_SCHEDULES)
+        if (len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                 and 0.0 <= b < 1.0 for b in self.adam_betas)):
+            raise ConfigError(f"config key 'adam_betas': expected two numbers in [0, 1), got {self.adam_betas!r}")
         if not 0.0 <= self.feedback_grad_scale <= 1.0:
             raise ConfigError(f"config key 'feedback_grad_scale': expected a number in [0, 1], "
                               f"got {self.feedback_grad_scale}")

@@ -83,6 +83,17 @@ def test_pipeline_runs_each_phase_once(tmp_path, capsys):
     assert "already there" in capsys.readouterr().out
 
 
+def test_a_run_stopped_early_is_resumed(tmp_path):
+    """A no_cot run stopped by max_steps (in its second epoch) is resumed, not refused, by the next call."""
+    runs = tmp_path / "runs"
+    pipeline.main(["no_cot", "--runs", str(runs), "--smoke", "--threads", "1", "--", "--max_steps", "3"])
+    assert (runs / "no_cot_s0" / "latest").exists() and not pipeline._ran(runs / "no_cot_s0", 4)
+    record = pipeline.main(["no_cot", "--runs", str(runs), "--smoke", "--threads", "1"])
+    assert _epochs(runs / "no_cot_s0")[-1] == 4 and record["phases"][0]["skipped"]
+    assert [int(r["step"]) for r in csv.DictReader((runs / "no_cot_s0" / "train_log.csv").open())] == list(
+        range(1, 11))
+
+
 def test_pipeline_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         pipeline.main(["coconut_v2", "--runs", str(tmp_path)])

@@ -46,11 +46,19 @@ def _last_eval(folder: Path) -> dict | None:
 
 def _ran(folder: Path, last_epoch: int | None) -> bool:
     """Whether a command already ran: the pretraining's checkpoint is there (last_epoch None), or the save
-    folder's evaluation log reached last_epoch (a run stopped earlier is resumed by coconut-train itself)."""
+    folder's evaluation log reached last_epoch (a run stopped before it is resumed: `_command`)."""
     if last_epoch is None:
         return (folder / "latest").exists()
     row = _last_eval(folder)
     return row is not None and int(row["epoch"]) >= last_epoch
+
+
+def _command(command: list[str], folder: Path) -> list[str]:
+    """A coconut-train command whose save folder already holds a checkpoint of it (a run stopped early) resumes
+    that run (coconut-train refuses a fresh run in a used folder)."""
+    if "coconut_kernels.train" in command and "--resume" not in command and (folder / "latest").exists():
+        return [*command, "--resume", "true"]
+    return command
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         for command, last in commands:
             if not _ran(folder, last):
+                command = _command(command, folder)
                 print(f"[pipeline] {name}: {' '.join(command)}", flush=True)
                 subprocess.run(command, env=env, check=True)
         wall = time.perf_counter() - t0

@@ -76,8 +76,9 @@ def run_jacobi(model, fb: Feedback, embeds: EmbedRows, position_ids: torch.Tenso
 def jacobi_thoughts(model, fb: Feedback, cache, first: torch.Tensor, thought_embeds: torch.Tensor,
                     n_latents: torch.Tensor, iters: int, generator: torch.Generator | None = None):
     """generate's thought phase (no grad): after the prefill in `cache`, `iters` iterations over every example's
-    n_latents[b] thought rows (n_latents on the host; thought_embeds (B, n, d): the <latent> embeddings; first (B, d): the first
-    thought's vector), each cropping the cache back to the prefix and re-appending the rows. Returns the vectors
+    n_latents[b] thought rows (n_latents on the host; thought_embeds (B, n, d): the <latent> embeddings; first
+    (B, d): the first thought's vector), each cropping the cache back to the prefix and re-appending the rows.
+    Returns the vectors
     fed to the thought rows by the last iteration (B, n, d), the (normed, logits) of its rows, and the hidden rows
     (before the final norm) of the iteration before it (None after one iteration), which the last iteration's
     vectors were made from."""

@@ -138,12 +138,6 @@ class TrainConfig:
             raise ConfigError(f"config key 'feedback': expected one of {sorted(MODES)}, got {self.feedback!r}")
         _choice("collate", self.collate, ("ragged", "aligned"))
         _choice("latent_schedule", self.latent_schedule, LATENT_SCHEDULES)
-        if (len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                                 and 0.0 <= b < 1.0 for b in self.adam_betas)):
-            raise ConfigError(f"config key 'adam_betas': expected two numbers in [0, 1), got {self.adam_betas!r}")
-        if not 0.0 <= self.feedback_grad_scale <= 1.0:
-            raise ConfigError(f"config key 'feedback_grad_scale': expected a number in [0, 1], "
-                              f"got {self.feedback_grad_scale}")
         _choice("loss_average", self.loss_average, ("micro_batch", "tokens"))
         _choice("dist", self.dist, ("ddp", "fsdp"))
         _choice("lr_schedule", self.lr_schedule, _SCHEDULES)
@@ -203,6 +197,12 @@ class TrainConfig:
             raise ConfigError(f"config key 'dropout': expected None or a number in [0, 1), got {self.dropout}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"config key 'max_grad_norm': expected None or > 0, got {self.max_grad_norm}")
+        if (len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                 and 0.0 <= b < 1.0 for b in self.adam_betas)):
+            raise ConfigError(f"config key 'adam_betas': expected two numbers in [0, 1), got {self.adam_betas!r}")
+        if not 0.0 <= self.feedback_grad_scale <= 1.0:
+            raise ConfigError(f"config key 'feedback_grad_scale': expected a number in [0, 1], "
+                              f"got {self.feedback_grad_scale}")
 
     def _check_precision(self) -> None:
         if self.precision is None:

@@ -20,13 +20,14 @@ checks that the recipe still runs, not what it reaches). Arguments after ``--`` 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from coconut_kernels.training.metrics import read_csv
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("coconut", "cot", "no_cot", "pause_as_thought")
@@ -40,7 +41,7 @@ SMOKE_TRAIN = ["--generate_train", "16", "--generate_val", "4", "--max_val_recor
 def _last_eval(folder: Path) -> dict | None:
     """The last row of a save folder's evaluation log (None: no log yet)."""
     log = folder / "eval_log.csv"
-    rows = list(csv.DictReader(log.open())) if log.is_file() else []
+    rows = read_csv(log) if log.is_file() else []
     return rows[-1] if rows else None
 
 
@@ -99,13 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
     record: dict = {"method": args.method, "seed": args.seed, "threads": args.threads, "smoke": args.smoke,
                     "phases": []}
     for name, folder, commands in phases:
-        done = all(_ran(folder, last) for _, last in commands)
+        pending = [command for command, last in commands if not _ran(folder, last)]
+        done = not pending
         t0 = time.perf_counter()
-        for command, last in commands:
-            if not _ran(folder, last):
-                command = _command(command, folder)
-                print(f"[pipeline] {name}: {' '.join(command)}", flush=True)
-                subprocess.run(command, env=env, check=True)
+        for command in pending:
+            command = _command(command, folder)
+            print(f"[pipeline] {name}: {' '.join(command)}", flush=True)
+            subprocess.run(command, env=env, check=True)
         wall = time.perf_counter() - t0
         row = None if name == "lookup" else _last_eval(folder)
         acc = None if row is None else float(row["accuracy"])
